@@ -1,0 +1,117 @@
+"""Command line: ``python -m quant_core [convert] --input FILE …`` and the companion commands.
+
+The seed script's options are accepted under both spellings users type (``--use_amp`` and
+``--use-amp``); ``convert`` is the default command, so the seed's command lines work unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__, formats
+from .convert import ConvertOptions, convert_file
+from .fp8 import FP8_DTYPES
+from .policy import AUTO, PRESETS
+from .progress import ProgressBar
+from .rounding import RoundingOptions
+
+COMMANDS = ("convert", "inspect", "verify", "decode", "example")
+
+
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Register ``--name_with_underscores`` together with its dashed spelling."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m quant_core [convert]",
+        description="Convert a safetensors checkpoint to FP8-scaled weights with learned rounding.",
+    )
+    defaults = RoundingOptions()
+    _option(parser, "input", required=True, help="input .safetensors file")
+    _option(parser, "output", help="output file (default: a name derived from the input, beside it)")
+    _option(parser, "format", choices=formats.FORMATS, default="comfy",
+            help="output layout: comfy (ComfyUI >= 0.4), legacy (scaled_fp8), ultra8 (8-bit scales)")
+    _option(parser, "fp8_format", choices=sorted(FP8_DTYPES), default="float8_e4m3fn", help="fp8 weight type")
+    _option(parser, "simple", action="store_true", help="plain round-to-nearest, no learned rounding")
+    _option(parser, "t5xxl", action="store_true", help="T5XXL: keep layers named norm, bias, embed_tokens, shared")
+    _option(parser, "keep_distillation", action="store_true",
+            help="keep distilled_guidance_layer, final_layer, img_in, txt_in in source precision")
+    _option(parser, "preset", choices=[AUTO, *PRESETS], default=AUTO,
+            help="model family whose sensitive layers stay in high precision (auto: detect from key names)")
+    _option(parser, "include", action="append", default=[], metavar="REGEX",
+            help="always quantize eligible weights matching REGEX (repeatable; beats every keep rule)")
+    _option(parser, "exclude", action="append", default=[], metavar="REGEX",
+            help="never quantize tensors matching REGEX (repeatable)")
+    _option(parser, "min_tensor_size", type=int, default=1024, help="quantize only weights with this many elements")
+    _option(parser, "calib_samples", type=int, default=defaults.calib_samples,
+            help="calibration input rows per tensor (a held-out batch of the same size checks the result)")
+    _option(parser, "num_iter", type=int, default=defaults.num_iter, help="maximum optimiser iterations per tensor")
+    _option(parser, "lr", type=float, default=defaults.lr, help="Adam learning rate (cosine schedule)")
+    _option(parser, "reg_lambda", type=float, default=defaults.reg_lambda, help="rounding regulariser strength")
+    _option(parser, "early_stop_threshold", type=float, default=defaults.early_stop_threshold,
+            help="stop when the loss improves less than this for 50 iterations with no decision changing")
+    _option(parser, "batch_size", type=int, default=None, help="calibration rows per matrix multiply (memory)")
+    _option(parser, "use_amp", action=argparse.BooleanOptionalAction, default=True,
+            help="bf16 autocast for the optimiser's matrix multiplies on CUDA")
+    _option(parser, "use_shared_scales", action=argparse.BooleanOptionalAction, default=True,
+            help="weights of one module (e.g. an attention's q/k/v/out) share one scale")
+    _option(parser, "parallel", action="store_true",
+            help="overlap reading, quantizing and writing; spread tensors over all GPUs")
+    _option(parser, "seed", type=int, default=0, help="random seed: the same seed gives the same file")
+    _option(parser, "device", help="compute device, e.g. cpu or cuda:1 (default: CUDA when available)")
+    _option(parser, "overwrite", action="store_true", help="replace an existing output file")
+    _option(parser, "quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> ConvertOptions:
+    for name in ("calib_samples", "num_iter", "min_tensor_size"):
+        if getattr(args, name) < (0 if name != "calib_samples" else 1):
+            raise SystemExit(f"error: --{name} must be {'positive' if name == 'calib_samples' else '>= 0'}")
+    rounding = RoundingOptions(
+        num_iter=args.num_iter, lr=args.lr, reg_lambda=args.reg_lambda, calib_samples=args.calib_samples,
+        batch_size=args.batch_size, early_stop_threshold=args.early_stop_threshold, use_amp=args.use_amp,
+        seed=args.seed,
+    )
+    return ConvertOptions(
+        format=args.format, fp8_format=args.fp8_format, simple=args.simple, rounding=rounding,
+        shared_scales=args.use_shared_scales, min_tensor_size=args.min_tensor_size, preset=args.preset,
+        include=args.include, exclude=args.exclude, t5xxl=args.t5xxl, keep_distillation=args.keep_distillation,
+        parallel=args.parallel, device=args.device, overwrite=args.overwrite,
+    )
+
+
+def run_convert(argv: Sequence[str]) -> int:
+    args = convert_parser().parse_args(argv)
+    options = options_from(args)
+    progress = None if args.quiet else ProgressBar("convert")
+    summary = convert_file(args.input, args.output, options, progress=progress)
+    print(summary.text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"quant_core {__version__}")
+        return 0
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
+    try:
+        if command == "convert":
+            return run_convert(argv)
+        from . import tools
+
+        return tools.main(command, argv)
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,337 @@
+"""The conversion engine: plan the output from the header, then stream tensors through it.
+
+``convert`` works on any ``TensorSource`` (a safetensors file, or a loaded model in the
+ComfyUI nodes); ``convert_file`` is the file-to-file entry point used by the command line.
+Work is done per *item*: one kept tensor, or one shared-scale group of weights that must be
+scaled together. Peak memory is therefore a few of the largest tensors, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import __version__, codec, formats, fp8
+from .calibration import CalibrationSource, RandomCalibration
+from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .pipeline import run_parallel, run_sequential
+from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, detect_preset, scale_group
+from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
+
+
+class TensorSource(Protocol):
+    """What the engine reads from: tensor descriptions up front, tensors one at a time."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class ConvertOptions:
+    """Every conversion setting; the defaults are the seed script's."""
+
+    format: str = "comfy"
+    fp8_format: str = "float8_e4m3fn"
+    simple: bool = False
+    rounding: RoundingOptions = field(default_factory=RoundingOptions)
+    shared_scales: bool = True
+    min_tensor_size: int = 1024
+    preset: str = AUTO
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    t5xxl: bool = False
+    keep_distillation: bool = False
+    parallel: bool = False
+    device: str | None = None  # None: CUDA when available, else CPU
+    overwrite: bool = False
+
+
+@dataclass
+class TensorReport:
+    """One tensor's outcome, handed to the progress callback as soon as it is written."""
+
+    name: str
+    index: int  # 1-based count of tensors finished so far
+    total: int
+    nbytes: int  # source bytes of this tensor
+    quantized: bool
+    reason: str
+    error_before: float = 0.0  # round-to-nearest's relative error
+    error_after: float = 0.0  # the written result's relative error
+    seconds: float = 0.0
+    fell_back: bool = False
+
+
+@dataclass
+class Summary:
+    input: str
+    output: str
+    format: str
+    preset: str
+    quantized: int
+    kept: int
+    bytes_in: int
+    bytes_out: int
+    mean_error: float
+    worst_error: float
+    worst_tensor: str
+    fallbacks: int
+    seconds: float
+    reports: list[TensorReport] = field(repr=False, default_factory=list)
+
+    def text(self) -> str:
+        """The end-of-run summary printed by the CLI and shown by the nodes."""
+        ratio = self.bytes_out / self.bytes_in if self.bytes_in else 0.0
+        lines = [
+            f"output    {self.output} ({self.format}, preset {self.preset})",
+            f"tensors   {self.quantized} quantized, {self.kept} kept",
+            f"size      {_gib(self.bytes_in)} -> {_gib(self.bytes_out)} ({ratio:.1%})",
+            f"error     mean {self.mean_error:.4%}, worst {self.worst_error:.4%} ({self.worst_tensor or '-'})",
+            f"time      {self.seconds:.1f} s",
+        ]
+        if self.fallbacks:
+            lines.insert(3, f"learned   {self.fallbacks} tensors kept round-to-nearest (it won on held-out inputs)")
+        return "\n".join(lines)
+
+
+ProgressCallback = Callable[[TensorReport], None]
+
+
+@dataclass
+class Plan:
+    """Every decision that fixes the output header, made before any tensor is read."""
+
+    preset: Preset
+    prefix: str
+    decisions: dict[str, tuple[bool, str]]
+    items: list[list[str]]  # work items: one kept tensor, or one scale group of weights
+    entries: list[TensorInfo]
+    markers: dict[str, torch.Tensor]  # file-level format markers, written first
+
+
+def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
+    """Decide what happens to each tensor and lay out the output, from names and shapes alone."""
+    if options.format not in formats.FORMATS:
+        raise ValueError(f"unknown --format {options.format!r}; choose one of {formats.FORMATS}")
+    if options.preset != AUTO and options.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {options.preset!r}; choose one of {[AUTO, *PRESETS]}")
+    dtype = fp8.fp8_dtype(options.fp8_format)
+    keys = list(source.tensors)
+    preset = detect_preset(keys) if options.preset == AUTO else PRESETS[options.preset]
+    prefix = checkpoint_prefix(keys)
+    policy = LayerPolicy(preset, options.min_tensor_size, options.include, options.exclude,
+                         options.t5xxl, options.keep_distillation, prefix)
+    decisions: dict[str, tuple[bool, str]] = {}
+    groups: dict[str, list[str]] = {}
+    items: list[list[str]] = []
+    entries: list[TensorInfo] = []
+    for name, info in source.tensors.items():
+        decision = policy.decide(name, info.dtype, info.shape)
+        decisions[name] = (decision.quantize, decision.reason)
+        if not decision.quantize:
+            items.append([name])
+            entries.append(TensorInfo(name, info.dtype, info.shape))
+            continue
+        meta_weight = torch.empty(info.shape, dtype=dtype, device="meta")
+        for key, tensor in formats.layer_tensors(options.format, name, meta_weight, 1.0).items():
+            entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+        group_key = scale_group(name) if options.shared_scales else name
+        if group_key not in groups:
+            groups[group_key] = []
+            items.append(groups[group_key])
+        groups[group_key].append(name)
+    quantized = sum(q for q, _ in decisions.values())
+    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales) if quantized else {}
+    for key, tensor in markers.items():
+        if key in source.tensors:
+            raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
+        entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+    return Plan(preset, prefix, decisions, items, entries, markers)
+
+
+def default_output_path(input_path: str | os.PathLike, options: ConvertOptions) -> Path:
+    """``{base}_{fp8}_scaled…`` next to the input; ``ultra8`` follows the seed script's rule."""
+    path = Path(input_path)
+    distill = "_nodistill" if options.keep_distillation else ""
+    if options.format == "ultra8":
+        size = "_8bit_shared" if options.shared_scales else "_8bit"
+        name = f"{path.stem}_{options.fp8_format}_scaled_ultra{distill}{size}"
+    else:
+        layout = "_legacy" if options.format == "legacy" else ""
+        name = f"{path.stem}_{options.fp8_format}_scaled{layout}{distill}"
+    return path.with_name(name + ".safetensors")
+
+
+def pick_devices(options: ConvertOptions) -> list[torch.device]:
+    """The compute devices: the one asked for, else every GPU (``--parallel``) or the first, else CPU."""
+    if options.device:
+        return [torch.device(options.device)]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count() if options.parallel else 1
+        return [torch.device("cuda", i) for i in range(count)]
+    return [torch.device("cpu")]
+
+
+def convert(
+    source: TensorSource,
+    output: str | os.PathLike,
+    options: ConvertOptions,
+    progress: ProgressCallback | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+    calibration: CalibrationSource | None = None,
+    protect: tuple[Path, ...] = (),
+    source_label: str = "",
+) -> Summary:
+    """Convert ``source`` into the safetensors file ``output`` (written atomically)."""
+    started = time.perf_counter()
+    plan = plan_conversion(source, options)
+    dtype = fp8.fp8_dtype(options.fp8_format)
+    calibration = calibration or RandomCalibration()
+    total = len(source.tensors)
+    reports: list[TensorReport] = []
+    metadata = dict(source.metadata)
+    metadata["quant_core"] = json.dumps(_describe(options, plan))
+
+    def read(item: list[str]) -> dict[str, torch.Tensor]:
+        if check_interrupt:
+            check_interrupt()
+        return {name: source.read(name) for name in item}
+
+    def compute(item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list:
+        if not plan.decisions[item[0]][0]:
+            name = item[0]
+            return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
+        return _quantize_group(item, tensors, device, dtype, options, calibration, source, plan)
+
+    with atomic_output(output, overwrite=options.overwrite, protect=protect) as file:
+        writer = SafetensorsWriter(file, plan.entries, metadata)
+        for key, tensor in plan.markers.items():
+            writer.write(key, tensor)
+
+        def write(results: list) -> None:
+            for _, tensors, report in results:
+                for key, tensor in tensors.items():
+                    writer.write(key, tensor)
+                report.index, report.total = len(reports) + 1, total
+                reports.append(report)
+                if progress:
+                    progress(report)
+            if check_interrupt:
+                check_interrupt()
+
+        devices = pick_devices(options)
+        if options.parallel:
+            run_parallel(plan.items, read, compute, write, devices)
+        else:
+            run_sequential(plan.items, read, compute, write, devices[0])
+        writer.finish()
+        bytes_out = writer.total_bytes
+    return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+
+
+def convert_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    options: ConvertOptions | None = None,
+    progress: ProgressCallback | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+    calibration: CalibrationSource | None = None,
+) -> Summary:
+    """Convert one safetensors file; the output name defaults to ``default_output_path``."""
+    options = options or ConvertOptions()
+    output = Path(output_path) if output_path else default_output_path(input_path, options)
+    with SafetensorsReader(input_path) as reader:
+        return convert(reader, output, options, progress, check_interrupt, calibration,
+                       protect=(Path(input_path),), source_label=str(input_path))
+
+
+def _quantize_group(
+    names: list[str],
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    options: ConvertOptions,
+    calibration: CalibrationSource,
+    source: TensorSource,
+    plan: Plan,
+) -> list:
+    """Quantize a shared-scale group (or one weight) against one scale; returns write-ready results."""
+    weights = {}
+    for name in names:
+        weights[name] = tensors[name].to(device=device, dtype=torch.float32)
+        fp8.check_finite(name, weights[name])
+    amax = max(fp8.absmax(w) for w in weights.values())
+    try:
+        scale = formats.stored_scale(options.format, fp8.scale_for(amax, dtype))
+    except codec.ScaleOutOfRangeError as exc:
+        raise codec.ScaleOutOfRangeError(f"{', '.join(names)}: {exc}; exclude it or use --format comfy") from None
+    results = []
+    for name in names:
+        started = time.perf_counter()
+        weight = weights.pop(name)
+        if options.simple:
+            result: RoundingResult = round_nearest(weight, scale, dtype)
+        else:
+            with torch.inference_mode(False), torch.enable_grad():
+                result = round_learned(name, weight.clone(), scale, dtype, calibration, options.rounding)
+        layer = formats.layer_tensors(options.format, name, result.quantized.cpu(), scale)
+        report = _report(name, source, plan, time.perf_counter() - started)
+        report.error_before, report.error_after, report.fell_back = result.error_rtn, result.error, result.fell_back
+        results.append((name, layer, report))
+        del weight, result
+    return results
+
+
+def _report(name: str, source: TensorSource, plan: Plan, seconds: float) -> TensorReport:
+    quantize, reason = plan.decisions[name]
+    return TensorReport(name, 0, 0, source.tensors[name].nbytes, quantize, reason, seconds=seconds)
+
+
+def _describe(options: ConvertOptions, plan: Plan) -> dict:
+    """The converter's own header metadata: version, settings, counts."""
+    quantized = sum(q for q, _ in plan.decisions.values())
+    settings = asdict(options)
+    settings.pop("overwrite")
+    if options.simple:
+        settings.pop("rounding")
+    return {
+        "version": __version__,
+        "preset": plan.preset.name,
+        "quantized": quantized,
+        "kept": len(plan.decisions) - quantized,
+        "settings": settings,
+    }
+
+
+def _summarise(source, label, output, options, plan, reports, bytes_out, seconds) -> Summary:
+    quantized = [r for r in reports if r.quantized]
+    worst = max(quantized, key=lambda r: r.error_after, default=None)
+    return Summary(
+        input=label,
+        output=str(output),
+        format=options.format,
+        preset=plan.preset.name,
+        quantized=len(quantized),
+        kept=len(reports) - len(quantized),
+        bytes_in=sum(info.nbytes for info in source.tensors.values()),
+        bytes_out=bytes_out,
+        mean_error=sum(r.error_after for r in quantized) / len(quantized) if quantized else 0.0,
+        worst_error=worst.error_after if worst else 0.0,
+        worst_tensor=worst.name if worst else "",
+        fallbacks=sum(r.fell_back for r in quantized),
+        seconds=seconds,
+        reports=reports,
+    )
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

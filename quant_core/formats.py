@@ -1,0 +1,119 @@
+"""Output layouts: the tensors each quantized layer becomes, and how to recognise a layout again.
+
+``comfy``  (ComfyUI >= 0.4): ``L.weight`` fp8, ``L.weight_scale`` float32 0-dim, ``L.comfy_quant``
+           uint8 UTF-8 JSON ``{"format": "float8_e4m3fn"}``.
+``legacy`` (every ComfyUI since Oct 2024): ``L.weight`` fp8, ``L.scale_weight`` float32 0-dim, and
+           one empty marker tensor ``<prefix>scaled_fp8`` whose dtype is the weights' fp8 dtype.
+``ultra8`` (this project's, from the seed script): ``L.weight`` fp8, ``L.weight_scale_u8`` uint8
+           0-dim code of the log-uniform codec (``codec.py``), ``L.comfy_quant`` JSON
+           ``{"format": "ultra8", ...}`` so stock ComfyUI refuses the file instead of loading
+           unscaled weights, and a marker ``<prefix>ultra8_codec`` (uint8 JSON) with the codec's
+           parameters. ``decode`` turns it into ``comfy`` or ``legacy``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from . import codec
+
+FORMATS = ("comfy", "legacy", "ultra8")
+LEGACY_MARKER = "scaled_fp8"
+ULTRA8_MARKER = "ultra8_codec"
+ULTRA8_FORMAT = "ultra8"
+SCALE_SUFFIX = {"comfy": ".weight_scale", "legacy": ".scale_weight", "ultra8": ".weight_scale_u8"}
+WEIGHT_SUFFIX = ".weight"
+
+
+def json_tensor(value: dict) -> torch.Tensor:
+    """UTF-8 JSON as a uint8 tensor, encoded the way ComfyUI's own writer does."""
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def read_json_tensor(tensor: torch.Tensor) -> dict:
+    return json.loads(bytes(tensor.to(torch.uint8).tolist()).decode())
+
+
+def layer_tensors(fmt: str, weight_key: str, quantized: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """Every tensor a quantized Linear weight becomes in ``fmt``, keyed by output name.
+
+    ``scale`` must already be the stored scale (for ``ultra8`` a decoded codec value).
+    Works with ``quantized`` on the meta device, which is how the output header is planned.
+    """
+    base = weight_key.removesuffix(WEIGHT_SUFFIX)
+    dtype_name = str(quantized.dtype).removeprefix("torch.")
+    tensors = {weight_key: quantized}
+    if fmt == "comfy":
+        tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(scale, dtype=torch.float32)
+        tensors[base + ".comfy_quant"] = json_tensor({"format": dtype_name})
+    elif fmt == "legacy":
+        tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(scale, dtype=torch.float32)
+    elif fmt == "ultra8":
+        tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(codec.encode_scale(scale), dtype=torch.uint8)
+        tensors[base + ".comfy_quant"] = json_tensor({"format": ULTRA8_FORMAT, "weight_dtype": dtype_name})
+    else:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+    return tensors
+
+
+def marker_tensors(fmt: str, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:
+    """File-level marker tensors of a layout (none for ``comfy``)."""
+    if fmt == "legacy":
+        return {prefix + LEGACY_MARKER: torch.empty(0, dtype=fp8_dtype)}
+    if fmt == "ultra8":
+        descriptor = {
+            "format": ULTRA8_FORMAT,
+            "version": 1,
+            "weight_dtype": str(fp8_dtype).removeprefix("torch."),
+            "scale_codec": "log_uniform_u8",
+            "scale_min": codec.SCALE_MIN,
+            "scale_max": codec.SCALE_MAX,
+            "levels": codec.LEVELS,
+            "shared_scales": shared_scales,
+        }
+        return {prefix + ULTRA8_MARKER: json_tensor(descriptor)}
+    return {}
+
+
+def stored_scale(fmt: str, scale: float) -> float:
+    """The scale a layout can store for a wanted one: ultra8 rounds up to a codec level."""
+    return codec.decode_scale(codec.encode_scale(scale)) if fmt == "ultra8" else scale
+
+
+def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
+    """Which layout a file uses: comfy, legacy, ultra8, comfy-header, or none."""
+    if any(k.endswith(SCALE_SUFFIX["ultra8"]) for k in keys):
+        return "ultra8"
+    if any(k.endswith(".comfy_quant") for k in keys):
+        return "comfy"
+    if any(k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER) for k in keys):
+        return "legacy"
+    if "_quantization_metadata" in metadata:
+        return "comfy-header"
+    return "none"
+
+
+def sidecar_keys(fmt: str, weight_key: str) -> list[str]:
+    """Names of the per-layer tensors that accompany a quantized weight in ``fmt``."""
+    base = weight_key.removesuffix(WEIGHT_SUFFIX)
+    names = [base + SCALE_SUFFIX[fmt]]
+    if fmt in ("comfy", "ultra8"):
+        names.append(base + ".comfy_quant")
+    return names
+
+
+def quantized_weights(fmt: str, keys: list[str]) -> list[str]:
+    """The fp8 weight keys of a file in ``fmt`` (those that have a scale beside them)."""
+    suffix = SCALE_SUFFIX.get(fmt if fmt != "comfy-header" else "comfy")
+    names = set(keys)
+    return [k.removesuffix(suffix) + WEIGHT_SUFFIX for k in keys if k.endswith(suffix)
+            and k.removesuffix(suffix) + WEIGHT_SUFFIX in names]
+
+
+def decode_stored_scale(fmt: str, tensor: torch.Tensor) -> float:
+    """The float scale from a layer's stored scale tensor in any layout."""
+    if fmt == "ultra8":
+        return codec.decode_scale(int(tensor))
+    return float(tensor.float().reshape(-1)[0])

@@ -1,0 +1,91 @@
+"""FP8 number formats: per-tensor scales, round-to-nearest, and the grid neighbours of a value.
+
+Everything here works on float32 tensors on any device. A weight ``w`` is stored as
+``q = fp8(w / scale)`` and read back as ``q.float() * scale`` (ComfyUI's dequantisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPES: dict[str, torch.dtype] = {
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+# Mantissa bits and smallest normal exponent of each format: they fix the grid spacing.
+_MANTISSA_BITS = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
+_MIN_NORMAL_EXP = {torch.float8_e4m3fn: -6, torch.float8_e5m2: -14}
+
+
+class NonFiniteWeightError(ValueError):
+    """A tensor holds NaN or Inf: there is no meaningful scale for it."""
+
+
+def fp8_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a format name, with an error listing the valid names."""
+    try:
+        return FP8_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown fp8 format {name!r}; choose one of {sorted(FP8_DTYPES)}") from None
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+    return float(torch.finfo(dtype).max)
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Refuse NaN/Inf weights by name, since any scale derived from them is garbage."""
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise NonFiniteWeightError(f"tensor {name!r} contains {bad} NaN/Inf values; fix or exclude it")
+
+
+def absmax(weight: torch.Tensor) -> float:
+    """Largest absolute value, as a Python float."""
+    return float(weight.abs().max()) if weight.numel() else 0.0
+
+
+def scale_for(amax: float, dtype: torch.dtype) -> float:
+    """Per-tensor scale ``amax / fp8_max``, as float32; 1.0 for an all-zero tensor.
+
+    The result is rounded *up* to the next float32 if needed so that ``amax / scale``
+    never exceeds the fp8 range by a rounding hair.
+    """
+    if amax == 0.0:
+        return 1.0
+    scale = torch.tensor(amax / fp8_max(dtype), dtype=torch.float32)
+    if float(scale) * fp8_max(dtype) < amax:
+        scale = torch.nextafter(scale, torch.tensor(float("inf")))
+    return float(scale)
+
+
+def quantize_nearest(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Round-to-nearest(-even) fp8 of ``weight / scale``, saturating at the format's maximum."""
+    limit = fp8_max(dtype)
+    return (weight.float() / scale).clamp_(-limit, limit).to(dtype)
+
+
+def dequantize(q: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """float32 value of fp8 data times its scale, as ComfyUI computes it."""
+    return q.float() * scale
+
+
+def grid_neighbours(scaled: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fp8 grid values around each element of ``scaled`` (already divided by the scale).
+
+    Returns ``(base, step)`` with ``base`` the grid value nearer to zero and ``base + step``
+    the one farther from zero (same sign), so that every choice ``base + h * step`` with
+    ``h`` in {0, 1} is a representable fp8 value. ``step`` is 0 where the value sits on the
+    grid's largest magnitude. Values must already lie within the fp8 range.
+    """
+    limit = fp8_max(dtype)
+    magnitude = scaled.abs().clamp(max=limit)
+    _, exponent = torch.frexp(magnitude)  # magnitude = m * 2**exponent, m in [0.5, 1)
+    exponent = (exponent - 1).clamp(min=_MIN_NORMAL_EXP[dtype])
+    spacing = torch.pow(2.0, (exponent - _MANTISSA_BITS[dtype]).float())
+    low = torch.floor(magnitude / spacing) * spacing
+    high = torch.where(low + spacing > limit, low, low + spacing)
+    sign = torch.where(scaled < 0, -1.0, 1.0)
+    return sign * low, sign * (high - low)

@@ -1,0 +1,234 @@
+"""Streaming safetensors I/O: read one tensor at a time, write the header first, replace atomically.
+
+Why not ``safetensors.safe_open``? A whole-file memory map leaves every page it touched in the
+process's resident set until it is closed, so converting a 24 GB file would show 24 GB of RSS.
+Reading each tensor with an explicit ``readinto`` keeps resident memory at the size of the
+tensors in flight. The format is small (8-byte header length, JSON header, raw data) and is
+read and written here byte-for-byte as the safetensors specification describes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+class SafetensorsFormatError(ValueError):
+    """The file is not a readable safetensors file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives in a file and what it is."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = 0  # absolute byte offset in the file
+    nbytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def dtype_nbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsReader:
+    """Reads a safetensors file's header once, then single tensors on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        try:
+            self.metadata, self.tensors = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        head = self._file.read(8)
+        size = os.fstat(self._file.fileno()).st_size
+        if len(head) < 8:
+            raise SafetensorsFormatError(f"{self.path} is too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise SafetensorsFormatError(f"{self.path} has an invalid header length {header_len}")
+        try:
+            header = json.loads(self._file.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SafetensorsFormatError(f"{self.path} has an unreadable header: {exc}") from None
+        metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_len
+        tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in DTYPES:
+                raise SafetensorsFormatError(f"tensor {name!r} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(name, DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, end - begin)
+            if info.nbytes != info.numel * dtype_nbytes(info.dtype) or data_start + end > size:
+                raise SafetensorsFormatError(f"tensor {name!r} has inconsistent offsets in {self.path}")
+            tensors[name] = info
+        return metadata, dict(sorted(tensors.items(), key=lambda item: item[1].start))
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, in freshly allocated (not memory-mapped) memory."""
+        info = self.tensors[name]
+        buffer = bytearray(info.nbytes)
+        self._file.seek(info.start)
+        if self._file.readinto(buffer) != info.nbytes:
+            raise SafetensorsFormatError(f"{self.path} ends inside tensor {name!r}")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Zero-copy view of a CPU tensor's bytes (the tensor must outlive the view)."""
+    tensor = tensor.contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _alignment(dtype: torch.dtype) -> int:
+    return dtype_nbytes(dtype)
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose header is fixed up front; tensors arrive in any order.
+
+    The layout orders entries by element size (largest first, as safetensors itself does) so
+    that every tensor's data is aligned to its element size. Each ``write`` seeks to its
+    entry's offset, so scales computed after their weights can be written late. ``close``
+    checks that every entry was written exactly once.
+    """
+
+    def __init__(self, file, entries: list[TensorInfo], metadata: dict[str, str]):
+        self._file = file
+        ordered = sorted(enumerate(entries), key=lambda item: (-_alignment(item[1].dtype), item[0]))
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        self._slots: dict[str, tuple[int, TensorInfo]] = {}
+        offset = 0
+        for _, info in ordered:
+            if info.name in self._slots:
+                raise ValueError(f"duplicate output tensor name {info.name!r}")
+            nbytes = info.numel * dtype_nbytes(info.dtype)
+            header[info.name] = {
+                "dtype": DTYPE_NAMES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._slots[info.name] = (offset, info)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data region 8-byte aligned
+        self._data_start = 8 + len(raw)
+        self.total_bytes = self._data_start + offset
+        self._written: set[str] = set()
+        file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Put one tensor's data in its slot; dtype and shape must match the header."""
+        if name not in self._slots:
+            raise KeyError(f"{name!r} is not in the output header")
+        if name in self._written:
+            raise ValueError(f"{name!r} was already written")
+        offset, info = self._slots[name]
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise ValueError(
+                f"{name!r}: got {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}"
+            )
+        tensor = tensor.detach().to("cpu").contiguous()
+        self._file.seek(self._data_start + offset)
+        self._file.write(_tensor_bytes(tensor))
+        self._written.add(name)
+
+    def finish(self) -> None:
+        """Check completeness and size the file exactly."""
+        missing = set(self._slots) - self._written
+        if missing:
+            raise RuntimeError(f"{len(missing)} output tensors were never written, e.g. {sorted(missing)[:3]}")
+        self._file.truncate(self.total_bytes)
+        self._file.flush()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator:
+    """Open a temporary file beside ``path``; rename it over ``path`` only on success.
+
+    On any exception, KeyboardInterrupt included, the temporary file is removed and
+    ``path`` is left as it was. ``protect`` lists inputs that must never be replaced.
+    """
+    target = Path(path).resolve()
+    for source in protect:
+        if target == Path(source).resolve():
+            raise ValueError(f"refusing to overwrite the input file {source}")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+               overwrite: bool = True) -> None:
+    """Write a small in-memory state dict atomically (fixtures, the built-in example)."""
+    entries = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with atomic_output(path, overwrite=overwrite) as file:
+        writer = SafetensorsWriter(file, entries, metadata or {})
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.finish()

@@ -1,0 +1,191 @@
+"""Learned rounding (AdaRound on the FP8 grid) with a held-out guard against round-to-nearest.
+
+Each weight element may take either of its two neighbouring fp8 grid values (``fp8.grid_neighbours``).
+A soft choice ``h = rectified_sigmoid(V)`` in [0, 1] is optimised with Adam and a cosine learning
+rate to minimise the layer-output error on calibration inputs ``X``::
+
+    loss = ||X (W_soft - W)^T||^2 / ||X (W_rtn - W)^T||^2  +  reg_lambda * mean(1 - |2h - 1|^beta)
+
+The first term is the output error relative to round-to-nearest (RTN), so ``reg_lambda`` means
+the same for every layer; the second pulls ``h`` to hard 0/1 decisions as ``beta`` anneals
+from 20 to 2 after a warm-up. ``h`` starts at each weight's fractional position between its
+neighbours, whose hard rounding *is* RTN. Output rows are independent (row ``j`` of the output
+only sees row ``j`` of the weight), so big weights are optimised in blocks of rows to bound
+memory. At the end the hard decisions are scored on a held-out batch the optimiser never saw,
+and RTN is returned instead whenever it is better.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from . import fp8
+from .calibration import CalibrationSource
+
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+_WARMUP = 0.2  # fraction of iterations without the rounding regulariser
+_BETA_START, _BETA_END = 20.0, 2.0
+_MAX_BLOCK_ELEMENTS = 1 << 24  # rows optimised together: about 16.8 M weights
+_PATIENCE = 50
+
+
+@dataclass
+class RoundingOptions:
+    """The seed's optimiser options, with its defaults."""
+
+    num_iter: int = 200
+    lr: float = 3e-2
+    reg_lambda: float = 0.015
+    calib_samples: int = 96
+    batch_size: int | None = None
+    early_stop_threshold: float = 5e-6
+    use_amp: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RoundingResult:
+    quantized: torch.Tensor  # fp8, same shape as the weight
+    error_rtn: float  # relative output (or weight) error of round-to-nearest
+    error: float  # relative error of ``quantized``
+    iterations: int = 0
+    fell_back: bool = False  # learned rounding lost to RTN on held-out data
+
+
+def round_nearest(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> RoundingResult:
+    """RTN, reporting the relative weight error (no inputs are involved)."""
+    quantized = fp8.quantize_nearest(weight, scale, dtype)
+    error = _relative(fp8.dequantize(quantized, scale) - weight.float(), weight.float())
+    return RoundingResult(quantized, error, error)
+
+
+def generator_for(name: str, seed: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from the run seed and the tensor name: the same output in any order."""
+    generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return generator
+
+
+def round_learned(
+    name: str,
+    weight: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    calibration: CalibrationSource,
+    options: RoundingOptions,
+) -> RoundingResult:
+    """Learned rounding of a 2-D ``weight`` against ``scale``; never worse than RTN on held-out inputs."""
+    device = weight.device
+    weight = weight.float()
+    generator = generator_for(name, options.seed, device)
+    inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+    held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+
+    limit = fp8.fp8_max(dtype)
+    scaled = (weight / scale).clamp_(-limit, limit)
+    rtn = scaled.to(dtype)
+    rows_per_block = max(1, _MAX_BLOCK_ELEMENTS // weight.shape[1])
+    learned = torch.empty_like(rtn)
+    iterations = 0
+    for start in range(0, weight.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        learned[rows], used = _optimise_block(scaled[rows], rtn[rows], inputs, dtype, options)
+        iterations = max(iterations, used)
+
+    error_rtn = _output_error(held_out, rtn.float() * scale, weight)
+    error = _output_error(held_out, learned.float() * scale, weight)
+    if error > error_rtn:
+        return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True)
+    return RoundingResult(learned, error_rtn, error, iterations)
+
+
+def _optimise_block(
+    scaled: torch.Tensor, rtn: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype, options: RoundingOptions
+) -> tuple[torch.Tensor, int]:
+    """Optimise the rounding of a block of rows; returns its fp8 values and the iterations used."""
+    base, step = fp8.grid_neighbours(scaled, dtype)
+    offset = base - scaled  # the error when rounding towards zero, in fp8 units
+    fraction = torch.where(step != 0, -offset / step.where(step != 0, 1.0), 0.0)
+    rtn_loss, _ = _output_loss_and_gradient(inputs, rtn.float() - scaled, options, gradient=False)
+    if rtn_loss == 0.0 or options.num_iter <= 0:  # RTN is exact: nothing to learn
+        return rtn, 0
+
+    logits = _inverse_rectified_sigmoid(fraction).requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=options.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.num_iter)
+    warmup = int(_WARMUP * options.num_iter)
+    best, stale, decisions = math.inf, 0, fraction >= 0.5
+    iteration = 0
+    for iteration in range(1, options.num_iter + 1):
+        optimizer.zero_grad(set_to_none=True)
+        soft = _rectified_sigmoid(logits)
+        error, gradient = _output_loss_and_gradient(inputs, offset + soft.detach() * step, options)
+        loss = error / rtn_loss
+        # A surrogate whose gradient w.r.t. ``soft`` is the output loss's: d/d(soft) = dL/d(delta) * step.
+        surrogate = (soft * (gradient * step / rtn_loss)).sum()
+        if iteration > warmup:
+            progress = (iteration - warmup) / max(1, options.num_iter - warmup)
+            beta = _BETA_END + 0.5 * (_BETA_START - _BETA_END) * (1 + math.cos(math.pi * progress))
+            regulariser = options.reg_lambda * (1 - (2 * soft - 1).abs().pow(beta)).mean()
+            surrogate = surrogate + regulariser
+            loss += float(regulariser.detach())
+        surrogate.backward()
+        optimizer.step()
+        schedule.step()
+
+        current = _rectified_sigmoid(logits.detach()) >= 0.5
+        changed = bool((current != decisions).any())
+        decisions = current
+        if loss < best - options.early_stop_threshold or changed:
+            best, stale = min(best, loss), 0
+        else:
+            stale += 1
+        if iteration > warmup and stale >= _PATIENCE:
+            break
+    hard = _rectified_sigmoid(logits.detach()) >= 0.5
+    values = (base + hard * step).to(dtype)
+    return values, iteration
+
+
+def _output_loss_and_gradient(
+    inputs: torch.Tensor, delta: torch.Tensor, options: RoundingOptions, gradient: bool = True
+) -> tuple[float, torch.Tensor | None]:
+    """``||X delta^T||^2`` and its gradient ``2 (X delta^T)^T X``, in batches of calibration rows.
+
+    Computed by hand rather than by autograd so that only one batch of outputs is alive at a
+    time (``--batch_size`` bounds memory) and nothing is kept for a backward pass.
+    """
+    batch = options.batch_size or inputs.shape[0]
+    amp = options.use_amp and inputs.is_cuda
+    total = 0.0
+    grad = torch.zeros_like(delta) if gradient else None
+    for start in range(0, inputs.shape[0], batch):
+        chunk = inputs[start : start + batch]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = chunk @ delta.T
+            if grad is not None:
+                grad += 2 * (out.T @ chunk).float()
+        total += float(out.float().pow(2).sum())
+    return total, grad
+
+
+def _output_error(inputs: torch.Tensor, approx: torch.Tensor, weight: torch.Tensor) -> float:
+    """Relative output error ``||X (approx - W)^T|| / ||X W^T||`` on ``inputs``."""
+    return _relative(inputs @ (approx - weight).T, inputs @ weight.T)
+
+
+def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
+    norm = float(reference.norm())
+    return float(error.norm()) / norm if norm else 0.0
+
+
+def _rectified_sigmoid(logits: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(logits) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
+
+
+def _inverse_rectified_sigmoid(fraction: torch.Tensor) -> torch.Tensor:
+    return torch.logit((fraction - _GAMMA) / (_ZETA - _GAMMA))
