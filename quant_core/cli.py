@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__, formats
-from .convert import ConvertOptions, convert_file
+from .convert import ConvertOptions, convert_file, default_output_path
+from .decode import decode_file
+from .example import flux_shapes, write_synthetic
 from .fp8 import FP8_DTYPES
+from .inspection import inspect_file, verify_files
 from .policy import AUTO, PRESETS
 from .progress import ProgressBar
 from .rounding import RoundingOptions
@@ -97,18 +101,66 @@ def run_convert(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_inspect(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quant_core inspect",
+                                     description="Show a safetensors file's format, dtypes, sizes and scales.")
+    parser.add_argument("file")
+    parser.add_argument("--layers", action="store_true", help="list every quantized layer")
+    args = parser.parse_args(argv)
+    report = inspect_file(args.file)
+    print(report.text(errors=args.layers))
+    return 1 if report.violations else 0
+
+
+def run_verify(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m quant_core verify",
+        description="Per-layer error of a converted file against its original; exit 1 on contract violations.")
+    parser.add_argument("original")
+    parser.add_argument("converted")
+    args = parser.parse_args(argv)
+    report = verify_files(args.original, args.converted)
+    print(report.text(errors=True))
+    print("verify: " + (f"{len(report.violations)} violations" if report.violations else "contract OK"))
+    return 1 if report.violations else 0
+
+
+def run_decode(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quant_core decode",
+                                     description="Turn an ultra8 file into comfy or legacy layout for stock loaders.")
+    parser.add_argument("file")
+    parser.add_argument("--to", choices=("comfy", "legacy"), default="comfy")
+    parser.add_argument("--output")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    print(decode_file(args.file, args.output, args.to, args.overwrite))
+    return 0
+
+
+def run_example(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m quant_core example",
+        description="Generate a small Flux-shaped checkpoint, convert it with learned rounding, verify it.")
+    parser.add_argument("--dir", default="example_output", help="folder for the example files")
+    args = parser.parse_args(argv)
+    source = write_synthetic(Path(args.dir) / "flux_tiny_bf16.safetensors", flux_shapes())
+    print(f"wrote the example checkpoint {source}")
+    output = default_output_path(source, ConvertOptions())
+    summary = convert_file(source, output, ConvertOptions(overwrite=True), progress=ProgressBar("convert"))
+    print(summary.text())
+    return run_verify([str(source), str(output)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
         print(f"quant_core {__version__}")
         return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
+    runners = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "decode": run_decode,
+               "example": run_example}
     try:
-        if command == "convert":
-            return run_convert(argv)
-        from . import tools
-
-        return tools.main(command, argv)
+        return runners[command](argv)
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

@@ -141,9 +141,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
             items.append([name])
             entries.append(TensorInfo(name, info.dtype, info.shape))
             continue
-        meta_weight = torch.empty(info.shape, dtype=dtype, device="meta")
-        for key, tensor in formats.layer_tensors(options.format, name, meta_weight, 1.0).items():
-            entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+        entries += formats.layer_entries(options.format, name, info.shape, dtype)
         group_key = scale_group(name) if options.shared_scales else name
         if group_key not in groups:
             groups[group_key] = []

@@ -18,6 +18,7 @@ import json
 import torch
 
 from . import codec
+from .io import TensorInfo
 
 FORMATS = ("comfy", "legacy", "ultra8")
 LEGACY_MARKER = "scaled_fp8"
@@ -56,6 +57,12 @@ def layer_tensors(fmt: str, weight_key: str, quantized: torch.Tensor, scale: flo
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
     return tensors
+
+
+def layer_entries(fmt: str, weight_key: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[TensorInfo]:
+    """Names, dtypes and shapes of ``layer_tensors`` without any data: for planning the header."""
+    meta = torch.empty(shape, dtype=dtype, device="meta")
+    return [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in layer_tensors(fmt, weight_key, meta, 1.0).items()]
 
 
 def marker_tensors(fmt: str, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:

@@ -1,0 +1,192 @@
+"""``inspect`` and ``verify``: read a converted file back and check it against the loader contract.
+
+The contract (see the README's "Formats"): a quantized weight is a 2-D fp8 tensor; its scale is
+float32 with shape ``[]`` or ``[1]`` (uint8 ``[]`` code for ``ultra8``), positive and finite;
+``comfy`` and ``ultra8`` layers carry a ``comfy_quant`` JSON whose ``format`` names the layout;
+``legacy`` files carry the ``scaled_fp8`` marker with the weights' fp8 dtype. Against the
+original, every tensor that was not quantized must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from . import formats
+from .io import SafetensorsReader
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass
+class LayerCheck:
+    """One quantized layer: its scale and, with an original, its relative error."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    scale: float
+    error: float | None = None
+
+
+@dataclass
+class FileReport:
+    """What a file holds, and every contract violation found in it."""
+
+    path: str
+    format: str
+    tensors: int
+    bytes: int
+    dtypes: Counter
+    layers: list[LayerCheck] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def text(self, errors: bool = False) -> str:
+        scales = [layer.scale for layer in self.layers]
+        lines = [
+            f"file      {self.path}",
+            f"format    {self.format}",
+            f"tensors   {self.tensors} ({len(self.layers)} quantized layers), {self.bytes / 2**20:.1f} MiB of data",
+            "dtypes    " + ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in self.dtypes.most_common()),
+        ]
+        if scales:
+            lines.append(f"scales    min {min(scales):.4g}, median {statistics.median(scales):.4g}, max {max(scales):.4g}")
+        if "quant_core" in self.metadata:
+            settings = json.loads(self.metadata["quant_core"])
+            lines.append(f"converter quant_core {settings.get('version')} preset {settings.get('preset')}")
+        if errors and self.layers:
+            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10} {'rel.err':>9}")
+            for layer in sorted(self.layers, key=lambda item: -(item.error or 0)):
+                shape = "x".join(map(str, layer.shape))
+                lines.append(f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g} {layer.error or 0:9.4%}")
+        lines += [f"VIOLATION {v}" for v in self.violations]
+        return "\n".join(lines)
+
+
+def inspect_file(path: str) -> FileReport:
+    """Describe a file and check each quantized layer against the layout's contract."""
+    with SafetensorsReader(path) as reader:
+        return _check(reader, original=None)
+
+
+def verify_files(original: str, converted: str) -> FileReport:
+    """``inspect`` plus a per-layer error against ``original`` and bit-identity of kept tensors."""
+    with SafetensorsReader(original) as source, SafetensorsReader(converted) as reader:
+        return _check(reader, original=source)
+
+
+def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> FileReport:
+    keys = list(reader.tensors)
+    fmt = formats.detect_format(keys, reader.metadata)
+    report = FileReport(
+        str(reader.path), fmt, len(keys), sum(i.nbytes for i in reader.tensors.values()),
+        Counter(i.dtype for i in reader.tensors.values()), metadata=reader.metadata,
+    )
+    layer_fmt = "comfy" if fmt == "comfy-header" else fmt
+    quantized = formats.quantized_weights(layer_fmt, keys) if fmt != "none" else []
+    sidecars = {k for w in quantized for k in formats.sidecar_keys(layer_fmt, w) if k in reader.tensors}
+    for weight_key in quantized:
+        layer = _check_layer(reader, layer_fmt, weight_key, report.violations)
+        if layer and original is not None:
+            layer.error = _layer_error(reader, original, layer, report.violations)
+        if layer:
+            report.layers.append(layer)
+    if fmt == "legacy":
+        _check_legacy_marker(reader, quantized, report.violations)
+    if original is not None:
+        _check_kept(reader, original, set(quantized) | sidecars, report.violations)
+    return report
+
+
+def _check_layer(reader: SafetensorsReader, fmt: str, weight_key: str, violations: list[str]) -> LayerCheck | None:
+    info = reader.tensors[weight_key]
+    base = weight_key.removesuffix(formats.WEIGHT_SUFFIX)
+    if info.dtype not in _FP8 or len(info.shape) != 2:
+        violations.append(f"{weight_key}: expected a 2-D fp8 weight, found {info.dtype} {list(info.shape)}")
+        return None
+    scale_key = base + formats.SCALE_SUFFIX[fmt]
+    scale_info = reader.tensors[scale_key]
+    want = torch.uint8 if fmt == "ultra8" else torch.float32
+    if scale_info.dtype != want or scale_info.shape not in ((), (1,)):
+        violations.append(f"{scale_key}: expected {want} of shape [] or [1], found {scale_info.dtype} "
+                          f"{list(scale_info.shape)} (ComfyUI needs one scale per tensor)")
+        return None
+    scale = formats.decode_stored_scale(fmt, reader.read(scale_key))
+    if not (scale > 0 and scale < float("inf")):
+        violations.append(f"{scale_key}: scale {scale} is not positive and finite")
+    if fmt in ("comfy", "ultra8"):
+        _check_comfy_quant(reader, fmt, base, info.dtype, violations)
+    return LayerCheck(weight_key, info.dtype, info.shape, scale)
+
+
+def _check_comfy_quant(reader, fmt: str, base: str, dtype: torch.dtype, violations: list[str]) -> None:
+    key = base + ".comfy_quant"
+    if key not in reader.tensors:
+        violations.append(f"{key}: missing")
+        return
+    if reader.tensors[key].dtype != torch.uint8 or len(reader.tensors[key].shape) != 1:
+        violations.append(f"{key}: must be a 1-D uint8 tensor of UTF-8 JSON")
+        return
+    try:
+        conf = formats.read_json_tensor(reader.read(key))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        violations.append(f"{key}: not valid UTF-8 JSON")
+        return
+    expected = formats.ULTRA8_FORMAT if fmt == "ultra8" else str(dtype).removeprefix("torch.")
+    if conf.get("format") != expected:
+        violations.append(f"{key}: format {conf.get('format')!r}, expected {expected!r} for a {dtype} weight")
+
+
+def _check_legacy_marker(reader: SafetensorsReader, quantized: list[str], violations: list[str]) -> None:
+    markers = [k for k in reader.tensors if k == formats.LEGACY_MARKER or k.endswith("." + formats.LEGACY_MARKER)]
+    dtypes = {reader.tensors[w].dtype for w in quantized}
+    for marker in markers:
+        info = reader.tensors[marker]
+        if info.dtype not in dtypes or info.numel > 2:
+            violations.append(f"{marker}: must be an empty tensor of the weights' fp8 dtype {sorted(map(str, dtypes))}")
+        prefix = marker.removesuffix(formats.LEGACY_MARKER)
+        if any(not w.startswith(prefix) for w in quantized):
+            violations.append(f"{marker}: some quantized weights lie outside its prefix {prefix!r}")
+
+
+def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> float | None:
+    if layer.name not in original.tensors:
+        violations.append(f"{layer.name}: not in the original file")
+        return None
+    if original.tensors[layer.name].shape != layer.shape:
+        violations.append(f"{layer.name}: shape {list(layer.shape)} differs from the original's "
+                          f"{list(original.tensors[layer.name].shape)}")
+        return None
+    reference = original.read(layer.name).float()
+    approx = reader.read(layer.name).float() * layer.scale
+    norm = float(reference.norm())
+    return float((approx - reference).norm()) / norm if norm else float((approx - reference).norm())
+
+
+def _check_kept(reader, original, converted_keys: set[str], violations: list[str]) -> None:
+    """Every original tensor is either quantized or present bit-identically; nothing else is added."""
+    for name, info in original.tensors.items():
+        if name in converted_keys:
+            continue
+        if name not in reader.tensors:
+            violations.append(f"{name}: missing from the converted file")
+            continue
+        other = reader.tensors[name]
+        if other.dtype != info.dtype or other.shape != info.shape:
+            violations.append(f"{name}: changed from {info.dtype} {list(info.shape)} to {other.dtype} {list(other.shape)}")
+        elif not torch.equal(_raw(original.read(name)), _raw(reader.read(name))):
+            violations.append(f"{name}: kept tensor is not bit-identical to the original")
+    markers = (formats.LEGACY_MARKER, formats.ULTRA8_MARKER)
+    extra = [k for k in reader.tensors if k not in original.tensors and k not in converted_keys
+             and not k.endswith(markers)]
+    violations += [f"{k}: unexpected tensor not in the original" for k in extra]
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.reshape(-1)
+
