@@ -40,34 +40,84 @@ def convert_parser() -> argparse.ArgumentParser:
     defaults = RoundingOptions()
     _option(parser, "input", required=True, help="input .safetensors file")
     _option(parser, "output", help="output file (default: a name derived from the input, beside it)")
-    _option(parser, "format", choices=formats.FORMATS, default="comfy",
-            help="output layout: comfy (ComfyUI >= 0.4), legacy (scaled_fp8), ultra8 (8-bit scales)")
+    _option(
+        parser,
+        "format",
+        choices=formats.FORMATS,
+        default="comfy",
+        help="output layout: comfy (ComfyUI >= 0.4), legacy (scaled_fp8), ultra8 (8-bit scales)",
+    )
     _option(parser, "fp8_format", choices=sorted(FP8_DTYPES), default="float8_e4m3fn", help="fp8 weight type")
     _option(parser, "simple", action="store_true", help="plain round-to-nearest, no learned rounding")
     _option(parser, "t5xxl", action="store_true", help="T5XXL: keep layers named norm, bias, embed_tokens, shared")
-    _option(parser, "keep_distillation", action="store_true",
-            help="keep distilled_guidance_layer, final_layer, img_in, txt_in in source precision")
-    _option(parser, "preset", choices=[AUTO, *PRESETS], default=AUTO,
-            help="model family whose sensitive layers stay in high precision (auto: detect from key names)")
-    _option(parser, "include", action="append", default=[], metavar="REGEX",
-            help="always quantize eligible weights matching REGEX (repeatable; beats every keep rule)")
-    _option(parser, "exclude", action="append", default=[], metavar="REGEX",
-            help="never quantize tensors matching REGEX (repeatable)")
+    _option(
+        parser,
+        "keep_distillation",
+        action="store_true",
+        help="keep distilled_guidance_layer, final_layer, img_in, txt_in in source precision",
+    )
+    _option(
+        parser,
+        "preset",
+        choices=[AUTO, *PRESETS],
+        default=AUTO,
+        help="model family whose sensitive layers stay in high precision (auto: detect from key names)",
+    )
+    _option(
+        parser,
+        "include",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="always quantize eligible weights matching REGEX (repeatable; beats every keep rule)",
+    )
+    _option(
+        parser,
+        "exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="never quantize tensors matching REGEX (repeatable)",
+    )
     _option(parser, "min_tensor_size", type=int, default=1024, help="quantize only weights with this many elements")
-    _option(parser, "calib_samples", type=int, default=defaults.calib_samples,
-            help="calibration input rows per tensor (a held-out batch of the same size checks the result)")
+    _option(
+        parser,
+        "calib_samples",
+        type=int,
+        default=defaults.calib_samples,
+        help="calibration input rows per tensor (a held-out batch of the same size checks the result)",
+    )
     _option(parser, "num_iter", type=int, default=defaults.num_iter, help="maximum optimiser iterations per tensor")
     _option(parser, "lr", type=float, default=defaults.lr, help="Adam learning rate (cosine schedule)")
     _option(parser, "reg_lambda", type=float, default=defaults.reg_lambda, help="rounding regulariser strength")
-    _option(parser, "early_stop_threshold", type=float, default=defaults.early_stop_threshold,
-            help="stop when the loss improves less than this for 50 iterations with no decision changing")
+    _option(
+        parser,
+        "early_stop_threshold",
+        type=float,
+        default=defaults.early_stop_threshold,
+        help="stop when the loss improves less than this for 50 iterations with no decision changing",
+    )
     _option(parser, "batch_size", type=int, default=None, help="calibration rows per matrix multiply (memory)")
-    _option(parser, "use_amp", action=argparse.BooleanOptionalAction, default=True,
-            help="bf16 autocast for the optimiser's matrix multiplies on CUDA")
-    _option(parser, "use_shared_scales", action=argparse.BooleanOptionalAction, default=True,
-            help="weights of one module (e.g. an attention's q/k/v/out) share one scale")
-    _option(parser, "parallel", action="store_true",
-            help="overlap reading, quantizing and writing; spread tensors over all GPUs")
+    _option(
+        parser,
+        "use_amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast for the optimiser's matrix multiplies on CUDA",
+    )
+    _option(
+        parser,
+        "use_shared_scales",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weights of one module (e.g. an attention's q/k/v/out) share one scale",
+    )
+    _option(
+        parser,
+        "parallel",
+        action="store_true",
+        help="overlap reading, quantizing and writing; spread tensors over all GPUs",
+    )
     _option(parser, "seed", type=int, default=0, help="random seed: the same seed gives the same file")
     _option(parser, "device", help="compute device, e.g. cpu or cuda:1 (default: CUDA when available)")
     _option(parser, "overwrite", action="store_true", help="replace an existing output file")
@@ -80,15 +130,30 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         if getattr(args, name) < (0 if name != "calib_samples" else 1):
             raise SystemExit(f"error: --{name} must be {'positive' if name == 'calib_samples' else '>= 0'}")
     rounding = RoundingOptions(
-        num_iter=args.num_iter, lr=args.lr, reg_lambda=args.reg_lambda, calib_samples=args.calib_samples,
-        batch_size=args.batch_size, early_stop_threshold=args.early_stop_threshold, use_amp=args.use_amp,
+        num_iter=args.num_iter,
+        lr=args.lr,
+        reg_lambda=args.reg_lambda,
+        calib_samples=args.calib_samples,
+        batch_size=args.batch_size,
+        early_stop_threshold=args.early_stop_threshold,
+        use_amp=args.use_amp,
         seed=args.seed,
     )
     return ConvertOptions(
-        format=args.format, fp8_format=args.fp8_format, simple=args.simple, rounding=rounding,
-        shared_scales=args.use_shared_scales, min_tensor_size=args.min_tensor_size, preset=args.preset,
-        include=args.include, exclude=args.exclude, t5xxl=args.t5xxl, keep_distillation=args.keep_distillation,
-        parallel=args.parallel, device=args.device, overwrite=args.overwrite,
+        format=args.format,
+        fp8_format=args.fp8_format,
+        simple=args.simple,
+        rounding=rounding,
+        shared_scales=args.use_shared_scales,
+        min_tensor_size=args.min_tensor_size,
+        preset=args.preset,
+        include=args.include,
+        exclude=args.exclude,
+        t5xxl=args.t5xxl,
+        keep_distillation=args.keep_distillation,
+        parallel=args.parallel,
+        device=args.device,
+        overwrite=args.overwrite,
     )
 
 
@@ -102,8 +167,9 @@ def run_convert(argv: Sequence[str]) -> int:
 
 
 def run_inspect(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quant_core inspect",
-                                     description="Show a safetensors file's format, dtypes, sizes and scales.")
+    parser = argparse.ArgumentParser(
+        prog="python -m quant_core inspect", description="Show a safetensors file's format, dtypes, sizes and scales."
+    )
     parser.add_argument("file")
     parser.add_argument("--layers", action="store_true", help="list every quantized layer")
     args = parser.parse_args(argv)
@@ -115,7 +181,8 @@ def run_inspect(argv: Sequence[str]) -> int:
 def run_verify(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m quant_core verify",
-        description="Per-layer error of a converted file against its original; exit 1 on contract violations.")
+        description="Per-layer error of a converted file against its original; exit 1 on contract violations.",
+    )
     parser.add_argument("original")
     parser.add_argument("converted")
     args = parser.parse_args(argv)
@@ -126,8 +193,10 @@ def run_verify(argv: Sequence[str]) -> int:
 
 
 def run_decode(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quant_core decode",
-                                     description="Turn an ultra8 file into comfy or legacy layout for stock loaders.")
+    parser = argparse.ArgumentParser(
+        prog="python -m quant_core decode",
+        description="Turn an ultra8 file into comfy or legacy layout for stock loaders.",
+    )
     parser.add_argument("file")
     parser.add_argument("--to", choices=("comfy", "legacy"), default="comfy")
     parser.add_argument("--output")
@@ -140,7 +209,8 @@ def run_decode(argv: Sequence[str]) -> int:
 def run_example(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m quant_core example",
-        description="Generate a small Flux-shaped checkpoint, convert it with learned rounding, verify it.")
+        description="Generate a small Flux-shaped checkpoint, convert it with learned rounding, verify it.",
+    )
     parser.add_argument("--dir", default="example_output", help="folder for the example files")
     args = parser.parse_args(argv)
     source = write_synthetic(Path(args.dir) / "flux_tiny_bf16.safetensors", flux_shapes())
@@ -157,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"quant_core {__version__}")
         return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
-    runners = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "decode": run_decode,
-               "example": run_example}
+    runners = {
+        "convert": run_convert,
+        "inspect": run_inspect,
+        "verify": run_verify,
+        "decode": run_decode,
+        "example": run_example,
+    }
     try:
         return runners[command](argv)
     except KeyboardInterrupt:

@@ -128,8 +128,15 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     keys = list(source.tensors)
     preset = detect_preset(keys) if options.preset == AUTO else PRESETS[options.preset]
     prefix = checkpoint_prefix(keys)
-    policy = LayerPolicy(preset, options.min_tensor_size, options.include, options.exclude,
-                         options.t5xxl, options.keep_distillation, prefix)
+    policy = LayerPolicy(
+        preset,
+        options.min_tensor_size,
+        options.include,
+        options.exclude,
+        options.t5xxl,
+        options.keep_distillation,
+        prefix,
+    )
     decisions: dict[str, tuple[bool, str]] = {}
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
@@ -248,8 +255,16 @@ def convert_file(
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
     with SafetensorsReader(input_path) as reader:
-        return convert(reader, output, options, progress, check_interrupt, calibration,
-                       protect=(Path(input_path),), source_label=str(input_path))
+        return convert(
+            reader,
+            output,
+            options,
+            progress,
+            check_interrupt,
+            calibration,
+            protect=(Path(input_path),),
+            source_label=str(input_path),
+        )
 
 
 def _quantize_group(

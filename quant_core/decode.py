@@ -17,8 +17,12 @@ from . import formats
 from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 
 
-def decode_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None,
-                target: str = "comfy", overwrite: bool = False) -> Path:
+def decode_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    target: str = "comfy",
+    overwrite: bool = False,
+) -> Path:
     """Decode ``input_path`` into ``target`` layout; returns the output path."""
     if target not in ("comfy", "legacy"):
         raise ValueError(f"decode writes comfy or legacy, not {target!r}")

@@ -17,8 +17,16 @@ import torch
 from .io import SafetensorsWriter, TensorInfo, atomic_output
 
 
-def flux_shapes(hidden: int = 256, depth: int = 2, depth_single: int = 2, in_channels: int = 64,
-                context: int = 512, vec: int = 128, mlp_ratio: int = 4, head_dim: int = 64) -> dict[str, tuple[int, ...]]:
+def flux_shapes(
+    hidden: int = 256,
+    depth: int = 2,
+    depth_single: int = 2,
+    in_channels: int = 64,
+    context: int = 512,
+    vec: int = 128,
+    mlp_ratio: int = 4,
+    head_dim: int = 64,
+) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a Flux diffusion model with the given width and depth (Flux-dev: 3072, 19, 38)."""
     mlp = hidden * mlp_ratio
     shapes: dict[str, tuple[int, ...]] = {}
@@ -64,8 +72,13 @@ def synthetic_tensor(name: str, shape: tuple[int, ...], generator: torch.Generat
     return torch.where(outliers, tensor * 8, tensor)
 
 
-def write_synthetic(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.bfloat16,
-                    seed: int = 0, overwrite: bool = True) -> Path:
+def write_synthetic(
+    path: str | os.PathLike,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    overwrite: bool = True,
+) -> Path:
     """Write a checkpoint of synthetic tensors, one tensor in memory at a time."""
     generator = torch.Generator().manual_seed(seed)
     entries = [TensorInfo(name, dtype, shape) for name, shape in shapes.items()]

@@ -115,8 +115,11 @@ def quantized_weights(fmt: str, keys: list[str]) -> list[str]:
     """The fp8 weight keys of a file in ``fmt`` (those that have a scale beside them)."""
     suffix = SCALE_SUFFIX.get(fmt if fmt != "comfy-header" else "comfy")
     names = set(keys)
-    return [k.removesuffix(suffix) + WEIGHT_SUFFIX for k in keys if k.endswith(suffix)
-            and k.removesuffix(suffix) + WEIGHT_SUFFIX in names]
+    return [
+        k.removesuffix(suffix) + WEIGHT_SUFFIX
+        for k in keys
+        if k.endswith(suffix) and k.removesuffix(suffix) + WEIGHT_SUFFIX in names
+    ]
 
 
 def decode_stored_scale(fmt: str, tensor: torch.Tensor) -> float:

@@ -55,7 +55,9 @@ class FileReport:
             "dtypes    " + ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in self.dtypes.most_common()),
         ]
         if scales:
-            lines.append(f"scales    min {min(scales):.4g}, median {statistics.median(scales):.4g}, max {max(scales):.4g}")
+            lines.append(
+                f"scales    min {min(scales):.4g}, median {statistics.median(scales):.4g}, max {max(scales):.4g}"
+            )
         if "quant_core" in self.metadata:
             settings = json.loads(self.metadata["quant_core"])
             lines.append(f"converter quant_core {settings.get('version')} preset {settings.get('preset')}")
@@ -84,8 +86,12 @@ def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> Fil
     keys = list(reader.tensors)
     fmt = formats.detect_format(keys, reader.metadata)
     report = FileReport(
-        str(reader.path), fmt, len(keys), sum(i.nbytes for i in reader.tensors.values()),
-        Counter(i.dtype for i in reader.tensors.values()), metadata=reader.metadata,
+        str(reader.path),
+        fmt,
+        len(keys),
+        sum(i.nbytes for i in reader.tensors.values()),
+        Counter(i.dtype for i in reader.tensors.values()),
+        metadata=reader.metadata,
     )
     layer_fmt = "comfy" if fmt == "comfy-header" else fmt
     quantized = formats.quantized_weights(layer_fmt, keys) if fmt != "none" else []
@@ -113,8 +119,10 @@ def _check_layer(reader: SafetensorsReader, fmt: str, weight_key: str, violation
     scale_info = reader.tensors[scale_key]
     want = torch.uint8 if fmt == "ultra8" else torch.float32
     if scale_info.dtype != want or scale_info.shape not in ((), (1,)):
-        violations.append(f"{scale_key}: expected {want} of shape [] or [1], found {scale_info.dtype} "
-                          f"{list(scale_info.shape)} (ComfyUI needs one scale per tensor)")
+        violations.append(
+            f"{scale_key}: expected {want} of shape [] or [1], found {scale_info.dtype} "
+            f"{list(scale_info.shape)} (ComfyUI needs one scale per tensor)"
+        )
         return None
     scale = formats.decode_stored_scale(fmt, reader.read(scale_key))
     if not (scale > 0 and scale < float("inf")):
@@ -159,8 +167,10 @@ def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> 
         violations.append(f"{layer.name}: not in the original file")
         return None
     if original.tensors[layer.name].shape != layer.shape:
-        violations.append(f"{layer.name}: shape {list(layer.shape)} differs from the original's "
-                          f"{list(original.tensors[layer.name].shape)}")
+        violations.append(
+            f"{layer.name}: shape {list(layer.shape)} differs from the original's "
+            f"{list(original.tensors[layer.name].shape)}"
+        )
         return None
     reference = original.read(layer.name).float()
     approx = reader.read(layer.name).float() * layer.scale
@@ -178,15 +188,17 @@ def _check_kept(reader, original, converted_keys: set[str], violations: list[str
             continue
         other = reader.tensors[name]
         if other.dtype != info.dtype or other.shape != info.shape:
-            violations.append(f"{name}: changed from {info.dtype} {list(info.shape)} to {other.dtype} {list(other.shape)}")
+            violations.append(
+                f"{name}: changed from {info.dtype} {list(info.shape)} to {other.dtype} {list(other.shape)}"
+            )
         elif not torch.equal(_raw(original.read(name)), _raw(reader.read(name))):
             violations.append(f"{name}: kept tensor is not bit-identical to the original")
     markers = (formats.LEGACY_MARKER, formats.ULTRA8_MARKER)
-    extra = [k for k in reader.tensors if k not in original.tensors and k not in converted_keys
-             and not k.endswith(markers)]
+    extra = [
+        k for k in reader.tensors if k not in original.tensors and k not in converted_keys and not k.endswith(markers)
+    ]
     violations += [f"{k}: unexpected tensor not in the original" for k in extra]
 
 
 def _raw(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.reshape(-1)
-

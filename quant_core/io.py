@@ -223,8 +223,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, protect: tup
         raise
 
 
-def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-               overwrite: bool = True) -> None:
+def write_file(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+) -> None:
     """Write a small in-memory state dict atomically (fixtures, the built-in example)."""
     entries = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     with atomic_output(path, overwrite=overwrite) as file:

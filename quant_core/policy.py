@@ -46,15 +46,21 @@ PRESETS: dict[str, Preset] = {
             "hunyuan_video",
             "HunyuanVideo (ComfyUI layout)",
             (r"double_blocks\.\d+\.img_mod\.linear\.", r"txt_in\.individual_token_refiner"),
-            (r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.", r"_mod\.linear\.",
-             r"modulation\.linear\."),
+            (
+                r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.",
+                r"_mod\.linear\.",
+                r"modulation\.linear\.",
+            ),
         ),
         Preset(
             "flux",
             "Flux / Flux-derived (Chroma) diffusion transformers",
             (r"double_blocks\.\d+\.img_attn\.qkv\.", r"single_blocks\.\d+\.linear1\."),
-            (r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer|distilled_guidance_layer)\.",
-             r"_mod\.lin\.", r"modulation\.lin\."),
+            (
+                r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer|distilled_guidance_layer)\.",
+                r"_mod\.lin\.",
+                r"modulation\.lin\.",
+            ),
         ),
         Preset(
             "wan",
@@ -78,9 +84,13 @@ PRESETS: dict[str, Preset] = {
             "generic",
             "any other model: keeps common input/output, embedder and modulation layers",
             (),
-            (r"(^|\.)(img_in|txt_in|x_embedder|context_embedder|final_layer|lm_head)\.", r"^(proj_out|head)\.",
-             r"(^|\.|_)(time|timestep|guidance|vector)_?(in|embed|embedder|embedding|proj|projection)s?\.",
-             r"(^|[._])(adaLN_)?modulation\.", r"_mod\.lin(ear)?\."),
+            (
+                r"(^|\.)(img_in|txt_in|x_embedder|context_embedder|final_layer|lm_head)\.",
+                r"^(proj_out|head)\.",
+                r"(^|\.|_)(time|timestep|guidance|vector)_?(in|embed|embedder|embedding|proj|projection)s?\.",
+                r"(^|[._])(adaLN_)?modulation\.",
+                r"_mod\.lin(ear)?\.",
+            ),
         ),
         Preset("none", "quantize every eligible weight", (), ()),
     )

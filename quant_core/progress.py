@@ -27,8 +27,9 @@ class ProgressBar:
         filled = int(self.width * report.index / max(1, report.total))
         bar = "#" * filled + "." * (self.width - filled)
         error = f" err {report.error_after:.3%}" if report.quantized else ""
-        line = (f"{self.label} [{bar}] {report.index}/{report.total} {rate:.1f} t/s "
-                f"ETA {_clock(eta)}{error} {report.name}")
+        line = (
+            f"{self.label} [{bar}] {report.index}/{report.total} {rate:.1f} t/s ETA {_clock(eta)}{error} {report.name}"
+        )
         done = report.index == report.total
         if self.tty:
             self.stream.write("\r" + line[:160].ljust(160) + ("\n" if done else ""))
