@@ -1,7 +1,7 @@
 """The uint8 scale codec of the seed script: 256 log-uniform levels from 1e-10 to 100.
 
 Code ``c`` (0..255) decodes to ``SCALE_MIN * (SCALE_MAX / SCALE_MIN) ** (c / 255)``, a step
-of about 11.5 % between neighbouring codes. Encoding rounds *up* to the first code whose
+of about 11.4 % between neighbouring codes. Encoding rounds *up* to the first code whose
 decoded float32 scale is at least the exact scale, so weights divided by the decoded scale
 never exceed the fp8 range; the weights are then rounded against that decoded scale, so the
 codec costs only the coarser scale, never a saturation error.

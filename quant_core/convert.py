@@ -277,12 +277,16 @@ def _quantize_group(
     source: TensorSource,
     plan: Plan,
 ) -> list:
-    """Quantize a shared-scale group (or one weight) against one scale; returns write-ready results."""
-    weights = {}
+    """Quantize a shared-scale group (or one weight) against one scale; returns write-ready results.
+
+    The group's scale is found on the source dtype (its max is exact), and each member is widened
+    to float32 only while it is being rounded, so the group costs its source bytes plus one
+    float32 weight at a time.
+    """
     for name in names:
-        weights[name] = tensors[name].to(device=device, dtype=torch.float32)
-        fp8.check_finite(name, weights[name])
-    amax = max(fp8.absmax(w) for w in weights.values())
+        tensors[name] = tensors[name].to(device)
+        fp8.check_finite(name, tensors[name])
+    amax = max(fp8.absmax(tensors[name]) for name in names)
     try:
         scale = formats.stored_scale(options.format, fp8.scale_for(amax, dtype))
     except codec.ScaleOutOfRangeError as exc:
@@ -290,7 +294,7 @@ def _quantize_group(
     results = []
     for name in names:
         started = time.perf_counter()
-        weight = weights.pop(name)
+        weight = tensors.pop(name).float()
         if options.simple:
             result: RoundingResult = round_nearest(weight, scale, dtype)
         else:

@@ -77,15 +77,17 @@ def grid_neighbours(scaled: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
 
     Returns ``(base, step)`` with ``base`` the grid value nearer to zero and ``base + step``
     the one farther from zero (same sign), so that every choice ``base + h * step`` with
-    ``h`` in {0, 1} is a representable fp8 value. ``step`` is 0 where the value sits on the
-    grid's largest magnitude. Values must already lie within the fp8 range.
+    ``h`` in {0, 1} is a representable fp8 value. ``step`` is 0 where the value is already on
+    the grid (zero, or the largest magnitude). Values must already lie within the fp8 range.
     """
     limit = fp8_max(dtype)
     magnitude = scaled.abs().clamp(max=limit)
     _, exponent = torch.frexp(magnitude)  # magnitude = m * 2**exponent, m in [0.5, 1)
-    exponent = (exponent - 1).clamp(min=_MIN_NORMAL_EXP[dtype])
+    # Zero and subnormals share the smallest normal exponent's spacing (frexp(0) says 0, not -inf).
+    exponent = torch.where(magnitude > 0, exponent - 1, _MIN_NORMAL_EXP[dtype]).clamp(min=_MIN_NORMAL_EXP[dtype])
     spacing = torch.pow(2.0, (exponent - _MANTISSA_BITS[dtype]).float())
     low = torch.floor(magnitude / spacing) * spacing
-    high = torch.where(low + spacing > limit, low, low + spacing)
+    # A value already on the grid (zero included) has no choice to make: its step is 0.
+    high = torch.where((low == magnitude) | (low + spacing > limit), low, low + spacing)
     sign = torch.where(scaled < 0, -1.0, 1.0)
     return sign * low, sign * (high - low)

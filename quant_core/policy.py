@@ -147,7 +147,7 @@ class LayerPolicy:
             return Decision(False, "excluded by --t5xxl")
         if self.keep_distillation and any(s in name for s in DISTILLATION_EXCLUDES):
             return Decision(False, "excluded by --keep_distillation")
-        if any(p.search(name) for p in self._keep):
+        if any(p.search(name.removeprefix(self.prefix)) for p in self._keep):
             return Decision(False, f"kept by preset {self.preset.name}")
         return Decision(True, "quantized")
 

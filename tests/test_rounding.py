@@ -1,0 +1,273 @@
+"""Learned rounding: grid-neighbour choices only, never worse than round-to-nearest on held-out inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant_core import fp8, rounding
+from quant_core.calibration import RandomCalibration
+from quant_core.rounding import RoundingOptions
+
+E4M3 = torch.float8_e4m3fn
+DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
+DTYPE_IDS = ["e4m3fn", "e5m2"]
+CPU = torch.device("cpu")
+
+
+class LowRankCalibration:
+    """Anisotropic inputs ``randn(count, rank) @ M`` with a fixed ``M``: a CalibrationSource for tests.
+
+    Their covariance is far from isotropic, so the output error depends on how rounding errors
+    combine, and learned rounding has something real to exploit (unlike isotropic random inputs).
+    """
+
+    def __init__(self, in_features: int, rank: int = 16) -> None:
+        self.mixing = torch.randn(rank, in_features, generator=torch.Generator().manual_seed(1234))
+
+    def inputs(
+        self, name: str, in_features: int, count: int, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        assert in_features == self.mixing.shape[1]
+        return (torch.randn(count, self.mixing.shape[0], generator=generator) @ self.mixing).to(device)
+
+
+def make_weight(rows: int, cols: int, seed: int = 0, std: float = 0.05) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * std
+
+
+def scale_of(weight: torch.Tensor, dtype: torch.dtype) -> float:
+    return fp8.scale_for(fp8.absmax(weight), dtype)
+
+
+def scaled_weight(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    limit = fp8.fp8_max(dtype)
+    return (weight.float() / scale).clamp(-limit, limit)
+
+
+def as_bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+def finite_grid(dtype: torch.dtype) -> torch.Tensor:
+    values = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    return torch.unique(values[torch.isfinite(values)])
+
+
+def assert_grid_neighbour_choices(result, weight, scale, dtype):
+    """Each output is base or base + step of fp8.grid_neighbours of the scaled weight."""
+    scaled = scaled_weight(weight, scale, dtype)
+    base, step = fp8.grid_neighbours(scaled, dtype)
+    values = result.quantized.float()
+    assert ((values == base) | (values == base + step)).all()
+
+
+def assert_rtn_or_other_side(result, weight, scale, dtype):
+    """Independent of grid_neighbours: each output is the RTN value, or the adjacent grid value on the
+    other side of the scaled weight (found by enumerating every fp8 bit pattern)."""
+    scaled = scaled_weight(weight, scale, dtype).flatten()
+    rtn = scaled.to(dtype).float()
+    values = result.quantized.float().flatten()
+    grid = finite_grid(dtype)
+    index = torch.searchsorted(grid, rtn)
+    assert torch.equal(grid[index], rtn)
+    above = grid[(index + 1).clamp(max=len(grid) - 1)]
+    below = grid[(index - 1).clamp(min=0)]
+    other = torch.where(rtn < scaled, above, torch.where(rtn > scaled, below, rtn))
+    # The other side must really be across the scaled weight (or it is the RTN value itself).
+    assert ((other - scaled) * (rtn - scaled) <= 0).all()
+    ok = (values == rtn) | (values == other)
+    assert ok.all(), f"{int((~ok).sum())} elements are neither RTN nor its neighbour across the weight"
+
+
+def held_out_errors(name, weight, scale, dtype, calibration, options, quantized):
+    """Recompute (error, error_rtn) on the held-out batch: the second draw of the tensor's generator."""
+    generator = rounding.generator_for(name, options.seed, CPU)
+    calibration.inputs(name, weight.shape[1], options.calib_samples, generator, CPU)
+    held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, CPU).double()
+    reference = weight.double()
+    rtn = fp8.quantize_nearest(weight, scale, dtype)
+    norm = (held_out @ reference.T).norm()
+
+    def error(q):
+        return float((held_out @ (q.double() * scale - reference).T).norm() / norm)
+
+    return error(quantized), error(rtn)
+
+
+@pytest.fixture(scope="module")
+def low_rank_case():
+    """The 64x128 anisotropic case, optimised once for several tests."""
+    name = "blocks.0.attn.q.weight"
+    weight = make_weight(64, 128)
+    scale = scale_of(weight, E4M3)
+    calibration = LowRankCalibration(128)
+    options = RoundingOptions(num_iter=300, calib_samples=256)
+    result = rounding.round_learned(name, weight, scale, E4M3, calibration, options)
+    return name, weight, scale, calibration, options, result
+
+
+# --------------------------------------------------------------------------------------- grid neighbours
+
+
+def test_low_rank_result_uses_grid_neighbours_only(low_rank_case):
+    _, weight, scale, _, _, result = low_rank_case
+    assert result.quantized.dtype == E4M3 and result.quantized.shape == weight.shape
+    assert_grid_neighbour_choices(result, weight, scale, E4M3)
+    assert_rtn_or_other_side(result, weight, scale, E4M3)
+    rtn = fp8.quantize_nearest(weight, scale, E4M3)
+    assert not torch.equal(as_bits(result.quantized), as_bits(rtn)), "learned rounding should change something"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_aggressive_optimiser_still_uses_grid_neighbours_only(dtype):
+    """A large learning rate flips many decisions; every flip must still be to the other neighbour."""
+    weight = make_weight(32, 64, seed=5) * torch.linspace(0.01, 3, 64)  # magnitudes across many binades
+    scale = scale_of(weight, dtype)
+    options = RoundingOptions(num_iter=150, calib_samples=128, lr=1.0)
+    result = rounding.round_learned("mlp.fc1.weight", weight, scale, dtype, LowRankCalibration(64), options)
+    changed = as_bits(result.quantized) != as_bits(fp8.quantize_nearest(weight, scale, dtype))
+    assert changed.sum() > 10
+    assert_grid_neighbour_choices(result, weight, scale, dtype)
+    assert_rtn_or_other_side(result, weight, scale, dtype)
+
+
+def test_zero_elements_stay_on_their_neighbours():
+    weight = make_weight(32, 64)
+    weight[:, ::2] = 0  # pruned / structurally zero weights
+    scale = scale_of(weight, E4M3)
+    options = RoundingOptions(num_iter=200, calib_samples=128, lr=1.0)
+    result = rounding.round_learned("z.weight", weight, scale, E4M3, LowRankCalibration(64), options)
+    assert_rtn_or_other_side(result, weight, scale, E4M3)
+
+
+# ------------------------------------------------------------------------------------- never worse than RTN
+
+
+def test_low_rank_inputs_make_learned_rounding_beat_rtn(low_rank_case):
+    name, weight, scale, calibration, options, result = low_rank_case
+    assert result.fell_back is False
+    assert result.error < result.error_rtn
+    error, error_rtn = held_out_errors(name, weight, scale, E4M3, calibration, options, result.quantized)
+    assert error < error_rtn
+    assert result.error == pytest.approx(error, rel=1e-4)
+    assert result.error_rtn == pytest.approx(error_rtn, rel=1e-4)
+    assert 0 < result.iterations <= options.num_iter
+
+
+def test_held_out_error_never_worse_than_rtn_and_fallback_is_exact_rtn():
+    """With few isotropic samples the optimiser overfits, so some seeds must fall back to RTN."""
+    weight = make_weight(24, 48, seed=7)
+    scale = scale_of(weight, E4M3)
+    rtn = fp8.quantize_nearest(weight, scale, E4M3)
+    calibration = RandomCalibration()
+    outcomes = []
+    for seed in range(6):
+        options = RoundingOptions(num_iter=60, calib_samples=12, lr=0.3, seed=seed)
+        result = rounding.round_learned("w.weight", weight, scale, E4M3, calibration, options)
+        assert result.error <= result.error_rtn
+        error, error_rtn = held_out_errors("w.weight", weight, scale, E4M3, calibration, options, result.quantized)
+        assert error <= error_rtn * (1 + 1e-9)
+        assert result.error == pytest.approx(error, rel=1e-4)
+        assert result.error_rtn == pytest.approx(error_rtn, rel=1e-4)
+        if result.fell_back:
+            assert torch.equal(as_bits(result.quantized), as_bits(rtn))
+            assert result.error == result.error_rtn
+        assert_grid_neighbour_choices(result, weight, scale, E4M3)
+        outcomes.append(result.fell_back)
+    assert any(outcomes), "no seed fell back: the fallback path went untested"
+
+
+# ----------------------------------------------------------------------------------------- repeatability
+
+
+def test_same_seed_is_bit_identical_and_seed_changes_the_draws():
+    weight = make_weight(16, 32, seed=3)
+    scale = scale_of(weight, E4M3)
+    calibration = LowRankCalibration(32, rank=4)
+
+    def run(seed):
+        options = RoundingOptions(num_iter=80, calib_samples=64, lr=0.3, seed=seed)
+        return rounding.round_learned("a.weight", weight, scale, E4M3, calibration, options)
+
+    first, again, other = run(0), run(0), run(1)
+    assert torch.equal(as_bits(first.quantized), as_bits(again.quantized))
+    assert (first.error, first.error_rtn, first.iterations) == (again.error, again.error_rtn, again.iterations)
+    # Another seed draws other calibration and held-out inputs, so RTN's held-out error differs.
+    assert other.error_rtn != first.error_rtn
+    assert_grid_neighbour_choices(other, weight, scale, E4M3)
+
+
+def test_generator_depends_on_name_and_seed_only():
+    def draw(name, seed):
+        return torch.randn(4, generator=rounding.generator_for(name, seed, CPU))
+
+    assert torch.equal(draw("a.weight", 0), draw("a.weight", 0))
+    assert not torch.equal(draw("a.weight", 0), draw("b.weight", 0))
+    assert not torch.equal(draw("a.weight", 0), draw("a.weight", 1))
+
+
+def test_batching_gives_the_same_decisions(low_rank_case):
+    name, weight, scale, calibration, options, result = low_rank_case
+    batched = RoundingOptions(num_iter=options.num_iter, calib_samples=options.calib_samples, batch_size=48)
+    other = rounding.round_learned(name, weight, scale, E4M3, calibration, batched)
+    same = (as_bits(other.quantized) == as_bits(result.quantized)).float().mean()
+    assert same >= 0.995
+    assert other.fell_back is result.fell_back
+    assert other.error == pytest.approx(result.error, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- exact cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_all_zero_weight_is_exact(dtype):
+    weight = torch.zeros(8, 32)
+    scale = scale_of(weight, dtype)
+    assert scale == 1.0
+    result = rounding.round_learned("zero.weight", weight, scale, dtype, RandomCalibration(), RoundingOptions())
+    assert torch.equal(result.quantized.float(), weight)
+    assert result.error == 0.0 and result.error_rtn == 0.0
+    assert result.fell_back is False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_weight_already_on_the_grid_is_exact(dtype):
+    grid = finite_grid(dtype)
+    picks = torch.randint(len(grid), (16, 32), generator=torch.Generator().manual_seed(9))
+    q = grid[picks]
+    q[0, 0] = fp8.fp8_max(dtype)
+    scale = 2.0**-7  # a power of two keeps q * scale exact in float32
+    weight = q * scale
+    result = rounding.round_learned("grid.weight", weight, scale, dtype, LowRankCalibration(32), RoundingOptions())
+    assert torch.equal(result.quantized.float(), q)
+    assert torch.equal(fp8.dequantize(result.quantized, scale), weight)
+    assert result.error == 0.0 and result.error_rtn == 0.0
+
+
+def test_round_nearest_matches_quantize_nearest():
+    weight = make_weight(8, 16, seed=2)
+    scale = scale_of(weight, E4M3)
+    result = rounding.round_nearest(weight, scale, E4M3)
+    assert torch.equal(as_bits(result.quantized), as_bits(fp8.quantize_nearest(weight, scale, E4M3)))
+    expected = float((result.quantized.float() * scale - weight).norm() / weight.norm())
+    assert result.error == result.error_rtn == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ inference mode
+
+
+def test_works_under_inference_mode_as_convert_calls_it():
+    """ComfyUI runs nodes under inference_mode; convert.py re-enables autograd around round_learned."""
+    calibration = LowRankCalibration(32, rank=4)
+    options = RoundingOptions(num_iter=40, calib_samples=64, lr=0.3)
+    with torch.inference_mode():
+        weight = make_weight(16, 32, seed=4)
+        assert weight.is_inference()
+        scale = scale_of(weight, E4M3)
+        with torch.inference_mode(False), torch.enable_grad():
+            result = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
+    assert result.error <= result.error_rtn
+    assert_grid_neighbour_choices(result, weight, scale, E4M3)
+    reference = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
+    assert torch.equal(as_bits(result.quantized), as_bits(reference.quantized))
