@@ -317,7 +317,8 @@ def _describe(options: ConvertOptions, plan: Plan) -> dict:
     """The converter's own header metadata: version, settings, counts."""
     quantized = sum(q for q, _ in plan.decisions.values())
     settings = asdict(options)
-    settings.pop("overwrite")
+    for how_not_what in ("overwrite", "parallel", "device"):  # they do not change the output
+        settings.pop(how_not_what)
     if options.simple:
         settings.pop("rounding")
     return {

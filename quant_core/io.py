@@ -91,18 +91,32 @@ class SafetensorsReader:
             header = json.loads(self._file.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SafetensorsFormatError(f"{self.path} has an unreadable header: {exc}") from None
+        if not isinstance(header, dict):
+            raise SafetensorsFormatError(f"{self.path} has a header that is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
         data_start = 8 + header_len
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            if entry["dtype"] not in DTYPES:
-                raise SafetensorsFormatError(f"tensor {name!r} has unsupported dtype {entry['dtype']}")
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(name, DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, end - begin)
-            if info.nbytes != info.numel * dtype_nbytes(info.dtype) or data_start + end > size:
-                raise SafetensorsFormatError(f"tensor {name!r} has inconsistent offsets in {self.path}")
-            tensors[name] = info
+        tensors = {name: self._tensor_info(name, entry, data_start, size) for name, entry in header.items()}
         return metadata, dict(sorted(tensors.items(), key=lambda item: item[1].start))
+
+    def _tensor_info(self, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+        """Validate one header entry: known dtype, non-negative shape, offsets that match it and the file."""
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except KeyError as exc:
+            raise SafetensorsFormatError(f"tensor {name!r} in {self.path}: missing or unknown {exc}") from None
+        except (TypeError, ValueError):
+            raise SafetensorsFormatError(f"tensor {name!r} in {self.path} has a malformed header entry") from None
+        info = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
+        if (
+            min(shape, default=0) < 0
+            or not 0 <= begin <= end
+            or data_start + end > size
+            or info.nbytes != info.numel * dtype_nbytes(dtype)
+        ):
+            raise SafetensorsFormatError(f"tensor {name!r} has inconsistent shape or offsets in {self.path}")
+        return info
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype, in freshly allocated (not memory-mapped) memory."""

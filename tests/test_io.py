@@ -1,0 +1,399 @@
+"""Streaming safetensors I/O and the engine's file handling: round trips, alignment, atomic output,
+refusals, bad input, and identical output from ``--parallel``."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quant_core.calibration import RandomCalibration
+from quant_core.convert import ConvertOptions, convert_file
+from quant_core.io import (
+    DTYPES,
+    SafetensorsFormatError,
+    SafetensorsReader,
+    SafetensorsWriter,
+    TensorInfo,
+    dtype_nbytes,
+    write_file,
+)
+from quant_core.rounding import RoundingOptions
+
+QUICK_LEARNED = RoundingOptions(num_iter=10, calib_samples=16, seed=7)
+QUANTIZED_NAME = "double_blocks.0.img_attn.qkv.weight"  # quantized by the flux preset
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random data of any safetensors dtype (values spread over the type's range)."""
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype == torch.float8_e8m0fnu:  # exponent-only: powers of two
+        return torch.pow(2.0, torch.randint(-20, 20, shape, generator=generator).float()).to(dtype)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=generator) * 3).to(dtype)
+    high = 2**7 if dtype in (torch.int8, torch.uint8) else 2**15
+    return torch.randint(0, high, shape, generator=generator).to(dtype)
+
+
+def many_tensors(dtypes) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    tensors = {}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        for shape in [(3, 5), (), (0,), (2, 0, 3), (7,)]:
+            tensors[f"{name}.{'x'.join(map(str, shape)) or 'scalar'}"] = sample(dtype, shape, generator)
+    return tensors
+
+
+def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype, name
+        assert loaded[name].shape == tensor.shape, name
+        assert raw(loaded[name]) == raw(tensor), name
+
+
+def read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with SafetensorsReader(path) as reader:
+        return {name: reader.read(name) for name in reader.tensors}, dict(reader.metadata)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files an interrupted write could leave behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
+
+
+def header(path: Path) -> tuple[int, dict]:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return length, json.loads(data[8 : 8 + length])
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+SAFETENSORS_DTYPES = [d for d in DTYPES.values() if d != torch.float8_e8m0fnu]  # F8_E8M0: not in safetensors 0.8
+
+
+def test_round_trip_every_dtype(tmp_path):
+    tensors = many_tensors(DTYPES.values())
+    path = tmp_path / "all.safetensors"
+    write_file(path, tensors, metadata={"a": "1", "b": "two"})
+    loaded, metadata = read_all(path)
+    assert_same(loaded, tensors)
+    assert metadata == {"a": "1", "b": "two"}
+
+
+def test_files_we_write_load_with_safetensors(tmp_path):
+    tensors = many_tensors(SAFETENSORS_DTYPES)
+    path = tmp_path / "ours.safetensors"
+    write_file(path, tensors, metadata={"origin": "quant_core"})
+    assert_same(load_file(str(path)), tensors)
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"origin": "quant_core"}
+
+
+def test_files_safetensors_writes_load_with_ours(tmp_path):
+    tensors = many_tensors(SAFETENSORS_DTYPES)
+    path = tmp_path / "theirs.safetensors"
+    save_file(tensors, str(path), metadata={"origin": "safetensors"})
+    loaded, metadata = read_all(path)
+    assert_same(loaded, tensors)
+    assert metadata == {"origin": "safetensors"}
+
+
+def test_read_tensors_are_independent_of_the_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    write_file(path, {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)})
+    with SafetensorsReader(path) as reader:
+        tensor = reader.read("w")
+    tensor += 1  # writable, and the file is closed: not a memory map of it
+    assert torch.equal(load_file(str(path))["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_data_offsets_aligned_to_element_size(tmp_path):
+    generator = torch.Generator().manual_seed(12)
+    # small element types first, so that a naive layout would misalign the large ones
+    tensors = {
+        "a_u8": sample(torch.uint8, (3,), generator),
+        "b_bool": sample(torch.bool, (5,), generator),
+        "c_f32": sample(torch.float32, (3,), generator),
+        "d_fp8": sample(torch.float8_e4m3fn, (7,), generator),
+        "e_f64": sample(torch.float64, (2,), generator),
+        "f_bf16": sample(torch.bfloat16, (3,), generator),
+        "g_i64": sample(torch.int64, (1,), generator),
+        "h_f16": sample(torch.float16, (5,), generator),
+        "i_empty_f64": torch.empty(0, dtype=torch.float64),
+        "j_scalar_f32": torch.tensor(1.5),
+    }
+    path = tmp_path / "aligned.safetensors"
+    write_file(path, tensors, metadata={"x": "y" * 5})
+    length, entries = header(path)
+    entries.pop("__metadata__")
+    data_start = 8 + length
+    assert data_start % 8 == 0
+    spans = []
+    for name, entry in entries.items():
+        begin, end = entry["data_offsets"]
+        size = tensors[name].element_size()
+        assert (data_start + begin) % size == 0, name
+        assert end - begin == tensors[name].numel() * size, name
+        spans.append((begin, end))
+    # contiguous and covering the whole data region, as the safetensors reference loader requires
+    spans.sort()
+    assert spans[0][0] == 0
+    assert all(previous[1] == current[0] for previous, current in zip(spans, spans[1:], strict=False))
+    assert data_start + spans[-1][1] == path.stat().st_size
+    with SafetensorsReader(path) as reader:
+        for info in reader.tensors.values():
+            assert info.start % dtype_nbytes(info.dtype) == 0
+
+
+def test_writer_accepts_any_order_and_checks_completeness():
+    entries = [TensorInfo("a", torch.float32, (2,)), TensorInfo("b", torch.uint8, (3,))]
+    buffer = io.BytesIO()
+    writer = SafetensorsWriter(buffer, entries, {})
+    writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.finish()
+    with pytest.raises(ValueError):
+        writer.write("a", torch.zeros(3))  # wrong shape
+    with pytest.raises(ValueError):
+        writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))  # twice
+    writer.write("a", torch.tensor([1.0, 2.0]))
+    writer.finish()
+    path_bytes = buffer.getvalue()
+    assert len(path_bytes) == writer.total_bytes
+
+
+# ---------------------------------------------------------------------------------------------- atomic output
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class FailingCalibration:
+    """Random calibration that fails on its ``fail_at``-th request."""
+
+    def __init__(self, fail_at: int, exc: type[BaseException]):
+        self.calls, self.fail_at, self.exc = 0, fail_at, exc
+        self.random = RandomCalibration()
+
+    def inputs(self, name, in_features, count, generator, device):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.exc("calibration failed")
+        return self.random.inputs(name, in_features, count, generator, device)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("hook", ["progress", "check_interrupt", "calibration"])
+def test_failure_midway_leaves_no_output_and_no_temp_file(flux_file, tmp_path, hook, exc, parallel):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    output = out_dir / "converted.safetensors"
+    calls = []
+
+    def fail_on_fifth(*_):
+        calls.append(1)
+        if len(calls) == 5:
+            raise exc("stop")
+
+    kwargs = {}
+    options = ConvertOptions(simple=hook != "calibration", rounding=QUICK_LEARNED, parallel=parallel)
+    if hook == "progress":
+        kwargs["progress"] = fail_on_fifth
+    elif hook == "check_interrupt":
+        kwargs["check_interrupt"] = fail_on_fifth
+    else:
+        kwargs["calibration"] = FailingCalibration(fail_at=5, exc=exc)
+
+    with pytest.raises(exc):
+        convert_file(flux_file, output, options, **kwargs)
+    # the hook raised on its fifth call (with --parallel, another thread may have made a sixth meanwhile)
+    assert (kwargs["calibration"].calls if hook == "calibration" else len(calls)) >= 5
+    assert not output.exists()
+    assert list(out_dir.iterdir()) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_keeps_an_existing_output_intact(flux_file, tmp_path):
+    output = tmp_path / "converted.safetensors"
+    output.write_bytes(b"previous result")
+
+    def interrupt(report):
+        if report.index == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_file(flux_file, output, ConvertOptions(simple=True, overwrite=True), progress=interrupt)
+    assert output.read_bytes() == b"previous result"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("spelling", ["same", "dot", "parent", "absolute", "symlink"])
+def test_refuses_to_overwrite_the_input(flux_file, tmp_path, monkeypatch, spelling, overwrite):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    before = flux_file.read_bytes()
+    if spelling == "symlink":
+        (tmp_path / "link.safetensors").symlink_to(flux_file)
+    output = {
+        "same": flux_file.name,
+        "dot": f"./{flux_file.name}",
+        "parent": f"sub/../{flux_file.name}",
+        "absolute": str(flux_file),
+        "symlink": "link.safetensors",
+    }[spelling]
+    with pytest.raises(ValueError, match="input"):
+        convert_file(flux_file.name, output, ConvertOptions(simple=True, overwrite=overwrite))
+    assert flux_file.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(flux_file, tmp_path):
+    output = tmp_path / "converted.safetensors"
+    output.write_bytes(b"previous result")
+    with pytest.raises(FileExistsError):
+        convert_file(flux_file, output, ConvertOptions(simple=True))
+    assert output.read_bytes() == b"previous result"
+
+    convert_file(flux_file, output, ConvertOptions(simple=True, overwrite=True))
+    converted = load_file(str(output))
+    assert converted[QUANTIZED_NAME].dtype == torch.float8_e4m3fn
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_non_finite_weight_is_a_clear_error(flux_file, tmp_path, bad, parallel):
+    tensors, metadata = read_all(flux_file)
+    tensors[QUANTIZED_NAME] = tensors[QUANTIZED_NAME].clone()
+    tensors[QUANTIZED_NAME][3, 5] = bad
+    source = tmp_path / "broken.safetensors"
+    write_file(source, tensors, metadata)
+    output = tmp_path / "converted.safetensors"
+    with pytest.raises(ValueError, match=re.escape(QUANTIZED_NAME)):
+        convert_file(source, output, ConvertOptions(simple=True, parallel=parallel))
+    assert not output.exists()
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def damaged(good: bytes, how: str) -> bytes:
+    (length,) = struct.unpack("<Q", good[:8])
+    if how == "empty":
+        return b""
+    if how == "short":
+        return good[:5]
+    if how == "truncated_header":
+        return good[: 8 + length // 2]
+    if how == "truncated_data":
+        return good[:-10]
+    if how == "garbage":
+        return bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(13)).tolist())
+    if how == "header_not_json":
+        return struct.pack("<Q", 16) + b"\xff\xfe not json!!!" + good[8 + length :]
+    if how == "unknown_dtype":
+        return good[:8] + good[8 : 8 + length].replace(b'"BF16"', b'"XF16"', 1) + good[8 + length :]
+    if how == "header_length_too_big":
+        return struct.pack("<Q", len(good)) + good[8:]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "empty",
+        "short",
+        "truncated_header",
+        "truncated_data",
+        "garbage",
+        "header_not_json",
+        "unknown_dtype",
+        "header_length_too_big",
+    ],
+)
+def test_unreadable_input_is_a_format_error(flux_file, tmp_path, how):
+    source = tmp_path / "damaged.safetensors"
+    source.write_bytes(damaged(flux_file.read_bytes(), how))
+    with pytest.raises(SafetensorsFormatError):
+        SafetensorsReader(source)
+    output = tmp_path / "converted.safetensors"
+    with pytest.raises(SafetensorsFormatError):
+        convert_file(source, output, ConvertOptions(simple=True))
+    assert not output.exists()
+    assert leftovers(tmp_path) == []
+
+
+def with_header(raw_header: bytes, data: bytes = b"\0" * 8) -> bytes:
+    raw_header += b" " * (-len(raw_header) % 8)
+    return struct.pack("<Q", len(raw_header)) + raw_header + data
+
+
+@pytest.mark.parametrize(
+    "raw_header",
+    [
+        b"[]",
+        b"null",
+        b'{"w": 5}',
+        b'{"w": {"dtype": "F32", "shape": [1]}}',
+        b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, -4]}}',
+    ],
+    ids=["list", "null", "entry_not_object", "entry_without_offsets", "negative_shape"],
+)
+def test_malformed_header_is_a_format_error(tmp_path, raw_header):
+    source = tmp_path / "malformed.safetensors"
+    source.write_bytes(with_header(raw_header))
+    with pytest.raises(SafetensorsFormatError), SafetensorsReader(source) as reader:
+        for name in reader.tensors:
+            reader.read(name)
+
+
+# ---------------------------------------------------------------------------------------------- --parallel
+
+
+def convert_twice(source: Path, tmp_path: Path, simple: bool) -> tuple[Path, Path]:
+    outputs = []
+    for parallel in (False, True):
+        output = tmp_path / f"parallel_{parallel}.safetensors"
+        options = ConvertOptions(simple=simple, parallel=parallel, rounding=QUICK_LEARNED)
+        convert_file(source, output, options)
+        outputs.append(output)
+    return outputs[0], outputs[1]
+
+
+@pytest.mark.parametrize("simple", [True, False], ids=["simple", "learned"])
+def test_parallel_output_is_byte_identical(flux_file, tmp_path, simple):
+    sequential, parallel = convert_twice(flux_file, tmp_path, simple)
+    assert sequential.read_bytes() == parallel.read_bytes()
+
+
+def test_same_seed_same_file(flux_file, tmp_path):
+    outputs = []
+    for attempt in range(2):
+        output = tmp_path / f"run{attempt}.safetensors"
+        convert_file(flux_file, output, ConvertOptions(rounding=QUICK_LEARNED))
+        outputs.append(output.read_bytes())
+    assert outputs[0] == outputs[1]
+    assert os.path.getsize(tmp_path / "run0.safetensors") > 0
