@@ -1,0 +1,98 @@
+"""Opt-in integration tests against a real ComfyUI checkout.
+
+Skipped unless ``COMFYUI_PATH`` points at a ComfyUI source tree (never inside this repo) and the
+running Python can import it (ComfyUI needs torchvision and its own requirements). Run with e.g.
+``COMFYUI_PATH=~/ComfyUI ~/comfy-venv/bin/python -m pytest tests/comfyui``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+
+def _import_comfy():
+    if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy" / "sd.py").is_file():
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run the integration tests")
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    try:
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.ops
+        import comfy.sd
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI at {COMFYUI_PATH} does not import in this Python: {exc}")
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    return _import_comfy()
+
+
+FLUX_CONFIG = dict(
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=64,
+    context_in_dim=128,
+    hidden_size=256,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+    txt_ids_dims=[],
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(comfy, tmp_path_factory):
+    """A tiny real ComfyUI Flux with random weights, saved as bf16; returns (path, model, inputs)."""
+    from comfy.ldm.flux.model import Flux
+
+    from quant_core import io
+
+    torch.manual_seed(0)
+    model = Flux(operations=comfy.ops.disable_weight_init, **FLUX_CONFIG)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            fan_in = parameter.shape[-1] if parameter.ndim > 1 else 1
+            if name.endswith(("scale", "norm.weight")):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 1.0 / fan_in**0.5)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("flux") / "tiny_flux_bf16.safetensors"
+    io.write_file(path, state)
+    model = model.to(torch.bfloat16).float()  # the reference sees exactly the saved weights
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(
+        x=torch.randn(1, 16, 16, 16, generator=generator),
+        timestep=torch.tensor([0.5]),
+        context=torch.randn(1, 8, 128, generator=generator),
+        y=torch.randn(1, 64, generator=generator),
+        guidance=torch.tensor([3.5]),
+    )
+    return path, model, inputs
+
+
+def forward(diffusion_model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return diffusion_model(**inputs).float()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
