@@ -1,0 +1,87 @@
+"""What the convert nodes do, free of the node API: pick paths, wire progress, run the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
+from ..quant_core.io import SafetensorsReader
+from . import host
+from .model_source import ModelSource
+
+WORST_LAYERS = 5
+
+
+def convert_model(
+    model, options: ConvertOptions, filename_prefix: str, prompt=None, extra_pnginfo=None, node_id=None
+) -> Summary:
+    """Convert a MODEL (patches baked in) into the diffusion-models folder."""
+    output = host.save_path(filename_prefix, "diffusion_models")
+    device = host.torch_device()
+    options.device = options.device or str(device)
+    source = ModelSource(model, device, host.save_metadata(prompt, extra_pnginfo))
+    return _run(source, output, options, node_id, label="MODEL")
+
+
+def convert_checkpoint(
+    entry: str, options: ConvertOptions, filename_prefix: str, prompt=None, extra_pnginfo=None, node_id=None
+) -> Summary:
+    """Convert a file picked as ``folder/name``, streamed from disk, into the same kind of folder."""
+    folder, path = host.resolve_source(entry)
+    output = host.save_path(filename_prefix, folder)
+    options.device = options.device or str(host.torch_device())
+    with SafetensorsReader(path) as reader:
+        reader.metadata.update(host.save_metadata(prompt, extra_pnginfo))
+        return _run(reader, output, options, node_id, protect=(path,), label=str(path))
+
+
+def report_text(summary: Summary) -> str:
+    """The node's text output: the engine's summary plus the layers with the largest error."""
+    worst = _worst(summary)
+    lines = [summary.text()]
+    if worst:
+        lines.append("worst layers:")
+        lines += [f"  {r.error_after:.3%}  {r.name}" for r in worst]
+    return "\n".join(lines)
+
+
+def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
+    progress = host.NodeProgress(node_id, len(source.tensors))
+    try:
+        summary = convert(
+            source,
+            output,
+            options,
+            progress=progress,
+            check_interrupt=host.check_interrupt,
+            protect=tuple(protect),
+            source_label=label,
+        )
+    except BaseException as exc:  # ComfyUI's interrupt is a BaseException: report it, then re-raise
+        cancelled = not isinstance(exc, Exception)
+        host.send("error", {"node": node_id, "cancelled": cancelled, "message": str(exc) or type(exc).__name__})
+        raise
+    finally:
+        host.free_memory()
+    host.send("done", _done_event(summary, node_id))
+    return summary
+
+
+def _worst(summary: Summary) -> list:
+    return sorted((r for r in summary.reports if r.quantized), key=lambda r: -r.error_after)[:WORST_LAYERS]
+
+
+def _done_event(summary: Summary, node_id) -> dict:
+    return {
+        "node": node_id,
+        "output": summary.output,
+        "bytes_in": summary.bytes_in,
+        "bytes_out": summary.bytes_out,
+        "quantized": summary.quantized,
+        "kept": summary.kept,
+        "mean_error": summary.mean_error,
+        "worst": [[r.name, r.error_after] for r in _worst(summary)],
+        "fallbacks": summary.fallbacks,
+        "seconds": round(summary.seconds, 2),
+        "preset": summary.preset,
+    }

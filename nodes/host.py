@@ -1,0 +1,151 @@
+"""Everything the nodes ask of the running ComfyUI, in one place.
+
+ComfyUI's runtime modules (``comfy.utils``, ``comfy.model_management``, ``folder_paths``,
+``server``) are imported lazily inside each function: the pack must import without them, and
+the unit tests replace exactly these modules with doubles that behave like ComfyUI's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EVENT_PREFIX = "fp8_scaled"
+SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
+_SAFE_PREFIX = re.compile(r"^[\w\-. /%]+$")
+
+
+class UserError(ValueError):
+    """An expected problem the user can fix (bad prefix, missing file): shown as a plain message."""
+
+
+def torch_device():
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def free_memory() -> None:
+    """Give cached GPU memory back after a conversion (a no-op on the CPU)."""
+    import comfy.model_management
+
+    comfy.model_management.soft_empty_cache()
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception (a BaseException) if the user pressed Cancel."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def send(event: str, data: dict) -> None:
+    """A namespaced message to the web extension; silently skipped without a running server."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_sync(f"{EVENT_PREFIX}.{event}", data)
+
+
+def source_files() -> list[str]:
+    """``folder/name`` entries of every .safetensors file in the folders the converter reads."""
+    import folder_paths
+
+    return [
+        f"{folder}/{name}"
+        for folder in SOURCE_FOLDERS
+        for name in folder_paths.get_filename_list(folder)
+        if name.endswith(".safetensors")
+    ]
+
+
+def resolve_source(entry: str) -> tuple[str, Path]:
+    """``folder/name`` from ``source_files`` -> (folder, absolute path)."""
+    import folder_paths
+
+    folder, _, name = entry.partition("/")
+    if folder not in SOURCE_FOLDERS or not name:
+        raise UserError(f"pick a file from {', '.join(SOURCE_FOLDERS)}, not {entry!r}")
+    try:
+        return folder, Path(folder_paths.get_full_path_or_raise(folder, name))
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+
+
+def save_path(filename_prefix: str, folder: str) -> Path:
+    """``<folder>/<prefix>_NNNNN_.safetensors`` with ComfyUI's numbering, refusing to leave the folder."""
+    import folder_paths
+
+    prefix = filename_prefix.strip()
+    if not prefix or not _SAFE_PREFIX.match(prefix) or os.path.isabs(prefix) or ".." in Path(prefix).parts:
+        raise UserError(
+            f"filename_prefix {filename_prefix!r} must be a relative name made of letters, digits, "
+            "'_', '-', '.', '/' and spaces, without '..'"
+        )
+    output_dir = folder_paths.get_folder_paths(folder)[0]
+    try:
+        full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
+    except Exception as exc:  # ComfyUI raises a bare Exception for paths outside the folder
+        raise UserError(f"filename_prefix {filename_prefix!r} points outside {output_dir}") from exc
+    return Path(full_folder) / f"{filename}_{counter:05}_.safetensors"
+
+
+def save_metadata(prompt: object, extra_pnginfo: object) -> dict[str, str]:
+    """The workflow metadata ComfyUI's own save nodes write (unless metadata is disabled)."""
+    try:
+        from comfy.cli_args import args
+
+        if args.disable_metadata:
+            return {}
+    except ImportError:
+        pass
+    metadata = {}
+    if prompt is not None:
+        metadata["prompt"] = json.dumps(prompt)
+    for key, value in (extra_pnginfo or {}).items():
+        metadata[key] = json.dumps(value)
+    return metadata
+
+
+@dataclass
+class NodeProgress:
+    """Drives ComfyUI's progress bar and the web extension's live panel from the engine's reports."""
+
+    node_id: str | None
+    total: int
+    started: float = field(default_factory=time.perf_counter)
+    errors: list[float] = field(default_factory=list)
+    quantized: int = 0
+
+    def __post_init__(self) -> None:
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=self.node_id)
+
+    def __call__(self, report) -> None:
+        self.bar.update_absolute(report.index, report.total)
+        if report.quantized:
+            self.quantized += 1
+            self.errors.append(report.error_after)
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / report.index * (report.total - report.index) if report.index else 0.0
+        send(
+            "progress",
+            {
+                "node": self.node_id,
+                "tensor": report.name,
+                "index": report.index,
+                "total": report.total,
+                "quantized": self.quantized,
+                "kept": report.index - self.quantized,
+                "elapsed": round(elapsed, 2),
+                "eta": round(eta, 2),
+                "error": sum(self.errors) / len(self.errors) if self.errors else 0.0,
+            },
+        )

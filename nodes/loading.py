@@ -1,0 +1,25 @@
+"""The loader node's work: any of the three layouts as a MODEL, decoding ultra8 scales on the way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..quant_core import formats
+from ..quant_core.decode import decoded_tensors
+from ..quant_core.io import SafetensorsReader
+from .host import UserError
+
+
+def load_fp8_model(path: Path):
+    """A ModelPatcher for ``path``; ultra8 codes become float32 ``weight_scale`` in memory."""
+    import comfy.sd
+
+    with SafetensorsReader(path) as reader:
+        if formats.detect_format(list(reader.tensors), reader.metadata) != "ultra8":
+            return comfy.sd.load_diffusion_model(str(path))
+        state = dict(decoded_tensors(reader, "comfy"))
+        metadata = dict(reader.metadata)
+    model = comfy.sd.load_diffusion_model_state_dict(state, metadata=metadata)
+    if model is None:
+        raise UserError(f"ComfyUI could not detect the model type of {path.name}")
+    return model

@@ -1,0 +1,64 @@
+"""A loaded ComfyUI MODEL as a ``TensorSource``: one patched weight at a time.
+
+LoRAs and other patches applied in the graph are baked in by ComfyUI's own patching
+(``ModelPatcher.patch_weight_to_device``), key by key, so the patched model never exists in
+memory at once — the pattern of ComfyUI's ``nodes_lora_extract.py``. Keys are those of a
+diffusion-models file (the ``diffusion_model.`` prefix is dropped), so the output loads with
+"Load Diffusion Model".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant_core.io import TensorInfo
+
+MODEL_PREFIX = "diffusion_model."
+
+
+def _is_quantized(tensor: torch.Tensor) -> bool:
+    """ComfyUI's (comfy-kitchen's) QuantizedTensor: fp8 data plus ``_params`` with the scale."""
+    return getattr(tensor, "_params", None) is not None and hasattr(tensor, "dequantize")
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A model weight as a plain tensor: already-quantized weights are dequantized."""
+    return tensor.dequantize() if _is_quantized(tensor) else tensor
+
+
+def _stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the weight stands for (a QuantizedTensor's original dtype, not fp8)."""
+    return tensor._params.orig_dtype if _is_quantized(tensor) else tensor.dtype
+
+
+class ModelSource:
+    """Reads the weights of a ModelPatcher's diffusion model, with its patches applied."""
+
+    def __init__(self, model, device: torch.device, metadata: dict[str, str] | None = None):
+        self.model = model
+        self.device = device
+        self.metadata = dict(metadata or {})
+        state = model.model_state_dict(filter_prefix=MODEL_PREFIX)
+        self.tensors = {
+            key.removeprefix(MODEL_PREFIX): TensorInfo(
+                key.removeprefix(MODEL_PREFIX),
+                _stored_dtype(value),
+                tuple(value.shape),
+                nbytes=value.numel() * torch.empty((), dtype=_stored_dtype(value)).element_size(),
+            )
+            for key, value in state.items()
+        }
+        if not self.tensors:
+            raise ValueError("the MODEL has no diffusion_model weights to convert")
+
+    def read(self, name: str) -> torch.Tensor:
+        import comfy.utils
+
+        key = MODEL_PREFIX + name
+        module_path, _, _ = key.rpartition(".")
+        module = comfy.utils.get_attr(self.model.model, module_path)
+        if key in self.model.patches and not getattr(module, "comfy_patched_weights", False):
+            weight = self.model.patch_weight_to_device(key, self.device, return_weight=True)
+        else:
+            weight = comfy.utils.get_attr(self.model.model, key)
+        return _plain(weight).detach().to(self.tensors[name].dtype)

@@ -1,0 +1,51 @@
+"""Node widget values -> the engine's ``ConvertOptions`` (shared by both convert nodes)."""
+
+from __future__ import annotations
+
+from ..quant_core.convert import ConvertOptions
+from ..quant_core.rounding import RoundingOptions
+
+ROUNDING_MODES = ("learned", "simple")
+
+
+def convert_options(
+    format: str = "comfy",
+    fp8_format: str = "float8_e4m3fn",
+    rounding: str = "learned",
+    num_iter: int = 200,
+    calib_samples: int = 96,
+    lr: float = 3e-2,
+    reg_lambda: float = 0.015,
+    shared_scales: bool = True,
+    min_tensor_size: int = 1024,
+    preset: str = "auto",
+    exclude: str = "",
+    include: str = "",
+    keep_distillation: bool = False,
+    t5xxl: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+) -> ConvertOptions:
+    """Build engine options; regex widgets hold one pattern per line (blank lines ignored)."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, not {rounding!r}")
+    return ConvertOptions(
+        format=format,
+        fp8_format=fp8_format,
+        simple=rounding == "simple",
+        rounding=RoundingOptions(
+            num_iter=num_iter, lr=lr, reg_lambda=reg_lambda, calib_samples=calib_samples, seed=seed
+        ),
+        shared_scales=shared_scales,
+        min_tensor_size=min_tensor_size,
+        preset=preset,
+        include=_lines(include),
+        exclude=_lines(exclude),
+        t5xxl=t5xxl,
+        keep_distillation=keep_distillation,
+        device=device,
+    )
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]

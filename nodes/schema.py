@@ -1,0 +1,234 @@
+"""The node classes (ComfyUI schema API, pinned to ``comfy_api.v0_0_2``): widgets in, engine call, outputs.
+
+Each ``execute`` only translates widgets into a call of ``conversion``, ``loading`` or the engine's
+``inspection``; the behaviour lives there, where it is tested without ComfyUI.
+"""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io, ui
+
+from ..quant_core.formats import FORMATS
+from ..quant_core.fp8 import FP8_DTYPES
+from ..quant_core.inspection import inspect_file
+from ..quant_core.policy import AUTO, PRESETS
+from . import conversion, host
+from .loading import load_fp8_model
+from .options import ROUNDING_MODES, convert_options
+
+CATEGORY = "quantization/fp8"
+ALIASES = ["fp8", "quantize", "scaled fp8", "compress model", "fp8 scaled", "convert"]
+
+
+def _option_inputs() -> list:
+    """The engine's options as widgets; optimiser details are marked advanced."""
+    return [
+        io.Combo.Input(
+            "format",
+            options=list(FORMATS),
+            default="comfy",
+            tooltip="comfy: ComfyUI >= 0.4 layout; legacy: scaled_fp8, every ComfyUI since 2024; "
+            "ultra8: uint8 scale codec, load it with 'Load FP8 Scaled (8-bit scales)'",
+        ),
+        io.Combo.Input(
+            "rounding",
+            options=list(ROUNDING_MODES),
+            default="learned",
+            tooltip="learned: optimised rounding, kept only where it beats round-to-nearest on "
+            "held-out inputs; simple: round-to-nearest (fast)",
+        ),
+        io.Combo.Input(
+            "preset",
+            options=[AUTO, *PRESETS],
+            default=AUTO,
+            tooltip="model family whose sensitive layers stay in full precision (auto: detect)",
+        ),
+        io.Boolean.Input(
+            "shared_scales",
+            default=True,
+            tooltip="weights of one module (e.g. q/k/v/out of an attention) share one scale",
+        ),
+        io.Combo.Input("fp8_format", options=sorted(FP8_DTYPES), default="float8_e4m3fn", advanced=True),
+        io.Int.Input(
+            "num_iter",
+            default=200,
+            min=0,
+            max=10000,
+            advanced=True,
+            tooltip="maximum optimiser iterations per tensor (learned rounding)",
+        ),
+        io.Int.Input(
+            "calib_samples", default=96, min=1, max=8192, advanced=True, tooltip="calibration input rows per tensor"
+        ),
+        io.Float.Input("lr", default=3e-2, min=1e-5, max=10.0, step=1e-3, round=1e-5, advanced=True),
+        io.Float.Input("reg_lambda", default=0.015, min=0.0, max=10.0, step=1e-3, round=1e-5, advanced=True),
+        io.Int.Input(
+            "min_tensor_size",
+            default=1024,
+            min=0,
+            max=2**31 - 1,
+            advanced=True,
+            tooltip="quantize only weights with at least this many elements",
+        ),
+        io.Boolean.Input(
+            "keep_distillation",
+            default=False,
+            advanced=True,
+            tooltip="keep distilled_guidance_layer, final_layer, img_in, txt_in in full precision",
+        ),
+        io.String.Input(
+            "exclude",
+            default="",
+            multiline=True,
+            advanced=True,
+            tooltip="regexes, one per line: tensors matching any stay in full precision",
+        ),
+        io.String.Input(
+            "include",
+            default="",
+            multiline=True,
+            advanced=True,
+            tooltip="regexes, one per line: eligible weights matching any are always quantized",
+        ),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=2**31 - 1,
+            advanced=True,
+            tooltip="the same seed and settings give the same file",
+        ),
+    ]
+
+
+def _outputs() -> list:
+    return [io.String.Output("path"), io.String.Output("report")]
+
+
+def _result(summary) -> io.NodeOutput:
+    report = conversion.report_text(summary)
+    return io.NodeOutput(summary.output, report, ui=ui.PreviewText(report))
+
+
+class ConvertModelToFP8(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FP8ScaledConvertModel",
+            display_name="Convert to FP8 Scaled",
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="Bakes the MODEL's patches (LoRAs…) in, one weight at a time, and saves FP8-scaled "
+            "weights into the diffusion_models folder, where 'Load Diffusion Model' lists them.",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
+                *_option_inputs(),
+            ],
+            outputs=_outputs(),
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename_prefix, **options) -> io.NodeOutput:
+        summary = conversion.convert_model(
+            model,
+            convert_options(**options),
+            filename_prefix,
+            cls.hidden.prompt,
+            cls.hidden.extra_pnginfo,
+            cls.hidden.unique_id,
+        )
+        return _result(summary)
+
+
+class ConvertCheckpointFileToFP8(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FP8ScaledConvertFile",
+            display_name="Convert Checkpoint File to FP8 Scaled",
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="Streams a .safetensors file from disk (no model is loaded) and saves the FP8-scaled "
+            "file into the same kind of folder.",
+            inputs=[
+                io.Combo.Input(
+                    "source",
+                    options=host.source_files(),
+                    tooltip="diffusion_models/, checkpoints/ or text_encoders/ file",
+                ),
+                io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
+                *_option_inputs(),
+            ],
+            outputs=_outputs(),
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, source, filename_prefix, **options) -> io.NodeOutput:
+        summary = conversion.convert_checkpoint(
+            source,
+            convert_options(**options),
+            filename_prefix,
+            cls.hidden.prompt,
+            cls.hidden.extra_pnginfo,
+            cls.hidden.unique_id,
+        )
+        return _result(summary)
+
+
+class LoadFP8Scaled(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="FP8ScaledLoad",
+            display_name="Load FP8 Scaled (8-bit scales)",
+            category=CATEGORY,
+            search_aliases=["load fp8", "ultra8", *ALIASES],
+            description="Loads an ultra8 file (uint8 scales are decoded for ComfyUI's own fp8 ops), or a "
+            "comfy / legacy FP8-scaled file, as a MODEL.",
+            inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"))],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, unet_name) -> io.NodeOutput:
+        import folder_paths
+
+        return io.NodeOutput(load_fp8_model(folder_paths.get_full_path_or_raise("diffusion_models", unet_name)))
+
+
+class InspectFP8Scaled(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FP8ScaledInspect",
+            display_name="Inspect FP8 Scaled File",
+            category=CATEGORY,
+            search_aliases=["inspect", "safetensors info", *ALIASES],
+            description="Format, tensor counts, dtypes, sizes and scale statistics of a model file, and any "
+            "violation of ComfyUI's loader contract.",
+            inputs=[io.Combo.Input("source", options=host.source_files())],
+            outputs=[io.String.Output("report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, source) -> io.NodeOutput:
+        _, path = host.resolve_source(source)
+        text = inspect_file(str(path)).text(errors=True)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+class FP8ScaledExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [ConvertModelToFP8, ConvertCheckpointFileToFP8, LoadFP8Scaled, InspectFP8Scaled]
+
+
+async def comfy_entrypoint() -> FP8ScaledExtension:
+    return FP8ScaledExtension()

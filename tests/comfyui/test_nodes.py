@@ -1,0 +1,156 @@
+"""The pack inside a real ComfyUI: registration, each node end to end, cancel leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant_core.io import SafetensorsReader
+
+from .conftest import forward, relative_error
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = dict(num_iter=10, calib_samples=16)
+OPTIONS = dict(
+    format="comfy",
+    rounding="simple",
+    preset="auto",
+    shared_scales=True,
+    fp8_format="float8_e4m3fn",
+    num_iter=200,
+    calib_samples=96,
+    lr=3e-2,
+    reg_lambda=0.015,
+    min_tensor_size=1024,
+    keep_distillation=False,
+    exclude="",
+    include="",
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def pack(comfy, tiny_flux, tmp_path_factory):
+    """ComfyUI's own loader imports the pack; model folders point at a temporary tree."""
+    import folder_paths
+
+    nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py (COMFYUI_PATH is first on sys.path), not ours
+    root = tmp_path_factory.mktemp("models")
+    for folder in ("diffusion_models", "checkpoints", "text_encoders"):
+        (root / folder).mkdir()
+        folder_paths.folder_names_and_paths[folder] = ([str(root / folder)], {".safetensors"})
+    source = root / "diffusion_models" / "tiny_flux_bf16.safetensors"
+    source.write_bytes(tiny_flux[0].read_bytes())
+    assert asyncio.run(nodes.load_custom_node(str(REPO)))
+    return nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS, root
+
+
+def run_node(node_cls, **inputs):
+    """Execute like ComfyUI does: a class clone with hidden inputs, inside inference mode."""
+    hidden = {"PROMPT": {"1": {"class_type": "test"}}, "EXTRA_PNGINFO": {"workflow": {"nodes": []}}, "UNIQUE_ID": "7"}
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    with torch.inference_mode():
+        return clone.execute(**inputs)
+
+
+def test_pack_registers_its_nodes(pack):
+    classes, names, _ = pack
+    assert names["FP8ScaledConvertModel"] == "Convert to FP8 Scaled"
+    for node_id in ("FP8ScaledConvertModel", "FP8ScaledConvertFile", "FP8ScaledLoad", "FP8ScaledInspect"):
+        assert classes[node_id].GET_SCHEMA().category == "quantization/fp8"
+
+
+def test_convert_model_bakes_patches_in_and_loads_back(comfy, pack, tiny_flux):
+    classes, _, root = pack
+    path, model, inputs = tiny_flux
+    patcher = comfy.sd.load_diffusion_model(str(root / "diffusion_models" / "tiny_flux_bf16.safetensors"))
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    delta = 0.05 * torch.randn(patcher.model.state_dict()[key].shape)
+    patched = patcher.clone()
+    patched.add_patches({key: (delta,)}, 1.0)
+    options = dict(OPTIONS, rounding="learned", **QUICK)
+    result = run_node(classes["FP8ScaledConvertModel"], model=patched, filename_prefix="fp8/flux", **options)
+    output = Path(result.args[0])
+    assert output.parent == root / "diffusion_models" / "fp8" and output.name == "flux_00001_.safetensors"
+    with SafetensorsReader(output) as reader:
+        assert json.loads(reader.metadata["workflow"]) == {"nodes": []}
+        assert "prompt" in reader.metadata
+    reference_model = model
+    with torch.no_grad():
+        reference_model.double_blocks[0].img_attn.qkv.weight += delta.to(torch.bfloat16).float()
+    try:
+        loaded = comfy.sd.load_diffusion_model(str(output))
+        error = relative_error(forward(loaded.model.diffusion_model, inputs), forward(reference_model, inputs))
+    finally:
+        with torch.no_grad():
+            reference_model.double_blocks[0].img_attn.qkv.weight -= delta.to(torch.bfloat16).float()
+    assert error < 0.08, "the LoRA-style patch must be baked into the converted weights"
+    assert "quantized" in result.args[1]
+
+
+@pytest.mark.parametrize("layout", ["comfy", "legacy", "ultra8"])
+def test_convert_file_then_load_with_the_pack_loader(comfy, pack, tiny_flux, layout):
+    classes, _, root = pack
+    _, model, inputs = tiny_flux
+    result = run_node(
+        classes["FP8ScaledConvertFile"],
+        source="diffusion_models/tiny_flux_bf16.safetensors",
+        filename_prefix=f"file_{layout}",
+        **dict(OPTIONS, format=layout),
+    )
+    output = Path(result.args[0])
+    assert output.parent == root / "diffusion_models"
+    loaded = run_node(classes["FP8ScaledLoad"], unet_name=output.name).args[0]
+    assert relative_error(forward(loaded.model.diffusion_model, inputs), forward(model, inputs)) < 0.08
+
+
+def test_inspect_node_reports_the_format(pack):
+    classes, _, _ = pack
+    run_node(
+        classes["FP8ScaledConvertFile"],
+        source="diffusion_models/tiny_flux_bf16.safetensors",
+        filename_prefix="for_inspect",
+        **OPTIONS,
+    )
+    text = run_node(classes["FP8ScaledInspect"], source="diffusion_models/for_inspect_00001_.safetensors").args[0]
+    assert "format    comfy" in text and "VIOLATION" not in text
+
+
+def test_cancel_stops_and_leaves_no_file(comfy, pack, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+
+    classes, _, root = pack
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def press_cancel_at_five(self, value, total=None, preview=None):
+        if value == 5:
+            comfy.model_management.interrupt_current_processing(True)
+        return original(self, value, total, preview)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", press_cancel_at_five)
+    before = sorted(p.name for p in (root / "diffusion_models").rglob("*"))
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_node(
+            classes["FP8ScaledConvertFile"],
+            source="diffusion_models/tiny_flux_bf16.safetensors",
+            filename_prefix="cancelled",
+            **OPTIONS,
+        )
+    assert sorted(p.name for p in (root / "diffusion_models").rglob("*")) == before
+
+
+def test_bad_prefix_is_a_clear_error(pack):
+    classes, _, _ = pack
+    with pytest.raises(ValueError, match="filename_prefix"):
+        run_node(
+            classes["FP8ScaledConvertFile"],
+            source="diffusion_models/tiny_flux_bf16.safetensors",
+            filename_prefix="../../escape",
+            **OPTIONS,
+        )
