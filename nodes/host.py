@@ -78,6 +78,17 @@ def resolve_source(entry: str) -> tuple[str, Path]:
         raise UserError(str(exc)) from None
 
 
+def resolve_model_file(path: str) -> Path:
+    """A path handed over by another node, accepted only inside the model folders the pack uses."""
+    import folder_paths
+
+    resolved = Path(path).resolve()
+    roots = [Path(root).resolve() for folder in SOURCE_FOLDERS for root in folder_paths.get_folder_paths(folder)]
+    if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_file():
+        raise UserError(f"{path!r} is not a file inside the {', '.join(SOURCE_FOLDERS)} folders")
+    return resolved
+
+
 def save_path(filename_prefix: str, folder: str) -> Path:
     """``<folder>/<prefix>_NNNNN_.safetensors`` with ComfyUI's numbering, refusing to leave the folder."""
     import folder_paths

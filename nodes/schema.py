@@ -213,15 +213,23 @@ class InspectFP8Scaled(io.ComfyNode):
             search_aliases=["inspect", "safetensors info", *ALIASES],
             description="Format, tensor counts, dtypes, sizes and scale statistics of a model file, and any "
             "violation of ComfyUI's loader contract.",
-            inputs=[io.Combo.Input("source", options=host.source_files())],
+            inputs=[
+                io.Combo.Input("source", options=host.source_files()),
+                io.String.Input(
+                    "path",
+                    optional=True,
+                    force_input=True,
+                    tooltip="a file path, e.g. a convert node's 'path' output; overrides source",
+                ),
+            ],
             outputs=[io.String.Output("report")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, source) -> io.NodeOutput:
-        _, path = host.resolve_source(source)
-        text = inspect_file(str(path)).text(errors=True)
+    def execute(cls, source, path=None) -> io.NodeOutput:
+        file = host.resolve_model_file(path) if path else host.resolve_source(source)[1]
+        text = inspect_file(str(file)).text(errors=True)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

@@ -110,15 +110,16 @@ def test_convert_file_then_load_with_the_pack_loader(comfy, pack, tiny_flux, lay
 
 
 def test_inspect_node_reports_the_format(pack):
+    """Inspects the converted file through the path output of the convert node."""
     classes, _, _ = pack
-    run_node(
-        classes["FP8ScaledConvertFile"],
-        source="diffusion_models/tiny_flux_bf16.safetensors",
-        filename_prefix="for_inspect",
-        **OPTIONS,
-    )
-    text = run_node(classes["FP8ScaledInspect"], source="diffusion_models/for_inspect_00001_.safetensors").args[0]
-    assert "format    comfy" in text and "VIOLATION" not in text
+    source = "diffusion_models/tiny_flux_bf16.safetensors"
+    converted = run_node(classes["FP8ScaledConvertFile"], source=source, filename_prefix="for_inspect", **OPTIONS)
+    by_name = run_node(classes["FP8ScaledInspect"], source="diffusion_models/for_inspect_00001_.safetensors")
+    by_path = run_node(classes["FP8ScaledInspect"], source=source, path=converted.args[0])
+    assert by_name.args[0] == by_path.args[0]
+    assert "format    comfy" in by_path.args[0] and "VIOLATION" not in by_path.args[0]
+    with pytest.raises(ValueError, match="not a file inside"):
+        run_node(classes["FP8ScaledInspect"], source=source, path=__file__)
 
 
 def test_cancel_stops_and_leaves_no_file(comfy, pack, monkeypatch):
