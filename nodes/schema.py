@@ -101,11 +101,27 @@ def _option_inputs() -> list:
     ]
 
 
-def _outputs() -> list:
-    return [io.String.Output("path"), io.String.Output("report")]
+def _convert_schema(node_id: str, display_name: str, description: str, source: io.Input) -> io.Schema:
+    """The two convert nodes differ only in what they read from."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category=CATEGORY,
+        search_aliases=ALIASES,
+        description=description,
+        inputs=[source, io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"), *_option_inputs()],
+        outputs=[io.String.Output("path"), io.String.Output("report")],
+        hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
+        is_output_node=True,
+    )
 
 
-def _result(summary) -> io.NodeOutput:
+def _convert(node: type[io.ComfyNode], action, source, filename_prefix: str, options: dict) -> io.NodeOutput:
+    """Run a conversion with the node's hidden inputs; output the path and the report, shown on the node."""
+    hidden = node.hidden
+    summary = action(
+        source, convert_options(**options), filename_prefix, hidden.prompt, hidden.extra_pnginfo, hidden.unique_id
+    )
     report = conversion.report_text(summary)
     return io.NodeOutput(summary.output, report, ui=ui.PreviewText(report))
 
@@ -113,71 +129,35 @@ def _result(summary) -> io.NodeOutput:
 class ConvertModelToFP8(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="FP8ScaledConvertModel",
-            display_name="Convert to FP8 Scaled",
-            category=CATEGORY,
-            search_aliases=ALIASES,
-            description="Bakes the MODEL's patches (LoRAs…) in, one weight at a time, and saves FP8-scaled "
-            "weights into the diffusion_models folder, where 'Load Diffusion Model' lists them.",
-            inputs=[
-                io.Model.Input("model"),
-                io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
-                *_option_inputs(),
-            ],
-            outputs=_outputs(),
-            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
-            is_output_node=True,
+        return _convert_schema(
+            "FP8ScaledConvertModel",
+            "Convert to FP8 Scaled",
+            "Bakes the MODEL's patches (LoRAs…) in, one weight at a time, and saves FP8-scaled weights into the "
+            "diffusion_models folder, where 'Load Diffusion Model' lists them.",
+            io.Model.Input("model"),
         )
 
     @classmethod
     def execute(cls, model, filename_prefix, **options) -> io.NodeOutput:
-        summary = conversion.convert_model(
-            model,
-            convert_options(**options),
-            filename_prefix,
-            cls.hidden.prompt,
-            cls.hidden.extra_pnginfo,
-            cls.hidden.unique_id,
-        )
-        return _result(summary)
+        return _convert(cls, conversion.convert_model, model, filename_prefix, options)
 
 
 class ConvertCheckpointFileToFP8(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="FP8ScaledConvertFile",
-            display_name="Convert Checkpoint File to FP8 Scaled",
-            category=CATEGORY,
-            search_aliases=ALIASES,
-            description="Streams a .safetensors file from disk (no model is loaded) and saves the FP8-scaled "
-            "file into the same kind of folder.",
-            inputs=[
-                io.Combo.Input(
-                    "source",
-                    options=host.source_files(),
-                    tooltip="diffusion_models/, checkpoints/ or text_encoders/ file",
-                ),
-                io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
-                *_option_inputs(),
-            ],
-            outputs=_outputs(),
-            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
-            is_output_node=True,
+        return _convert_schema(
+            "FP8ScaledConvertFile",
+            "Convert Checkpoint File to FP8 Scaled",
+            "Streams a .safetensors file from disk (no model is loaded) and saves the FP8-scaled file into the "
+            "same kind of folder.",
+            io.Combo.Input(
+                "source", options=host.source_files(), tooltip="diffusion_models/, checkpoints/ or text_encoders/ file"
+            ),
         )
 
     @classmethod
     def execute(cls, source, filename_prefix, **options) -> io.NodeOutput:
-        summary = conversion.convert_checkpoint(
-            source,
-            convert_options(**options),
-            filename_prefix,
-            cls.hidden.prompt,
-            cls.hidden.extra_pnginfo,
-            cls.hidden.unique_id,
-        )
-        return _result(summary)
+        return _convert(cls, conversion.convert_checkpoint, source, filename_prefix, options)
 
 
 class LoadFP8Scaled(io.ComfyNode):
