@@ -114,6 +114,13 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     _option(
         parser,
+        "calibration",
+        metavar="FILE",
+        help="input statistics recorded with quant_core.calibration.Recorder: GPTQ rounding for the weights "
+        "it covers (learned rounding elsewhere)",
+    )
+    _option(
+        parser,
         "parallel",
         action="store_true",
         help="overlap reading, quantizing and writing; spread tensors over all GPUs",
@@ -151,6 +158,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         exclude=args.exclude,
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
+        calibration=args.calibration,
         parallel=args.parallel,
         device=args.device,
         overwrite=args.overwrite,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Protocol
 import torch
 
 from . import __version__, codec, formats, fp8
-from .calibration import CalibrationSource, RandomCalibration
+from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
+from .gptq import round_gptq
 from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .pipeline import run_parallel, run_sequential
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, detect_preset, scale_group
@@ -50,6 +52,7 @@ class ConvertOptions:
     exclude: list[str] = field(default_factory=list)
     t5xxl: bool = False
     keep_distillation: bool = False
+    calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
     parallel: bool = False
     device: str | None = None  # None: CUDA when available, else CPU
     overwrite: bool = False
@@ -65,6 +68,7 @@ class TensorReport:
     nbytes: int  # source bytes of this tensor
     quantized: bool
     reason: str
+    method: str = ""  # how a quantized weight was rounded: nearest, learned or gptq
     error_before: float = 0.0  # round-to-nearest's relative error
     error_after: float = 0.0  # the written result's relative error
     seconds: float = 0.0
@@ -85,6 +89,7 @@ class Summary:
     worst_error: float
     worst_tensor: str
     fallbacks: int
+    methods: dict[str, int]  # quantized tensors per rounding method
     seconds: float
     reports: list[TensorReport] = field(repr=False, default_factory=list)
 
@@ -98,8 +103,10 @@ class Summary:
             f"error     mean {self.mean_error:.4%}, worst {self.worst_error:.4%} ({self.worst_tensor or '-'})",
             f"time      {self.seconds:.1f} s",
         ]
-        if self.fallbacks:
-            lines.insert(3, f"learned   {self.fallbacks} tensors kept round-to-nearest (it won on held-out inputs)")
+        if self.methods:
+            used = ", ".join(f"{count} {method}" for method, count in sorted(self.methods.items()))
+            kept = f"; {self.fallbacks} kept round-to-nearest, which won on held-out inputs" if self.fallbacks else ""
+            lines.insert(3, f"rounding  {used}{kept}")
         return "\n".join(lines)
 
 
@@ -116,6 +123,33 @@ class Plan:
     items: list[list[str]]  # work items: one kept tensor, or one scale group of weights
     entries: list[TensorInfo]
     markers: dict[str, torch.Tensor]  # file-level format markers, written first
+
+
+@dataclass
+class Rounder:
+    """Chooses each weight's rounding: nearest (``--simple``), GPTQ where recorded statistics exist
+    (``--calibration``), learned rounding against random inputs otherwise."""
+
+    dtype: torch.dtype
+    options: ConvertOptions
+    calibration: CalibrationSource
+    statistics: RecordedStatistics | None = None
+
+    def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
+        if self.options.simple:
+            return round_nearest(weight, scale, self.dtype), "nearest"
+        stats = self.statistics.get(name) if self.statistics else None
+        if stats is not None:
+            if stats.in_features != weight.shape[1]:
+                raise ValueError(
+                    f"{name}: the calibration file has statistics for {stats.in_features} inputs, "
+                    f"the weight has {weight.shape[1]}; was it recorded on another model?"
+                )
+            return round_gptq(weight, scale, self.dtype, stats), "gptq"
+        with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+            return round_learned(name, weight.clone(), scale, self.dtype, self.calibration, self.options.rounding), (
+                "learned"
+            )
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
@@ -199,8 +233,19 @@ def convert(
     """Convert ``source`` into the safetensors file ``output`` (written atomically)."""
     started = time.perf_counter()
     plan = plan_conversion(source, options)
-    dtype = fp8.fp8_dtype(options.fp8_format)
-    calibration = calibration or RandomCalibration()
+    statistics = RecordedStatistics(options.calibration) if options.calibration and not options.simple else None
+    rounder = Rounder(fp8.fp8_dtype(options.fp8_format), options, calibration or RandomCalibration(), statistics)
+    try:
+        return _stream(
+            source, output, options, plan, rounder, progress, check_interrupt, protect, source_label, started
+        )
+    finally:
+        if statistics:
+            statistics.close()
+
+
+def _stream(source, output, options, plan, rounder, progress, check_interrupt, protect, source_label, started):
+    """Write the planned output, tensor by tensor, sequentially or through the parallel pipeline."""
     total = len(source.tensors)
     reports: list[TensorReport] = []
     metadata = dict(source.metadata)
@@ -215,7 +260,7 @@ def convert(
         if not plan.decisions[item[0]][0]:
             name = item[0]
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
-        return _quantize_group(item, tensors, device, dtype, options, calibration, source, plan)
+        return _quantize_group(item, tensors, device, rounder, source, plan)
 
     with atomic_output(output, overwrite=options.overwrite, protect=protect) as file:
         writer = SafetensorsWriter(file, plan.entries, metadata)
@@ -271,9 +316,7 @@ def _quantize_group(
     names: list[str],
     tensors: dict[str, torch.Tensor],
     device: torch.device,
-    dtype: torch.dtype,
-    options: ConvertOptions,
-    calibration: CalibrationSource,
+    rounder: Rounder,
     source: TensorSource,
     plan: Plan,
 ) -> list:
@@ -287,21 +330,19 @@ def _quantize_group(
         tensors[name] = tensors[name].to(device)
         fp8.check_finite(name, tensors[name])
     amax = max(fp8.absmax(tensors[name]) for name in names)
+    layout = rounder.options.format
     try:
-        scale = formats.stored_scale(options.format, fp8.scale_for(amax, dtype))
+        scale = formats.stored_scale(layout, fp8.scale_for(amax, rounder.dtype))
     except codec.ScaleOutOfRangeError as exc:
         raise codec.ScaleOutOfRangeError(f"{', '.join(names)}: {exc}; exclude it or use --format comfy") from None
     results = []
     for name in names:
         started = time.perf_counter()
         weight = tensors.pop(name).float()
-        if options.simple:
-            result: RoundingResult = round_nearest(weight, scale, dtype)
-        else:
-            with torch.inference_mode(False), torch.enable_grad():
-                result = round_learned(name, weight.clone(), scale, dtype, calibration, options.rounding)
-        layer = formats.layer_tensors(options.format, name, result.quantized.cpu(), scale)
+        result, method = rounder.round(name, weight, scale)
+        layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale)
         report = _report(name, source, plan, time.perf_counter() - started)
+        report.method = method
         report.error_before, report.error_after, report.fell_back = result.error_rtn, result.error, result.fell_back
         results.append((name, layer, report))
         del weight, result
@@ -346,6 +387,7 @@ def _summarise(source, label, output, options, plan, reports, bytes_out, seconds
         worst_error=worst.error_after if worst else 0.0,
         worst_tensor=worst.name if worst else "",
         fallbacks=sum(r.fell_back for r in quantized),
+        methods=dict(Counter(r.method for r in quantized)),
         seconds=seconds,
         reports=reports,
     )

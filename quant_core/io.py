@@ -119,12 +119,18 @@ class SafetensorsReader:
         return info
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, in its stored dtype, in freshly allocated (not memory-mapped) memory."""
+        """One tensor, in its stored dtype, in freshly allocated (not memory-mapped) memory.
+
+        Positional reads (``pread``) share no file position, so threads may read concurrently.
+        """
         info = self.tensors[name]
         buffer = bytearray(info.nbytes)
-        self._file.seek(info.start)
-        if self._file.readinto(buffer) != info.nbytes:
-            raise SafetensorsFormatError(f"{self.path} ends inside tensor {name!r}")
+        view, done = memoryview(buffer), 0
+        while done < info.nbytes:
+            got = os.preadv(self._file.fileno(), [view[done:]], info.start + done)
+            if got == 0:
+                raise SafetensorsFormatError(f"{self.path} ends inside tensor {name!r}")
+            done += got
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
