@@ -167,3 +167,9 @@ class RecordedStatistics:
 
     def close(self) -> None:
         self._reader.close()
+
+    def __enter__(self) -> RecordedStatistics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -8,6 +8,7 @@ scaled together. Peak memory is therefore a few of the largest tensors, never th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -233,19 +234,6 @@ def convert(
     """Convert ``source`` into the safetensors file ``output`` (written atomically)."""
     started = time.perf_counter()
     plan = plan_conversion(source, options)
-    statistics = RecordedStatistics(options.calibration) if options.calibration and not options.simple else None
-    rounder = Rounder(fp8.fp8_dtype(options.fp8_format), options, calibration or RandomCalibration(), statistics)
-    try:
-        return _stream(
-            source, output, options, plan, rounder, progress, check_interrupt, protect, source_label, started
-        )
-    finally:
-        if statistics:
-            statistics.close()
-
-
-def _stream(source, output, options, plan, rounder, progress, check_interrupt, protect, source_label, started):
-    """Write the planned output, tensor by tensor, sequentially or through the parallel pipeline."""
     total = len(source.tensors)
     reports: list[TensorReport] = []
     metadata = dict(source.metadata)
@@ -262,7 +250,12 @@ def _stream(source, output, options, plan, rounder, progress, check_interrupt, p
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
         return _quantize_group(item, tensors, device, rounder, source, plan)
 
-    with atomic_output(output, overwrite=options.overwrite, protect=protect) as file:
+    recorded = options.calibration and not options.simple
+    with (
+        RecordedStatistics(options.calibration) if recorded else contextlib.nullcontext() as statistics,
+        atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
+    ):
+        rounder = Rounder(fp8.fp8_dtype(options.fp8_format), options, calibration or RandomCalibration(), statistics)
         writer = SafetensorsWriter(file, plan.entries, metadata)
         for key, tensor in plan.markers.items():
             writer.write(key, tensor)
