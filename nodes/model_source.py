@@ -38,27 +38,33 @@ class ModelSource:
         self.model = model
         self.device = device
         self.metadata = dict(metadata or {})
-        state = model.model_state_dict(filter_prefix=MODEL_PREFIX)
-        self.tensors = {
-            key.removeprefix(MODEL_PREFIX): TensorInfo(
-                key.removeprefix(MODEL_PREFIX),
-                _stored_dtype(value),
-                tuple(value.shape),
-                nbytes=value.numel() * torch.empty((), dtype=_stored_dtype(value)).element_size(),
-            )
-            for key, value in state.items()
-        }
+        self.tensors: dict[str, TensorInfo] = {}
+        for key in model.model_state_dict(filter_prefix=MODEL_PREFIX):
+            # Keys that are no module attribute (weight_scale, comfy_quant… of an fp8 layer) describe a
+            # quantized weight, which is read dequantized instead.
+            value = self._attribute(key)
+            if value is None:
+                continue
+            dtype = _stored_dtype(value)
+            name = key.removeprefix(MODEL_PREFIX)
+            nbytes = value.numel() * torch.empty((), dtype=dtype).element_size()
+            self.tensors[name] = TensorInfo(name, dtype, tuple(value.shape), nbytes=nbytes)
         if not self.tensors:
             raise ValueError("the MODEL has no diffusion_model weights to convert")
 
-    def read(self, name: str) -> torch.Tensor:
-        import comfy.utils
+    def _attribute(self, key: str) -> torch.Tensor | None:
+        module_path, _, attribute = key.rpartition(".")
+        try:
+            value = getattr(self.model.model.get_submodule(module_path), attribute, None)
+        except AttributeError:
+            return None
+        return value if isinstance(value, torch.Tensor) else None
 
+    def read(self, name: str) -> torch.Tensor:
         key = MODEL_PREFIX + name
-        module_path, _, _ = key.rpartition(".")
-        module = comfy.utils.get_attr(self.model.model, module_path)
+        module = self.model.model.get_submodule(key.rpartition(".")[0])
         if key in self.model.patches and not getattr(module, "comfy_patched_weights", False):
             weight = self.model.patch_weight_to_device(key, self.device, return_weight=True)
         else:
-            weight = comfy.utils.get_attr(self.model.model, key)
+            weight = self._attribute(key)
         return _plain(weight).detach().to(self.tensors[name].dtype)

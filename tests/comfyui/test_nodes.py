@@ -155,3 +155,19 @@ def test_bad_prefix_is_a_clear_error(pack):
             filename_prefix="../../escape",
             **OPTIONS,
         )
+
+
+def test_convert_model_that_is_already_fp8(comfy, pack, tiny_flux):
+    """A MODEL loaded from an FP8-scaled file (QuantizedTensor weights) converts again without error."""
+    classes, _, root = pack
+    _, model, inputs = tiny_flux
+    first = run_node(
+        classes["FP8ScaledConvertFile"],
+        source="diffusion_models/tiny_flux_bf16.safetensors",
+        filename_prefix="fp8_once",
+        **OPTIONS,
+    )
+    loaded = comfy.sd.load_diffusion_model(first.args[0])
+    again = run_node(classes["FP8ScaledConvertModel"], model=loaded, filename_prefix="fp8_twice", **OPTIONS)
+    reloaded = comfy.sd.load_diffusion_model(again.args[0])
+    assert relative_error(forward(reloaded.model.diffusion_model, inputs), forward(model, inputs)) < 0.08
