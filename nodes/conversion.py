@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
@@ -16,23 +18,25 @@ def convert_model(
     model, options: ConvertOptions, filename_prefix: str, prompt=None, extra_pnginfo=None, node_id=None
 ) -> Summary:
     """Convert a MODEL (patches baked in) into the diffusion-models folder."""
-    output = host.save_path(filename_prefix, "diffusion_models")
-    device = host.torch_device()
-    options.device = options.device or str(device)
-    source = ModelSource(model, device, host.save_metadata(prompt, extra_pnginfo))
-    return _run(source, output, options, node_id, label="MODEL")
+    with _reported(node_id):
+        output = host.save_path(filename_prefix, "diffusion_models")
+        device = host.torch_device()
+        options.device = options.device or str(device)
+        source = ModelSource(model, device, host.save_metadata(prompt, extra_pnginfo))
+        return _run(source, output, options, node_id, label="MODEL")
 
 
 def convert_checkpoint(
     entry: str, options: ConvertOptions, filename_prefix: str, prompt=None, extra_pnginfo=None, node_id=None
 ) -> Summary:
     """Convert a file picked as ``folder/name``, streamed from disk, into the same kind of folder."""
-    folder, path = host.resolve_source(entry)
-    output = host.save_path(filename_prefix, folder)
-    options.device = options.device or str(host.torch_device())
-    with SafetensorsReader(path) as reader:
-        reader.metadata.update(host.save_metadata(prompt, extra_pnginfo))
-        return _run(reader, output, options, node_id, protect=(path,), label=str(path))
+    with _reported(node_id):
+        folder, path = host.resolve_source(entry)
+        output = host.save_path(filename_prefix, folder)
+        options.device = options.device or str(host.torch_device())
+        with SafetensorsReader(path) as reader:
+            reader.metadata.update(host.save_metadata(prompt, extra_pnginfo))
+            return _run(reader, output, options, node_id, protect=(path,), label=str(path))
 
 
 def report_text(summary: Summary) -> str:
@@ -45,24 +49,31 @@ def report_text(summary: Summary) -> str:
     return "\n".join(lines)
 
 
-def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
-    progress = host.NodeProgress(node_id, len(source.tensors))
+@contextlib.contextmanager
+def _reported(node_id) -> Iterator[None]:
+    """Tell the web extension about any failure (setup included) and free GPU memory either way."""
     try:
-        summary = convert(
-            source,
-            output,
-            options,
-            progress=progress,
-            check_interrupt=host.check_interrupt,
-            protect=tuple(protect),
-            source_label=label,
-        )
+        yield
     except BaseException as exc:  # ComfyUI's interrupt is a BaseException: report it, then re-raise
         cancelled = not isinstance(exc, Exception)
         host.send("error", {"node": node_id, "cancelled": cancelled, "message": str(exc) or type(exc).__name__})
         raise
     finally:
         host.free_memory()
+
+
+def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
+    total_bytes = sum(info.nbytes for info in source.tensors.values())
+    progress = host.NodeProgress(node_id, len(source.tensors), total_bytes)
+    summary = convert(
+        source,
+        output,
+        options,
+        progress=progress,
+        check_interrupt=host.check_interrupt,
+        protect=tuple(protect),
+        source_label=label,
+    )
     host.send("done", _done_event(summary, node_id))
     return summary
 

@@ -49,8 +49,9 @@ def send(event: str, data: dict) -> None:
         from server import PromptServer
     except ImportError:
         return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_sync(f"{EVENT_PREFIX}.{event}", data)
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:  # to the browser that queued the prompt, as ComfyUI's own progress messages
+        server.send_sync(f"{EVENT_PREFIX}.{event}", data, getattr(server, "client_id", None))
 
 
 def source_files() -> list[str]:
@@ -130,7 +131,9 @@ class NodeProgress:
 
     node_id: str | None
     total: int
+    total_bytes: int  # the ETA follows bytes, since kept tensors cost almost nothing
     started: float = field(default_factory=time.perf_counter)
+    done_bytes: int = 0
     errors: list[float] = field(default_factory=list)
     quantized: int = 0
 
@@ -144,8 +147,9 @@ class NodeProgress:
         if report.quantized:
             self.quantized += 1
             self.errors.append(report.error_after)
+        self.done_bytes += report.nbytes
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / report.index * (report.total - report.index) if report.index else 0.0
+        eta = elapsed / self.done_bytes * (self.total_bytes - self.done_bytes) if self.done_bytes else 0.0
         send(
             "progress",
             {

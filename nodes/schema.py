@@ -93,6 +93,7 @@ def _option_inputs() -> list:
         io.Int.Input(
             "seed",
             default=0,
+            control_after_generate=False,  # a conversion is reproducible, not re-rolled per run
             min=0,
             max=2**31 - 1,
             advanced=True,

@@ -190,7 +190,12 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
             items.append(groups[group_key])
         groups[group_key].append(name)
     quantized = sum(q for q, _ in decisions.values())
-    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales) if quantized else {}
+    if not quantized:
+        raise ValueError(
+            "nothing to quantize: no eligible 2-D float weight passed the layer policy "
+            "(is the input already FP8-scaled? see --preset, --include, --min_tensor_size)"
+        )
+    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales)
     for key, tensor in markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")

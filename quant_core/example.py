@@ -25,7 +25,7 @@ def flux_shapes(
     context: int = 512,
     vec: int = 128,
     mlp_ratio: int = 4,
-    head_dim: int = 64,
+    head_dim: int = 128,
 ) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a Flux diffusion model with the given width and depth (Flux-dev: 3072, 19, 38)."""
     mlp = hidden * mlp_ratio

@@ -397,3 +397,12 @@ def test_same_seed_same_file(flux_file, tmp_path):
         outputs.append(output.read_bytes())
     assert outputs[0] == outputs[1]
     assert os.path.getsize(tmp_path / "run0.safetensors") > 0
+
+
+def test_nothing_to_quantize_is_refused(tmp_path):
+    """Converting an already converted file (or a model with no eligible weight) must not write a useless copy."""
+    source = tmp_path / "norms_only.safetensors"
+    write_file(source, {"norm.weight": torch.ones(64), "tiny.weight": torch.ones(4, 4)})
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        convert_file(source, tmp_path / "out.safetensors", ConvertOptions(simple=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["norms_only.safetensors"]

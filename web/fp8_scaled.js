@@ -1,0 +1,170 @@
+// Live progress and the final summary of the FP8 Scaled convert nodes, shown on the node itself.
+//
+// The Python side (nodes/host.py, nodes/conversion.py) sends three namespaced events:
+//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta, error}
+//   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, worst,
+//                        fallbacks, seconds, preset}
+//   fp8_scaled.error    {node, cancelled, message}
+// Each is written into a read-only text box that this extension adds to the converting node.
+// Plain ES module, no build step: ComfyUI serves it from WEB_DIRECTORY.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE_TYPES = new Set(["FP8ScaledConvertModel", "FP8ScaledConvertFile"]);
+const WIDGET = "fp8_status";
+const LINES = 14; // height of the status box in text lines (the final summary has 13 or 14)
+
+const pct = (x) => `${(100 * (Number(x) || 0)).toFixed(3)}%`;
+
+function size(bytes) {
+  const n = Number(bytes) || 0;
+  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
+  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(1)} MiB`;
+  return `${(n / 2 ** 10).toFixed(1)} KiB`;
+}
+
+function duration(seconds) {
+  const s = Math.max(0, Math.round(Number(seconds) || 0));
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m ${String(s % 60).padStart(2, "0")}s`;
+  return `${Math.floor(m / 60)}h ${String(m % 60).padStart(2, "0")}m`;
+}
+
+function bar(done, total, width = 24) {
+  const filled = total > 0 ? Math.round((width * done) / total) : 0;
+  return `[${"#".repeat(filled)}${"-".repeat(width - filled)}]`;
+}
+
+export function progressText(d) {
+  const total = Number(d.total) || 0;
+  const index = Number(d.index) || 0;
+  const percent = total ? Math.floor((100 * index) / total) : 0;
+  return [
+    `Converting to FP8 scaled… ${bar(index, total)} ${percent}%`,
+    `tensors   ${index} / ${total}  (${d.quantized} quantized, ${d.kept} kept)`,
+    `current   ${d.tensor}`,
+    // The ETA averages over all tensors; before the first quantized one it means nothing.
+    `elapsed   ${duration(d.elapsed)}   ETA ${d.quantized || index >= total ? duration(d.eta) : "estimating…"}`,
+    `error     ${d.quantized ? `${pct(d.error)} running mean (relative)` : "-"}`,
+  ].join("\n");
+}
+
+export function doneText(d) {
+  const output = String(d.output ?? "");
+  const cut = Math.max(output.lastIndexOf("/"), output.lastIndexOf("\\"));
+  const [folder, file] = cut >= 0 ? [output.slice(0, cut), output.slice(cut + 1)] : [".", output];
+  const ratio = d.bytes_in ? ` (${((100 * d.bytes_out) / d.bytes_in).toFixed(1)}%)` : "";
+  const lines = [
+    `Done in ${duration(d.seconds)} (preset ${d.preset})`,
+    `saved     ${file}`,
+    `in        ${folder}`,
+    `size      ${size(d.bytes_in)} -> ${size(d.bytes_out)}${ratio}`,
+    `layers    ${d.quantized} quantized, ${d.kept} kept`,
+    `error     ${d.quantized ? `mean ${pct(d.mean_error)}` : "-"}`,
+  ];
+  if (d.fallbacks) lines.push(`learned   ${d.fallbacks}/${d.quantized} kept round-to-nearest (it won)`);
+  if (d.worst?.length) {
+    lines.push("worst layers:");
+    for (const [name, error] of d.worst) lines.push(`  ${pct(error)}  ${name}`);
+  }
+  return lines.join("\n");
+}
+
+export function errorText(d) {
+  return d.cancelled
+    ? "Cancelled: nothing was saved (the partial file was removed)."
+    : `Conversion failed: ${String(d.message || "unknown error").trim()}\nNothing was saved.`;
+}
+
+// The node of an execution id: "12", or "5:12" for a node inside subgraph node 5.
+function findNode(id) {
+  let graph = app.rootGraph ?? app.graph;
+  const path = String(id ?? "").split(":").filter(Boolean);
+  if (!graph || !path.length) return null;
+  for (const part of path.slice(0, -1)) {
+    graph = (graph.getNodeById(Number(part)) ?? graph.getNodeById(part))?.subgraph;
+    if (!graph) return null;
+  }
+  const last = path[path.length - 1];
+  return graph.getNodeById(Number(last)) ?? graph.getNodeById(last) ?? null;
+}
+
+function statusWidget(node) {
+  let widget = node.widgets?.find((w) => w.name === WIDGET);
+  if (widget) return widget;
+  const box = document.createElement("textarea");
+  box.readOnly = true;
+  box.spellcheck = false;
+  box.rows = LINES;
+  box.className = "comfy-multiline-input fp8-scaled-status";
+  Object.assign(box.style, {
+    fontFamily: "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace",
+    fontSize: "11px",
+    lineHeight: "1.35",
+    whiteSpace: "pre-wrap",
+    overflowWrap: "anywhere",
+    overflow: "auto",
+    resize: "none",
+    width: "100%",
+    boxSizing: "border-box",
+  });
+  widget = node.addDOMWidget(WIDGET, "fp8_status", box, {
+    serialize: false, // never part of the saved workflow nor of the queued prompt
+    hideOnZoom: false,
+    getValue: () => box.value,
+    setValue: (v) => (box.value = v ?? ""),
+    getMinHeight: () => LINES * 15 + 16,
+  });
+  widget.serialize = false;
+  widget.element = widget.element ?? box;
+  // Make room for the box once; keep a size the user chose if it is larger.
+  const wanted = node.computeSize?.();
+  if (wanted) node.setSize([Math.max(node.size[0], wanted[0], 360), Math.max(node.size[1], wanted[1])]);
+  return widget;
+}
+
+const isConverter = (node) => NODE_TYPES.has(node?.comfyClass ?? node?.type);
+
+function show(id, text, state) {
+  const node = findNode(id);
+  // Not ours: e.g. another workflow tab is open, where the id names another node.
+  if (!isConverter(node) || typeof node.addDOMWidget !== "function") return;
+  const widget = statusWidget(node);
+  widget.value = text;
+  if (widget.element) {
+    widget.element.dataset.state = state; // running | done | error
+    widget.element.style.color = state === "error" ? "#ff8080" : state === "done" ? "#9fe09f" : "";
+  }
+  node.setDirtyCanvas?.(true, true);
+  (app.rootGraph ?? app.graph)?.setDirtyCanvas?.(true, true);
+}
+
+const converted = new Set(); // nodes that sent "done" in the running prompt
+
+app.registerExtension({
+  name: "fp8_scaled.status",
+  setup() {
+    api.addEventListener("execution_start", () => converted.clear());
+    api.addEventListener("fp8_scaled.progress", ({ detail }) => show(detail.node, progressText(detail), "running"));
+    api.addEventListener("fp8_scaled.done", ({ detail }) => {
+      converted.add(String(detail.node));
+      show(detail.node, doneText(detail), "done");
+    });
+    api.addEventListener("fp8_scaled.error", ({ detail }) => show(detail.node, errorText(detail), "error"));
+    // Errors raised before the conversion starts (a bad filename_prefix, a missing file) come
+    // only as ComfyUI's own execution_error: show them on our nodes too.
+    api.addEventListener("execution_error", ({ detail }) =>
+      show(detail?.node_id, errorText({ cancelled: false, message: detail?.exception_message }), "error"),
+    );
+    // A cached result (same inputs as a previous run) sends no conversion events, only the node's
+    // text output: show that report instead.
+    api.addEventListener("executed", ({ detail }) => {
+      const text = detail?.output?.text;
+      if (!text?.length || converted.has(String(detail.node))) return;
+      const report = [].concat(text).join("\n");
+      show(detail.node, `Cached result (inputs unchanged, nothing converted again):\n${report}`, "done");
+    });
+  },
+});
