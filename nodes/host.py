@@ -62,7 +62,7 @@ def source_files() -> list[str]:
         f"{folder}/{name}"
         for folder in SOURCE_FOLDERS
         for name in folder_paths.get_filename_list(folder)
-        if name.endswith(".safetensors")
+        if name.lower().endswith(".safetensors")  # ComfyUI matches extensions case-insensitively
     ]
 
 
@@ -95,14 +95,17 @@ def save_path(filename_prefix: str, folder: str) -> Path:
     import folder_paths
 
     prefix = filename_prefix.strip()
-    if not prefix or not _SAFE_PREFIX.match(prefix) or os.path.isabs(prefix) or ".." in Path(prefix).parts:
+    parts = Path(prefix).parts
+    if not prefix or not _SAFE_PREFIX.match(prefix) or os.path.isabs(prefix) or any(p.startswith(".") for p in parts):
         raise UserError(
             f"filename_prefix {filename_prefix!r} must be a relative name made of letters, digits, "
-            "'_', '-', '.', '/' and spaces, without '..'"
+            "'_', '-', '.', '/' and spaces, with no part starting with '.' (no '..', no hidden files)"
         )
     output_dir = folder_paths.get_folder_paths(folder)[0]
     try:
         full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
+    except OSError as exc:
+        raise UserError(f"cannot save with filename_prefix {filename_prefix!r}: {exc}") from exc
     except Exception as exc:  # ComfyUI raises a bare Exception for paths outside the folder
         raise UserError(f"filename_prefix {filename_prefix!r} points outside {output_dir}") from exc
     return Path(full_folder) / f"{filename}_{counter:05}_.safetensors"

@@ -1,0 +1,668 @@
+"""Test doubles of the few ComfyUI runtime functions the nodes call, written for these tests.
+
+They are not copies of ComfyUI's code; each one reproduces, in its own words, the behaviour of the
+ComfyUI function named in its docstring (checked against ComfyUI v0.30.0: ``comfy/utils.py``,
+``comfy/model_management.py``, ``comfy/model_patcher.py``, ``comfy/lora.py``, ``folder_paths.py``,
+``server.py``, ``main.py``) in the parts the nodes use, plus a little instrumentation (call
+records) for the assertions. ``test_node_doubles.py`` compares the ``folder_paths`` double with the
+real module when ``COMFYUI_PATH`` points at a ComfyUI checkout.
+
+``build(models_dir)`` makes a fresh set of modules (``comfy``, ``comfy.utils``,
+``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``folder_paths``, ``server``); the
+``comfy`` fixture in ``conftest.py`` puts them into ``sys.modules`` for one test and takes them out
+again afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# comfy.utils
+# --------------------------------------------------------------------------------------------------
+
+
+def _utils_module() -> types.ModuleType:
+    utils = types.ModuleType("comfy.utils")
+    utils.PROGRESS_BAR_HOOK = None
+    utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.1
+    utils.PROGRESS_THROTTLE_MIN_PERCENT = 0.5
+    utils.bars = []  # instrumentation: every ProgressBar created, in order
+
+    def set_progress_bar_global_hook(function) -> None:
+        """Mirrors ``comfy.utils.set_progress_bar_global_hook``: bars created afterwards report to it."""
+        utils.PROGRESS_BAR_HOOK = function
+
+    class ProgressBar:
+        """Mirrors ``comfy.utils.ProgressBar``.
+
+        The bar takes the global hook when it is created; ``update_absolute`` clamps the value to the
+        total and calls the hook at once for the first and the final value, otherwise only when at
+        least 0.1 s and 0.5 % have passed since the last call (ComfyUI's throttling). ``updates``
+        records every ``update_absolute`` call (instrumentation, not in ComfyUI).
+        """
+
+        def __init__(self, total, node_id=None):
+            self.total = total
+            self.current = 0
+            self.hook = utils.PROGRESS_BAR_HOOK
+            self.node_id = node_id
+            self._last_update_time = 0.0
+            self._last_sent_value = -1
+            self.updates: list[tuple[int, int]] = []
+            utils.bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.updates.append((value, total))
+            if total is not None:
+                self.total = total
+            value = min(value, self.total)
+            self.current = value
+            if self.hook is None:
+                return
+            now = time.perf_counter()
+            if preview is not None or self._last_sent_value < 0 or value >= self.total:
+                send = True
+            else:
+                changed = (value - max(0, self._last_sent_value)) / self.total * 100 if self.total > 0 else 100
+                send = (
+                    now - self._last_update_time >= utils.PROGRESS_THROTTLE_MIN_INTERVAL
+                    and changed >= utils.PROGRESS_THROTTLE_MIN_PERCENT
+                )
+            if send:
+                self.hook(self.current, self.total, preview, node_id=self.node_id)
+                self._last_update_time = now
+                self._last_sent_value = value
+
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    def get_attr(obj, attr: str):
+        """Mirrors ``comfy.utils.get_attr``: follows a dotted attribute path."""
+        for name in attr.split("."):
+            obj = getattr(obj, name)
+        return obj
+
+    def set_attr_param(obj, attr: str, value: torch.Tensor):
+        """Mirrors ``comfy.utils.set_attr_param``: replaces the attribute with a frozen Parameter."""
+        if not torch.is_inference_mode_enabled() and value.is_inference():
+            value = value.clone()
+        *path, name = attr.split(".")
+        owner = get_attr(obj, ".".join(path)) if path else obj
+        previous = getattr(owner, name)
+        setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
+        return previous
+
+    def copy_to_param(obj, attr: str, value: torch.Tensor) -> None:
+        """Mirrors ``comfy.utils.copy_to_param``: updates the existing tensor in place."""
+        get_attr(obj, attr).data.copy_(value)
+
+    utils.set_progress_bar_global_hook = set_progress_bar_global_hook
+    utils.ProgressBar = ProgressBar
+    utils.get_attr = get_attr
+    utils.set_attr_param = set_attr_param
+    utils.copy_to_param = copy_to_param
+    return utils
+
+
+# --------------------------------------------------------------------------------------------------
+# comfy.model_management
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_management_module() -> types.ModuleType:
+    mm = types.ModuleType("comfy.model_management")
+    mm.interrupt_processing = False
+    mm.interrupt_processing_mutex = threading.RLock()
+    mm.soft_empty_cache_calls = 0  # instrumentation
+
+    class InterruptProcessingException(BaseException):
+        """Mirrors ``comfy.model_management.InterruptProcessingException``: a BaseException, so
+        ``except Exception`` does not catch it."""
+
+    def interrupt_current_processing(value=True) -> None:
+        """Mirrors ``interrupt_current_processing``: sets the module's interrupt flag (what Cancel does)."""
+        with mm.interrupt_processing_mutex:
+            mm.interrupt_processing = value
+
+    def processing_interrupted() -> bool:
+        """Mirrors ``processing_interrupted``."""
+        with mm.interrupt_processing_mutex:
+            return mm.interrupt_processing
+
+    def throw_exception_if_processing_interrupted() -> None:
+        """Mirrors ``throw_exception_if_processing_interrupted``: clears the flag, then raises."""
+        with mm.interrupt_processing_mutex:
+            if mm.interrupt_processing:
+                mm.interrupt_processing = False
+                raise InterruptProcessingException()
+
+    def get_torch_device() -> torch.device:
+        """Mirrors ``get_torch_device`` of a ComfyUI started with ``--cpu`` (``CPUState.CPU``)."""
+        return torch.device("cpu")
+
+    def cpu_mode() -> bool:
+        """Mirrors ``cpu_mode`` under ``--cpu``."""
+        return True
+
+    def soft_empty_cache(force=False) -> None:
+        """Mirrors ``soft_empty_cache`` in CPU mode (returns at once); counts the calls."""
+        mm.soft_empty_cache_calls += 1
+        if cpu_mode():
+            return
+
+    def lora_compute_dtype(device) -> torch.dtype:
+        """Mirrors ``lora_compute_dtype`` on a CPU (``should_use_fp16`` is False there): float32."""
+        return torch.float32
+
+    def cast_to_device(tensor, device, dtype, copy=False):
+        """Mirrors ``cast_to_device``/``cast_to``: same tensor unless a copy or another dtype/device is needed."""
+        if (device is None or tensor.device == torch.device(device)) and not copy and dtype in (None, tensor.dtype):
+            return tensor
+        return tensor.to(device=device, dtype=dtype, copy=copy)
+
+    for function in (
+        interrupt_current_processing,
+        processing_interrupted,
+        throw_exception_if_processing_interrupted,
+        get_torch_device,
+        cpu_mode,
+        soft_empty_cache,
+        lora_compute_dtype,
+        cast_to_device,
+    ):
+        setattr(mm, function.__name__, function)
+    mm.InterruptProcessingException = InterruptProcessingException
+    return mm
+
+
+# --------------------------------------------------------------------------------------------------
+# comfy.cli_args, comfy.sd
+# --------------------------------------------------------------------------------------------------
+
+
+def _cli_args_module() -> types.ModuleType:
+    """Mirrors ``comfy.cli_args.args`` (argparse defaults; ``--disable-metadata`` off, ``--cpu`` on)."""
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = argparse.Namespace(disable_metadata=False, cpu=True)
+    return cli_args
+
+
+def _sd_module() -> types.ModuleType:
+    sd = types.ModuleType("comfy.sd")
+    sd.calls = []  # instrumentation: (function name, arguments)
+    sd.detectable = True  # set False to act like a state dict whose model type ComfyUI does not know
+
+    def load_diffusion_model_state_dict(sd_, model_options={}, metadata=None, disable_dynamic=False):  # noqa: B006
+        """Mirrors ``comfy.sd.load_diffusion_model_state_dict``'s interface: returns a model, or None when
+        the model type cannot be detected. Instead of building a model it records what it got."""
+        sd.calls.append(("load_diffusion_model_state_dict", {"sd": sd_, "metadata": metadata}))
+        if not sd.detectable:
+            return None
+        return types.SimpleNamespace(kind="ModelPatcher", state_dict=sd_, metadata=metadata)
+
+    def load_diffusion_model(unet_path, model_options={}, disable_dynamic=False):  # noqa: B006
+        """Mirrors ``comfy.sd.load_diffusion_model``: reads the file with its metadata, hands the state
+        dict to ``load_diffusion_model_state_dict`` and raises when the type is not detected."""
+        import safetensors
+
+        sd.calls.append(("load_diffusion_model", {"path": unet_path}))
+        with safetensors.safe_open(unet_path, framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+            metadata = file.metadata()
+        model = load_diffusion_model_state_dict(tensors, model_options=model_options, metadata=metadata)
+        if model is None:
+            raise RuntimeError(f"ERROR: Could not detect model type of: {unet_path}")
+        return model
+
+    sd.load_diffusion_model_state_dict = load_diffusion_model_state_dict
+    sd.load_diffusion_model = load_diffusion_model
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------
+# folder_paths
+# --------------------------------------------------------------------------------------------------
+
+SUPPORTED_PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+
+
+def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.supported_pt_extensions = set(SUPPORTED_PT_EXTENSIONS)
+    fp.models_dir = str(models_dir)
+    fp.output_directory = str(output_dir)
+    # ComfyUI's defaults: the first folder of each kind is where files are saved.
+    fp.folder_names_and_paths = {
+        "checkpoints": ([str(models_dir / "checkpoints")], fp.supported_pt_extensions),
+        "text_encoders": (
+            [str(models_dir / "text_encoders"), str(models_dir / "clip")],
+            fp.supported_pt_extensions,
+        ),
+        "diffusion_models": (
+            [str(models_dir / "unet"), str(models_dir / "diffusion_models")],
+            fp.supported_pt_extensions,
+        ),
+        "loras": ([str(models_dir / "loras")], fp.supported_pt_extensions),
+    }
+
+    def map_legacy(folder_name: str) -> str:
+        """Mirrors ``folder_paths.map_legacy``: ``unet`` and ``clip`` are old names."""
+        return {"unet": "diffusion_models", "clip": "text_encoders"}.get(folder_name, folder_name)
+
+    def get_output_directory() -> str:
+        return fp.output_directory
+
+    def get_folder_paths(folder_name: str) -> list[str]:
+        """Mirrors ``folder_paths.get_folder_paths``: a copy of the folder list."""
+        return list(fp.folder_names_and_paths[map_legacy(folder_name)][0])
+
+    def _walk(directory: str) -> list[str]:
+        if not os.path.isdir(directory):
+            return []
+        found = []
+        for dirpath, subdirs, filenames in os.walk(directory, followlinks=True, topdown=True):
+            subdirs[:] = [d for d in subdirs if d != ".git"]
+            found += [os.path.relpath(os.path.join(dirpath, name), directory) for name in filenames]
+        return found
+
+    def get_filename_list(folder_name: str) -> list[str]:
+        """Mirrors ``folder_paths.get_filename_list``: every file below each folder of the kind, as a
+        path relative to its folder, kept when its (lower-cased) extension is supported, sorted.
+        ComfyUI caches the list until a folder's mtime changes; the double always walks."""
+        folders, extensions = fp.folder_names_and_paths[map_legacy(folder_name)]
+        names = set()
+        for folder in folders:
+            names.update(
+                name for name in _walk(folder) if not extensions or os.path.splitext(name)[-1].lower() in extensions
+            )
+        return sorted(names)
+
+    def get_full_path(folder_name: str, filename: str) -> str | None:
+        """Mirrors ``folder_paths.get_full_path``: the name is made relative to '/' first (so '..' cannot
+        climb out), then the first folder holding such a file wins."""
+        folder_name = map_legacy(folder_name)
+        if folder_name not in fp.folder_names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
+        for folder in fp.folder_names_and_paths[folder_name][0]:
+            candidate = os.path.join(folder, filename)
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
+    def get_full_path_or_raise(folder_name: str, filename: str) -> str:
+        """Mirrors ``folder_paths.get_full_path_or_raise``: FileNotFoundError naming folder and file."""
+        full_path = get_full_path(folder_name, filename)
+        if full_path is None:
+            raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+        return full_path
+
+    def is_within_directory(directory: str, target: str) -> bool:
+        """Mirrors ``folder_paths.is_within_directory``: real paths (symlinks resolved); a NUL byte or
+        paths on different drives count as outside."""
+        try:
+            directory = os.path.realpath(directory)
+            return os.path.commonpath((directory, os.path.realpath(target))) == directory
+        except ValueError:
+            return False
+
+    def _expand_variables(prefix: str, width: int, height: int) -> str:
+        now = time.localtime()
+        values = {
+            "width": width,
+            "height": height,
+            "year": now.tm_year,
+            "month": f"{now.tm_mon:02}",
+            "day": f"{now.tm_mday:02}",
+            "hour": f"{now.tm_hour:02}",
+            "minute": f"{now.tm_min:02}",
+            "second": f"{now.tm_sec:02}",
+        }
+        for key, value in values.items():
+            prefix = prefix.replace(f"%{key}%", str(value))
+        return prefix
+
+    def get_save_image_path(filename_prefix: str, output_dir: str, image_width=0, image_height=0):
+        """Mirrors ``folder_paths.get_save_image_path``.
+
+        Expands ``%year%``-style variables, splits the normalised prefix into subfolder and base
+        name, raises a bare ``Exception`` when the subfolder is not inside ``output_dir``, and
+        numbers the file one above the highest ``<base>_NNNNN…`` already in the folder (1 when
+        none, creating the folder when it does not exist). Returns (folder, base name, counter,
+        subfolder, prefix).
+        """
+        if "%" in filename_prefix:
+            filename_prefix = _expand_variables(filename_prefix, image_width, image_height)
+        normalised = os.path.normpath(filename_prefix)
+        subfolder, filename = os.path.dirname(normalised), os.path.basename(normalised)
+        full_output_folder = os.path.join(output_dir, subfolder)
+        if not is_within_directory(output_dir, full_output_folder):
+            raise Exception(
+                "**** ERROR: Saving image outside the output folder is not allowed."
+                f"\n full_output_folder: {os.path.abspath(full_output_folder)}\n         output_dir: {output_dir}"
+            )
+        base_length = len(os.path.basename(filename_prefix))
+
+        def number(existing: str) -> tuple[int, str]:
+            head = existing[: base_length + 1]
+            try:
+                digits = int(existing[base_length + 1 :].split(".")[0].split("_")[0])
+            except ValueError:
+                digits = 0
+            return digits, head
+
+        try:
+            numbered = [
+                digits
+                for digits, head in map(number, os.listdir(full_output_folder))
+                if os.path.normcase(head[:-1]) == os.path.normcase(filename) and head[-1:] == "_"
+            ]
+            counter = max(numbered) + 1 if numbered else 1
+        except FileNotFoundError:
+            os.makedirs(full_output_folder, exist_ok=True)
+            counter = 1
+        return full_output_folder, filename, counter, subfolder, filename_prefix
+
+    for function in (
+        map_legacy,
+        get_output_directory,
+        get_folder_paths,
+        get_filename_list,
+        get_full_path,
+        get_full_path_or_raise,
+        is_within_directory,
+        get_save_image_path,
+    ):
+        setattr(fp, function.__name__, function)
+    return fp
+
+
+# --------------------------------------------------------------------------------------------------
+# server
+# --------------------------------------------------------------------------------------------------
+
+
+def _server_module() -> types.ModuleType:
+    server = types.ModuleType("server")
+
+    class PromptServer:
+        """Mirrors ``server.PromptServer``: the running server is ``PromptServer.instance``.
+
+        ``client_id`` is the browser that queued the running prompt (None until one does);
+        ``send_sync(event, data, sid=None)`` queues a message for that ``sid`` (every browser when
+        None); here it is appended to ``messages`` and handed to each function in ``listeners``
+        (instrumentation)."""
+
+        instance = None
+
+        def __init__(self):
+            self.client_id = None
+            self.messages: list[tuple[str, dict, Any]] = []
+            self.listeners: list = []
+            PromptServer.instance = self
+
+        def send_sync(self, event, data, sid=None):
+            self.messages.append((event, json.loads(json.dumps(data)), sid))  # must be JSON-serialisable
+            for listener in list(self.listeners):
+                listener(event, data)
+
+        def send_progress_text(self, text, node_id, sid=None):
+            self.messages.append(("progress_text", {"text": text, "node": node_id}, sid))
+
+        def events(self, name: str) -> list[dict]:
+            return [data for event, data, _ in self.messages if event == name]
+
+    server.PromptServer = PromptServer
+    return server
+
+
+# --------------------------------------------------------------------------------------------------
+# A loaded MODEL: comfy.model_patcher.ModelPatcher and comfy-kitchen's QuantizedTensor
+# --------------------------------------------------------------------------------------------------
+
+
+class QuantizedTensor(torch.Tensor):
+    """Stands for comfy-kitchen's ``QuantizedTensor`` (what ComfyUI's mixed-precision ops hold): fp8
+    data, ``_params`` with ``scale`` and ``orig_dtype``, and ``dequantize()`` giving
+    ``data * scale`` in ``orig_dtype``. ``_params`` survives ``detach`` (``state_dict`` detaches)."""
+
+    @staticmethod
+    def __new__(cls, qdata: torch.Tensor, scale: float, orig_dtype: torch.dtype):
+        self = torch.Tensor._make_subclass(cls, qdata)
+        self._params = types.SimpleNamespace(scale=scale, orig_dtype=orig_dtype, orig_shape=tuple(qdata.shape))
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types_, args=(), kwargs=None):
+        result = super().__torch_function__(func, types_, args, kwargs or {})
+        if isinstance(result, cls) and "_params" not in result.__dict__:
+            source = next((a for a in args if isinstance(a, cls) and "_params" in a.__dict__), None)
+            if source is not None:
+                result._params = source._params
+        return result
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, fp8_dtype=torch.float8_e4m3fn) -> QuantizedTensor:
+        scale = float(weight.float().abs().max()) / torch.finfo(fp8_dtype).max
+        return cls((weight.float() / scale).to(fp8_dtype), scale, weight.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.as_subclass(torch.Tensor).float() * self._params.scale).to(self._params.orig_dtype)
+
+    def state_dict(self, key: str) -> dict[str, torch.Tensor]:
+        """Like comfy-kitchen's: the plain fp8 data under ``key`` and the scale under ``key + "_scale"``."""
+        return {key: self.as_subclass(torch.Tensor), key + "_scale": torch.tensor(self._params.scale)}
+
+
+class QuantizedLinear(torch.nn.Module):
+    """Mirrors a Linear of ComfyUI's ``comfy.ops.mixed_precision_ops`` holding an fp8 weight: it is no
+    ``torch.nn.Linear``, ``weight`` is a (frozen) QuantizedTensor, and its ``state_dict`` is the file
+    layout (``_quantized_weight_state_dict``): ``bias``, the weight's ``state_dict`` (plain fp8
+    ``weight`` and ``weight_scale``) and a uint8 JSON ``comfy_quant``; the scale and the JSON are no
+    module attributes."""
+
+    def __init__(self, weight, bias: torch.Tensor | None, quant_format: str = "float8_e4m3fn"):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.quant_format = quant_format
+
+    def state_dict(self, *args, destination=None, prefix="", **kwargs):
+        sd = destination if destination is not None else {}
+        if self.bias is not None:
+            sd[f"{prefix}bias"] = self.bias
+        sd.update(self.weight.state_dict(f"{prefix}weight"))
+        conf = json.dumps({"format": self.quant_format}).encode("utf-8")
+        sd[f"{prefix}comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
+        return sd
+
+
+class ModelPatcher:
+    """Mirrors ``comfy.model_patcher.ModelPatcher`` in the parts the nodes (and these tests) use.
+
+    * ``patches[key]`` is a list of ``(strength_patch, patch, strength_model, offset, function)``
+      (``add_patches``); a patch ``(diff,)`` is ComfyUI's "diff" patch.
+    * ``model_state_dict(filter_prefix)`` is the model's ``state_dict()`` without the keys outside
+      the prefix.
+    * ``patch_weight_to_device(key, device_to, return_weight=True)`` returns an unpatched key's
+      weight itself; for a patched key it copies the weight to ``device_to`` in the LoRA compute
+      dtype (float32 on a CPU), applies ``comfy.lora.calculate_weight`` (diff: ``weight +=
+      strength * diff``, after ``weight *= strength_model``) and rounds back to the weight's dtype
+      (``comfy.float.stochastic_rounding``, which for bf16/fp16/fp32 is a plain cast). Without
+      ``return_weight`` it backs the weight up and sets the patched one on the model.
+    * ``load()`` mirrors the full-load path of ``ModelPatcher.load``: each module's weights are
+      patched in place and the module is marked ``comfy_patched_weights = True``.
+
+    ``calls`` records the keys given to ``patch_weight_to_device`` (instrumentation).
+    """
+
+    def __init__(self, model: torch.nn.Module, load_device=None, offload_device=None):
+        self.model = model
+        self.load_device = load_device or torch.device("cpu")
+        self.offload_device = offload_device or torch.device("cpu")
+        self.patches: dict[str, list] = {}
+        self.backup: dict[str, torch.Tensor] = {}
+        self.weight_inplace_update = False
+        self.calls: list[str] = []
+
+    def add_patches(self, patches: dict, strength_patch=1.0, strength_model=1.0) -> list:
+        state = self.model.state_dict()
+        added = []
+        for key, patch in patches.items():
+            if key in state:
+                self.patches.setdefault(key, []).append((strength_patch, patch, strength_model, None, None))
+                added.append(key)
+        return added
+
+    def model_state_dict(self, filter_prefix=None) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        if filter_prefix is not None:
+            for key in list(state):
+                if not key.startswith(filter_prefix):
+                    state.pop(key)
+        return state
+
+    def _key_weight(self, key: str):
+        """Mirrors ``comfy.model_patcher.get_key_weight``."""
+        import comfy.utils
+
+        module_path, _, param = key.rpartition(".")
+        if not module_path:
+            return comfy.utils.get_attr(self.model, key), None, None
+        module = comfy.utils.get_attr(self.model, module_path)
+        set_func = getattr(module, f"set_{param}", None)
+        convert_func = getattr(module, f"convert_{param}", None)
+        weight = getattr(module, param)
+        return weight, set_func, convert_func
+
+    @staticmethod
+    def _calculate_weight(patches: list, weight: torch.Tensor, key: str) -> torch.Tensor:
+        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests use)."""
+        import comfy.model_management
+
+        for strength, patch, strength_model, offset, function in patches:
+            function = function or (lambda a: a)
+            whole = weight
+            if offset is not None:
+                weight = weight.narrow(offset[0], offset[1], offset[2])
+            if strength_model != 1.0:
+                weight *= strength_model
+            if len(patch) == 2:
+                kind, patch = patch
+            else:
+                kind = "diff"
+            if kind != "diff":
+                raise NotImplementedError(f"the ModelPatcher double only applies 'diff' patches, not {kind!r}")
+            diff = patch[0]
+            if strength != 0.0 and diff.shape == weight.shape:  # ComfyUI warns and skips on a mismatch
+                weight += function(strength * comfy.model_management.cast_to_device(diff, weight.device, weight.dtype))
+            if offset is not None:
+                weight = whole
+        return weight
+
+    def patch_weight_to_device(
+        self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False
+    ) -> torch.Tensor | None:
+        import comfy.model_management
+        import comfy.utils
+
+        self.calls.append(key)
+        weight, set_func, convert_func = self._key_weight(key)
+        if key not in self.patches and not force_cast:
+            return weight
+        inplace_update = self.weight_inplace_update or inplace_update
+        if key not in self.backup and not return_weight:
+            self.backup[key] = weight.to(device=self.offload_device, copy=inplace_update)
+        temp_dtype = comfy.model_management.lora_compute_dtype(device_to) if key in self.patches else None
+        if device_to is not None:
+            temp = comfy.model_management.cast_to_device(weight, device_to, temp_dtype, copy=True)
+        else:
+            temp = weight.to(temp_dtype, copy=True)
+        if convert_func is not None:
+            temp = convert_func(temp, inplace=True)
+        out = self._calculate_weight(self.patches[key], temp, key) if key in self.patches else temp
+        if set_func is not None:
+            return set_func(out, inplace_update=inplace_update, return_weight=return_weight)
+        if key in self.patches:
+            if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise NotImplementedError("the double does not mirror stochastic rounding to fp8")
+            out = out.to(weight.dtype)
+        if return_weight:
+            return out
+        if inplace_update:
+            comfy.utils.copy_to_param(self.model, key, out)
+        else:
+            comfy.utils.set_attr_param(self.model, key, out)
+        return None
+
+    def load(self, device_to=None) -> None:
+        for name, module in self.model.named_modules():
+            params = [p for p, _ in module.named_parameters(recurse=False)]
+            if not params or getattr(module, "comfy_patched_weights", False):
+                continue
+            for param in params:
+                self.patch_weight_to_device(f"{name}.{param}" if name else param, device_to=device_to)
+            module.comfy_patched_weights = True
+
+
+# --------------------------------------------------------------------------------------------------
+# main.py's progress hook and the whole set
+# --------------------------------------------------------------------------------------------------
+
+
+def server_progress_hook(model_management: types.ModuleType, record: list):
+    """Mirrors the hook ``main.py`` (``hijack_progress``) installs: every reported progress value first
+    checks for an interrupt, then is sent to the browser (here: appended to ``record``)."""
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        model_management.throw_exception_if_processing_interrupted()
+        record.append({"value": value, "max": total, "node": node_id})
+
+    return hook
+
+
+def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNamespace:
+    """A fresh set of double modules rooted at ``models_dir``; ``modules`` maps the names to install."""
+    output_dir = output_dir or models_dir.parent / "output"
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []  # a package, as ComfyUI's is
+    utils = _utils_module()
+    model_management = _model_management_module()
+    cli_args = _cli_args_module()
+    sd = _sd_module()
+    comfy.utils, comfy.model_management, comfy.cli_args, comfy.sd = utils, model_management, cli_args, sd
+    folder_paths = _folder_paths_module(models_dir, output_dir)
+    server = _server_module()
+    hook_calls: list[dict] = []
+    utils.set_progress_bar_global_hook(server_progress_hook(model_management, hook_calls))
+    prompt_server = server.PromptServer()
+    prompt_server.client_id = "client-1"  # a prompt queued from a browser is running
+    return types.SimpleNamespace(
+        modules={
+            "comfy": comfy,
+            "comfy.utils": utils,
+            "comfy.model_management": model_management,
+            "comfy.cli_args": cli_args,
+            "comfy.sd": sd,
+            "folder_paths": folder_paths,
+            "server": server,
+        },
+        utils=utils,
+        model_management=model_management,
+        cli_args=cli_args,
+        sd=sd,
+        folder_paths=folder_paths,
+        server=prompt_server,
+        hook_calls=hook_calls,
+        InterruptProcessingException=model_management.InterruptProcessingException,
+    )

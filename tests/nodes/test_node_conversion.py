@@ -1,0 +1,283 @@
+"""nodes/conversion.py end to end with the ComfyUI doubles: files, metadata, progress, events, cancel."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+
+QUICK = dict(num_iter=5, calib_samples=8)
+PROMPT = {"5": {"class_type": "FP8ScaledConvertModel", "inputs": {"filename_prefix": "fp8/tiny"}}}
+EXTRA = {"workflow": {"nodes": [{"id": 5, "type": "FP8ScaledConvertModel"}], "links": []}}
+PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error"}
+Q = "blocks.0.attn.q.weight"
+
+
+def _patched_model(comfy, tiny_model):
+    patcher = comfy.ModelPatcher(tiny_model(blocks=2))
+    original = patcher.model.state_dict()["diffusion_model." + Q]
+    diff = torch.randn(original.shape, generator=torch.Generator().manual_seed(9)) * 0.1  # about 60 % of |w|
+    patcher.add_patches({"diffusion_model." + Q: (diff,)})
+    return patcher, original.float(), (original.float() + diff).to(original.dtype).float()
+
+
+def _dequantized(pack, reader, key):
+    base = key.removesuffix(".weight")
+    return reader.read(key).float() * reader.read(base + ".weight_scale").float()
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
+    patcher, original, patched = _patched_model(comfy, tiny_model)
+    options = pack.options.convert_options(rounding="simple")
+    summary = pack.conversion.convert_model(patcher, options, "fp8/tiny", PROMPT, EXTRA, node_id="5")
+
+    folder = comfy.models / "unet"
+    output = folder / "fp8" / "tiny_00001_.safetensors"
+    assert summary.output == str(output)
+    assert files_below(comfy.models) == ["unet/fp8/tiny_00001_.safetensors"]  # no temporary file left
+    assert "fp8/tiny_00001_.safetensors" in comfy.folder_paths.get_filename_list("diffusion_models")
+
+    state = patcher.model.diffusion_model.state_dict()
+    with pack.io.SafetensorsReader(output) as reader:
+        assert reader.metadata["prompt"] == json.dumps(PROMPT)
+        assert reader.metadata["workflow"] == json.dumps(EXTRA["workflow"])
+        assert json.loads(reader.metadata["quant_core"])["quantized"] == 4
+        assert pack.formats.detect_format(list(reader.tensors), reader.metadata) == "comfy"
+        weight = _dequantized(pack, reader, Q)
+        assert _relative(weight, patched) < 0.05  # the LoRA-style patch is baked in
+        assert _relative(weight, original) > 0.3
+        for name in ("blocks.1.attn.q.weight", "blocks.0.mlp.fc.weight"):
+            assert reader.tensors[name].dtype == torch.float8_e4m3fn
+            assert _relative(_dequantized(pack, reader, name), state[name].float()) < 0.05
+        for name in ("blocks.0.attn.q.bias", "blocks.0.norm.weight"):  # kept bit for bit
+            assert torch.equal(reader.read(name), state[name])
+        assert not any(k.startswith(("diffusion_model.", "model_sampling")) for k in reader.tensors)
+
+    total = len(state)
+    assert (summary.quantized, summary.kept) == (4, total - 4)
+    bar = comfy.utils.bars[-1]
+    assert (bar.node_id, bar.total, bar.current) == ("5", total, total)
+    assert [value for value, _ in bar.updates] == list(range(1, total + 1))
+    assert comfy.hook_calls[-1] == {"value": total, "max": total, "node": "5"}
+
+    events = comfy.server.events("fp8_scaled.progress")
+    assert len(events) == total
+    assert all(set(e) == PROGRESS_FIELDS for e in events)
+    assert [e["index"] for e in events] == list(range(1, total + 1))
+    assert {e["tensor"] for e in events} == set(state)
+    assert all(e["node"] == "5" and e["total"] == total for e in events)
+    assert all(e["quantized"] + e["kept"] == e["index"] for e in events)
+    assert (events[-1]["quantized"], events[-1]["kept"]) == (4, total - 4)
+    assert events[-1]["error"] == pytest.approx(summary.mean_error)
+    assert all(isinstance(e["elapsed"], float) and isinstance(e["eta"], float) for e in events)
+
+    done = comfy.server.events("fp8_scaled.done")
+    assert len(done) == 1 and comfy.server.events("fp8_scaled.error") == []
+    assert done[0]["node"] == "5" and done[0]["output"] == str(output)
+    assert (done[0]["quantized"], done[0]["kept"]) == (4, total - 4)
+    assert done[0]["bytes_out"] < done[0]["bytes_in"]
+    assert len(done[0]["worst"]) == 4 and done[0]["preset"] == summary.preset
+    assert comfy.model_management.soft_empty_cache_calls >= 1
+
+    # A second run numbers the next file.
+    again = pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "fp8/tiny")
+    assert again.output == str(folder / "fp8" / "tiny_00002_.safetensors")
+    with pack.io.SafetensorsReader(again.output) as reader:
+        assert "prompt" not in reader.metadata and "workflow" not in reader.metadata
+
+
+def test_convert_model_with_metadata_disabled(pack, comfy, tiny_model):
+    comfy.cli_args.args.disable_metadata = True
+    patcher, _, _ = _patched_model(comfy, tiny_model)
+    summary = pack.conversion.convert_model(
+        patcher, pack.options.convert_options(rounding="simple"), "m", PROMPT, EXTRA
+    )
+    with pack.io.SafetensorsReader(summary.output) as reader:
+        assert set(reader.metadata) == {"quant_core"}
+
+
+def test_convert_model_uses_comfyuis_device(pack, comfy, tiny_model):
+    options = pack.options.convert_options(rounding="simple")
+    pack.conversion.convert_model(comfy.ModelPatcher(tiny_model(blocks=1)), options, "dev")
+    assert options.device == "cpu"
+
+
+def test_learned_rounding_inside_inference_mode(pack, comfy, tiny_model):
+    patcher, _, patched = _patched_model(comfy, tiny_model)
+    options = pack.options.convert_options(rounding="learned", **QUICK)
+    with torch.inference_mode():
+        summary = pack.conversion.convert_model(patcher, options, "learned/tiny", node_id="9")
+    assert summary.quantized == 4
+    learned = [r for r in summary.reports if r.quantized]
+    assert all(0 < r.error_after < 0.1 and r.error_before > 0 for r in learned)
+    with pack.io.SafetensorsReader(summary.output) as reader:
+        settings = json.loads(reader.metadata["quant_core"])["settings"]
+        assert settings["simple"] is False
+        assert settings["rounding"]["num_iter"] == 5 and settings["rounding"]["calib_samples"] == 8
+        assert _relative(_dequantized(pack, reader, Q), patched) < 0.06
+    assert len(comfy.server.events("fp8_scaled.done")) == 1
+
+
+def test_convert_checkpoint_saves_into_the_same_folder(pack, comfy, tiny_model, files_below):
+    state = {k: v.contiguous() for k, v in tiny_model(blocks=1).diffusion_model.state_dict().items()}
+    source = comfy.models / "checkpoints" / "tiny.safetensors"
+    pack.io.write_file(source, state, metadata={"modelspec.title": "tiny"})
+    entry = "checkpoints/tiny.safetensors"
+    assert entry in pack.host.source_files()
+
+    options = pack.options.convert_options(rounding="simple", format="legacy")
+    summary = pack.conversion.convert_checkpoint(entry, options, "fp8/ckpt", PROMPT, EXTRA, node_id="3")
+    output = comfy.models / "checkpoints" / "fp8" / "ckpt_00001_.safetensors"
+    assert summary.output == str(output) and summary.input == str(source)
+    assert files_below(comfy.models) == ["checkpoints/fp8/ckpt_00001_.safetensors", "checkpoints/tiny.safetensors"]
+    with pack.io.SafetensorsReader(output) as reader:
+        assert reader.metadata["modelspec.title"] == "tiny"  # the input's metadata is kept
+        assert reader.metadata["prompt"] == json.dumps(PROMPT)
+        assert reader.metadata["workflow"] == json.dumps(EXTRA["workflow"])
+        assert pack.formats.detect_format(list(reader.tensors), reader.metadata) == "legacy"
+        assert reader.tensors["blocks.0.attn.q.weight"].dtype == torch.float8_e4m3fn
+    assert options.device == "cpu"
+    assert comfy.utils.bars[-1].current == len(state)
+    assert len(comfy.server.events("fp8_scaled.progress")) == len(state)
+    assert len(comfy.server.events("fp8_scaled.done")) == 1
+
+
+def test_convert_checkpoint_refuses_a_missing_file(pack, comfy):
+    with pytest.raises(pack.host.UserError, match="not found"):
+        pack.conversion.convert_checkpoint("checkpoints/none.safetensors", pack.options.convert_options(), "x")
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_cancel_midway_leaves_nothing_behind(pack, comfy, tiny_model, files_below, after):
+    patcher, _, _ = _patched_model(comfy, tiny_model)
+
+    def cancel_after_n_updates(event, data):
+        if event == "fp8_scaled.progress" and data["index"] == after:
+            comfy.model_management.interrupt_current_processing()  # what the UI's Cancel does
+
+    comfy.server.listeners.append(cancel_after_n_updates)
+    options = pack.options.convert_options(rounding="simple")
+    with pytest.raises(comfy.InterruptProcessingException):
+        pack.conversion.convert_model(patcher, options, "fp8/cancelled", node_id="4")
+
+    assert files_below(comfy.models) == []  # neither the output nor a temporary file
+    assert len(comfy.server.events("fp8_scaled.progress")) == after  # stopped within one tensor
+    errors = comfy.server.events("fp8_scaled.error")
+    assert len(errors) == 1 and errors[0]["node"] == "4" and errors[0]["cancelled"] is True
+    assert errors[0]["message"] == "InterruptProcessingException"
+    assert comfy.server.events("fp8_scaled.done") == []
+    assert comfy.model_management.soft_empty_cache_calls >= 1
+    assert comfy.model_management.processing_interrupted() is False
+
+
+def test_cancel_seen_by_the_progress_hook_also_leaves_nothing(pack, comfy, tiny_model, files_below):
+    """Inside ComfyUI the progress bar's server hook checks for interrupts too (main.py)."""
+    patcher, _, _ = _patched_model(comfy, tiny_model)
+    checks = comfy.model_management.throw_exception_if_processing_interrupted
+    comfy.model_management.interrupt_current_processing()
+    with pytest.raises(comfy.InterruptProcessingException):
+        pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "pre")
+    assert checks is comfy.model_management.throw_exception_if_processing_interrupted
+    assert files_below(comfy.models) == []
+    assert comfy.server.events("fp8_scaled.progress") == []
+    assert comfy.server.events("fp8_scaled.error")[0]["cancelled"] is True
+
+
+def test_an_engine_error_is_reported_and_not_a_cancel(pack, comfy, tiny_model, files_below):
+    patcher, _, _ = _patched_model(comfy, tiny_model)
+    options = pack.options.convert_options(rounding="simple", preset="no-such-preset")
+    with pytest.raises(ValueError, match="unknown --preset"):
+        pack.conversion.convert_model(patcher, options, "bad", node_id="2")
+    errors = comfy.server.events("fp8_scaled.error")
+    assert len(errors) == 1 and errors[0]["cancelled"] is False and "no-such-preset" in errors[0]["message"]
+    assert comfy.model_management.soft_empty_cache_calls >= 1
+    assert files_below(comfy.models) == []
+
+
+def _summary(pack, comfy, tiny_model):
+    return pack.conversion.convert_model(
+        comfy.ModelPatcher(tiny_model()), pack.options.convert_options(rounding="simple"), "r"
+    )
+
+
+def test_report_text_lists_the_worst_layers(pack, comfy, tiny_model):
+    errors = [0.011, 0.052, 0.003, 0.078, 0.020, 0.064, 0.040]
+    reports = [
+        pack.convert.TensorReport(
+            name=f"layer{i}.weight", index=i + 1, total=9, nbytes=100, quantized=True, reason="", error_after=error
+        )
+        for i, error in enumerate(errors)
+    ]
+    reports.append(
+        pack.convert.TensorReport(
+            name="layer9.bias", index=8, total=9, nbytes=10, quantized=False, reason="bias", error_after=0.5
+        )
+    )
+    summary = dataclasses.replace(_summary(pack, comfy, tiny_model), reports=reports)
+    text = pack.conversion.report_text(summary)
+    assert text.startswith(summary.text())
+    lines = text.splitlines()
+    worst = lines[lines.index("worst layers:") + 1 :]
+    assert worst == [
+        "  7.800%  layer3.weight",
+        "  6.400%  layer5.weight",
+        "  5.200%  layer1.weight",
+        "  4.000%  layer6.weight",
+        "  2.000%  layer4.weight",
+    ]  # the five largest errors of quantized layers, largest first; kept tensors never listed
+
+
+def test_report_text_without_quantized_layers(pack, comfy, tiny_model):
+    summary = dataclasses.replace(_summary(pack, comfy, tiny_model), reports=[])
+    text = pack.conversion.report_text(summary)
+    assert text == summary.text() and "worst layers" not in text
+
+
+def test_report_text_of_a_real_run(pack, comfy, tiny_model):
+    summary = _summary(pack, comfy, tiny_model)
+    text = pack.conversion.report_text(summary)
+    listed = re.findall(r"^ +\d+\.\d{3}% +(\S+)$", text, flags=re.M)
+    assert len(listed) == 4 and set(listed) == {r.name for r in summary.reports if r.quantized}
+
+
+def test_a_bad_prefix_is_reported_before_anything_runs(pack, comfy, tiny_model, files_below):
+    patcher, _, _ = _patched_model(comfy, tiny_model)
+    with pytest.raises(pack.host.UserError, match="filename_prefix"):
+        pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "../out", node_id="8")
+    errors = comfy.server.events("fp8_scaled.error")
+    assert len(errors) == 1 and errors[0]["cancelled"] is False and "filename_prefix" in errors[0]["message"]
+    assert comfy.utils.bars == [] and patcher.calls == []
+    assert files_below(comfy.models.parent) == []
+
+
+def test_events_go_to_the_browser_that_queued_the_prompt(pack, comfy, tiny_model):
+    pack.conversion.convert_model(
+        comfy.ModelPatcher(tiny_model(blocks=1)), pack.options.convert_options(rounding="simple"), "c"
+    )
+    assert comfy.server.messages and {sid for _, _, sid in comfy.server.messages} == {"client-1"}
+
+
+def test_convert_a_model_that_is_already_fp8(pack, comfy, tiny_model, files_below):
+    """ComfyUI's fp8 Linear lists ``weight_scale`` and ``comfy_quant`` in its state dict: they must not be
+    copied next to the freshly quantized weight."""
+    model = tiny_model(blocks=1)
+    attn = model.diffusion_model.blocks[0].attn
+    original = attn.q.weight.detach().float()
+    attn.q = comfy.QuantizedLinear(comfy.QuantizedTensor.from_float(attn.q.weight.detach()), attn.q.bias.detach())
+    patcher = comfy.ModelPatcher(model)
+    summary = pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "requant")
+    with pack.io.SafetensorsReader(summary.output) as reader:
+        keys = list(reader.tensors)
+        assert len(keys) == len(set(keys))
+        assert keys.count(Q.removesuffix(".weight") + ".weight_scale") == 1
+        assert reader.tensors[Q.removesuffix(".weight") + ".weight_scale"].dtype == torch.float32
+        assert _relative(_dequantized(pack, reader, Q), original) < 0.08  # fp8 twice
+    assert summary.quantized == 2
+    assert files_below(comfy.models) == ["unet/requant_00001_.safetensors"]

@@ -1,0 +1,66 @@
+"""Widget values -> the engine's ConvertOptions."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_defaults_are_the_engines(pack):
+    options = pack.options.convert_options()
+    engine = pack.convert.ConvertOptions()
+    assert options.format == engine.format == "comfy"
+    assert options.fp8_format == "float8_e4m3fn"
+    assert options.simple is False
+    assert options.rounding == engine.rounding
+    assert (options.shared_scales, options.min_tensor_size, options.preset) == (True, 1024, "auto")
+    assert options.include == [] and options.exclude == []
+    assert options.device is None and options.parallel is False and options.overwrite is False
+
+
+def test_widgets_map_to_options(pack):
+    options = pack.options.convert_options(
+        format="ultra8",
+        fp8_format="float8_e5m2",
+        rounding="learned",
+        num_iter=5,
+        calib_samples=8,
+        lr=0.1,
+        reg_lambda=0.5,
+        shared_scales=False,
+        min_tensor_size=16,
+        preset="flux",
+        keep_distillation=True,
+        t5xxl=True,
+        seed=7,
+        device="cpu",
+    )
+    assert (options.format, options.fp8_format, options.simple) == ("ultra8", "float8_e5m2", False)
+    rounding = options.rounding
+    assert (rounding.num_iter, rounding.calib_samples, rounding.lr, rounding.reg_lambda, rounding.seed) == (
+        5,
+        8,
+        0.1,
+        0.5,
+        7,
+    )
+    assert (options.shared_scales, options.min_tensor_size, options.preset) == (False, 16, "flux")
+    assert (options.keep_distillation, options.t5xxl, options.device) == (True, True, "cpu")
+
+
+def test_simple_rounding_sets_simple(pack):
+    assert pack.options.convert_options(rounding="simple").simple is True
+    assert pack.options.convert_options(rounding="learned").simple is False
+
+
+def test_regex_widgets_hold_one_pattern_per_line(pack):
+    options = pack.options.convert_options(
+        exclude="  final_layer  \n\n\t\nimg_in\r\n^blocks\\.0\\.", include="attn\\.q$\n   \n"
+    )
+    assert options.exclude == ["final_layer", "img_in", "^blocks\\.0\\."]
+    assert options.include == ["attn\\.q$"]
+
+
+@pytest.mark.parametrize("mode", ["fast", "Learned", "", "rtn"])
+def test_unknown_rounding_mode_is_refused(pack, mode):
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        pack.options.convert_options(rounding=mode)
