@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -148,9 +149,7 @@ class Rounder:
                 )
             return round_gptq(weight, scale, self.dtype, stats), "gptq"
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-            return round_learned(name, weight.clone(), scale, self.dtype, self.calibration, self.options.rounding), (
-                "learned"
-            )
+            return round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding), ("learned")
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
@@ -326,8 +325,10 @@ def _quantize_group(
     """
     for name in names:
         tensors[name] = tensors[name].to(device)
-        fp8.check_finite(name, tensors[name])
     amax = max(fp8.absmax(tensors[name]) for name in names)
+    if not math.isfinite(amax):  # NaN and Inf both surface in the absolute maximum
+        for name in names:
+            fp8.check_finite(name, tensors[name])
     layout = rounder.options.format
     try:
         scale = formats.stored_scale(layout, fp8.scale_for(amax, rounder.dtype))
@@ -336,7 +337,7 @@ def _quantize_group(
     results = []
     for name in names:
         started = time.perf_counter()
-        weight = tensors.pop(name).float()
+        weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
         result, method = rounder.round(name, weight, scale)
         layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale)
         report = _report(name, source, plan, time.perf_counter() - started)

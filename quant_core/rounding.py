@@ -29,7 +29,7 @@ from .calibration import CalibrationSource
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
 _BETA_START, _BETA_END = 20.0, 2.0
-_MAX_BLOCK_ELEMENTS = 1 << 24  # rows optimised together: about 16.8 M weights
+_BLOCK_ELEMENTS = 1 << 22  # rows handled together: ~4.2 M weights, ~20 float32 copies of them live
 _PATIENCE = 50
 
 
@@ -57,10 +57,20 @@ class RoundingResult:
 
 
 def round_nearest(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> RoundingResult:
-    """RTN, reporting the relative weight error (no inputs are involved)."""
-    quantized = fp8.quantize_nearest(weight, scale, dtype)
-    error = _relative(fp8.dequantize(quantized, scale) - weight.float(), weight.float())
-    return RoundingResult(quantized, error, error)
+    """RTN, reporting the relative weight error (no inputs are involved).
+
+    Works through blocks of rows so that float32 copies never exceed one block, whatever the
+    weight's size: the weight itself may stay in its source dtype.
+    """
+    quantized = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    error = reference = 0.0
+    for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
+        block = weight[rows].float()
+        quantized[rows] = fp8.quantize_nearest(block, scale, dtype)
+        error += _squared_norm(quantized[rows].float().mul_(scale).sub_(block))
+        reference += _squared_norm(block)  # ``block`` may be a view of ``weight``: nothing in place
+    relative = math.sqrt(error / reference) if reference else 0.0
+    return RoundingResult(quantized, relative, relative)
 
 
 def generator_for(name: str, seed: int, device: torch.device) -> torch.Generator:
@@ -78,29 +88,45 @@ def round_learned(
     calibration: CalibrationSource,
     options: RoundingOptions,
 ) -> RoundingResult:
-    """Learned rounding of a 2-D ``weight`` against ``scale``; never worse than RTN on held-out inputs."""
+    """Learned rounding of a 2-D ``weight`` against ``scale``; never worse than RTN on held-out inputs.
+
+    ``weight`` may be in any float dtype; each block of rows is widened to float32 only while it
+    is optimised, and the held-out errors are summed block by block (output rows are independent).
+    """
     device = weight.device
-    weight = weight.float()
     generator = generator_for(name, options.seed, device)
     inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
     held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
 
     limit = fp8.fp8_max(dtype)
-    scaled = (weight / scale).clamp_(-limit, limit)
-    rtn = scaled.to(dtype)
-    rows_per_block = max(1, _MAX_BLOCK_ELEMENTS // weight.shape[1])
+    rtn = torch.empty(weight.shape, dtype=dtype, device=device)
     learned = torch.empty_like(rtn)
-    iterations = 0
-    for start in range(0, weight.shape[0], rows_per_block):
-        rows = slice(start, start + rows_per_block)
-        learned[rows], used = _optimise_block(scaled[rows], rtn[rows], inputs, dtype, options)
+    iterations, error_rtn, error, reference = 0, 0.0, 0.0, 0.0
+    for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
+        block = weight[rows].to(torch.float32, copy=True)  # a copy: inference tensors cannot be saved for grad
+        scaled = (block / scale).clamp_(-limit, limit)
+        rtn[rows] = scaled.to(dtype)
+        learned[rows], used = _optimise_block(scaled, rtn[rows], inputs, dtype, options)
         iterations = max(iterations, used)
+        del scaled
+        reference += _squared_norm(held_out @ block.T)
+        error_rtn += _squared_norm(held_out @ (rtn[rows].float().mul_(scale).sub_(block)).T)
+        error += _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
 
-    error_rtn = _output_error(held_out, rtn.float() * scale, weight)
-    error = _output_error(held_out, learned.float() * scale, weight)
+    error_rtn, error = (math.sqrt(e / reference) if reference else 0.0 for e in (error_rtn, error))
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True)
     return RoundingResult(learned, error_rtn, error, iterations)
+
+
+def _row_blocks(weight: torch.Tensor, max_elements: int) -> list[slice]:
+    """Slices of whole rows holding at most ``max_elements`` elements each (at least one row)."""
+    rows = max(1, max_elements // max(1, weight.shape[1]))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
+def _squared_norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor)) ** 2
 
 
 def _optimise_block(
@@ -171,16 +197,6 @@ def _output_loss_and_gradient(
                 grad += 2 * (out.T @ chunk).float()
         total += float(out.float().pow(2).sum())
     return total, grad
-
-
-def _output_error(inputs: torch.Tensor, approx: torch.Tensor, weight: torch.Tensor) -> float:
-    """Relative output error ``||X (approx - W)^T|| / ||X W^T||`` on ``inputs``."""
-    return _relative(inputs @ (approx - weight).T, inputs @ weight.T)
-
-
-def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
-    norm = float(reference.norm())
-    return float(error.norm()) / norm if norm else 0.0
 
 
 def _rectified_sigmoid(logits: torch.Tensor) -> torch.Tensor:
