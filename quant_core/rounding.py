@@ -29,7 +29,7 @@ from .calibration import CalibrationSource
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
 _BETA_START, _BETA_END = 20.0, 2.0
-_BLOCK_ELEMENTS = 1 << 22  # rows handled together: ~4.2 M weights, ~20 float32 copies of them live
+_BLOCK_ELEMENTS = 1 << 20  # rows handled together: ~1 M weights, ~20 float32 copies of them live
 _PATIENCE = 50
 
 
@@ -99,22 +99,23 @@ def round_learned(
     held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
 
     limit = fp8.fp8_max(dtype)
-    rtn = torch.empty(weight.shape, dtype=dtype, device=device)
-    learned = torch.empty_like(rtn)
+    learned = torch.empty(weight.shape, dtype=dtype, device=device)
     iterations, error_rtn, error, reference = 0, 0.0, 0.0, 0.0
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
         block = weight[rows].to(torch.float32, copy=True)  # a copy: inference tensors cannot be saved for grad
         scaled = (block / scale).clamp_(-limit, limit)
-        rtn[rows] = scaled.to(dtype)
-        learned[rows], used = _optimise_block(scaled, rtn[rows], inputs, dtype, options)
+        rtn = scaled.to(dtype)
+        learned[rows], used = _optimise_block(scaled, rtn, inputs, dtype, options)
         iterations = max(iterations, used)
         del scaled
         reference += _squared_norm(held_out @ block.T)
-        error_rtn += _squared_norm(held_out @ (rtn[rows].float().mul_(scale).sub_(block)).T)
+        error_rtn += _squared_norm(held_out @ (rtn.float().mul_(scale).sub_(block)).T)
         error += _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
 
     error_rtn, error = (math.sqrt(e / reference) if reference else 0.0 for e in (error_rtn, error))
-    if error > error_rtn:
+    if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
+        del learned
+        rtn = round_nearest(weight, scale, dtype).quantized
         return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True)
     return RoundingResult(learned, error_rtn, error, iterations)
 
