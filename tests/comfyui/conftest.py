@@ -39,6 +39,24 @@ def comfy():
     return _import_comfy()
 
 
+# Every widget of the convert nodes, at its default, for prompts and direct execute() calls.
+NODE_OPTIONS = dict(
+    format="comfy",
+    rounding="simple",
+    preset="auto",
+    shared_scales=True,
+    fp8_format="float8_e4m3fn",
+    num_iter=200,
+    calib_samples=96,
+    lr=3e-2,
+    reg_lambda=0.015,
+    min_tensor_size=1024,
+    keep_distillation=False,
+    exclude="",
+    include="",
+    seed=0,
+)
+
 FLUX_CONFIG = dict(
     in_channels=16,
     out_channels=16,

@@ -12,26 +12,11 @@ import torch
 
 from quant_core.io import SafetensorsReader
 
+from .conftest import NODE_OPTIONS as OPTIONS
 from .conftest import forward, relative_error
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = dict(num_iter=10, calib_samples=16)
-OPTIONS = dict(
-    format="comfy",
-    rounding="simple",
-    preset="auto",
-    shared_scales=True,
-    fp8_format="float8_e4m3fn",
-    num_iter=200,
-    calib_samples=96,
-    lr=3e-2,
-    reg_lambda=0.015,
-    min_tensor_size=1024,
-    keep_distillation=False,
-    exclude="",
-    include="",
-    seed=0,
-)
 
 
 @pytest.fixture(scope="session")

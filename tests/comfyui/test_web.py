@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import COMFYUI_PATH
+from .conftest import COMFYUI_PATH, NODE_OPTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 PACK = "ComfyUI-FP8-Scaled-Learned"
@@ -137,22 +137,7 @@ def server(tiny_flux, tmp_path_factory):
 
 def convert_file_prompt(**overrides) -> dict:
     inputs = dict(
-        source=SOURCE,
-        filename_prefix="fp8_web/test",
-        format="comfy",
-        rounding="learned",
-        preset="auto",
-        shared_scales=True,
-        fp8_format="float8_e4m3fn",
-        num_iter=10,
-        calib_samples=16,
-        lr=3e-2,
-        reg_lambda=0.015,
-        min_tensor_size=1024,
-        keep_distillation=False,
-        exclude="",
-        include="",
-        seed=0,
+        NODE_OPTIONS, source=SOURCE, filename_prefix="fp8_web/test", rounding="learned", num_iter=10, calib_samples=16
     )
     inputs.update(overrides)
     return {"1": {"class_type": "FP8ScaledConvertFile", "inputs": inputs}}
