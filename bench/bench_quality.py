@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from minilm import MiniLM, WordPiece, model_dir  # noqa: E402
 
-from quant_core import formats  # noqa: E402
+from quant_core import formats, fp8  # noqa: E402
 from quant_core.calibration import Recorder  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
 from quant_core.gptq import output_error  # noqa: E402
@@ -78,7 +78,7 @@ def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
             if key in quantized:
                 scale_key = key.removesuffix(".weight") + formats.SCALE_SUFFIX[layout]
                 scale = formats.decode_stored_scale(layout, reader.read(scale_key))
-                state[key] = reader.read(key).float() * scale
+                state[key] = fp8.dequantize(reader.read(key), scale)
             elif reader.tensors[key].dtype.is_floating_point:
                 state[key] = reader.read(key).float()
         return state

@@ -32,12 +32,6 @@ def decode_scale(code: int) -> float:
     return float(torch.tensor(exact, dtype=torch.float32))
 
 
-def decode_scales(codes: torch.Tensor) -> torch.Tensor:
-    """Vectorised ``decode_scale`` for a uint8 tensor of codes (float32 result)."""
-    exact = torch.exp(_LOG_MIN + _LOG_SPAN * codes.double() / (LEVELS - 1))
-    return exact.float()
-
-
 def encode_scale(scale: float) -> int:
     """Smallest code whose decoded scale is >= ``scale`` (scales below SCALE_MIN give 0)."""
     if not math.isfinite(scale) or scale <= 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import formats
+from . import formats, fp8
 from .io import SafetensorsReader
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -173,7 +173,7 @@ def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> 
         )
         return None
     reference = original.read(layer.name).float()
-    approx = reader.read(layer.name).float() * layer.scale
+    approx = fp8.dequantize(reader.read(layer.name), layer.scale)
     norm = float(reference.norm())
     return float((approx - reference).norm()) / norm if norm else float((approx - reference).norm())
 

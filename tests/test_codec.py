@@ -55,19 +55,6 @@ def test_decode_rejects_codes_outside_range(code):
         codec.decode_scale(code)
 
 
-def test_decode_scales_matches_decode_scale_for_every_code():
-    decoded = codec.decode_scales(torch.arange(256, dtype=torch.uint8))
-    assert decoded.dtype == torch.float32 and decoded.shape == (256,)
-    assert decoded.tolist() == [codec.decode_scale(c) for c in CODES]
-
-
-def test_decode_scales_keeps_shape():
-    codes = torch.tensor([[0, 255], [17, 128]], dtype=torch.uint8)
-    decoded = codec.decode_scales(codes)
-    assert decoded.shape == (2, 2)
-    assert decoded[1, 0].item() == codec.decode_scale(17)
-
-
 def test_encode_decode_round_trip_for_every_code():
     for code in CODES:
         assert codec.encode_scale(codec.decode_scale(code)) == code
