@@ -149,7 +149,7 @@ class Rounder:
                 )
             return round_gptq(weight, scale, self.dtype, stats), "gptq"
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-            return round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding), ("learned")
+            return round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding), "learned"
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import formats
-from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .io import SafetensorsReader, TensorInfo, write_stream
 
 TARGETS = ("comfy", "legacy")
 
@@ -88,9 +88,5 @@ def decode_file(
             settings = json.loads(metadata["quant_core"])
             settings["decoded_to"] = target
             metadata["quant_core"] = json.dumps(settings)
-        with atomic_output(output, overwrite=overwrite, protect=(source,)) as file:
-            writer = SafetensorsWriter(file, entries, metadata)
-            for name, tensor in decoded_tensors(reader, target):
-                writer.write(name, tensor)
-            writer.finish()
+        write_stream(output, entries, decoded_tensors(reader, target), metadata, overwrite, protect=(source,))
     return output

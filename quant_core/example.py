@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .io import SafetensorsWriter, TensorInfo, atomic_output
+from .io import TensorInfo, write_stream
 
 
 def flux_shapes(
@@ -82,9 +82,6 @@ def write_synthetic(
     """Write a checkpoint of synthetic tensors, one tensor in memory at a time."""
     generator = torch.Generator().manual_seed(seed)
     entries = [TensorInfo(name, dtype, shape) for name, shape in shapes.items()]
-    with atomic_output(path, overwrite=overwrite) as file:
-        writer = SafetensorsWriter(file, entries, {"generator": "quant_core.example"})
-        for name, shape in shapes.items():
-            writer.write(name, synthetic_tensor(name, shape, generator).to(dtype))
-        writer.finish()
+    tensors = ((name, synthetic_tensor(name, shape, generator).to(dtype)) for name, shape in shapes.items())
+    write_stream(path, entries, tensors, {"generator": "quant_core.example"}, overwrite)
     return Path(path)

@@ -113,7 +113,7 @@ def sidecar_keys(fmt: str, weight_key: str) -> list[str]:
 
 def quantized_weights(fmt: str, keys: list[str]) -> list[str]:
     """The fp8 weight keys of a file in ``fmt`` (those that have a scale beside them)."""
-    suffix = SCALE_SUFFIX.get(fmt if fmt != "comfy-header" else "comfy")
+    suffix = SCALE_SUFFIX[fmt]
     names = set(keys)
     return [
         k.removesuffix(suffix) + WEIGHT_SUFFIX

@@ -16,7 +16,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,16 +243,28 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, protect: tup
         raise
 
 
+def write_stream(
+    path: str | os.PathLike,
+    entries: list[TensorInfo],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+    protect: tuple[Path, ...] = (),
+) -> None:
+    """Write ``entries`` atomically from an iterable of ``(name, tensor)`` that yields one tensor at a time."""
+    with atomic_output(path, overwrite=overwrite, protect=protect) as file:
+        writer = SafetensorsWriter(file, entries, metadata or {})
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.finish()
+
+
 def write_file(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
     overwrite: bool = True,
 ) -> None:
-    """Write a small in-memory state dict atomically (fixtures, the built-in example)."""
+    """Write a small in-memory state dict atomically (fixtures, calibration files)."""
     entries = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    with atomic_output(path, overwrite=overwrite) as file:
-        writer = SafetensorsWriter(file, entries, metadata or {})
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
-        writer.finish()
+    write_stream(path, entries, tensors.items(), metadata, overwrite)
