@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from ..quant_core.convert import ConvertOptions
+from ..quant_core.convert import ROUNDING_METHODS, ConvertOptions
 from ..quant_core.rounding import RoundingOptions
-
-ROUNDING_MODES = ("learned", "simple")
 
 
 def convert_options(
     format: str = "comfy",
     fp8_format: str = "float8_e4m3fn",
-    rounding: str = "learned",
+    rounding: str = "auto",
     num_iter: int = 200,
     calib_samples: int = 96,
     lr: float = 3e-2,
@@ -27,12 +25,12 @@ def convert_options(
     device: str | None = None,
 ) -> ConvertOptions:
     """Build engine options; regex widgets hold one pattern per line (blank lines ignored)."""
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, not {rounding!r}")
+    if rounding not in ROUNDING_METHODS:
+        raise ValueError(f"rounding must be one of {list(ROUNDING_METHODS)}, not {rounding!r}")
     return ConvertOptions(
         format=format,
         fp8_format=fp8_format,
-        simple=rounding == "simple",
+        method=rounding,
         rounding=RoundingOptions(
             num_iter=num_iter, lr=lr, reg_lambda=reg_lambda, calib_samples=calib_samples, seed=seed
         ),

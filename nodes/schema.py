@@ -14,7 +14,7 @@ from ..quant_core.inspection import inspect_file
 from ..quant_core.policy import AUTO, PRESETS
 from . import conversion, host
 from .loading import load_fp8_model
-from .options import ROUNDING_MODES, convert_options
+from .options import ROUNDING_METHODS, convert_options
 
 CATEGORY = "quantization/fp8"
 ALIASES = ["fp8", "quantize", "scaled fp8", "compress model", "fp8 scaled", "convert"]
@@ -32,10 +32,9 @@ def _option_inputs() -> list:
         ),
         io.Combo.Input(
             "rounding",
-            options=list(ROUNDING_MODES),
-            default="learned",
-            tooltip="learned: optimised rounding, kept only where it beats round-to-nearest on "
-            "held-out inputs; simple: round-to-nearest (fast)",
+            options=list(ROUNDING_METHODS),
+            default="auto",
+            tooltip="; ".join(f"{name}: {what}" for name, what in ROUNDING_METHODS.items()),
         ),
         io.Combo.Input(
             "preset",

@@ -2,7 +2,8 @@
 
 The seed script's learned rounding draws random Gaussian inputs (``RandomCalibration``, behind the
 ``CalibrationSource`` interface). Real information comes from running the model on real data with
-a ``Recorder``, which sums each Linear layer's input second moments ``X^T X`` into a calibration
+a ``Recorder``, which keeps each Linear layer's input second moments ``X^T X`` (exact for narrow
+layers, a low-rank sketch with an exact diagonal for wide ones) and writes them to a calibration
 file; ``RecordedStatistics`` reads it back for the converter (``--calibration FILE``).
 """
 
@@ -40,80 +41,252 @@ class RandomCalibration:
 
 
 STATISTICS_FORMAT = "quant_core.calibration"
+STATISTICS_VERSION = "2"
+
+
+class Gram:
+    """Exact second moments ``H = sum x x^T`` of a set of input rows."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix  # [in, in] float32
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.diagonal(self.matrix)
+
+    def quadratic(self, delta: torch.Tensor) -> float:
+        """``tr(delta H delta^T)``: the summed squared output change of the weight change ``delta``."""
+        delta = delta.double()
+        return float(torch.einsum("oi,ij,oj->", delta, self.matrix.to(delta), delta))
+
+
+class LowRankGram:
+    """Sketched second moments ``H ~ F F^T + diag(residual)`` of a wide layer's inputs.
+
+    ``F`` (``[in, r]``) holds the top of ``H``'s spectrum (a streaming Nystroem sketch), and the
+    diagonal is exact: the residual puts back, per input channel, the energy the low rank missed,
+    so channels with large activations are never under-weighted. ``r * in`` floats instead of ``in^2``.
+    """
+
+    def __init__(self, factor: torch.Tensor, diagonal: torch.Tensor):
+        self.factor = factor  # [in, r] float32
+        self.exact_diagonal = diagonal  # [in] float32
+
+    def diagonal(self) -> torch.Tensor:
+        return self.exact_diagonal
+
+    def residual(self) -> torch.Tensor:
+        """The diagonal part: exact diagonal minus what the factor explains (never negative)."""
+        return (self.exact_diagonal - self.factor.square().sum(1)).clamp_min(0)
+
+    def quadratic(self, delta: torch.Tensor) -> float:
+        delta = delta.double()
+        low_rank = float((delta @ self.factor.to(delta)).square().sum())
+        return low_rank + float((delta.square() * self.residual().to(delta)).sum())
+
+
+class RowSample:
+    """A uniform random sample of input rows: an unbiased estimate of ``H`` up to a constant factor.
+
+    Used for the held-out half of wide layers, where it judges a rounding without sharing the
+    fitting sketch's blind spots.
+    """
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows  # [m, in] float32
+
+    def diagonal(self) -> torch.Tensor:
+        return self.rows.square().sum(0)
+
+    def quadratic(self, delta: torch.Tensor) -> float:
+        return float((delta.float() @ self.rows.to(delta.device).T).double().square().sum())
+
+
+Moments = Gram | LowRankGram | RowSample
 
 
 @dataclass
 class LayerStatistics:
-    """Second moments of one Linear layer's real inputs, split into a fitting and a held-out half.
+    """One Linear layer's recorded inputs, split into a fitting and a held-out half (rows alternate),
+    so a rounding fitted on one is judged on the other."""
 
-    ``gram`` is ``sum x x^T`` over the fitting half of the recorded input rows, ``gram_heldout``
-    over the other half (rows alternate), so a rounding fitted on one is judged on the other.
-    """
-
-    gram: torch.Tensor  # [in, in] float32
-    gram_heldout: torch.Tensor  # [in, in] float32
+    fit: Gram | LowRankGram
+    heldout: Gram | RowSample
     count: int
     count_heldout: int
     input_absmax: float
 
     @property
     def in_features(self) -> int:
-        return self.gram.shape[0]
+        return self.fit.diagonal().shape[0]
+
+
+class _ExactRecording:
+    """Exact ``X^T X`` of both halves: ``2 in^2`` floats, for narrow layers."""
+
+    def __init__(self, in_features: int):
+        self.gram = torch.zeros(in_features, in_features)
+        self.gram_heldout = torch.zeros(in_features, in_features)
+
+    def add(self, fit: torch.Tensor, held: torch.Tensor) -> None:
+        self.gram += (fit.T @ fit).cpu()
+        self.gram_heldout += (held.T @ held).cpu()
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.gram.numel() * 4
+
+    def finish(self) -> tuple[Gram, Gram]:
+        return Gram(self.gram.clone()), Gram(self.gram_heldout.clone())
+
+
+class _SketchedRecording:
+    """A rank-``r`` Nystroem sketch ``Y = X^T X Omega`` plus the exact diagonal of the fitting half,
+    and a uniform sample of ``r`` held-out rows: ``2 r in`` floats however many rows go by.
+
+    Every update is two matrix products (cheap on the device the model runs on); the sketch is
+    turned into a factor only once, at the end. The sample keeps the rows with the largest
+    random keys (reservoir sampling that vectorises).
+    """
+
+    def __init__(self, in_features: int, rank: int, generator: torch.Generator):
+        self.sketch = torch.zeros(in_features, rank, dtype=torch.float64)
+        self.diagonal = torch.zeros(in_features, dtype=torch.float64)
+        self.sample = torch.zeros(0, in_features)
+        self.keys = torch.zeros(0)
+        self.generator = generator
+
+    def add(self, fit: torch.Tensor, held: torch.Tensor, probe: torch.Tensor) -> None:
+        self.sketch += (fit.T @ (fit @ probe)).cpu().double()
+        self.diagonal += fit.square().sum(0).cpu().double()
+        keys = torch.cat([self.keys, torch.rand(held.shape[0], generator=self.generator)])
+        keep = torch.topk(keys, min(self.sketch.shape[1], keys.numel())).indices
+        old, new = keep[keep < self.keys.numel()], keep[keep >= self.keys.numel()] - self.keys.numel()
+        self.sample = torch.cat([self.sample[old], held[new.to(held.device)].cpu()])
+        self.keys = torch.cat([self.keys[old], keys[self.keys.numel() :][new]])
+
+    @property
+    def nbytes(self) -> int:
+        return (self.sketch.numel() + self.diagonal.numel()) * 8 + (self.sample.numel() + self.keys.numel()) * 4
+
+    def finish(self, probe: torch.Tensor) -> tuple[LowRankGram, RowSample]:
+        factor = _nystroem_factor(self.sketch, probe.cpu().double())
+        return LowRankGram(factor.float(), self.diagonal.float()), RowSample(self.sample.clone())
+
+
+def _nystroem_factor(sketch: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """``F`` with ``F F^T ~ H`` from ``Y = H Omega`` (Tropp et al. 2017, the numerically stable form):
+    a tiny shift keeps the ``r x r`` core positive definite, and is taken off the spectrum again."""
+    shift = torch.finfo(torch.float64).eps * float(sketch.norm()) * sketch.shape[0] + 1e-300
+    shifted = sketch + shift * probe
+    core = probe.T @ shifted
+    lower = torch.linalg.cholesky((core + core.T) / 2)
+    basis = torch.linalg.solve_triangular(lower, shifted.T, upper=False).T  # Y C^-T
+    left, singular, _ = torch.linalg.svd(basis, full_matrices=False)
+    return left * (singular.square() - shift).clamp_min(0).sqrt()
+
+
+@dataclass
+class _Seen:
+    """What went through one layer so far."""
+
+    rows: int = 0
+    fit: int = 0
+    heldout: int = 0
+    absmax: float = 0.0
 
 
 class Recorder:
     """Records the input statistics of every Linear-like layer of a torch model with forward hooks.
 
     ``with Recorder(model) as rec: model(batch)`` (any number of calls), then ``rec.save(path)``.
-    Statistics are keyed ``<module path>.weight``, the weight's state-dict name. Layers wider than
-    ``max_features`` inputs are skipped (their ``in x in`` matrices would cost too much memory);
-    ``skipped`` lists them and ``nbytes`` reports the memory held.
+    Statistics are keyed ``<prefix><module path>.weight``, the weight's state-dict name. Layers
+    with at most ``exact_limit`` inputs keep their exact ``in x in`` second moments; wider ones a
+    rank-``rank`` sketch (``2 * rank * in`` floats, see ``_SketchedRecording``), so memory is
+    bounded by the model's shapes, not by how much data goes through: ``nbytes`` reports it.
+    Accumulators live in CPU memory; the model's device only does the per-call matrix products.
     """
 
-    def __init__(self, model: torch.nn.Module, max_features: int = 8192, prefix: str = ""):
+    def __init__(self, model: torch.nn.Module, rank: int = 128, exact_limit: int = 1024, prefix: str = ""):
+        if rank < 1:
+            raise ValueError(f"the sketch rank must be positive, not {rank}")
         self.model = model
         self.prefix = prefix
-        self.stats: dict[str, LayerStatistics] = {}
-        self.skipped: list[str] = []
-        self._rows: dict[str, int] = {}
+        self.rank = rank
+        self.exact_limit = max(exact_limit, rank)  # a sketch is only smaller when rank < in
+        self._recordings: dict[str, _ExactRecording | _SketchedRecording] = {}
+        self._seen: dict[str, _Seen] = {}
+        self._probes: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(0)
         self._handles: list = []
         for path, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or isinstance(module, torch.nn.Embedding):
                 continue
             name = f"{prefix}{path}.weight"
-            if weight.shape[1] > max_features:
-                self.skipped.append(name)
-                continue
             self._handles.append(module.register_forward_hook(self._hook(name, weight.shape[1])))
 
     def _hook(self, name: str, in_features: int):
         def record(module, inputs, output) -> None:
             if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != in_features:
                 return  # not used as a Linear on this call
-            self._add(name, inputs[0].detach().reshape(-1, in_features))
+            with torch.no_grad():
+                self._add(name, inputs[0].detach().reshape(-1, in_features).float())
 
         return record
 
+    def _probe(self, in_features: int, device: torch.device) -> torch.Tensor:
+        """The sketch's Gaussian test matrix, one per width: the same on every device and every run."""
+        if (in_features, device) not in self._probes:
+            generator = torch.Generator().manual_seed(in_features)
+            probe = torch.randn(in_features, self.rank, generator=generator, dtype=torch.float64)
+            self._probes[(in_features, device)] = probe.to(device=device, dtype=torch.float32)
+        return self._probes[(in_features, device)]
+
     def _add(self, name: str, rows: torch.Tensor) -> None:
-        rows = rows.float()
-        if name not in self.stats:
-            zeros = torch.zeros(rows.shape[1], rows.shape[1])
-            self.stats[name] = LayerStatistics(zeros, zeros.clone(), 0, 0, 0.0)
-            self._rows[name] = 0
-        stats = self.stats[name]
-        first = self._rows[name] % 2  # rows alternate between the two halves across calls
+        in_features = rows.shape[1]
+        if name not in self._recordings:
+            sketched = in_features > self.exact_limit
+            self._recordings[name] = (
+                _SketchedRecording(in_features, self.rank, self._generator)
+                if sketched
+                else _ExactRecording(in_features)
+            )
+            self._seen[name] = _Seen()
+        seen = self._seen[name]
+        first = seen.rows % 2  # rows alternate between the two halves across calls
         fit, held = rows[first::2], rows[1 - first :: 2]
-        stats.gram += (fit.T @ fit).cpu()
-        stats.gram_heldout += (held.T @ held).cpu()
-        stats.count += fit.shape[0]
-        stats.count_heldout += held.shape[0]
-        stats.input_absmax = max(stats.input_absmax, float(rows.abs().max()) if rows.numel() else 0.0)
-        self._rows[name] += rows.shape[0]
+        recording = self._recordings[name]
+        if isinstance(recording, _SketchedRecording):
+            recording.add(fit, held, self._probe(in_features, rows.device))
+        else:
+            recording.add(fit, held)
+        seen.rows += rows.shape[0]
+        seen.fit += fit.shape[0]
+        seen.heldout += held.shape[0]
+        seen.absmax = max(seen.absmax, float(rows.abs().max()) if rows.numel() else 0.0)
+
+    @property
+    def names(self) -> list[str]:
+        """The weights recorded so far."""
+        return list(self._recordings)
 
     @property
     def nbytes(self) -> int:
-        return sum(2 * s.gram.numel() * s.gram.element_size() for s in self.stats.values())
+        """Memory held by the recording (accumulators and the sketches' test matrices)."""
+        probes = sum(p.numel() * p.element_size() for p in self._probes.values())
+        return probes + sum(r.nbytes for r in self._recordings.values())
+
+    def statistics(self) -> dict[str, LayerStatistics]:
+        """The recorded statistics so far, per weight (sketches are turned into factors here)."""
+        result = {}
+        for name, recording in self._recordings.items():
+            if isinstance(recording, _SketchedRecording):
+                fit, heldout = recording.finish(self._probe(recording.sketch.shape[0], torch.device("cpu")))
+            else:
+                fit, heldout = recording.finish()
+            seen = self._seen[name]
+            result[name] = LayerStatistics(fit, heldout, seen.fit, seen.heldout, seen.absmax)
+        return result
 
     def close(self) -> None:
         for handle in self._handles:
@@ -127,16 +300,29 @@ class Recorder:
         self.close()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the statistics as safetensors: ``<weight>.gram``, ``.gram_heldout``, ``.count``, ``.input_absmax``."""
-        from .io import write_file
+        """Write the statistics as safetensors, atomically (see ``save_statistics``)."""
+        save_statistics(path, self.statistics())
 
-        tensors: dict[str, torch.Tensor] = {}
-        for name, stats in self.stats.items():
-            tensors[f"{name}.gram"] = stats.gram
-            tensors[f"{name}.gram_heldout"] = stats.gram_heldout
-            tensors[f"{name}.count"] = torch.tensor([stats.count, stats.count_heldout], dtype=torch.int64)
-            tensors[f"{name}.input_absmax"] = torch.tensor(stats.input_absmax, dtype=torch.float32)
-        write_file(path, tensors, {"format": STATISTICS_FORMAT, "version": "1"})
+
+def save_statistics(path: str | os.PathLike, statistics: dict[str, LayerStatistics]) -> None:
+    """Per weight: ``.gram`` + ``.gram_heldout`` (exact) or ``.factor`` + ``.diagonal`` +
+    ``.heldout_rows`` (sketched), and ``.count`` (fitting, held-out rows) and ``.input_absmax``."""
+    from .io import write_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, stats in statistics.items():
+        if isinstance(stats.fit, Gram):
+            tensors[f"{name}.gram"] = stats.fit.matrix
+        else:
+            tensors[f"{name}.factor"] = stats.fit.factor
+            tensors[f"{name}.diagonal"] = stats.fit.exact_diagonal
+        if isinstance(stats.heldout, Gram):
+            tensors[f"{name}.gram_heldout"] = stats.heldout.matrix
+        else:
+            tensors[f"{name}.heldout_rows"] = stats.heldout.rows
+        tensors[f"{name}.count"] = torch.tensor([stats.count, stats.count_heldout], dtype=torch.int64)
+        tensors[f"{name}.input_absmax"] = torch.tensor(stats.input_absmax, dtype=torch.float32)
+    write_file(path, tensors, {"format": STATISTICS_FORMAT, "version": STATISTICS_VERSION})
 
 
 class RecordedStatistics:
@@ -149,21 +335,23 @@ class RecordedStatistics:
         if self._reader.metadata.get("format") != STATISTICS_FORMAT:
             self._reader.close()
             raise ValueError(f"{path} is not a calibration file written by quant_core.calibration.Recorder")
-        self.names = {k.removesuffix(".gram") for k in self._reader.tensors if k.endswith(".gram")}
+        self.names = {k.removesuffix(".count") for k in self._reader.tensors if k.endswith(".count")}
 
     def get(self, name: str) -> LayerStatistics | None:
         """Statistics for the weight ``name``, or None when it was not recorded."""
         if name not in self.names:
             return None
-        read = self._reader.read
+        read, stored = self._reader.read, self._reader.tensors
         count, count_heldout = (int(n) for n in read(f"{name}.count"))
-        return LayerStatistics(
-            read(f"{name}.gram").clone(),
-            read(f"{name}.gram_heldout").clone(),
-            count,
-            count_heldout,
-            float(read(f"{name}.input_absmax")),
-        )
+        if f"{name}.gram" in stored:
+            fit = Gram(read(f"{name}.gram").clone())
+        else:
+            fit = LowRankGram(read(f"{name}.factor").clone(), read(f"{name}.diagonal").clone())
+        if f"{name}.gram_heldout" in stored:
+            heldout = Gram(read(f"{name}.gram_heldout").clone())
+        else:
+            heldout = RowSample(read(f"{name}.heldout_rows").clone())
+        return LayerStatistics(fit, heldout, count, count_heldout, float(read(f"{name}.input_absmax")))
 
     def close(self) -> None:
         self._reader.close()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, formats
-from .convert import ConvertOptions, convert_file, default_output_path
+from .convert import ROUNDING_METHODS, ConvertOptions, convert_file, default_output_path
 from .decode import decode_file
 from .example import flux_shapes, write_synthetic
 from .fp8 import FP8_DTYPES
@@ -48,7 +48,14 @@ def convert_parser() -> argparse.ArgumentParser:
         help="output layout: comfy (ComfyUI >= 0.4), legacy (scaled_fp8), ultra8 (8-bit scales)",
     )
     _option(parser, "fp8_format", choices=sorted(FP8_DTYPES), default="float8_e4m3fn", help="fp8 weight type")
-    _option(parser, "simple", action="store_true", help="plain round-to-nearest, no learned rounding")
+    _option(
+        parser,
+        "rounding",
+        choices=list(ROUNDING_METHODS),
+        default="auto",
+        help="; ".join(f"{name}: {what}" for name, what in ROUNDING_METHODS.items()),
+    )
+    _option(parser, "simple", action="store_true", help="the seed's flag for --rounding nearest")
     _option(parser, "t5xxl", action="store_true", help="T5XXL: keep layers named norm, bias, embed_tokens, shared")
     _option(
         parser,
@@ -117,7 +124,7 @@ def convert_parser() -> argparse.ArgumentParser:
         "calibration",
         metavar="FILE",
         help="input statistics recorded with quant_core.calibration.Recorder: GPTQ rounding for the weights "
-        "it covers (learned rounding elsewhere)",
+        "it covers (see --rounding for the others)",
     )
     _option(
         parser,
@@ -149,7 +156,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
         format=args.format,
         fp8_format=args.fp8_format,
-        simple=args.simple,
+        method=_rounding_method(args),
         rounding=rounding,
         shared_scales=args.use_shared_scales,
         min_tensor_size=args.min_tensor_size,
@@ -163,6 +170,12 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         device=args.device,
         overwrite=args.overwrite,
     )
+
+
+def _rounding_method(args: argparse.Namespace) -> str:
+    if args.simple and args.rounding not in ("auto", "nearest"):
+        raise ValueError(f"--simple (round-to-nearest) contradicts --rounding {args.rounding}")
+    return "nearest" if args.simple else args.rounding
 
 
 def run_convert(argv: Sequence[str]) -> int:

@@ -29,6 +29,12 @@ from .pipeline import run_parallel, run_sequential
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, detect_preset, scale_group
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
 
+ROUNDING_METHODS = {
+    "auto": "GPTQ where --calibration has statistics, round-to-nearest elsewhere",
+    "nearest": "round-to-nearest everywhere (the seed's --simple)",
+    "learned": "GPTQ where --calibration has statistics, the seed's learned rounding on random inputs elsewhere",
+}
+
 
 class TensorSource(Protocol):
     """What the engine reads from: tensor descriptions up front, tensors one at a time."""
@@ -45,7 +51,7 @@ class ConvertOptions:
 
     format: str = "comfy"
     fp8_format: str = "float8_e4m3fn"
-    simple: bool = False
+    method: str = "auto"  # see ROUNDING_METHODS
     rounding: RoundingOptions = field(default_factory=RoundingOptions)
     shared_scales: bool = True
     min_tensor_size: int = 1024
@@ -129,8 +135,12 @@ class Plan:
 
 @dataclass
 class Rounder:
-    """Chooses each weight's rounding: nearest (``--simple``), GPTQ where recorded statistics exist
-    (``--calibration``), learned rounding against random inputs otherwise."""
+    """Chooses each weight's rounding (see ``ROUNDING_METHODS``).
+
+    Without recorded statistics the default is round-to-nearest: against random inputs learned
+    rounding can only fit noise (their expected output error is minimised by round-to-nearest;
+    measured in bench/bench_quality.py), so it is opt-in (``learned``), as the seed ran it.
+    """
 
     dtype: torch.dtype
     options: ConvertOptions
@@ -138,7 +148,7 @@ class Rounder:
     statistics: RecordedStatistics | None = None
 
     def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
-        if self.options.simple:
+        if self.options.method == "nearest":
             return round_nearest(weight, scale, self.dtype), "nearest"
         stats = self.statistics.get(name) if self.statistics else None
         if stats is not None:
@@ -148,6 +158,8 @@ class Rounder:
                     f"the weight has {weight.shape[1]}; was it recorded on another model?"
                 )
             return round_gptq(weight, scale, self.dtype, stats), "gptq"
+        if self.options.method != "learned":
+            return round_nearest(weight, scale, self.dtype), "nearest"
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
             return round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding), "learned"
 
@@ -156,6 +168,8 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     """Decide what happens to each tensor and lay out the output, from names and shapes alone."""
     if options.format not in formats.FORMATS:
         raise ValueError(f"unknown --format {options.format!r}; choose one of {formats.FORMATS}")
+    if options.method not in ROUNDING_METHODS:
+        raise ValueError(f"unknown rounding method {options.method!r}; choose one of {list(ROUNDING_METHODS)}")
     if options.preset != AUTO and options.preset not in PRESETS:
         raise ValueError(f"unknown --preset {options.preset!r}; choose one of {[AUTO, *PRESETS]}")
     dtype = fp8.fp8_dtype(options.fp8_format)
@@ -254,7 +268,7 @@ def convert(
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
         return _quantize_group(item, tensors, device, rounder, source, plan)
 
-    recorded = options.calibration and not options.simple
+    recorded = options.calibration and options.method != "nearest"
     with (
         RecordedStatistics(options.calibration) if recorded else contextlib.nullcontext() as statistics,
         atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
@@ -359,7 +373,7 @@ def _describe(options: ConvertOptions, plan: Plan) -> dict:
     settings = asdict(options)
     for how_not_what in ("overwrite", "parallel", "device"):  # they do not change the output
         settings.pop(how_not_what)
-    if options.simple:
+    if options.method != "learned":  # the learned-rounding settings are not used
         settings.pop("rounding")
     return {
         "version": __version__,

@@ -8,6 +8,12 @@ go in order of decreasing ``H_ii`` (act-order: the inputs with the most energy f
 small damping ``damp * mean(diag H)`` keeps ``H`` invertible when few rows were recorded. The
 result is checked on the held-out half of the statistics and replaced by round-to-nearest when
 that is better there.
+
+Narrow layers come with the exact ``H`` (``_gptq_dense``: ``O(in^3 + out in^2)``). Wide layers
+come with ``H ~ F F^T + diag(d)`` of rank ``r`` (``_gptq_low_rank``), whose inverse is diagonal
+plus rank ``r``; its Cholesky factor is then *semiseparable* — the part of row ``j`` beyond its
+block is ``g_j^T V`` — so the error pushed onto all later columns is one ``out x r`` accumulator,
+and a layer costs ``O(out in r)``, never an ``in x in`` matrix (a 15360-wide layer would need 900 MB).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import fp8
-from .calibration import LayerStatistics
+from .calibration import Gram, LayerStatistics, LowRankGram, Moments
 from .rounding import RoundingResult
 
 BLOCK = 128
@@ -26,46 +32,98 @@ def round_gptq(
 ) -> RoundingResult:
     """GPTQ-rounded fp8 weight; never worse than RTN on the held-out statistics."""
     weight = weight.float()
-    device = weight.device
-    gram = stats.gram.to(device=device, dtype=torch.float64)
-    order = torch.argsort(torch.diagonal(gram), descending=True)
-    quantized = _gptq(weight[:, order], gram[order][:, order], scale, dtype, damp)
+    order = torch.argsort(stats.fit.diagonal().to(weight.device), descending=True)
+    if isinstance(stats.fit, Gram):
+        quantized = _gptq_dense(weight[:, order], _permuted(stats.fit, order), scale, dtype, damp)
+    else:
+        quantized = _gptq_low_rank(weight[:, order], _permuted(stats.fit, order), scale, dtype, damp)
     quantized = quantized[:, torch.argsort(order)]
     rtn = fp8.quantize_nearest(weight, scale, dtype)
-    held_out = stats.gram_heldout.to(device=device, dtype=torch.float64)
-    error_rtn = output_error(weight, rtn.float() * scale, held_out)
-    error = output_error(weight, quantized.float() * scale, held_out)
+    error_rtn = output_error(weight, rtn.float() * scale, stats.heldout)
+    error = output_error(weight, quantized.float() * scale, stats.heldout)
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+def output_error(weight: torch.Tensor, approx: torch.Tensor, moments: Moments) -> float:
     """Relative output error ``sqrt(tr(D H D^T) / tr(W H W^T))`` for inputs with second moments ``H``."""
-    delta = (approx - weight).double()
-    reference = float(torch.einsum("oi,ij,oj->", weight.double(), gram, weight.double()))
-    error = float(torch.einsum("oi,ij,oj->", delta, gram, delta))
+    reference = moments.quadratic(weight)
+    error = moments.quadratic(approx - weight)
     return (max(error, 0.0) / reference) ** 0.5 if reference > 0 else 0.0
 
 
-def _gptq(weight: torch.Tensor, gram: torch.Tensor, scale: float, dtype: torch.dtype, damp: float) -> torch.Tensor:
+def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:
+    if isinstance(moments, Gram):
+        matrix = moments.matrix.to(order.device)
+        return Gram(matrix[order][:, order])
+    return LowRankGram(moments.factor.to(order.device)[order], moments.exact_diagonal.to(order.device)[order])
+
+
+def _damping(diagonal: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Inputs never seen (zero energy) cannot matter: give them unit weight; then the damping."""
+    dead = diagonal == 0
+    return dead, damp * float(torch.where(dead, 1.0, diagonal).mean())
+
+
+def _gptq_dense(weight: torch.Tensor, gram: Gram, scale: float, dtype: torch.dtype, damp: float) -> torch.Tensor:
     columns = weight.shape[1]
-    gram = gram.clone()
-    dead = torch.diagonal(gram) == 0  # inputs never seen: their weights cannot matter
-    gram[dead, dead] = 1.0
-    gram += damp * float(torch.diagonal(gram).mean()) * torch.eye(columns, dtype=gram.dtype, device=gram.device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    matrix = gram.matrix.double()
+    dead, damping = _damping(torch.diagonal(matrix), damp)
+    matrix[dead, dead] = 1.0
+    matrix += damping * torch.eye(columns, dtype=matrix.dtype, device=matrix.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
     work = weight.clone()
     quantized = torch.empty_like(weight, dtype=dtype)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
-        block = work[:, start:end]
-        errors = torch.empty_like(block)
-        for i in range(end - start):
-            column = fp8.quantize_nearest(block[:, i], scale, dtype)
-            quantized[:, start + i] = column
-            errors[:, i] = (block[:, i] - column.float() * scale) / upper[start + i, start + i]
-            block[:, i:] -= errors[:, i : i + 1] * upper[start + i, start + i : end]
+        errors = _round_block(work[:, start:end], upper[start:end, start:end], quantized[:, start:end], scale, dtype)
         work[:, end:] -= errors @ upper[start:end, end:]
     return quantized
+
+
+def _gptq_low_rank(
+    weight: torch.Tensor, gram: LowRankGram, scale: float, dtype: torch.dtype, damp: float
+) -> torch.Tensor:
+    """GPTQ for ``H = F F^T + diag(d)``, block by block, with a Schur-complement state of ``r x r``.
+
+    ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
+    columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
+    is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
+    upper Cholesky factor, and the errors reach later columns ``k`` as ``errors @ P @ V_k^T``.
+    """
+    columns = weight.shape[1]
+    factor = gram.factor.double()
+    dead, damping = _damping(gram.exact_diagonal.double(), damp)
+    residual = torch.where(dead, 1.0, gram.residual().double()) + damping
+    pushed = factor / residual[:, None]  # V
+    state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
+    spread = torch.zeros(weight.shape[0], factor.shape[1], dtype=weight.dtype, device=weight.device)
+    quantized = torch.empty_like(weight, dtype=dtype)
+    for start in range(0, columns, BLOCK):
+        end = min(start + BLOCK, columns)
+        pushed_block = pushed[start:end]
+        coupled = pushed_block @ state  # V_J S
+        inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
+        lower = torch.linalg.cholesky((inner + inner.T) / 2)
+        block = weight[:, start:end] - spread @ pushed_block.T.float()
+        errors = _round_block(block, lower.T.float(), quantized[:, start:end], scale, dtype)
+        onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
+        spread += errors @ onward.float()
+        state -= onward.T @ onward
+    return quantized
+
+
+def _round_block(
+    block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Round a block's columns in turn into ``out``, each error compensated on the block's later
+    columns through ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the scaled errors."""
+    errors = torch.empty_like(block)
+    for i in range(block.shape[1]):
+        column = fp8.quantize_nearest(block[:, i], scale, dtype)
+        out[:, i] = column
+        errors[:, i] = (block[:, i] - column.float() * scale) / upper[i, i]
+        block[:, i:] -= errors[:, i : i + 1] * upper[i, i:]
+    return errors

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from quant_core import fp8, io
-from quant_core.calibration import RecordedStatistics, Recorder
+from quant_core.calibration import (
+    Gram,
+    LayerStatistics,
+    LowRankGram,
+    RecordedStatistics,
+    Recorder,
+    RowSample,
+    save_statistics,
+)
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.gptq import output_error, round_gptq
 
@@ -37,22 +45,52 @@ def test_recorder_sums_second_moments_of_alternating_rows():
         for batch in batches:
             run(model, batch)
     rows = torch.cat(batches)
-    stats = recorder.stats["0.weight"]
-    assert torch.allclose(stats.gram, rows[0::2].T @ rows[0::2], atol=1e-4)
-    assert torch.allclose(stats.gram_heldout, rows[1::2].T @ rows[1::2], atol=1e-4)
+    stats = recorder.statistics()["0.weight"]
+    assert torch.allclose(stats.fit.matrix, rows[0::2].T @ rows[0::2], atol=1e-4)
+    assert torch.allclose(stats.heldout.matrix, rows[1::2].T @ rows[1::2], atol=1e-4)
     assert (stats.count, stats.count_heldout) == (11, 10)
     assert stats.input_absmax == pytest.approx(float(rows.abs().max()))
-    assert set(recorder.stats) == {"0.weight", "2.weight"}, "embeddings are not Linear layers"
+    assert recorder.names == ["0.weight", "2.weight"], "embeddings are not Linear layers"
     assert recorder.nbytes == 2 * 4 * (32 * 32 + 64 * 64)
 
 
-def test_recorder_removes_its_hooks_and_skips_wide_layers():
+def test_recorder_removes_its_hooks():
     model = small_model()
-    with Recorder(model, max_features=32) as recorder:
+    with Recorder(model) as recorder:
         run(model, low_rank_inputs(4, 0))
-    assert recorder.skipped == ["2.weight"]
     run(model, low_rank_inputs(4, 1))
-    assert recorder.stats["0.weight"].count == 2, "no recording after the with-block"
+    assert recorder.statistics()["0.weight"].count == 2, "no recording after the with-block"
+
+
+def test_wide_layers_keep_a_bounded_sketch_with_an_exact_diagonal():
+    model = small_model()
+    batches = [low_rank_inputs(9, seed) for seed in range(40)]
+    with Recorder(model, rank=8, exact_limit=16) as recorder:
+        for batch in batches[:4]:  # enough held-out rows to fill the sample
+            run(model, batch)
+        memory = recorder.nbytes
+        for batch in batches[4:]:
+            run(model, batch)
+    assert recorder.nbytes == memory, "memory must not grow with the number of rows"
+    assert memory < 2 * 4 * (32 * 32 + 64 * 64), "smaller than the exact statistics"
+    rows = torch.cat(batches)
+    fit_rows, held_rows = rows[0::2], rows[1::2]
+    stats = recorder.statistics()["0.weight"]
+    assert isinstance(stats.fit, LowRankGram) and isinstance(stats.heldout, RowSample)
+    assert stats.fit.factor.shape == (32, 8) and stats.heldout.rows.shape == (8, 32)
+    gram = fit_rows.T @ fit_rows
+    assert torch.allclose(stats.fit.diagonal(), torch.diagonal(gram), rtol=1e-4)
+    approx = stats.fit.factor @ stats.fit.factor.T + torch.diag(stats.fit.residual())
+    assert float((approx - gram).norm() / gram.norm()) < 0.01, "rank 4 inputs plus noise: rank 8 captures them"
+    distance = (stats.heldout.rows[:, None, :] - held_rows[None]).abs().amax(dim=2)
+    assert float(distance.min(dim=1).values.max()) == 0, "the held-out sample holds real held-out rows"
+    position = distance.argmin(dim=1)
+    assert (position < len(held_rows) // 2).any() and (position >= len(held_rows) // 2).any(), "sampled throughout"
+
+
+def test_sketch_rank_must_be_positive():
+    with pytest.raises(ValueError, match="rank"):
+        Recorder(small_model(), rank=0)
 
 
 def test_statistics_file_round_trip(tmp_path):
@@ -62,8 +100,9 @@ def test_statistics_file_round_trip(tmp_path):
     recorder.save(tmp_path / "calibration.safetensors")
     loaded = RecordedStatistics(tmp_path / "calibration.safetensors")
     assert loaded.names == {"0.weight", "2.weight"}
-    original, read = recorder.stats["2.weight"], loaded.get("2.weight")
-    assert torch.equal(read.gram, original.gram) and torch.equal(read.gram_heldout, original.gram_heldout)
+    original, read = recorder.statistics()["2.weight"], loaded.get("2.weight")
+    assert torch.equal(read.fit.matrix, original.fit.matrix)
+    assert torch.equal(read.heldout.matrix, original.heldout.matrix)
     assert (read.count, read.count_heldout, read.input_absmax) == (
         original.count,
         original.count_heldout,
@@ -71,6 +110,20 @@ def test_statistics_file_round_trip(tmp_path):
     )
     assert loaded.get("missing.weight") is None
     loaded.close()
+
+
+def test_sketched_statistics_file_round_trip(tmp_path):
+    model = small_model()
+    with Recorder(model, rank=8, exact_limit=16) as recorder:
+        run(model, low_rank_inputs(50, 0))
+    recorder.save(tmp_path / "calibration.safetensors")
+    with RecordedStatistics(tmp_path / "calibration.safetensors") as loaded:
+        read = loaded.get("2.weight")
+    original = recorder.statistics()["2.weight"]
+    assert torch.equal(read.fit.factor, original.fit.factor)
+    assert torch.equal(read.fit.diagonal(), original.fit.diagonal())
+    assert torch.equal(read.heldout.rows, original.heldout.rows)
+    assert read.in_features == 64
 
 
 def test_a_checkpoint_is_not_a_calibration_file(tmp_path):
@@ -82,7 +135,7 @@ def test_a_checkpoint_is_not_a_calibration_file(tmp_path):
 def recorded(model: torch.nn.Module, name: str, count: int = 400):
     with Recorder(model) as recorder:
         run(model, low_rank_inputs(count, 1))
-    return recorder.stats[name]
+    return recorder.statistics()[name]
 
 
 def test_gptq_beats_round_to_nearest_on_held_out_statistics_and_stays_on_the_grid():
@@ -94,7 +147,7 @@ def test_gptq_beats_round_to_nearest_on_held_out_statistics_and_stays_on_the_gri
     rtn = fp8.quantize_nearest(weight, scale, E4M3)
     assert not result.fell_back
     assert result.error < 0.5 * result.error_rtn
-    assert result.error_rtn == pytest.approx(output_error(weight, rtn.float() * scale, stats.gram_heldout.double()))
+    assert result.error_rtn == pytest.approx(output_error(weight, rtn.float() * scale, stats.heldout))
     assert result.quantized.dtype == E4M3 and result.quantized.shape == weight.shape
     assert torch.isfinite(result.quantized.float()).all()
     # error feedback moves values, but only to representable values within the saturating range
@@ -104,7 +157,7 @@ def test_gptq_beats_round_to_nearest_on_held_out_statistics_and_stays_on_the_gri
 def test_gptq_falls_back_when_the_held_out_half_disagrees():
     model = small_model()
     stats = recorded(model, "0.weight")
-    stats.gram_heldout = torch.eye(32)  # held-out inputs unlike the fitting half: isotropic
+    stats.heldout = Gram(torch.eye(32))  # held-out inputs unlike the fitting half: isotropic
     weight = model[0].weight.detach()
     scale = fp8.scale_for(fp8.absmax(weight), E4M3)
     result = round_gptq(weight, scale, E4M3, stats)
@@ -123,16 +176,19 @@ def test_convert_with_calibration_uses_gptq_where_statistics_exist(tmp_path):
     model_file(model, tmp_path / "model.safetensors")
     with Recorder(model) as recorder:
         run(model, low_rank_inputs(400, 1))
-    del recorder.stats["2.weight"]
-    recorder.save(tmp_path / "calibration.safetensors")
+    statistics = recorder.statistics()
+    del statistics["2.weight"]
+    save_statistics(tmp_path / "calibration.safetensors", statistics)
     options = ConvertOptions(
         preset="none", min_tensor_size=0, exclude=[r"^3\."], calibration=str(tmp_path / "calibration.safetensors")
     )
     options.rounding.num_iter = 5
-    summary = convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
-    methods = {r.name: r.method for r in summary.reports if r.quantized}
-    assert methods == {"0.weight": "gptq", "2.weight": "learned"}
-    assert summary.methods == {"gptq": 1, "learned": 1}
+    for method, elsewhere in (("auto", "nearest"), ("learned", "learned")):
+        options.method, options.overwrite = method, True
+        summary = convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
+        methods = {r.name: r.method for r in summary.reports if r.quantized}
+        assert methods == {"0.weight": "gptq", "2.weight": elsewhere}
+        assert summary.methods == {"gptq": 1, elsewhere: 1}
 
 
 def test_statistics_of_another_model_are_refused(tmp_path):
@@ -146,3 +202,33 @@ def test_statistics_of_another_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="another model"):
         convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact():
+    inputs = low_rank_inputs(600, 2)
+    gram = (inputs.T @ inputs).double()
+    factor = torch.linalg.cholesky(gram + 1e-6 * torch.eye(32, dtype=torch.float64)).float()
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    dense = LayerStatistics(Gram(gram.float()), Gram(gram.float()), 300, 300, 1.0)
+    low_rank = LayerStatistics(LowRankGram(factor, torch.diagonal(gram).float()), Gram(gram.float()), 300, 300, 1.0)
+    a, b = round_gptq(weight, scale, E4M3, dense), round_gptq(weight, scale, E4M3, low_rank)
+    same = (a.quantized.view(torch.uint8) == b.quantized.view(torch.uint8)).float().mean()
+    assert float(same) > 0.995, "the same algorithm up to rounding ties"
+    assert b.error == pytest.approx(a.error, rel=1e-3) and b.error < 0.5 * b.error_rtn
+
+
+def test_gptq_on_a_sketch_beats_round_to_nearest_on_held_out_rows():
+    model = small_model()
+    with Recorder(model, rank=8, exact_limit=16) as recorder:
+        for seed in range(20):
+            run(model, low_rank_inputs(40, seed))
+    stats = recorder.statistics()["0.weight"]
+    weight = model[0].weight.detach()
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    result = round_gptq(weight, scale, E4M3, stats)
+    exact = low_rank_inputs(2000, 99)
+    truth = Gram(exact.T @ exact)
+    rtn = fp8.quantize_nearest(weight, scale, E4M3).float() * scale
+    assert not result.fell_back
+    assert output_error(weight, result.quantized.float() * scale, truth) < 0.5 * output_error(weight, rtn, truth)

@@ -95,7 +95,8 @@ ONE_SPELLING = [
     (["--lr", "0.5"], lambda o: o.rounding.lr, 0.5),
     (["--t5xxl"], lambda o: o.t5xxl, True),
     (["--parallel"], lambda o: o.parallel, True),
-    (["--simple"], lambda o: o.simple, True),
+    (["--simple"], lambda o: o.method, "nearest"),
+    (["--rounding", "learned"], lambda o: o.method, "learned"),
     (["--seed", "5"], lambda o: o.rounding.seed, 5),
     (["--format", "ultra8"], lambda o: o.format, "ultra8"),
     (["--preset", "t5"], lambda o: o.preset, "t5"),
@@ -133,7 +134,8 @@ def test_defaults_are_the_seed_scripts():
     )
     assert options.shared_scales is True
     assert options.min_tensor_size == 1024
-    assert (options.t5xxl, options.keep_distillation, options.parallel, options.simple) == (False,) * 4
+    assert (options.t5xxl, options.keep_distillation, options.parallel) == (False,) * 3
+    assert options.method == "auto"
     assert options.format == "comfy" and options.fp8_format == "float8_e4m3fn"
 
 
@@ -162,7 +164,7 @@ def test_seed_command_line_converts(small_file, tmp_path, capsys):
     assert report.violations == []
     assert len(report.layers) == 2
     described = json.loads(read_all(output)[1]["quant_core"])
-    assert described["settings"]["simple"] is False
+    assert described["settings"]["method"] == "auto"
     assert "parallel" not in described["settings"], "how a file was made must not change its bytes"
 
 

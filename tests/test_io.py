@@ -217,7 +217,9 @@ def test_failure_midway_leaves_no_output_and_no_temp_file(flux_file, tmp_path, h
             raise exc("stop")
 
     kwargs = {}
-    options = ConvertOptions(simple=hook != "calibration", rounding=QUICK_LEARNED, parallel=parallel)
+    options = ConvertOptions(
+        method="nearest" if hook != "calibration" else "learned", rounding=QUICK_LEARNED, parallel=parallel
+    )
     if hook == "progress":
         kwargs["progress"] = fail_on_fifth
     elif hook == "check_interrupt":
@@ -243,7 +245,7 @@ def test_failure_keeps_an_existing_output_intact(flux_file, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert_file(flux_file, output, ConvertOptions(simple=True, overwrite=True), progress=interrupt)
+        convert_file(flux_file, output, ConvertOptions(method="nearest", overwrite=True), progress=interrupt)
     assert output.read_bytes() == b"previous result"
     assert leftovers(tmp_path) == []
 
@@ -264,7 +266,7 @@ def test_refuses_to_overwrite_the_input(flux_file, tmp_path, monkeypatch, spelli
         "symlink": "link.safetensors",
     }[spelling]
     with pytest.raises(ValueError, match="input"):
-        convert_file(flux_file.name, output, ConvertOptions(simple=True, overwrite=overwrite))
+        convert_file(flux_file.name, output, ConvertOptions(method="nearest", overwrite=overwrite))
     assert flux_file.read_bytes() == before
     assert leftovers(tmp_path) == []
 
@@ -273,10 +275,10 @@ def test_existing_output_needs_overwrite(flux_file, tmp_path):
     output = tmp_path / "converted.safetensors"
     output.write_bytes(b"previous result")
     with pytest.raises(FileExistsError):
-        convert_file(flux_file, output, ConvertOptions(simple=True))
+        convert_file(flux_file, output, ConvertOptions(method="nearest"))
     assert output.read_bytes() == b"previous result"
 
-    convert_file(flux_file, output, ConvertOptions(simple=True, overwrite=True))
+    convert_file(flux_file, output, ConvertOptions(method="nearest", overwrite=True))
     converted = load_file(str(output))
     assert converted[QUANTIZED_NAME].dtype == torch.float8_e4m3fn
     assert leftovers(tmp_path) == []
@@ -292,7 +294,7 @@ def test_non_finite_weight_is_a_clear_error(flux_file, tmp_path, bad, parallel):
     write_file(source, tensors, metadata)
     output = tmp_path / "converted.safetensors"
     with pytest.raises(ValueError, match=re.escape(QUANTIZED_NAME)):
-        convert_file(source, output, ConvertOptions(simple=True, parallel=parallel))
+        convert_file(source, output, ConvertOptions(method="nearest", parallel=parallel))
     assert not output.exists()
     assert leftovers(tmp_path) == []
 
@@ -341,7 +343,7 @@ def test_unreadable_input_is_a_format_error(flux_file, tmp_path, how):
         SafetensorsReader(source)
     output = tmp_path / "converted.safetensors"
     with pytest.raises(SafetensorsFormatError):
-        convert_file(source, output, ConvertOptions(simple=True))
+        convert_file(source, output, ConvertOptions(method="nearest"))
     assert not output.exists()
     assert leftovers(tmp_path) == []
 
@@ -373,19 +375,19 @@ def test_malformed_header_is_a_format_error(tmp_path, raw_header):
 # ---------------------------------------------------------------------------------------------- --parallel
 
 
-def convert_twice(source: Path, tmp_path: Path, simple: bool) -> tuple[Path, Path]:
+def convert_twice(source: Path, tmp_path: Path, method: str) -> tuple[Path, Path]:
     outputs = []
     for parallel in (False, True):
         output = tmp_path / f"parallel_{parallel}.safetensors"
-        options = ConvertOptions(simple=simple, parallel=parallel, rounding=QUICK_LEARNED)
+        options = ConvertOptions(method=method, parallel=parallel, rounding=QUICK_LEARNED)
         convert_file(source, output, options)
         outputs.append(output)
     return outputs[0], outputs[1]
 
 
-@pytest.mark.parametrize("simple", [True, False], ids=["simple", "learned"])
-def test_parallel_output_is_byte_identical(flux_file, tmp_path, simple):
-    sequential, parallel = convert_twice(flux_file, tmp_path, simple)
+@pytest.mark.parametrize("method", ["nearest", "learned"])
+def test_parallel_output_is_byte_identical(flux_file, tmp_path, method):
+    sequential, parallel = convert_twice(flux_file, tmp_path, method)
     assert sequential.read_bytes() == parallel.read_bytes()
 
 
@@ -393,7 +395,7 @@ def test_same_seed_same_file(flux_file, tmp_path):
     outputs = []
     for attempt in range(2):
         output = tmp_path / f"run{attempt}.safetensors"
-        convert_file(flux_file, output, ConvertOptions(rounding=QUICK_LEARNED))
+        convert_file(flux_file, output, ConvertOptions(method="learned", rounding=QUICK_LEARNED))
         outputs.append(output.read_bytes())
     assert outputs[0] == outputs[1]
     assert os.path.getsize(tmp_path / "run0.safetensors") > 0
@@ -404,5 +406,5 @@ def test_nothing_to_quantize_is_refused(tmp_path):
     source = tmp_path / "norms_only.safetensors"
     write_file(source, {"norm.weight": torch.ones(64), "tiny.weight": torch.ones(4, 4)})
     with pytest.raises(ValueError, match="nothing to quantize"):
-        convert_file(source, tmp_path / "out.safetensors", ConvertOptions(simple=True))
+        convert_file(source, tmp_path / "out.safetensors", ConvertOptions(method="nearest"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["norms_only.safetensors"]

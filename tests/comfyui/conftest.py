@@ -42,7 +42,7 @@ def comfy():
 # Every widget of the convert nodes, at its default, for prompts and direct execute() calls.
 NODE_OPTIONS = dict(
     format="comfy",
-    rounding="simple",
+    rounding="nearest",
     preset="auto",
     shared_scales=True,
     fp8_format="float8_e4m3fn",

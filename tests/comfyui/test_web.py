@@ -238,7 +238,7 @@ def test_cancel_sends_a_cancelled_error_event_and_saves_nothing(server):
 def test_engine_error_sends_an_error_event(server):
     url, _ = server
     prompt = convert_file_prompt(
-        source="diffusion_models/huge_weights.safetensors", format="ultra8", rounding="simple", preset="none"
+        source="diffusion_models/huge_weights.safetensors", format="ultra8", rounding="nearest", preset="none"
     )
     messages = run_prompt(url, prompt)
     assert messages[-1]["type"] == "execution_error", messages[-1]

@@ -35,7 +35,7 @@ def _relative(a, b):
 
 def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
     patcher, original, patched = _patched_model(comfy, tiny_model)
-    options = pack.options.convert_options(rounding="simple")
+    options = pack.options.convert_options(rounding="nearest")
     summary = pack.conversion.convert_model(patcher, options, "fp8/tiny", PROMPT, EXTRA, node_id="5")
 
     folder = comfy.models / "unet"
@@ -87,7 +87,7 @@ def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
     assert comfy.model_management.soft_empty_cache_calls >= 1
 
     # A second run numbers the next file.
-    again = pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "fp8/tiny")
+    again = pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "fp8/tiny")
     assert again.output == str(folder / "fp8" / "tiny_00002_.safetensors")
     with pack.io.SafetensorsReader(again.output) as reader:
         assert "prompt" not in reader.metadata and "workflow" not in reader.metadata
@@ -97,14 +97,14 @@ def test_convert_model_with_metadata_disabled(pack, comfy, tiny_model):
     comfy.cli_args.args.disable_metadata = True
     patcher, _, _ = _patched_model(comfy, tiny_model)
     summary = pack.conversion.convert_model(
-        patcher, pack.options.convert_options(rounding="simple"), "m", PROMPT, EXTRA
+        patcher, pack.options.convert_options(rounding="nearest"), "m", PROMPT, EXTRA
     )
     with pack.io.SafetensorsReader(summary.output) as reader:
         assert set(reader.metadata) == {"quant_core"}
 
 
 def test_convert_model_uses_comfyuis_device(pack, comfy, tiny_model):
-    options = pack.options.convert_options(rounding="simple")
+    options = pack.options.convert_options(rounding="nearest")
     pack.conversion.convert_model(comfy.ModelPatcher(tiny_model(blocks=1)), options, "dev")
     assert options.device == "cpu"
 
@@ -119,7 +119,7 @@ def test_learned_rounding_inside_inference_mode(pack, comfy, tiny_model):
     assert all(0 < r.error_after < 0.1 and r.error_before > 0 for r in learned)
     with pack.io.SafetensorsReader(summary.output) as reader:
         settings = json.loads(reader.metadata["quant_core"])["settings"]
-        assert settings["simple"] is False
+        assert settings["method"] == "learned"
         assert settings["rounding"]["num_iter"] == 5 and settings["rounding"]["calib_samples"] == 8
         assert _relative(_dequantized(pack, reader, Q), patched) < 0.06
     assert len(comfy.server.events("fp8_scaled.done")) == 1
@@ -132,7 +132,7 @@ def test_convert_checkpoint_saves_into_the_same_folder(pack, comfy, tiny_model, 
     entry = "checkpoints/tiny.safetensors"
     assert entry in pack.host.source_files()
 
-    options = pack.options.convert_options(rounding="simple", format="legacy")
+    options = pack.options.convert_options(rounding="nearest", format="legacy")
     summary = pack.conversion.convert_checkpoint(entry, options, "fp8/ckpt", PROMPT, EXTRA, node_id="3")
     output = comfy.models / "checkpoints" / "fp8" / "ckpt_00001_.safetensors"
     assert summary.output == str(output) and summary.input == str(source)
@@ -163,7 +163,7 @@ def test_cancel_midway_leaves_nothing_behind(pack, comfy, tiny_model, files_belo
             comfy.model_management.interrupt_current_processing()  # what the UI's Cancel does
 
     comfy.server.listeners.append(cancel_after_n_updates)
-    options = pack.options.convert_options(rounding="simple")
+    options = pack.options.convert_options(rounding="nearest")
     with pytest.raises(comfy.InterruptProcessingException):
         pack.conversion.convert_model(patcher, options, "fp8/cancelled", node_id="4")
 
@@ -183,7 +183,7 @@ def test_cancel_seen_by_the_progress_hook_also_leaves_nothing(pack, comfy, tiny_
     checks = comfy.model_management.throw_exception_if_processing_interrupted
     comfy.model_management.interrupt_current_processing()
     with pytest.raises(comfy.InterruptProcessingException):
-        pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "pre")
+        pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "pre")
     assert checks is comfy.model_management.throw_exception_if_processing_interrupted
     assert files_below(comfy.models) == []
     assert comfy.server.events("fp8_scaled.progress") == []
@@ -192,7 +192,7 @@ def test_cancel_seen_by_the_progress_hook_also_leaves_nothing(pack, comfy, tiny_
 
 def test_an_engine_error_is_reported_and_not_a_cancel(pack, comfy, tiny_model, files_below):
     patcher, _, _ = _patched_model(comfy, tiny_model)
-    options = pack.options.convert_options(rounding="simple", preset="no-such-preset")
+    options = pack.options.convert_options(rounding="nearest", preset="no-such-preset")
     with pytest.raises(ValueError, match="unknown --preset"):
         pack.conversion.convert_model(patcher, options, "bad", node_id="2")
     errors = comfy.server.events("fp8_scaled.error")
@@ -203,7 +203,7 @@ def test_an_engine_error_is_reported_and_not_a_cancel(pack, comfy, tiny_model, f
 
 def _summary(pack, comfy, tiny_model):
     return pack.conversion.convert_model(
-        comfy.ModelPatcher(tiny_model()), pack.options.convert_options(rounding="simple"), "r"
+        comfy.ModelPatcher(tiny_model()), pack.options.convert_options(rounding="nearest"), "r"
     )
 
 
@@ -250,7 +250,7 @@ def test_report_text_of_a_real_run(pack, comfy, tiny_model):
 def test_a_bad_prefix_is_reported_before_anything_runs(pack, comfy, tiny_model, files_below):
     patcher, _, _ = _patched_model(comfy, tiny_model)
     with pytest.raises(pack.host.UserError, match="filename_prefix"):
-        pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "../out", node_id="8")
+        pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "../out", node_id="8")
     errors = comfy.server.events("fp8_scaled.error")
     assert len(errors) == 1 and errors[0]["cancelled"] is False and "filename_prefix" in errors[0]["message"]
     assert comfy.utils.bars == [] and patcher.calls == []
@@ -259,7 +259,7 @@ def test_a_bad_prefix_is_reported_before_anything_runs(pack, comfy, tiny_model, 
 
 def test_events_go_to_the_browser_that_queued_the_prompt(pack, comfy, tiny_model):
     pack.conversion.convert_model(
-        comfy.ModelPatcher(tiny_model(blocks=1)), pack.options.convert_options(rounding="simple"), "c"
+        comfy.ModelPatcher(tiny_model(blocks=1)), pack.options.convert_options(rounding="nearest"), "c"
     )
     assert comfy.server.messages and {sid for _, _, sid in comfy.server.messages} == {"client-1"}
 
@@ -272,7 +272,7 @@ def test_convert_a_model_that_is_already_fp8(pack, comfy, tiny_model, files_belo
     original = attn.q.weight.detach().float()
     attn.q = comfy.QuantizedLinear(comfy.QuantizedTensor.from_float(attn.q.weight.detach()), attn.q.bias.detach())
     patcher = comfy.ModelPatcher(model)
-    summary = pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="simple"), "requant")
+    summary = pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "requant")
     with pack.io.SafetensorsReader(summary.output) as reader:
         keys = list(reader.tensors)
         assert len(keys) == len(set(keys))

@@ -19,7 +19,7 @@ def source_file(tmp_path, pack, tiny_model):
 
 
 def _converted(pack, source_file, fmt):
-    options = pack.options.convert_options(format=fmt, rounding="simple")
+    options = pack.options.convert_options(format=fmt, rounding="nearest")
     output = source_file.with_name(f"tiny_{fmt}.safetensors")
     pack.convert.convert_file(source_file, output, options)
     return output

@@ -10,7 +10,7 @@ def test_defaults_are_the_engines(pack):
     engine = pack.convert.ConvertOptions()
     assert options.format == engine.format == "comfy"
     assert options.fp8_format == "float8_e4m3fn"
-    assert options.simple is False
+    assert options.method == engine.method == "auto"
     assert options.rounding == engine.rounding
     assert (options.shared_scales, options.min_tensor_size, options.preset) == (True, 1024, "auto")
     assert options.include == [] and options.exclude == []
@@ -34,7 +34,7 @@ def test_widgets_map_to_options(pack):
         seed=7,
         device="cpu",
     )
-    assert (options.format, options.fp8_format, options.simple) == ("ultra8", "float8_e5m2", False)
+    assert (options.format, options.fp8_format, options.method) == ("ultra8", "float8_e5m2", "learned")
     rounding = options.rounding
     assert (rounding.num_iter, rounding.calib_samples, rounding.lr, rounding.reg_lambda, rounding.seed) == (
         5,
@@ -47,9 +47,9 @@ def test_widgets_map_to_options(pack):
     assert (options.keep_distillation, options.t5xxl, options.device) == (True, True, "cpu")
 
 
-def test_simple_rounding_sets_simple(pack):
-    assert pack.options.convert_options(rounding="simple").simple is True
-    assert pack.options.convert_options(rounding="learned").simple is False
+def test_rounding_widget_sets_the_method(pack):
+    assert pack.options.convert_options(rounding="nearest").method == "nearest"
+    assert pack.options.convert_options(rounding="learned").method == "learned"
 
 
 def test_regex_widgets_hold_one_pattern_per_line(pack):
