@@ -18,6 +18,8 @@ and a layer costs ``O(out in r)``, never an ``in x in`` matrix (a 15360-wide lay
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import fp8
@@ -39,8 +41,9 @@ def round_gptq(
         quantized = _gptq_low_rank(weight[:, order], _permuted(stats.fit, order), scale, dtype, damp)
     quantized = quantized[:, torch.argsort(order)]
     rtn = fp8.quantize_nearest(weight, scale, dtype)
-    error_rtn = output_error(weight, rtn.float() * scale, stats.heldout)
-    error = output_error(weight, quantized.float() * scale, stats.heldout)
+    reference = stats.heldout.quadratic(weight)
+    error_rtn = _relative(stats.heldout.quadratic(rtn.float() * scale - weight), reference)
+    error = _relative(stats.heldout.quadratic(quantized.float() * scale - weight), reference)
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
@@ -48,8 +51,10 @@ def round_gptq(
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, moments: Moments) -> float:
     """Relative output error ``sqrt(tr(D H D^T) / tr(W H W^T))`` for inputs with second moments ``H``."""
-    reference = moments.quadratic(weight)
-    error = moments.quadratic(approx - weight)
+    return _relative(moments.quadratic(approx - weight), moments.quadratic(weight))
+
+
+def _relative(error: float, reference: float) -> float:
     return (max(error, 0.0) / reference) ** 0.5 if reference > 0 else 0.0
 
 
@@ -74,13 +79,13 @@ def _gptq_dense(weight: torch.Tensor, gram: Gram, scale: float, dtype: torch.dty
     matrix += damping * torch.eye(columns, dtype=matrix.dtype, device=matrix.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
-    work = weight.clone()
-    quantized = torch.empty_like(weight, dtype=dtype)
+    work = weight.T.contiguous()  # one row per weight column: each update below is contiguous
+    quantized = torch.empty_like(work, dtype=dtype)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
-        errors = _round_block(work[:, start:end], upper[start:end, start:end], quantized[:, start:end], scale, dtype)
-        work[:, end:] -= errors @ upper[start:end, end:]
-    return quantized
+        errors = _round_block(work[start:end], upper[start:end, start:end], quantized[start:end], scale, dtype)
+        work[end:] -= upper[start:end, end:].T @ errors
+    return quantized.T
 
 
 def _gptq_low_rank(
@@ -91,7 +96,7 @@ def _gptq_low_rank(
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
     columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
-    upper Cholesky factor, and the errors reach later columns ``k`` as ``errors @ P @ V_k^T``.
+    upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``.
     """
     columns = weight.shape[1]
     factor = gram.factor.double()
@@ -99,31 +104,49 @@ def _gptq_low_rank(
     residual = torch.where(dead, 1.0, gram.residual().double()) + damping
     pushed = factor / residual[:, None]  # V
     state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
-    spread = torch.zeros(weight.shape[0], factor.shape[1], dtype=weight.dtype, device=weight.device)
-    quantized = torch.empty_like(weight, dtype=dtype)
+    spread = torch.zeros(factor.shape[1], weight.shape[0], dtype=torch.float32, device=weight.device)
+    work = weight.T  # rows = weight columns; each block is copied out before it is changed
+    quantized = torch.empty(columns, weight.shape[0], dtype=dtype, device=weight.device)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
         pushed_block = pushed[start:end]
         coupled = pushed_block @ state  # V_J S
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        block = weight[:, start:end] - spread @ pushed_block.T.float()
-        errors = _round_block(block, lower.T.float(), quantized[:, start:end], scale, dtype)
+        block = work[start:end] - pushed_block.float() @ spread
+        errors = _round_block(block, lower.T.float(), quantized[start:end], scale, dtype)
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
-        spread += errors @ onward.float()
+        spread += onward.T.float() @ errors
         state -= onward.T @ onward
-    return quantized
+    return quantized.T
 
 
 def _round_block(
     block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, scale: float, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Round a block's columns in turn into ``out``, each error compensated on the block's later
-    columns through ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the scaled errors."""
+    """Round a block of weight columns (one per row of ``block``, changed in place) into ``out``,
+    each error compensated on the block's later columns through ``upper`` (its part of the
+    Cholesky factor of ``H^-1``); returns the scaled errors, one row per column."""
     errors = torch.empty_like(block)
-    for i in range(block.shape[1]):
-        column = fp8.quantize_nearest(block[:, i], scale, dtype)
-        out[:, i] = column
-        errors[:, i] = (block[:, i] - column.float() * scale) / upper[i, i]
-        block[:, i:] -= errors[:, i : i + 1] * upper[i, i:]
+    with _one_cpu_thread(block.device):
+        for i in range(block.shape[0]):
+            column = fp8.quantize_nearest(block[i], scale, dtype)
+            out[i] = column
+            torch.div(block[i] - column.float() * scale, upper[i, i], out=errors[i])
+            block[i + 1 :].addr_(upper[i, i + 1 :], errors[i], alpha=-1)
     return errors
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run a loop of tiny operations on one CPU thread: waking the thread pool for each costs more
+    than the work (measured 5x slower with 2 threads on a busy 2-core machine). No effect on GPUs."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
