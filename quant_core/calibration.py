@@ -174,13 +174,19 @@ class _SketchedRecording:
 
 
 def _nystroem_factor(sketch: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    """``F`` with ``F F^T ~ H`` from ``Y = H Omega`` (Tropp et al. 2017, the numerically stable form):
-    a tiny shift keeps the ``r x r`` core positive definite, and is taken off the spectrum again."""
-    shift = torch.finfo(torch.float64).eps * float(sketch.norm()) * sketch.shape[0] + 1e-300
+    """``F`` with ``F F^T ~ H`` from ``Y = H Omega`` (Tropp et al. 2017, the numerically stable form).
+
+    A small shift (at the float32 precision the products were summed in) keeps the ``r x r`` core
+    positive, and is taken off the spectrum again. The core is inverted through its eigenvalues,
+    dropping the null ones, so a layer that saw fewer rows than the rank (``H`` of lower rank than
+    the sketch) gets its exact low-rank ``H`` instead of a failed Cholesky.
+    """
+    shift = torch.finfo(torch.float32).eps * float(sketch.norm()) + 1e-300
     shifted = sketch + shift * probe
     core = probe.T @ shifted
-    lower = torch.linalg.cholesky((core + core.T) / 2)
-    basis = torch.linalg.solve_triangular(lower, shifted.T, upper=False).T  # Y C^-T
+    values, vectors = torch.linalg.eigh((core + core.T) / 2)
+    keep = values > values.max() * 1e-12
+    basis = shifted @ (vectors[:, keep] / values[keep].sqrt())  # Y Q L^-1/2: B B^T = Y core^+ Y^T
     left, singular, _ = torch.linalg.svd(basis, full_matrices=False)
     return left * (singular.square() - shift).clamp_min(0).sqrt()
 
@@ -222,7 +228,7 @@ class Recorder:
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or isinstance(module, torch.nn.Embedding):
                 continue
-            name = f"{prefix}{path}.weight"
+            name = f"{prefix}{path}.weight" if path else f"{prefix}weight"  # the model itself may be a Linear
             self._handles.append(module.register_forward_hook(self._hook(name, weight.shape[1])))
 
     def _hook(self, name: str, in_features: int):

@@ -232,3 +232,14 @@ def test_gptq_on_a_sketch_beats_round_to_nearest_on_held_out_rows():
     rtn = fp8.quantize_nearest(weight, scale, E4M3).float() * scale
     assert not result.fell_back
     assert output_error(weight, result.quantized.float() * scale, truth) < 0.5 * output_error(weight, rtn, truth)
+
+
+def test_a_wide_layer_that_saw_fewer_rows_than_the_rank_gets_its_exact_statistics():
+    layer = torch.nn.Linear(64, 8)
+    rows = torch.randn(10, 64, generator=torch.Generator().manual_seed(5))
+    with Recorder(layer, rank=16, exact_limit=32) as recorder, torch.no_grad():
+        layer(rows)
+    stats = recorder.statistics()["weight"]
+    fit = rows[0::2]
+    approx = stats.fit.factor @ stats.fit.factor.T + torch.diag(stats.fit.residual())
+    assert torch.allclose(approx, fit.T @ fit, atol=1e-3 * float((fit.T @ fit).abs().max()))
