@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-PACK_SUBMODULES = ("host", "options", "model_source", "conversion", "loading")
+PACK_SUBMODULES = ("host", "options", "model_source", "conversion", "loading", "recording")
 DOUBLED_MODULES = ("comfy", "comfy.utils", "comfy.model_management", "comfy.cli_args", "comfy.sd")
 DOUBLED_MODULES += ("comfy.patcher_extension",)
 DOUBLED_MODULES += ("folder_paths", "server")
