@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant_core.calibration import Recorder
+from ..quant_core.policy import LayerPolicy, detect_preset
 from . import host
 
 WRAPPER_KEY = "fp8_scaled_record"
@@ -46,12 +47,25 @@ def _linear_like(module: torch.nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
 
 
-def _tap_tree(diffusion_model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, _Tap]]:
-    """A module tree with a tap at the path of every Linear-like layer, and the taps by path."""
+def _quantized_by_default(diffusion_model: torch.nn.Module):
+    """Whether the converter, at its default settings, quantizes a layer: the model's preset keeps
+    e.g. Flux's modulation and embedders in full precision, and statistics for them would only cost
+    memory (a layer's dtype is checked when converting, not here)."""
+    policy = LayerPolicy(detect_preset(name for name, _ in diffusion_model.named_parameters()))
+
+    def wanted(path: str, module: torch.nn.Module) -> bool:
+        return policy.decide(f"{path}.weight", torch.float32, tuple(module.weight.shape)).quantize
+
+    return wanted
+
+
+def _tap_tree(diffusion_model: torch.nn.Module, all_layers: bool) -> tuple[torch.nn.Module, dict[str, _Tap]]:
+    """A module tree with a tap at the path of every Linear-like layer to record, and the taps by path."""
+    wanted = (lambda path, module: True) if all_layers else _quantized_by_default(diffusion_model)
     root = torch.nn.Module()
     taps: dict[str, _Tap] = {}
     for path, module in diffusion_model.named_modules():
-        if not path or not _linear_like(module):
+        if not path or not _linear_like(module) or not wanted(path, module):
             continue
         *parents, leaf = path.split(".")
         owner = root
@@ -74,13 +88,15 @@ class RecordingReport:
     calls: int
     rows: int
     nbytes: int
+    kept: bool  # the recording goes on (memory still held) instead of being freed
 
     def text(self) -> str:
+        after = "held: recording goes on" if self.kept else "freed now"
         lines = [
             f"saved     {self.path}",
             f"layers    {self.layers} recorded",
             f"samples   {self.calls} model calls on {self.rows} batch rows",
-            f"memory    {self.nbytes / MIB:.1f} MiB held while recording (freed now)",
+            f"memory    {self.nbytes / MIB:.1f} MiB ({after})",
         ]
         if self.over_cap:
             lines.append(f"skipped   {len(self.over_cap)} layers over the memory cap, e.g. {self.over_cap[0]}")
@@ -97,9 +113,10 @@ class RecordingSession:
     statistics go past the cap.
     """
 
-    def __init__(self, max_bytes: int, node_id: str | None = None):
+    def __init__(self, max_bytes: int, node_id: str | None = None, all_layers: bool = False):
         self.max_bytes = max_bytes
         self.node_id = node_id
+        self.all_layers = all_layers
         self._start()
 
     def _start(self) -> None:
@@ -125,7 +142,7 @@ class RecordingSession:
 
     def _hook(self, diffusion_model: torch.nn.Module) -> list:
         if self.recorder is None:
-            root, self._taps = _tap_tree(diffusion_model)
+            root, self._taps = _tap_tree(diffusion_model, self.all_layers)
             self.recorder = Recorder(root)
         return [
             module.register_forward_hook(self._feeder(path))
@@ -160,8 +177,9 @@ class RecordingSession:
             f"{self.nbytes / MIB:.1f} of {self.max_bytes / MIB:.0f} MiB"
         )
 
-    def save(self, path: str | os.PathLike) -> RecordingReport:
-        """Write what was recorded since the last save, then free it: the next sampling run starts anew."""
+    def save(self, path: str | os.PathLike, keep: bool = False) -> RecordingReport:
+        """Write what was recorded since the last freeing save. Then free it, so the next sampling run
+        starts anew, or with ``keep`` go on accumulating (for queued runs over many prompts)."""
         if not self._fed:
             raise host.UserError(
                 "nothing was recorded since the last save: sample with the MODEL output of "
@@ -169,19 +187,22 @@ class RecordingSession:
             )
         self.recorder.save(path)
         report = RecordingReport(
-            str(path), len(self._fed), sorted(self._over_cap), self.calls, self.rows, self.recorder.nbytes
+            str(path), len(self._fed), sorted(self._over_cap), self.calls, self.rows, self.recorder.nbytes, keep
         )
-        self.recorder.close()
-        self._start()
+        if not keep:
+            self.recorder.close()
+            self._start()
         return report
 
 
-def record_model(model, max_mib: int, node_id: str | None = None) -> tuple[object, RecordingSession]:
+def record_model(
+    model, max_mib: int, node_id: str | None = None, all_layers: bool = False
+) -> tuple[object, RecordingSession]:
     """A clone of ``model`` whose sampling runs are recorded, and the session that holds the recording."""
-    session = RecordingSession(max_mib * MIB, node_id)
+    session = RecordingSession(max_mib * MIB, node_id, all_layers)
     return host.wrap_apply_model(model, WRAPPER_KEY, session), session
 
 
-def save_recording(session: RecordingSession, filename_prefix: str) -> RecordingReport:
+def save_recording(session: RecordingSession, filename_prefix: str, keep: bool = False) -> RecordingReport:
     """Save the session into the calibration folder, numbered like ComfyUI's save nodes."""
-    return session.save(host.calibration_save_path(filename_prefix))
+    return session.save(host.calibration_save_path(filename_prefix), keep)

@@ -21,6 +21,7 @@ CATEGORY = "quantization/fp8"
 ALIASES = ["fp8", "quantize", "scaled fp8", "compress model", "fp8 scaled", "convert"]
 CALIBRATION_ALIASES = ["calibration", "record activations", "gptq", *ALIASES]
 Recording = io.Custom("FP8_CALIBRATION_RECORDING")
+RECORDED_LAYERS = ("quantized", "all")
 
 
 def _calibration_inputs() -> list:
@@ -263,14 +264,22 @@ class RecordFP8Calibration(io.ComfyNode):
                     max=2**20,
                     tooltip="memory the recording may hold (CPU); layers first seen after the cap are not recorded",
                 ),
+                io.Combo.Input(
+                    "layers",
+                    options=list(RECORDED_LAYERS),
+                    default="quantized",
+                    tooltip="quantized: the layers the converter quantizes at its default settings (the model's "
+                    "preset keeps e.g. modulation and embedders); all: every Linear layer, for conversions with "
+                    "include regexes or another preset",
+                ),
             ],
             outputs=[io.Model.Output(), Recording.Output("recording")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, max_memory_mib) -> io.NodeOutput:
-        return io.NodeOutput(*record_model(model, max_memory_mib, cls.hidden.unique_id))
+    def execute(cls, model, max_memory_mib, layers) -> io.NodeOutput:
+        return io.NodeOutput(*record_model(model, max_memory_mib, cls.hidden.unique_id, layers == "all"))
 
 
 class SaveFP8Calibration(io.ComfyNode):
@@ -281,8 +290,8 @@ class SaveFP8Calibration(io.ComfyNode):
             display_name="Save FP8 Calibration",
             category=CATEGORY,
             search_aliases=CALIBRATION_ALIASES,
-            description="Writes what 'Record FP8 Calibration' recorded since the last save into "
-            "models/fp8_calibration and frees it; connect 'path' to a convert node's calibration_path.",
+            description="Writes what 'Record FP8 Calibration' recorded into models/fp8_calibration and frees it "
+            "(unless keep_recording); connect 'path' to a convert node's calibration_path.",
             inputs=[
                 Recording.Input("recording"),
                 io.AnyType.Input(
@@ -290,14 +299,20 @@ class SaveFP8Calibration(io.ComfyNode):
                     tooltip="the sampler's LATENT (or anything made from it): the file is written after sampling",
                 ),
                 io.String.Input("filename_prefix", default="calibration"),
+                io.Boolean.Input(
+                    "keep_recording",
+                    default=False,
+                    tooltip="off: free the recording once saved (the next run records anew); on: go on "
+                    "accumulating, so queued runs over many prompts each save everything recorded so far",
+                ),
             ],
             outputs=[io.String.Output("path"), io.String.Output("report")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, recording, after, filename_prefix) -> io.NodeOutput:
-        report = save_recording(recording, filename_prefix)
+    def execute(cls, recording, after, filename_prefix, keep_recording) -> io.NodeOutput:
+        report = save_recording(recording, filename_prefix, keep_recording)
         text = report.text()
         return io.NodeOutput(report.path, text, ui=ui.PreviewText(text))
 

@@ -3,6 +3,8 @@ convert node gives the weights; the input MODEL is never recorded; memory is cap
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ def _forward(diffusion_model, x: torch.Tensor) -> torch.Tensor:
     for block in diffusion_model.blocks:
         h = h + block.attn.q(block.norm(h))
         block.mlp.fc(h)
+    if hasattr(diffusion_model, "final_layer"):
+        h = diffusion_model.final_layer(h)
     return h.float()
 
 
@@ -45,6 +49,20 @@ def test_recorded_names_are_the_convert_nodes_weight_names(pack, comfy, tiny_mod
         assert statistics.names <= names  # the keys the convert node reads
     assert (report.layers, report.calls, report.rows) == (4, 3, 6)
     assert "flux/run_00001_.safetensors" in pack.host.calibration_files()  # the convert nodes list it
+
+
+def test_by_default_only_layers_the_converter_quantizes_are_recorded(pack, comfy, tiny_model):
+    model = tiny_model(blocks=1)
+    model.diffusion_model.final_layer = torch.nn.Linear(32, 32).to(torch.bfloat16)  # every preset keeps it
+    patcher = comfy.ModelPatcher(model)
+    recorded = {}
+    for all_layers in (False, True):
+        clone, session = pack.recording.record_model(patcher, 64, all_layers=all_layers)
+        _sample(comfy, clone, steps=1)
+        with RecordedStatistics(pack.recording.save_recording(session, "layers").path) as statistics:
+            recorded[all_layers] = statistics.names
+    assert recorded[False] == {"blocks.0.attn.q.weight", "blocks.0.mlp.fc.weight"}
+    assert recorded[True] == recorded[False] | {"final_layer.weight"}
 
 
 def test_only_the_recording_clone_is_recorded(pack, comfy, tiny_model, tmp_path):
@@ -111,6 +129,24 @@ def test_a_save_starts_a_new_recording(pack, comfy, tiny_model):
     assert (first.calls, second.calls) == (3, 1)
     assert first.path.endswith("calibration_00001_.safetensors")
     assert second.path.endswith("calibration_00002_.safetensors")
+
+
+def test_keep_recording_accumulates_over_runs(pack, comfy, tiny_model, tmp_path):
+    patcher = comfy.ModelPatcher(tiny_model(blocks=1))
+    clone, session = pack.recording.record_model(patcher, 64)
+    _sample(comfy, clone, steps=2, seed=1)
+    first = pack.recording.save_recording(session, "queued", keep=True)
+    _sample(comfy, clone, steps=2, seed=2)
+    second = pack.recording.save_recording(session, "queued", keep=True)
+    assert (first.calls, second.calls) == (2, 4) and session.nbytes == second.nbytes > 0
+    assert "held: recording goes on" in second.text()
+
+    reference_clone, reference = pack.recording.record_model(patcher, 64)
+    _sample(comfy, reference_clone, steps=2, seed=1)
+    _sample(comfy, reference_clone, steps=2, seed=2)
+    together = reference.save(tmp_path / "together.safetensors")
+    assert Path(second.path).read_bytes() == Path(together.path).read_bytes()
+    assert pack.recording.save_recording(session, "queued").calls == 4 and session.nbytes == 0
 
 
 def test_a_bad_prefix_saves_nothing_and_keeps_the_recording(pack, comfy, tiny_model):
