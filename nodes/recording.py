@@ -154,7 +154,9 @@ class RecordingSession:
         tap = self._taps[path]
 
         def feed(module, inputs, output) -> None:
-            if not inputs or not isinstance(inputs[0], torch.Tensor) or path in self._over_cap:
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != tap.in_features:
+                return  # not called as a Linear: the Recorder would ignore it too
+            if path in self._over_cap:
                 return
             if path not in self._fed:
                 if self.recorder.nbytes >= self.max_bytes:
