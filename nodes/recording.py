@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,7 @@ class RecordingSession:
         self.max_bytes = max_bytes
         self.node_id = node_id
         self.all_layers = all_layers
+        self._lock = threading.Lock()  # ComfyUI's multi-GPU sampling calls the model from several threads
         self._start()
 
     def _start(self) -> None:
@@ -135,15 +137,17 @@ class RecordingSession:
         finally:
             for handle in handles:
                 handle.remove()
-        self.calls += 1
-        self.rows += x.shape[0]
+        with self._lock:
+            self.calls += 1
+            self.rows += x.shape[0]
         host.progress_text(self.node_id, self.status())
         return output
 
     def _hook(self, diffusion_model: torch.nn.Module) -> list:
-        if self.recorder is None:
-            root, self._taps = _tap_tree(diffusion_model, self.all_layers)
-            self.recorder = Recorder(root)
+        with self._lock:
+            if self.recorder is None:
+                root, self._taps = _tap_tree(diffusion_model, self.all_layers)
+                self.recorder = Recorder(root)
         return [
             module.register_forward_hook(self._feeder(path))
             for path, module in diffusion_model.named_modules()
@@ -156,15 +160,16 @@ class RecordingSession:
         def feed(module, inputs, output) -> None:
             if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != tap.in_features:
                 return  # not called as a Linear: the Recorder would ignore it too
-            if path in self._over_cap:
-                return
-            if path not in self._fed:
-                if self.recorder.nbytes >= self.max_bytes:
-                    self._over_cap.add(path)
-                    logging.warning("FP8 calibration: memory cap reached, %s is not recorded", path)
+            with self._lock:
+                if path in self._over_cap:
                     return
-                self._fed.add(path)
-            tap(inputs[0])
+                if path not in self._fed:
+                    if self.recorder.nbytes >= self.max_bytes:
+                        self._over_cap.add(path)
+                        logging.warning("FP8 calibration: memory cap reached, %s is not recorded", path)
+                        return
+                    self._fed.add(path)
+                tap(inputs[0])
 
         return feed
 

@@ -3,6 +3,7 @@ convert node gives the weights; the input MODEL is never recorded; memory is cap
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,24 @@ def test_only_the_recording_clone_is_recorded(pack, comfy, tiny_model, tmp_path)
     report = session.save(tmp_path / "mixed.safetensors")
     assert report.calls == 3
     assert (tmp_path / "mixed.safetensors").read_bytes() == (tmp_path / "alone.safetensors").read_bytes()
+
+
+def test_model_calls_from_several_threads_are_all_recorded(pack, comfy, tiny_model, tmp_path):
+    """ComfyUI's multi-GPU sampling runs a step's batches in threads, each on its own copy of the model."""
+    clone, session = pack.recording.record_model(comfy.ModelPatcher(tiny_model(blocks=2)), 64)
+    copies = [clone.clone(), clone.clone()]
+    copies[1].model = tiny_model(blocks=2)  # the second "GPU": another module tree, same paths
+    threads = [threading.Thread(target=_sample, args=(comfy, copy, 5, seed)) for seed, copy in enumerate(copies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report = session.save(tmp_path / "threads.safetensors")
+    assert (report.calls, report.rows, report.layers) == (10, 20, 4)
+    with RecordedStatistics(report.path) as statistics:
+        for name in WEIGHTS:  # 10 calls of 2 x 5 rows each, none lost
+            stats = statistics.get(name)
+            assert stats.count + stats.count_heldout == 100
 
 
 def test_hooks_are_removed_when_sampling_is_interrupted(pack, comfy, tiny_model):
