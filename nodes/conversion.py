@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..quant_core.calibration import RecordedStatistics
 from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
 from ..quant_core.io import SafetensorsReader
 from . import host
@@ -62,7 +63,23 @@ def _reported(node_id) -> Iterator[None]:
         host.free_memory()
 
 
+def _check_calibration(source: TensorSource, path: str | None) -> None:
+    """Refuse a calibration file that names none of the source's weights: the engine would silently
+    fall back to uncalibrated rounding (a file recorded on another model, or a full checkpoint whose
+    keys carry ``model.diffusion_model.``). Shape mismatches are the engine's ``ValueError``."""
+    if not path:
+        return
+    with RecordedStatistics(path) as statistics:
+        if not statistics.names & set(source.tensors):
+            raise host.UserError(
+                f"the calibration file {Path(path).name} has statistics for none of the weights of this model: "
+                "was it recorded on another model? (it applies to the recorded MODEL and to its "
+                "diffusion_models file, not to a full checkpoint)"
+            )
+
+
 def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
+    _check_calibration(source, options.calibration)
     total_bytes = sum(info.nbytes for info in source.tensors.values())
     progress = host.NodeProgress(node_id, len(source.tensors), total_bytes)
     summary = convert(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 EVENT_PREFIX = "fp8_scaled"
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
+CALIBRATION_FOLDER = "fp8_calibration"  # models/fp8_calibration: files written by "Save FP8 Calibration"
+NO_CALIBRATION = "none"
 _SAFE_PREFIX = re.compile(r"^[\w\-. /%]+$")
 
 
@@ -54,6 +56,31 @@ def send(event: str, data: dict) -> None:
         server.send_sync(f"{EVENT_PREFIX}.{event}", data, getattr(server, "client_id", None))
 
 
+def progress_text(node_id: str | None, text: str) -> None:
+    """Text shown on a node while the prompt runs (no web extension needed); skipped without a server."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id, getattr(server, "client_id", None))
+
+
+def wrap_apply_model(model, key: str, wrapper):
+    """A clone of the ModelPatcher whose every ``apply_model`` call runs through ``wrapper``.
+
+    ComfyUI's ``APPLY_MODEL`` wrappers are kept per clone, so the input MODEL and other branches of
+    the graph are not wrapped; they are called as ``wrapper(executor, x, t, ...)``, with the
+    ``BaseModel`` as ``executor.class_obj``.
+    """
+    import comfy.patcher_extension
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+    return clone
+
+
 def source_files() -> list[str]:
     """``folder/name`` entries of every .safetensors file in the folders the converter reads."""
     import folder_paths
@@ -88,6 +115,54 @@ def resolve_model_file(path: str) -> Path:
     if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_file():
         raise UserError(f"{path!r} is not a file inside the {', '.join(SOURCE_FOLDERS)} folders")
     return resolved
+
+
+def calibration_folders() -> list[str]:
+    """The calibration folders, registering ``models/fp8_calibration`` with ComfyUI on first use.
+
+    Registered lazily (not at import) so the pack imports without ComfyUI; a folder already named in
+    ``extra_model_paths.yaml`` stays first, which is where ComfyUI saves.
+    """
+    import folder_paths
+
+    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
+        default = os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)
+        folder_paths.add_model_folder_path(CALIBRATION_FOLDER, default)
+    return folder_paths.get_folder_paths(CALIBRATION_FOLDER)
+
+
+def calibration_files() -> list[str]:
+    """The convert nodes' calibration choices: ``none`` and every .safetensors file in the folder."""
+    import folder_paths
+
+    calibration_folders()
+    names = folder_paths.get_filename_list(CALIBRATION_FOLDER)  # the folder has no extension filter
+    return [NO_CALIBRATION, *(name for name in names if name.lower().endswith(".safetensors"))]
+
+
+def calibration_save_path(filename_prefix: str) -> Path:
+    """Where "Save FP8 Calibration" writes: numbered in the first calibration folder."""
+    calibration_folders()
+    return save_path(filename_prefix, CALIBRATION_FOLDER)
+
+
+def resolve_calibration(choice: str, path: str | None = None) -> Path | None:
+    """The calibration file to convert with: a connected ``path`` (from "Save FP8 Calibration") wins
+    over the dropdown; both are accepted only inside the calibration folders. None for ``none``."""
+    import folder_paths
+
+    roots = [Path(root).resolve() for root in calibration_folders()]
+    if path:
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_file():
+            raise UserError(f"{path!r} is not a file inside the {CALIBRATION_FOLDER} folder")
+        return resolved
+    if choice == NO_CALIBRATION:
+        return None
+    try:
+        return Path(folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, choice))
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
 
 
 def save_path(filename_prefix: str, folder: str) -> Path:

@@ -15,9 +15,33 @@ from ..quant_core.policy import AUTO, PRESETS
 from . import conversion, host
 from .loading import load_fp8_model
 from .options import ROUNDING_METHODS, convert_options
+from .recording import record_model, save_recording
 
 CATEGORY = "quantization/fp8"
 ALIASES = ["fp8", "quantize", "scaled fp8", "compress model", "fp8 scaled", "convert"]
+CALIBRATION_ALIASES = ["calibration", "record activations", "gptq", *ALIASES]
+Recording = io.Custom("FP8_CALIBRATION_RECORDING")
+RECORDED_LAYERS = ("quantized", "all")
+
+
+def _calibration_inputs() -> list:
+    """Statistics recorded by 'Record FP8 Calibration': GPTQ rounding for the weights they cover."""
+    return [
+        io.Combo.Input(
+            "calibration",
+            options=host.calibration_files(),
+            default=host.NO_CALIBRATION,
+            optional=True,
+            tooltip="a file from models/fp8_calibration written by 'Save FP8 Calibration': GPTQ rounding "
+            "for the layers it covers (needs rounding 'auto' or 'learned')",
+        ),
+        io.String.Input(
+            "calibration_path",
+            optional=True,
+            force_input=True,
+            tooltip="the 'path' output of 'Save FP8 Calibration' (saved in the same run); overrides calibration",
+        ),
+    ]
 
 
 def _option_inputs() -> list:
@@ -109,7 +133,12 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
         category=CATEGORY,
         search_aliases=ALIASES,
         description=description,
-        inputs=[source, io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"), *_option_inputs()],
+        inputs=[
+            source,
+            io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
+            *_option_inputs(),
+            *_calibration_inputs(),  # last: saved UI workflows list widget values by position
+        ],
         outputs=[io.String.Output("path"), io.String.Output("report")],
         hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         is_output_node=True,
@@ -119,9 +148,11 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
 def _convert(node: type[io.ComfyNode], action, source, filename_prefix: str, options: dict) -> io.NodeOutput:
     """Run a conversion with the node's hidden inputs; output the path and the report, shown on the node."""
     hidden = node.hidden
-    summary = action(
-        source, convert_options(**options), filename_prefix, hidden.prompt, hidden.extra_pnginfo, hidden.unique_id
+    calibration = host.resolve_calibration(
+        options.pop("calibration", host.NO_CALIBRATION), options.pop("calibration_path", None)
     )
+    engine_options = convert_options(**options, calibration=str(calibration) if calibration else None)
+    summary = action(source, engine_options, filename_prefix, hidden.prompt, hidden.extra_pnginfo, hidden.unique_id)
     report = conversion.report_text(summary)
     return io.NodeOutput(summary.output, report, ui=ui.PreviewText(report))
 
@@ -213,9 +244,89 @@ class InspectFP8Scaled(io.ComfyNode):
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
+class RecordFP8Calibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FP8ScaledRecordCalibration",
+            display_name="Record FP8 Calibration",
+            category=CATEGORY,
+            search_aliases=CALIBRATION_ALIASES,
+            description="Sample with the MODEL output as usual: every run of it records what each Linear layer of "
+            "the diffusion model sees, for GPTQ rounding on your own prompts. The input MODEL is not recorded. "
+            "Save the recording with 'Save FP8 Calibration'.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input(
+                    "max_memory_mib",
+                    default=4096,
+                    min=16,
+                    max=2**20,
+                    tooltip="memory the recording may hold (CPU); layers first seen after the cap are not recorded",
+                ),
+                io.Combo.Input(
+                    "layers",
+                    options=list(RECORDED_LAYERS),
+                    default="quantized",
+                    tooltip="quantized: the layers the converter quantizes at its default settings (the model's "
+                    "preset keeps e.g. modulation and embedders); all: every Linear layer, for conversions with "
+                    "include regexes or another preset",
+                ),
+            ],
+            outputs=[io.Model.Output(), Recording.Output("recording")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, max_memory_mib, layers) -> io.NodeOutput:
+        return io.NodeOutput(*record_model(model, max_memory_mib, cls.hidden.unique_id, layers == "all"))
+
+
+class SaveFP8Calibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FP8ScaledSaveCalibration",
+            display_name="Save FP8 Calibration",
+            category=CATEGORY,
+            search_aliases=CALIBRATION_ALIASES,
+            description="Writes what 'Record FP8 Calibration' recorded into models/fp8_calibration and frees it "
+            "(unless keep_recording); connect 'path' to a convert node's calibration_path.",
+            inputs=[
+                Recording.Input("recording"),
+                io.AnyType.Input(
+                    "after",
+                    tooltip="the sampler's LATENT (or anything made from it): the file is written after sampling",
+                ),
+                io.String.Input("filename_prefix", default="calibration"),
+                io.Boolean.Input(
+                    "keep_recording",
+                    default=False,
+                    tooltip="off: free the recording once saved (the next run records anew); on: go on "
+                    "accumulating, so queued runs over many prompts each save everything recorded so far",
+                ),
+            ],
+            outputs=[io.String.Output("path"), io.String.Output("report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, recording, after, filename_prefix, keep_recording) -> io.NodeOutput:
+        report = save_recording(recording, filename_prefix, keep_recording)
+        text = report.text()
+        return io.NodeOutput(report.path, text, ui=ui.PreviewText(text))
+
+
 class FP8ScaledExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [ConvertModelToFP8, ConvertCheckpointFileToFP8, LoadFP8Scaled, InspectFP8Scaled]
+        return [
+            ConvertModelToFP8,
+            ConvertCheckpointFileToFP8,
+            LoadFP8Scaled,
+            InspectFP8Scaled,
+            RecordFP8Calibration,
+            SaveFP8Calibration,
+        ]
 
 
 async def comfy_entrypoint() -> FP8ScaledExtension:

@@ -7,6 +7,8 @@ running Python can import it (ComfyUI needs torchvision and its own requirements
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _import_comfy():
@@ -114,3 +117,28 @@ def forward(diffusion_model, inputs) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="session")
+def pack(comfy, tiny_flux, tmp_path_factory):
+    """ComfyUI's own loader imports the pack; model folders (the pack's calibration folder included)
+    point at a temporary tree."""
+    import folder_paths
+
+    nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py (COMFYUI_PATH is first on sys.path), not ours
+    root = tmp_path_factory.mktemp("models")
+    for folder in ("diffusion_models", "checkpoints", "text_encoders", "fp8_calibration"):
+        (root / folder).mkdir()
+        folder_paths.folder_names_and_paths[folder] = ([str(root / folder)], {".safetensors"})
+    source = root / "diffusion_models" / "tiny_flux_bf16.safetensors"
+    source.write_bytes(tiny_flux[0].read_bytes())
+    assert asyncio.run(nodes.load_custom_node(str(REPO)))
+    return nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS, root
+
+
+def run_node(node_cls, **inputs):
+    """Execute like ComfyUI does: a class clone with hidden inputs, inside inference mode."""
+    hidden = {"PROMPT": {"1": {"class_type": "test"}}, "EXTRA_PNGINFO": {"workflow": {"nodes": []}}, "UNIQUE_ID": "7"}
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    with torch.inference_mode():
+        return clone.execute(**inputs)

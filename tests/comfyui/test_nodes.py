@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import json
 from pathlib import Path
 
@@ -13,40 +11,24 @@ import torch
 from quant_core.io import SafetensorsReader
 
 from .conftest import NODE_OPTIONS as OPTIONS
-from .conftest import forward, relative_error
+from .conftest import forward, relative_error, run_node
 
-REPO = Path(__file__).resolve().parents[2]
 QUICK = dict(num_iter=10, calib_samples=16)
-
-
-@pytest.fixture(scope="session")
-def pack(comfy, tiny_flux, tmp_path_factory):
-    """ComfyUI's own loader imports the pack; model folders point at a temporary tree."""
-    import folder_paths
-
-    nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py (COMFYUI_PATH is first on sys.path), not ours
-    root = tmp_path_factory.mktemp("models")
-    for folder in ("diffusion_models", "checkpoints", "text_encoders"):
-        (root / folder).mkdir()
-        folder_paths.folder_names_and_paths[folder] = ([str(root / folder)], {".safetensors"})
-    source = root / "diffusion_models" / "tiny_flux_bf16.safetensors"
-    source.write_bytes(tiny_flux[0].read_bytes())
-    assert asyncio.run(nodes.load_custom_node(str(REPO)))
-    return nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS, root
-
-
-def run_node(node_cls, **inputs):
-    """Execute like ComfyUI does: a class clone with hidden inputs, inside inference mode."""
-    hidden = {"PROMPT": {"1": {"class_type": "test"}}, "EXTRA_PNGINFO": {"workflow": {"nodes": []}}, "UNIQUE_ID": "7"}
-    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
-    with torch.inference_mode():
-        return clone.execute(**inputs)
 
 
 def test_pack_registers_its_nodes(pack):
     classes, names, _ = pack
     assert names["FP8ScaledConvertModel"] == "Convert to FP8 Scaled"
-    for node_id in ("FP8ScaledConvertModel", "FP8ScaledConvertFile", "FP8ScaledLoad", "FP8ScaledInspect"):
+    assert names["FP8ScaledRecordCalibration"] == "Record FP8 Calibration"
+    assert names["FP8ScaledSaveCalibration"] == "Save FP8 Calibration"
+    for node_id in (
+        "FP8ScaledConvertModel",
+        "FP8ScaledConvertFile",
+        "FP8ScaledLoad",
+        "FP8ScaledInspect",
+        "FP8ScaledRecordCalibration",
+        "FP8ScaledSaveCalibration",
+    ):
         assert classes[node_id].GET_SCHEMA().category == "quantization/fp8"
 
 

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -54,6 +55,30 @@ DONE_FIELDS = {
     "preset",
 }
 ERROR_FIELDS = {"node", "cancelled", "message"}
+# A prompt for the tiny Flux without a text encoder: what CLIPTextEncode would give, made from a seed.
+TEST_CONDITIONING_NODE = textwrap.dedent(
+    """
+    import torch
+
+
+    class FP8TestConditioning:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+        RETURN_TYPES = ("CONDITIONING",)
+        FUNCTION = "encode"
+        CATEGORY = "testing"
+
+        def encode(self, seed):
+            generator = torch.Generator().manual_seed(seed)
+            tokens = torch.randn(1, 8, 128, generator=generator)
+            return ([[tokens, {"pooled_output": torch.randn(1, 64, generator=generator), "guidance": 3.5}]],)
+
+
+    NODE_CLASS_MAPPINGS = {"FP8TestConditioning": FP8TestConditioning}
+    """
+)
 
 
 def _free_port() -> int:
@@ -75,12 +100,14 @@ def _get(url: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_flux, tmp_path_factory):
-    """A ComfyUI server with this pack and two small models; yields (base URL, base directory)."""
+    """A ComfyUI server with this pack, a test node that makes conditioning for the tiny Flux, and two
+    small models; yields (base URL, base directory)."""
     if importlib.util.find_spec("comfyui_frontend_package") is None:
         pytest.skip("comfyui-frontend-package is not installed in this Python")
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / "fp8_test_conditioning.py").write_text(TEST_CONDITIONING_NODE)
     models = base / "models" / "diffusion_models"
     models.mkdir(parents=True)
     shutil.copyfile(tiny_flux[0], models / "tiny_flux_bf16.safetensors")

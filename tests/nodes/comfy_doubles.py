@@ -2,13 +2,15 @@
 
 They are not copies of ComfyUI's code; each one reproduces, in its own words, the behaviour of the
 ComfyUI function named in its docstring (checked against ComfyUI v0.30.0: ``comfy/utils.py``,
-``comfy/model_management.py``, ``comfy/model_patcher.py``, ``comfy/lora.py``, ``folder_paths.py``,
+``comfy/model_management.py``, ``comfy/model_patcher.py``, ``comfy/lora.py``,
+``comfy/patcher_extension.py``, ``comfy/model_base.py``, ``comfy/sampler_helpers.py``, ``folder_paths.py``,
 ``server.py``, ``main.py``) in the parts the nodes use, plus a little instrumentation (call
 records) for the assertions. ``test_node_doubles.py`` compares the ``folder_paths`` double with the
 real module when ``COMFYUI_PATH`` points at a ComfyUI checkout.
 
 ``build(models_dir)`` makes a fresh set of modules (``comfy``, ``comfy.utils``,
-``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``folder_paths``, ``server``); the
+``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``comfy.patcher_extension``,
+``folder_paths``, ``server``); the
 ``comfy`` fixture in ``conftest.py`` puts them into ``sys.modules`` for one test and takes them out
 again afterwards.
 """
@@ -229,6 +231,46 @@ def _sd_module() -> types.ModuleType:
     return sd
 
 
+def _patcher_extension_module() -> types.ModuleType:
+    """Mirrors ``comfy.patcher_extension`` in the parts used: wrapper types and ``WrapperExecutor``."""
+    extension = types.ModuleType("comfy.patcher_extension")
+
+    class WrappersMP:
+        APPLY_MODEL = "apply_model"
+
+    class WrapperExecutor:
+        """Mirrors ``comfy.patcher_extension.WrapperExecutor``: ``execute`` calls the first wrapper as
+        ``wrapper(executor, *args)``; calling the executor it got runs the next wrapper, and after the
+        last one the original function. ``class_obj`` is the object the original belongs to."""
+
+        def __init__(self, original, class_obj, wrappers: list, idx: int):
+            self.original, self.class_obj, self.wrappers, self.idx = original, class_obj, wrappers.copy(), idx
+
+        def __call__(self, *args, **kwargs):
+            return WrapperExecutor(self.original, self.class_obj, self.wrappers, self.idx + 1).execute(*args, **kwargs)
+
+        def execute(self, *args, **kwargs):
+            if self.idx == len(self.wrappers):
+                return self.original(*args, **kwargs)
+            return self.wrappers[self.idx](self, *args, **kwargs)
+
+        @classmethod
+        def new_class_executor(cls, original, class_obj, wrappers: list, idx=0):
+            return cls(original, class_obj, wrappers, idx)
+
+    def get_all_wrappers(wrapper_type: str, transformer_options: dict, is_model_options=False) -> list:
+        """Mirrors ``get_all_wrappers``: every key's wrappers of the type, in insertion order."""
+        if is_model_options:
+            transformer_options = transformer_options.get("transformer_options", {})
+        wrappers = transformer_options.get("wrappers", {})
+        return [w for group in wrappers.get(wrapper_type, {}).values() for w in group]
+
+    extension.WrappersMP = WrappersMP
+    extension.WrapperExecutor = WrapperExecutor
+    extension.get_all_wrappers = get_all_wrappers
+    return extension
+
+
 # --------------------------------------------------------------------------------------------------
 # folder_paths
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +303,23 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
 
     def get_output_directory() -> str:
         return fp.output_directory
+
+    def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
+        """Mirrors ``folder_paths.add_model_folder_path``: a new kind gets the folder and no extension
+        filter (every file is listed); a known kind gets it appended, or moved/put first when default."""
+        folder_name = map_legacy(folder_name)
+        if folder_name not in fp.folder_names_and_paths:
+            fp.folder_names_and_paths[folder_name] = ([full_folder_path], set())
+            return
+        paths = fp.folder_names_and_paths[folder_name][0]
+        if full_folder_path in paths:
+            if is_default and paths[0] != full_folder_path:
+                paths.remove(full_folder_path)
+                paths.insert(0, full_folder_path)
+        elif is_default:
+            paths.insert(0, full_folder_path)
+        else:
+            paths.append(full_folder_path)
 
     def get_folder_paths(folder_name: str) -> list[str]:
         """Mirrors ``folder_paths.get_folder_paths``: a copy of the folder list."""
@@ -376,6 +435,7 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
     for function in (
         map_legacy,
         get_output_directory,
+        add_model_folder_path,
         get_folder_paths,
         get_filename_list,
         get_full_path,
@@ -513,7 +573,22 @@ class ModelPatcher:
         self.patches: dict[str, list] = {}
         self.backup: dict[str, torch.Tensor] = {}
         self.weight_inplace_update = False
+        self.wrappers: dict[str, dict[str, list]] = {}
         self.calls: list[str] = []
+
+    def clone(self) -> ModelPatcher:
+        """Mirrors ``ModelPatcher.clone``: the same torch model and backup, copies of the patch lists
+        and of the wrapper lists, so what is added to the clone does not reach this patcher."""
+        clone = ModelPatcher(self.model, self.load_device, self.offload_device)
+        clone.patches = {key: patches[:] for key, patches in self.patches.items()}
+        clone.backup = self.backup
+        clone.weight_inplace_update = self.weight_inplace_update
+        clone.wrappers = {kind: {key: w[:] for key, w in group.items()} for kind, group in self.wrappers.items()}
+        return clone
+
+    def add_wrapper_with_key(self, wrapper_type: str, key: str, wrapper) -> None:
+        """Mirrors ``ModelPatcher.add_wrapper_with_key``."""
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
 
     def add_patches(self, patches: dict, strength_patch=1.0, strength_model=1.0) -> list:
         state = self.model.state_dict()
@@ -615,6 +690,26 @@ class ModelPatcher:
             module.comfy_patched_weights = True
 
 
+def apply_model(patcher: ModelPatcher, forward, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mirrors how a sampling step of ``comfy.samplers`` reaches ``BaseModel.apply_model``:
+    ``sampler_helpers.prepare_model_patcher`` merges the patcher's wrappers into
+    ``transformer_options["wrappers"]``, and ``apply_model`` runs the ``APPLY_MODEL`` ones around
+    ``_apply_model`` with the BaseModel (``patcher.model``) as ``class_obj``, passing
+    ``(x, t, c_concat, c_crossattn, control, transformer_options)``. ``forward(diffusion_model, x)``
+    stands for ``_apply_model``."""
+    import comfy.patcher_extension as extension
+
+    transformer_options = {"wrappers": {kind: dict(group) for kind, group in patcher.wrappers.items()}}
+    base = patcher.model
+
+    def _apply_model(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None):
+        return forward(base.diffusion_model, x)
+
+    wrappers = extension.get_all_wrappers(extension.WrappersMP.APPLY_MODEL, transformer_options)
+    executor = extension.WrapperExecutor.new_class_executor(_apply_model, base, wrappers)
+    return executor.execute(x, t, None, None, None, transformer_options)
+
+
 # --------------------------------------------------------------------------------------------------
 # main.py's progress hook and the whole set
 # --------------------------------------------------------------------------------------------------
@@ -640,7 +735,9 @@ def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNames
     model_management = _model_management_module()
     cli_args = _cli_args_module()
     sd = _sd_module()
+    patcher_extension = _patcher_extension_module()
     comfy.utils, comfy.model_management, comfy.cli_args, comfy.sd = utils, model_management, cli_args, sd
+    comfy.patcher_extension = patcher_extension
     folder_paths = _folder_paths_module(models_dir, output_dir)
     server = _server_module()
     hook_calls: list[dict] = []
@@ -654,6 +751,7 @@ def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNames
             "comfy.model_management": model_management,
             "comfy.cli_args": cli_args,
             "comfy.sd": sd,
+            "comfy.patcher_extension": patcher_extension,
             "folder_paths": folder_paths,
             "server": server,
         },

@@ -21,8 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-PACK_SUBMODULES = ("host", "options", "model_source", "conversion", "loading")
+PACK_SUBMODULES = ("host", "options", "model_source", "conversion", "loading", "recording")
 DOUBLED_MODULES = ("comfy", "comfy.utils", "comfy.model_management", "comfy.cli_args", "comfy.sd")
+DOUBLED_MODULES += ("comfy.patcher_extension",)
 DOUBLED_MODULES += ("folder_paths", "server")
 
 
@@ -76,6 +77,7 @@ def install_doubles(monkeypatch: pytest.MonkeyPatch, models_dir: Path) -> types.
     env.ModelPatcher = doubles.ModelPatcher
     env.QuantizedTensor = doubles.QuantizedTensor
     env.QuantizedLinear = doubles.QuantizedLinear
+    env.apply_model = doubles.apply_model
     env.models = models_dir
     return env
 

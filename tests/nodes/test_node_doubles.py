@@ -27,6 +27,7 @@ def test_doubles_are_installed_only_for_the_test(comfy):
 
 def test_installing_the_doubles_is_undone(doubles_installer, tmp_path):
     names = ("comfy", "comfy.utils", "comfy.model_management", "comfy.cli_args", "comfy.sd", "folder_paths", "server")
+    names += ("comfy.patcher_extension",)
     before = {name: sys.modules.get(name, "absent") for name in names}
     with pytest.MonkeyPatch.context() as patch:
         env = doubles_installer(patch, tmp_path / "models")
@@ -74,6 +75,27 @@ def test_model_patcher_diff_patches_like_comfyui(comfy, tiny_model):
     )
     patcher.patch_weight_to_device(key, torch.device("cpu"))  # set on the model, original backed up
     assert torch.equal(patcher.model.state_dict()[key], out) and torch.equal(patcher.backup[key], weight)
+
+
+def test_model_patcher_clone_keeps_wrappers_apart_like_comfyui(comfy, tiny_model):
+    patcher = comfy.ModelPatcher(tiny_model(blocks=1))
+    calls = []
+
+    def outer(executor, x, *args):
+        calls.append(("outer", executor.class_obj is patcher.model))
+        return executor(x + 1, *args)
+
+    def inner(executor, x, *args):
+        calls.append(("inner", float(x[0])))
+        return executor(x * 10, *args)
+
+    patcher.add_wrapper_with_key("apply_model", "a", outer)
+    clone = patcher.clone()
+    clone.add_wrapper_with_key("apply_model", "b", inner)
+    assert clone.model is patcher.model and patcher.wrappers == {"apply_model": {"a": [outer]}}
+    out = comfy.apply_model(clone, lambda dm, x: x, torch.zeros(1), torch.zeros(1))
+    assert float(out[0]) == 10.0 and calls == [("outer", True), ("inner", 1.0)]  # in order, each once
+    assert float(comfy.apply_model(patcher, lambda dm, x: x, torch.zeros(1), torch.zeros(1))[0]) == 1.0
 
 
 def test_get_save_image_path_double(comfy, tmp_path):
@@ -135,6 +157,18 @@ PARITY = textwrap.dedent(
             for folder in ("diffusion_models", "text_encoders", "checkpoints", "unet", "clip"):
                 record.append(outcome(module.get_folder_paths, folder))
                 record.append(outcome(module.get_filename_list, folder))
+            calibration = os.path.join(models, "fp8_calibration")
+            module.add_model_folder_path("fp8_calibration", calibration)
+            module.add_model_folder_path("fp8_calibration", calibration)  # a second call changes nothing
+            module.add_model_folder_path("unet", os.path.join(base, "first"), is_default=True)
+            module.add_model_folder_path("diffusion_models", os.path.join(base, "last"))
+            os.makedirs(os.path.join(calibration, "sub"))
+            for rel in ("c.safetensors", "sub/d.txt", ".c.safetensors.x.tmp"):
+                open(os.path.join(calibration, rel), "wb").close()
+            for folder in ("fp8_calibration", "diffusion_models"):
+                record.append(outcome(module.get_folder_paths, folder))
+                record.append(outcome(module.get_filename_list, folder))
+            record.append(outcome(module.get_full_path_or_raise, "fp8_calibration", "c.safetensors"))
             for folder, name in (("checkpoints", "f.ckpt"), ("diffusion_models", "sub/b.SAFETENSORS"),
                                  ("diffusion_models", "../unet/a.safetensors"), ("checkpoints", "none.safetensors"),
                                  ("text_encoders", "e.safetensors"), ("loras", "x.safetensors")):

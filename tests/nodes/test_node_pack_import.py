@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    for sub in ("host", "options", "model_source", "conversion", "loading"):
+    for sub in ("host", "options", "model_source", "conversion", "loading", "recording"):
         importlib.import_module(f"{name}.nodes.{sub}")
     try:
         importlib.import_module(f"{name}.nodes.schema")
