@@ -35,11 +35,15 @@ def round_gptq(
     """GPTQ-rounded fp8 weight; never worse than RTN on the held-out statistics."""
     weight = weight.float()
     order = torch.argsort(stats.fit.diagonal().to(weight.device), descending=True)
+    # One row per weight column, in act order and in units of the scale: every step below then
+    # reads and writes contiguous rows, and rounding is a plain cast.
+    columns = (weight.T / scale)[order]
     if isinstance(stats.fit, Gram):
-        quantized = _gptq_dense(weight[:, order], _permuted(stats.fit, order), scale, dtype, damp)
+        rows = _gptq_dense(columns, _permuted(stats.fit, order), dtype, damp)
     else:
-        quantized = _gptq_low_rank(weight[:, order], _permuted(stats.fit, order), scale, dtype, damp)
-    quantized = quantized[:, torch.argsort(order)]
+        rows = _gptq_low_rank(columns, _permuted(stats.fit, order), dtype, damp)
+    quantized = rows[torch.argsort(order)].T.contiguous()
+    del columns, rows
     rtn = fp8.quantize_nearest(weight, scale, dtype)
     reference = stats.heldout.quadratic(weight)
     error_rtn = _relative(stats.heldout.quadratic(rtn.float() * scale - weight), reference)
@@ -71,26 +75,24 @@ def _damping(diagonal: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     return dead, damp * float(torch.where(dead, 1.0, diagonal).mean())
 
 
-def _gptq_dense(weight: torch.Tensor, gram: Gram, scale: float, dtype: torch.dtype, damp: float) -> torch.Tensor:
-    columns = weight.shape[1]
+def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float) -> torch.Tensor:
+    """Rounds ``work`` (one row per weight column, changed in place) with the exact ``H``."""
+    columns = work.shape[0]
     matrix = gram.matrix.double()
     dead, damping = _damping(torch.diagonal(matrix), damp)
     matrix[dead, dead] = 1.0
     matrix += damping * torch.eye(columns, dtype=matrix.dtype, device=matrix.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
-    work = weight.T.contiguous()  # one row per weight column: each update below is contiguous
     quantized = torch.empty_like(work, dtype=dtype)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
-        errors = _round_block(work[start:end], upper[start:end, start:end], quantized[start:end], scale, dtype)
+        errors = _round_block(work[start:end], upper[start:end, start:end], quantized[start:end], dtype)
         work[end:] -= upper[start:end, end:].T @ errors
-    return quantized.T
+    return quantized
 
 
-def _gptq_low_rank(
-    weight: torch.Tensor, gram: LowRankGram, scale: float, dtype: torch.dtype, damp: float
-) -> torch.Tensor:
+def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, damp: float) -> torch.Tensor:
     """GPTQ for ``H = F F^T + diag(d)``, block by block, with a Schur-complement state of ``r x r``.
 
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
@@ -98,15 +100,14 @@ def _gptq_low_rank(
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
     upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``.
     """
-    columns = weight.shape[1]
+    columns = work.shape[0]
     factor = gram.factor.double()
     dead, damping = _damping(gram.exact_diagonal.double(), damp)
     residual = torch.where(dead, 1.0, gram.residual().double()) + damping
     pushed = factor / residual[:, None]  # V
     state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
-    spread = torch.zeros(factor.shape[1], weight.shape[0], dtype=torch.float32, device=weight.device)
-    work = weight.T  # rows = weight columns; each block is copied out before it is changed
-    quantized = torch.empty(columns, weight.shape[0], dtype=dtype, device=weight.device)
+    spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
+    quantized = torch.empty_like(work, dtype=dtype)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
         pushed_block = pushed[start:end]
@@ -114,25 +115,25 @@ def _gptq_low_rank(
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
         block = work[start:end] - pushed_block.float() @ spread
-        errors = _round_block(block, lower.T.float(), quantized[start:end], scale, dtype)
+        errors = _round_block(block, lower.T.float(), quantized[start:end], dtype)
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
         spread += onward.T.float() @ errors
         state -= onward.T @ onward
-    return quantized.T
+    return quantized
 
 
-def _round_block(
-    block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """Round a block of weight columns (one per row of ``block``, changed in place) into ``out``,
-    each error compensated on the block's later columns through ``upper`` (its part of the
-    Cholesky factor of ``H^-1``); returns the scaled errors, one row per column."""
+def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a block of weight columns (one per row of ``block``, in units of the scale, changed in
+    place) into ``out``, each error compensated on the block's later columns through ``upper`` (its
+    part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s diagonal."""
+    limit = fp8.fp8_max(dtype)
     errors = torch.empty_like(block)
     with _one_cpu_thread(block.device):
         for i in range(block.shape[0]):
-            column = fp8.quantize_nearest(block[i], scale, dtype)
-            out[i] = column
-            torch.div(block[i] - column.float() * scale, upper[i, i], out=errors[i])
+            torch.clamp(block[i], -limit, limit, out=errors[i])  # saturate, as quantize_nearest does
+            out[i] = errors[i]  # the cast to fp8 rounds to nearest
+            torch.sub(block[i], out[i].float(), out=errors[i])
+            errors[i] /= upper[i, i]
             block[i + 1 :].addr_(upper[i, i + 1 :], errors[i], alpha=-1)
     return errors
 
