@@ -121,6 +121,22 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     _option(
         parser,
+        "input_scales",
+        action="store_true",
+        help="write a static input_scale per quantized layer from the --calibration file's input absolute "
+        "maximum, for ComfyUI's fp8 matrix multiply (otherwise it uses scale 1 and clamps inputs to the fp8 range)",
+    )
+    _option(
+        parser,
+        "full_precision",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="mark quantized layers matching REGEX full_precision_matrix_mult: ComfyUI multiplies them in "
+        "bf16/fp16 instead of quantizing their inputs to fp8 (repeatable; not with --format legacy)",
+    )
+    _option(
+        parser,
         "parallel",
         action="store_true",
         help="overlap reading, quantizing and writing; spread tensors over all GPUs",
@@ -159,6 +175,8 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         calibration=args.calibration,
+        input_scales=args.input_scales,
+        full_precision=args.full_precision,
         parallel=args.parallel,
         device=args.device,
         overwrite=args.overwrite,

@@ -15,18 +15,19 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from . import __version__, codec, formats, fp8
+from .activation import input_scale_for
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
 from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .pipeline import run_parallel, run_sequential
-from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, detect_preset, scale_group
+from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
 
 
@@ -55,6 +56,8 @@ class ConvertOptions:
     t5xxl: bool = False
     keep_distillation: bool = False
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
+    input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
+    full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
     parallel: bool = False
     device: str | None = None  # None: CUDA when available, else CPU
     overwrite: bool = False
@@ -125,6 +128,7 @@ class Plan:
     items: list[list[str]]  # work items: one kept tensor, or one scale group of weights
     entries: list[TensorInfo]
     markers: dict[str, torch.Tensor]  # file-level format markers, written first
+    activations: dict[str, formats.Activation]  # per quantized weight; an input_scale of 1.0 is a placeholder
 
 
 @dataclass
@@ -171,6 +175,8 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         options.keep_distillation,
         prefix,
     )
+    planned = _activation_rule(options)
+    activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
@@ -182,7 +188,8 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
             items.append([name])
             entries.append(TensorInfo(name, info.dtype, info.shape))
             continue
-        entries += formats.layer_entries(options.format, name, info.shape, dtype)
+        activations[name] = planned(name)
+        entries += formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
         group_key = scale_group(name) if options.shared_scales else name
         if group_key not in groups:
             groups[group_key] = []
@@ -199,7 +206,26 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
-    return Plan(preset, prefix, decisions, items, entries, markers)
+    return Plan(preset, prefix, decisions, items, entries, markers, activations)
+
+
+def _activation_rule(options: ConvertOptions) -> Callable[[str], formats.Activation]:
+    """Which quantized weights get an input scale or full precision, decided from names alone
+    because the header is planned before any tensor is read: a weight gets an input scale when the
+    calibration file has its statistics (``_quantize_group`` fills in the value)."""
+    recorded: set[str] = set()
+    if options.input_scales:
+        if not options.calibration:
+            raise ValueError("--input_scales needs --calibration: the scales come from recorded input statistics")
+        with RecordedStatistics(options.calibration) as statistics:
+            recorded = set(statistics.names)
+    patterns = [compile_regex(p, "--full_precision") for p in options.full_precision]
+
+    def planned(name: str) -> formats.Activation:
+        full = any(p.search(name) for p in patterns)
+        return formats.Activation(1.0 if name in recorded else None, full)
+
+    return planned
 
 
 def default_output_path(input_path: str | os.PathLike, options: ConvertOptions) -> Path:
@@ -254,7 +280,7 @@ def convert(
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
         return _quantize_group(item, tensors, device, rounder, source, plan)
 
-    recorded = options.calibration and not options.simple
+    recorded = options.calibration and (options.input_scales or not options.simple)
     with (
         RecordedStatistics(options.calibration) if recorded else contextlib.nullcontext() as statistics,
         atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
@@ -339,13 +365,23 @@ def _quantize_group(
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
         result, method = rounder.round(name, weight, scale)
-        layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale)
+        activation = _activation(name, rounder, plan)
+        layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale, activation)
         report = _report(name, source, plan, time.perf_counter() - started)
         report.method = method
         report.error_before, report.error_after, report.fell_back = result.error_rtn, result.error, result.fell_back
         results.append((name, layer, report))
         del weight, result
     return results
+
+
+def _activation(name: str, rounder: Rounder, plan: Plan) -> formats.Activation:
+    """The planned activation settings, with the input scale calibrated on the recorded absolute maximum."""
+    activation = plan.activations[name]
+    if activation.input_scale is None:
+        return activation
+    absmax = rounder.statistics.get(name).input_absmax
+    return replace(activation, input_scale=input_scale_for(absmax, rounder.dtype))
 
 
 def _report(name: str, source: TensorSource, plan: Plan, seconds: float) -> TensorReport:
@@ -366,6 +402,8 @@ def _describe(options: ConvertOptions, plan: Plan) -> dict:
         "preset": plan.preset.name,
         "quantized": quantized,
         "kept": len(plan.decisions) - quantized,
+        "input_scales": sum(a.input_scale is not None for a in plan.activations.values()),
+        "full_precision": sum(a.full_precision for a in plan.activations.values()),
         "settings": settings,
     }
 

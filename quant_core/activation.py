@@ -1,0 +1,95 @@
+"""Activation scales for ComfyUI's fp8 matrix multiply, and a CPU simulation of that path.
+
+What ComfyUI v0.30 does with a layer of a ``comfy`` or ``legacy`` file (``legacy`` is rewritten to
+``comfy_quant`` on load) when the GPU has fp8 compute (NVIDIA SM >= 8.9, or ``--supports-fp8-compute``)
+and the layer has no ``full_precision_matrix_mult``: it quantizes the layer's input per call as
+``fp8(clamp(x * bf16(1 / input_scale), ±fp8_max))``, with ``input_scale = 1`` when the file has
+none, and multiplies with ``torch._scaled_mm(x_fp8, w_fp8ᵀ, input_scale, weight_scale)``. Without
+fp8 compute, or with ``full_precision_matrix_mult``, the weight is dequantized to the compute dtype
+and the input stays as it is. The functions here reproduce both paths in plain torch so that their
+error can be measured on a CPU; ``input_scale_for`` is the static scale this project writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .fp8 import fp8_max
+
+# Scales between these powers of two have reciprocals inside fp16's normal range, so ComfyUI's
+# ``(1 / input_scale).to(compute_dtype)`` is exact and finite in fp16 and bf16 alike.
+_MIN_EXPONENT, _MAX_EXPONENT = -15, 14
+
+
+def input_scale_for(absmax: float, dtype: torch.dtype) -> float:
+    """Static activation scale for inputs up to ``absmax``: the power of two at or above ``absmax / fp8_max``.
+
+    ComfyUI multiplies the input by ``1 / input_scale`` rounded to the compute dtype, forms the
+    product in that dtype, rounds it again to fp8, and dequantizes with ``input_scale`` itself. With
+    a power of two the reciprocal and the product are exact, so the input is rounded once, as with
+    ComfyUI's default scale of 1, and no gain error enters; the price is at most one binade of the
+    fp8 range left unused. ``absmax`` 0 (a layer that only ever saw zeros) keeps the default 1.
+    """
+    if not absmax > 0.0:
+        return 1.0
+    exponent = math.ceil(math.log2(absmax / fp8_max(dtype)))
+    return 2.0 ** min(max(exponent, _MIN_EXPONENT), _MAX_EXPONENT)
+
+
+def quantize_input(
+    x: torch.Tensor, input_scale: float | None, dtype: torch.dtype, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's activation quantization: fp8 data and the float32 scale it is read back with.
+
+    ``comfy/quant_ops.py`` ``_TensorCoreFP8LayoutBase.quantize`` (scale ``None`` becomes 1, not
+    the tensor's amax) and comfy_kitchen's eager ``quantize_per_tensor_fp8`` (the product is
+    formed in the input's dtype, then clamped to the fp8 range and cast).
+    """
+    scale = torch.tensor(1.0 if input_scale is None else input_scale, dtype=torch.float32)
+    limit = fp8_max(dtype)
+    scaled = x.to(compute_dtype) * (1.0 / scale).to(compute_dtype)
+    return scaled.clamp(-limit, limit).to(dtype), scale
+
+
+def dynamic_scale(x: torch.Tensor, dtype: torch.dtype) -> float:
+    """Per-call scale ``amax(|x|) / fp8_max``: comfy_kitchen's own layout default, which ComfyUI
+    overrides with 1. Not a ComfyUI path; the benchmark shows it as the best a per-tensor scale
+    can do without calibration."""
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    return amax / fp8_max(dtype) if amax > 0 else 1.0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: float,
+    bias: torch.Tensor | None,
+    input_scale: float | None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``linear`` as ComfyUI runs it with fp8 compute: fp8 input times fp8 weight, float32
+    accumulation, both scales applied to the product, bias added, output in ``compute_dtype``."""
+    q, scale = quantize_input(x, input_scale, weight.dtype, compute_dtype)
+    shape = q.shape
+    product = q.reshape(-1, shape[-1]).float() @ weight.float().T
+    out = product * (scale * torch.tensor(weight_scale, dtype=torch.float32))
+    if bias is not None:
+        out = out + bias.to(compute_dtype).float()
+    return out.to(compute_dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def full_precision_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: float,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``linear`` with ``full_precision_matrix_mult`` (or without fp8 compute): the weight is
+    dequantized to the compute dtype (comfy_kitchen ``dequantize_per_tensor_fp8``) and the input
+    is not quantized."""
+    dequantized = weight.to(compute_dtype) * torch.tensor(weight_scale).to(compute_dtype)
+    return F.linear(x.to(compute_dtype), dequantized, None if bias is None else bias.to(compute_dtype))
