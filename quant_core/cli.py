@@ -137,6 +137,14 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     _option(
         parser,
+        "full_precision_above",
+        type=float,
+        metavar="X",
+        help="also mark full_precision_matrix_mult the layers whose recorded inputs (--calibration), rounded to "
+        "fp8, are predicted to add more than X relative output error (e.g. 0.025)",
+    )
+    _option(
+        parser,
         "parallel",
         action="store_true",
         help="overlap reading, quantizing and writing; spread tensors over all GPUs",
@@ -177,6 +185,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         calibration=args.calibration,
         input_scales=args.input_scales,
         full_precision=args.full_precision,
+        full_precision_above=args.full_precision_above,
         parallel=args.parallel,
         device=args.device,
         overwrite=args.overwrite,

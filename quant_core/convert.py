@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from . import __version__, codec, formats, fp8
-from .activation import input_scale_for
+from .activation import input_scale_for, predicted_input_error
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
 from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
@@ -58,6 +58,7 @@ class ConvertOptions:
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
     input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
     full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
+    full_precision_above: float | None = None  # ... and layers whose fp8 inputs would add more output error
     parallel: bool = False
     device: str | None = None  # None: CUDA when available, else CPU
     overwrite: bool = False
@@ -175,26 +176,26 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         options.keep_distillation,
         prefix,
     )
-    planned = _activation_rule(options)
     activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
     entries: list[TensorInfo] = []
-    for name, info in source.tensors.items():
-        decision = policy.decide(name, info.dtype, info.shape)
-        decisions[name] = (decision.quantize, decision.reason)
-        if not decision.quantize:
-            items.append([name])
-            entries.append(TensorInfo(name, info.dtype, info.shape))
-            continue
-        activations[name] = planned(name)
-        entries += formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
-        group_key = scale_group(name) if options.shared_scales else name
-        if group_key not in groups:
-            groups[group_key] = []
-            items.append(groups[group_key])
-        groups[group_key].append(name)
+    with _activation_rule(source, options) as planned:
+        for name, info in source.tensors.items():
+            decision = policy.decide(name, info.dtype, info.shape)
+            decisions[name] = (decision.quantize, decision.reason)
+            if not decision.quantize:
+                items.append([name])
+                entries.append(TensorInfo(name, info.dtype, info.shape))
+                continue
+            activations[name] = planned(name)
+            entries += formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
+            group_key = scale_group(name) if options.shared_scales else name
+            if group_key not in groups:
+                groups[group_key] = []
+                items.append(groups[group_key])
+            groups[group_key].append(name)
     quantized = sum(q for q, _ in decisions.values())
     if not quantized:
         raise ValueError(
@@ -209,23 +210,36 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     return Plan(preset, prefix, decisions, items, entries, markers, activations)
 
 
-def _activation_rule(options: ConvertOptions) -> Callable[[str], formats.Activation]:
-    """Which quantized weights get an input scale or full precision, decided from names alone
-    because the header is planned before any tensor is read: a weight gets an input scale when the
-    calibration file has its statistics (``_quantize_group`` fills in the value)."""
-    recorded: set[str] = set()
-    if options.input_scales:
-        if not options.calibration:
-            raise ValueError("--input_scales needs --calibration: the scales come from recorded input statistics")
-        with RecordedStatistics(options.calibration) as statistics:
-            recorded = set(statistics.names)
+@contextlib.contextmanager
+def _activation_rule(source: TensorSource, options: ConvertOptions) -> Iterator[Callable[[str], formats.Activation]]:
+    """Which quantized weights get an input scale or full precision, decided before any tensor is
+    written because both change the header. A weight gets an input scale when the calibration file
+    has its statistics (``_quantize_group`` fills in the value); it is full precision when it
+    matches ``--full_precision``, or when ``--full_precision_above`` is set and rounding its
+    recorded inputs to fp8 is predicted to add more relative output error than that (which reads
+    the weight and its statistics once more)."""
     patterns = [compile_regex(p, "--full_precision") for p in options.full_precision]
+    threshold = options.full_precision_above
+    if not options.input_scales and threshold is None:
+        yield lambda name: formats.Activation(None, any(p.search(name) for p in patterns))
+        return
+    if not options.calibration:
+        raise ValueError("--input_scales and --full_precision_above need --calibration: recorded input statistics")
+    device = pick_devices(options)[0]
+    dtype = fp8.fp8_dtype(options.fp8_format)
+    with RecordedStatistics(options.calibration) as statistics:
 
-    def planned(name: str) -> formats.Activation:
-        full = any(p.search(name) for p in patterns)
-        return formats.Activation(1.0 if name in recorded else None, full)
+        def hurts(name: str) -> bool:
+            stats = statistics.get(name)
+            gram = (stats.gram + stats.gram_heldout).to(device)
+            return predicted_input_error(source.read(name).to(device), gram, dtype) > threshold
 
-    return planned
+        def planned(name: str) -> formats.Activation:
+            recorded = name in statistics.names
+            full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
+            return formats.Activation(1.0 if recorded and options.input_scales else None, full)
+
+        yield planned
 
 
 def default_output_path(input_path: str | os.PathLike, options: ConvertOptions) -> Path:
@@ -280,7 +294,7 @@ def convert(
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
         return _quantize_group(item, tensors, device, rounder, source, plan)
 
-    recorded = options.calibration and (options.input_scales or not options.simple)
+    recorded = options.calibration and (options.input_scales or not options.simple)  # GPTQ, input_scale values
     with (
         RecordedStatistics(options.calibration) if recorded else contextlib.nullcontext() as statistics,
         atomic_output(output, overwrite=options.overwrite, protect=protect) as file,

@@ -115,6 +115,8 @@ def test_read_activation_round_trip(fmt):
 
 # A model whose Linear names are checkpoint keys, recorded on inputs far beyond the fp8 range.
 class Blocks(torch.nn.Module):
+    NAMES = ("up", "down", "unrecorded")
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
@@ -157,9 +159,24 @@ def test_convert_writes_calibrated_input_scales(recorded, tmp_path):
     assert not verify_files(str(checkpoint), str(output)).violations
 
 
+@pytest.mark.parametrize("threshold, flagged", [(0.0, {"up", "down"}), (1.0, set())])
+def test_full_precision_where_fp8_inputs_are_predicted_to_hurt(recorded, tmp_path, threshold, flagged):
+    checkpoint, calibration, _ = recorded
+    output = tmp_path / "out.safetensors"
+    convert_file(
+        checkpoint, output, ConvertOptions(simple=True, calibration=str(calibration), full_precision_above=threshold)
+    )
+    with SafetensorsReader(output) as reader:
+        keys = set(reader.tensors)
+        settings = {n: formats.read_activation("comfy", f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
+        full = {name for name, layer in settings.items() if layer.full_precision}
+        assert not any(k.endswith(".input_scale") for k in keys), "input scales only with --input_scales"
+    assert full == flagged, "unrecorded layers have no prediction and stay fp8"
+
+
 def test_input_scales_need_a_calibration_file(recorded, tmp_path):
     checkpoint, _, _ = recorded
-    with pytest.raises(ValueError, match="--input_scales needs --calibration"):
+    with pytest.raises(ValueError, match="need --calibration"):
         convert_file(checkpoint, tmp_path / "out.safetensors", ConvertOptions(simple=True, input_scales=True))
 
 
@@ -217,6 +234,8 @@ def test_cli_spellings(spelling):
     argv = ["--input", "m.safetensors", "--calibration", "c.safetensors"]
     argv += ["--input-scales" if dash else "--input_scales"]
     argv += ["--full-precision" if dash else "--full_precision", "img_mlp", "--full_precision", "txt_mlp"]
+    argv += ["--full-precision-above" if dash else "--full_precision_above", "0.025"]
     options = options_from(convert_parser().parse_args(argv))
     assert options.input_scales is True
     assert options.full_precision == ["img_mlp", "txt_mlp"]
+    assert options.full_precision_above == 0.025
