@@ -230,9 +230,11 @@ def _activation_rule(source: TensorSource, options: ConvertOptions) -> Iterator[
     with RecordedStatistics(options.calibration) as statistics:
 
         def hurts(name: str) -> bool:
-            stats = statistics.get(name)
+            stats, weight = statistics.get(name), source.read(name).to(device)
+            if stats.in_features != weight.shape[1]:
+                raise ValueError(f"{name}: the calibration file has statistics for {stats.in_features} inputs")
             gram = (stats.gram + stats.gram_heldout).to(device)
-            return predicted_input_error(source.read(name).to(device), gram, dtype) > threshold
+            return predicted_input_error(weight, gram, dtype) > threshold
 
         def planned(name: str) -> formats.Activation:
             recorded = name in statistics.names
