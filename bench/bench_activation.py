@@ -54,7 +54,8 @@ BF16_MODEL = "bf16 weights and matmul"
 FULL = "fp8 weights, full-precision matmul"
 SCALE_ONE = "fp8 activations, no input_scale (ComfyUI: 1, clamp 448)"
 EXACT = "fp8 activations, input_scale = absmax/448 exactly"
-CALIBRATED = "fp8 activations, --input_scales (power of two)"
+POW2 = "fp8 activations, input_scale = power of two >= absmax/448"
+CALIBRATED = "fp8 activations, --input_scales (bf16 reciprocal)"
 DYNAMIC = "fp8 activations, dynamic amax/448 per call (not ComfyUI)"
 
 
@@ -85,6 +86,9 @@ def paths(args: argparse.Namespace) -> dict[str, LinearPath]:
         SCALE_ONE: lambda layer, x: activation.fp8_linear(x, layer.weight, layer.scale, layer.bias, None),
         EXACT: lambda layer, x: activation.fp8_linear(
             x, layer.weight, layer.scale, layer.bias, layer.absmax / fp8.fp8_max(E4M3)
+        ),
+        POW2: lambda layer, x: activation.fp8_linear(
+            x, layer.weight, layer.scale, layer.bias, activation.power_of_two_scale(layer.absmax, E4M3)
         ),
         CALIBRATED: lambda layer, x: activation.fp8_linear(
             x, layer.weight, layer.scale, layer.bias, layer.settings.input_scale

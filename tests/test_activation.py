@@ -3,8 +3,6 @@ activation path, and the tensors each layout gets for them."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -21,18 +19,26 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
 @pytest.mark.parametrize("fraction", [1e-3, 0.3, 0.7, 1.0, 1.003, 7.0, 200.0])
-def test_input_scale_is_the_smallest_power_of_two_that_fits(dtype, fraction):
+def test_input_scale_fits_absmax_and_has_a_bf16_reciprocal(dtype, fraction):
     absmax = fraction * fp8.fp8_max(dtype)
     scale = activation.input_scale_for(absmax, dtype)
-    assert math.log2(scale) == round(math.log2(scale)), "a power of two: exact reciprocal in bf16 and fp16"
-    assert absmax / scale <= fp8.fp8_max(dtype)
-    assert absmax / scale > fp8.fp8_max(dtype) / 2, "no more than one binade of the fp8 range unused"
+    reciprocal = (1.0 / torch.tensor(scale, dtype=torch.float32)).to(torch.bfloat16)  # what ComfyUI multiplies by
+    assert float(reciprocal) * scale == pytest.approx(1.0, abs=1e-7), "no gain error in the bf16 cast"
+    assert float(reciprocal.half()) == float(reciprocal), "nor in an fp16 cast"
+    assert absmax * float(reciprocal) <= fp8.fp8_max(dtype)
+    assert absmax * float(reciprocal) > fp8.fp8_max(dtype) * (1 - 2**-7), "the range is used to one bf16 step"
 
 
 def test_input_scale_of_silent_or_extreme_layers():
     assert activation.input_scale_for(0.0, E4M3) == 1.0, "only zeros seen: ComfyUI's default"
     assert activation.input_scale_for(1e-12, E4M3) == 2.0**-15, "reciprocal stays finite in fp16"
     assert activation.input_scale_for(1e12, E4M3) == 2.0**14
+
+
+def test_power_of_two_scale():
+    assert activation.power_of_two_scale(1000.0, E4M3) == 4.0
+    assert activation.power_of_two_scale(448.0, E4M3) == 1.0
+    assert activation.power_of_two_scale(0.0, E4M3) == 1.0
 
 
 def test_quantize_input_without_scale_clamps_to_the_fp8_range():
@@ -46,8 +52,8 @@ def test_quantize_input_with_a_static_scale():
     x = torch.tensor([[1000.0, -600.0, 3.3]])
     scale = activation.input_scale_for(1000.0, E4M3)
     q, stored = activation.quantize_input(x, scale, E4M3, torch.bfloat16)
-    assert float(stored) == scale == 4.0
-    assert (q.float() * stored).tolist() == [[1024.0, -576.0, 3.25]]
+    assert float(stored) == scale
+    assert q.float().tolist() == [[448.0, -256.0, 1.5]], "1000 fits; the rest keeps 3 mantissa bits"
 
 
 def test_fp8_linear_is_the_product_of_the_dequantized_operands():
