@@ -7,9 +7,9 @@
 On a GPU with fp8 compute ComfyUI quantizes each fp8 layer's input before the matrix multiply
 (``quant_core/activation.py`` says exactly how). This benchmark records input statistics on
 calibration text, converts the checkpoint with ``--simple --calibration … --input_scales`` (and
-``--full_precision`` if given), reads the file back and runs every Linear layer of the model
-through a CPU simulation of each path ComfyUI can take, on held-out text (disjoint topics of
-Python's documentation, as in ``bench_quality.py``):
+``--full_precision`` / ``--full_precision_above`` if given), reads the file back and runs every
+Linear layer of the model through a CPU simulation of each path ComfyUI can take, on held-out
+text (disjoint topics of Python's documentation, as in ``bench_quality.py``):
 
 - layer error: ``||y - y_ref|| / ||y_ref||`` of each quantized Linear, fed the fp32 model's own
   inputs (so errors do not accumulate), against the fp32 layer; mean and worst over layers;
@@ -19,7 +19,7 @@ Python's documentation, as in ``bench_quality.py``):
 Linear layers compute in bf16 (ComfyUI's compute dtype on such GPUs); everything else in fp32.
 
 MiniLM's Linear inputs stay below 31, far inside the fp8 range. ``--gain G`` (a power of two)
-emulates a model whose Linear inputs are G times larger, as in diffusion transformers, by the
+emulates a model whose Linear inputs are G times larger by the
 function-preserving rescaling ``x -> G x``, ``W -> W / G`` of every simulated fp8 layer: exact in
 fp8 and bf16, so only the range of the inputs changes (the calibrated input_scale scales with it).
 """
