@@ -128,6 +128,30 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     _option(
         parser,
+        "input_scales",
+        action="store_true",
+        help="write a static input_scale per quantized layer from the --calibration file's input absolute "
+        "maximum, for ComfyUI's fp8 matrix multiply (otherwise it uses scale 1 and clamps inputs to the fp8 range)",
+    )
+    _option(
+        parser,
+        "full_precision",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="mark quantized layers matching REGEX full_precision_matrix_mult: ComfyUI multiplies them in "
+        "bf16/fp16 instead of quantizing their inputs to fp8 (repeatable; not with --format legacy)",
+    )
+    _option(
+        parser,
+        "full_precision_above",
+        type=float,
+        metavar="X",
+        help="also mark full_precision_matrix_mult the layers whose recorded inputs (--calibration), rounded to "
+        "fp8, are predicted to add more than X relative output error (e.g. 0.025)",
+    )
+    _option(
+        parser,
         "parallel",
         action="store_true",
         help="overlap reading, quantizing and writing; spread tensors over all GPUs",
@@ -166,6 +190,9 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         calibration=args.calibration,
+        input_scales=args.input_scales,
+        full_precision=args.full_precision,
+        full_precision_above=args.full_precision_above,
         parallel=args.parallel,
         device=args.device,
         overwrite=args.overwrite,

@@ -14,19 +14,20 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from . import __version__, codec, formats, fp8
+from .activation import input_scale_for, predicted_input_error
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
 from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .pipeline import run_parallel, run_sequential
-from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, detect_preset, scale_group
+from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
 
 ROUNDING_METHODS = {
@@ -61,6 +62,9 @@ class ConvertOptions:
     t5xxl: bool = False
     keep_distillation: bool = False
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
+    input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
+    full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
+    full_precision_above: float | None = None  # ... and layers whose fp8 inputs would add more output error
     parallel: bool = False
     device: str | None = None  # None: CUDA when available, else CPU
     overwrite: bool = False
@@ -131,6 +135,7 @@ class Plan:
     items: list[list[str]]  # work items: one kept tensor, or one scale group of weights
     entries: list[TensorInfo]
     markers: dict[str, torch.Tensor]  # file-level format markers, written first
+    activations: dict[str, formats.Activation]  # per quantized weight; an input_scale of 1.0 is a placeholder
 
 
 @dataclass
@@ -185,23 +190,26 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         options.keep_distillation,
         prefix,
     )
+    activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
     entries: list[TensorInfo] = []
-    for name, info in source.tensors.items():
-        decision = policy.decide(name, info.dtype, info.shape)
-        decisions[name] = (decision.quantize, decision.reason)
-        if not decision.quantize:
-            items.append([name])
-            entries.append(TensorInfo(name, info.dtype, info.shape))
-            continue
-        entries += formats.layer_entries(options.format, name, info.shape, dtype)
-        group_key = scale_group(name) if options.shared_scales else name
-        if group_key not in groups:
-            groups[group_key] = []
-            items.append(groups[group_key])
-        groups[group_key].append(name)
+    with _activation_rule(source, options) as planned:
+        for name, info in source.tensors.items():
+            decision = policy.decide(name, info.dtype, info.shape)
+            decisions[name] = (decision.quantize, decision.reason)
+            if not decision.quantize:
+                items.append([name])
+                entries.append(TensorInfo(name, info.dtype, info.shape))
+                continue
+            activations[name] = planned(name)
+            entries += formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
+            group_key = scale_group(name) if options.shared_scales else name
+            if group_key not in groups:
+                groups[group_key] = []
+                items.append(groups[group_key])
+            groups[group_key].append(name)
     quantized = sum(q for q, _ in decisions.values())
     if not quantized:
         raise ValueError(
@@ -213,7 +221,40 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
-    return Plan(preset, prefix, decisions, items, entries, markers)
+    return Plan(preset, prefix, decisions, items, entries, markers, activations)
+
+
+@contextlib.contextmanager
+def _activation_rule(source: TensorSource, options: ConvertOptions) -> Iterator[Callable[[str], formats.Activation]]:
+    """Which quantized weights get an input scale or full precision, decided before any tensor is
+    written because both change the header. A weight gets an input scale when the calibration file
+    has its statistics (``_quantize_group`` fills in the value); it is full precision when it
+    matches ``--full_precision``, or when ``--full_precision_above`` is set and rounding its
+    recorded inputs to fp8 is predicted to add more relative output error than that (which reads
+    the weight and its statistics once more)."""
+    patterns = [compile_regex(p, "--full_precision") for p in options.full_precision]
+    threshold = options.full_precision_above
+    if not options.input_scales and threshold is None:
+        yield lambda name: formats.Activation(None, any(p.search(name) for p in patterns))
+        return
+    if not options.calibration:
+        raise ValueError("--input_scales and --full_precision_above need --calibration: recorded input statistics")
+    device = pick_devices(options)[0]
+    dtype = fp8.fp8_dtype(options.fp8_format)
+    with RecordedStatistics(options.calibration) as statistics:
+
+        def hurts(name: str) -> bool:
+            stats, weight = statistics.get(name), source.read(name).to(device)
+            if stats.in_features != weight.shape[1]:
+                raise ValueError(f"{name}: the calibration file has statistics for {stats.in_features} inputs")
+            return predicted_input_error(weight, stats.fit, dtype) > threshold
+
+        def planned(name: str) -> formats.Activation:
+            recorded = name in statistics.names
+            full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
+            return formats.Activation(1.0 if recorded and options.input_scales else None, full)
+
+        yield planned
 
 
 def default_output_path(input_path: str | os.PathLike, options: ConvertOptions) -> Path:
@@ -268,7 +309,7 @@ def convert(
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
         return _quantize_group(item, tensors, device, rounder, source, plan)
 
-    recorded = options.calibration and options.method != "nearest"
+    recorded = options.calibration and (options.input_scales or options.method != "nearest")  # GPTQ, input_scale
     with (
         RecordedStatistics(options.calibration) if recorded else contextlib.nullcontext() as statistics,
         atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
@@ -353,13 +394,23 @@ def _quantize_group(
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
         result, method = rounder.round(name, weight, scale)
-        layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale)
+        activation = _activation(name, rounder, plan)
+        layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale, activation)
         report = _report(name, source, plan, time.perf_counter() - started)
         report.method = method
         report.error_before, report.error_after, report.fell_back = result.error_rtn, result.error, result.fell_back
         results.append((name, layer, report))
         del weight, result
     return results
+
+
+def _activation(name: str, rounder: Rounder, plan: Plan) -> formats.Activation:
+    """The planned activation settings, with the input scale calibrated on the recorded absolute maximum."""
+    activation = plan.activations[name]
+    if activation.input_scale is None:
+        return activation
+    absmax = rounder.statistics.get(name).input_absmax
+    return replace(activation, input_scale=input_scale_for(absmax, rounder.dtype))
 
 
 def _report(name: str, source: TensorSource, plan: Plan, seconds: float) -> TensorReport:
@@ -380,6 +431,8 @@ def _describe(options: ConvertOptions, plan: Plan) -> dict:
         "preset": plan.preset.name,
         "quantized": quantized,
         "kept": len(plan.decisions) - quantized,
+        "input_scales": sum(a.input_scale is not None for a in plan.activations.values()),
+        "full_precision": sum(a.full_precision for a in plan.activations.values()),
         "settings": settings,
     }
 

@@ -1,7 +1,8 @@
 """``decode``: rewrite an ``ultra8`` file (uint8 scale codes) as ``comfy`` or ``legacy`` for stock loaders.
 
 The fp8 weights were rounded against the *decoded* scales, so decoding is exact: the weights are
-copied bit for bit and each code becomes the float32 scale it stands for. ``decoded_tensors``
+copied bit for bit, each code becomes the float32 scale it stands for, and a layer's input scale
+and ``full_precision_matrix_mult`` flag are carried over (``legacy`` refuses the flag). ``decoded_tensors``
 yields the new layout one tensor at a time; ``decode_file`` streams it to disk atomically, and
 the ComfyUI loader node builds a state dict from it.
 """
@@ -47,13 +48,18 @@ def _layout(reader: SafetensorsReader, target: str) -> _Layout:
     return _Layout(set(weights), dropped, markers)
 
 
+def _activation(reader: SafetensorsReader, weight_key: str) -> formats.Activation:
+    """The layer's input scale and full-precision flag, which decoding carries over unchanged."""
+    return formats.read_activation("ultra8", weight_key, reader.read, set(reader.tensors))
+
+
 def decoded_entries(reader: SafetensorsReader, target: str = "comfy") -> list[TensorInfo]:
     """The decoded file's tensor names, dtypes and shapes (its header), without reading data."""
     layout = _layout(reader, target)
     entries = [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in layout.markers.items()]
     for key, info in reader.tensors.items():
         if key in layout.weights:
-            entries += formats.layer_entries(target, key, info.shape, info.dtype)
+            entries += formats.layer_entries(target, key, info.shape, info.dtype, _activation(reader, key))
         elif key not in layout.dropped:
             entries.append(TensorInfo(key, info.dtype, info.shape))
     return entries
@@ -67,7 +73,7 @@ def decoded_tensors(reader: SafetensorsReader, target: str = "comfy") -> Iterato
         if key in layout.weights:
             base = key.removesuffix(formats.WEIGHT_SUFFIX)
             scale = formats.decode_stored_scale("ultra8", reader.read(base + formats.SCALE_SUFFIX["ultra8"]))
-            yield from formats.layer_tensors(target, key, reader.read(key), scale).items()
+            yield from formats.layer_tensors(target, key, reader.read(key), scale, _activation(reader, key)).items()
         elif key not in layout.dropped:
             yield key, reader.read(key)
 

@@ -9,11 +9,19 @@
            ``{"format": "ultra8", ...}`` so stock ComfyUI refuses the file instead of loading
            unscaled weights, and a marker ``<prefix>ultra8_codec`` (uint8 JSON) with the codec's
            parameters. ``decode`` turns it into ``comfy`` or ``legacy``.
+
+A layer may also carry activation settings for ComfyUI's fp8 matrix multiply (``Activation``): a
+static ``input_scale`` (float32 0-dim ``L.input_scale``; ``L.scale_input`` in ``legacy``, which
+ComfyUI renames on load) and ``"full_precision_matrix_mult": true`` in its ``comfy_quant``. The
+``legacy`` layout can only mark a whole file full precision (a 2-element marker), so it refuses
+per-layer flags. ``ultra8`` stores the scale as float32 too: it is a ComfyUI tensor, not a weight
+scale the codec was made for, and ``decode`` copies both settings into the target layout.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +33,24 @@ LEGACY_MARKER = "scaled_fp8"
 ULTRA8_MARKER = "ultra8_codec"
 ULTRA8_FORMAT = "ultra8"
 SCALE_SUFFIX = {"comfy": ".weight_scale", "legacy": ".scale_weight", "ultra8": ".weight_scale_u8"}
+INPUT_SCALE_SUFFIX = {"comfy": ".input_scale", "legacy": ".scale_input", "ultra8": ".input_scale"}
 WEIGHT_SUFFIX = ".weight"
+FULL_PRECISION = "full_precision_matrix_mult"
+
+
+@dataclass(frozen=True)
+class Activation:
+    """How ComfyUI's fp8 compute should treat a layer's input (see ``activation.py``).
+
+    ``input_scale``: static fp8 scale of the input; ``None`` leaves ComfyUI's default of 1 (with
+    the input clamped to the fp8 range). ``full_precision``: multiply in the compute dtype instead.
+    """
+
+    input_scale: float | None = None
+    full_precision: bool = False
+
+
+PLAIN = Activation()
 
 
 def json_tensor(value: dict) -> torch.Tensor:
@@ -37,32 +62,50 @@ def read_json_tensor(tensor: torch.Tensor) -> dict:
     return json.loads(bytes(tensor.to(torch.uint8).tolist()).decode())
 
 
-def layer_tensors(fmt: str, weight_key: str, quantized: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+def layer_tensors(
+    fmt: str, weight_key: str, quantized: torch.Tensor, scale: float, activation: Activation = PLAIN
+) -> dict[str, torch.Tensor]:
     """Every tensor a quantized Linear weight becomes in ``fmt``, keyed by output name.
 
     ``scale`` must already be the stored scale (for ``ultra8`` a decoded codec value).
     Works with ``quantized`` on the meta device, which is how the output header is planned.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+    if fmt == "legacy" and activation.full_precision:
+        raise ValueError(
+            f"{weight_key}: the legacy layout cannot mark one layer full_precision_matrix_mult "
+            "(its marker switches the whole file); use --format comfy"
+        )
     base = weight_key.removesuffix(WEIGHT_SUFFIX)
     dtype_name = str(quantized.dtype).removeprefix("torch.")
     tensors = {weight_key: quantized}
-    if fmt == "comfy":
-        tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(scale, dtype=torch.float32)
-        tensors[base + ".comfy_quant"] = json_tensor({"format": dtype_name})
-    elif fmt == "legacy":
-        tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(scale, dtype=torch.float32)
-    elif fmt == "ultra8":
+    if fmt == "ultra8":
         tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(codec.encode_scale(scale), dtype=torch.uint8)
-        tensors[base + ".comfy_quant"] = json_tensor({"format": ULTRA8_FORMAT, "weight_dtype": dtype_name})
+        conf = {"format": ULTRA8_FORMAT, "weight_dtype": dtype_name}
     else:
-        raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+        tensors[base + SCALE_SUFFIX[fmt]] = torch.tensor(scale, dtype=torch.float32)
+        conf = {"format": dtype_name}
+    if activation.input_scale is not None:
+        tensors[base + INPUT_SCALE_SUFFIX[fmt]] = torch.tensor(activation.input_scale, dtype=torch.float32)
+    if fmt != "legacy":
+        if activation.full_precision:
+            conf[FULL_PRECISION] = True
+        tensors[base + ".comfy_quant"] = json_tensor(conf)
     return tensors
 
 
-def layer_entries(fmt: str, weight_key: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[TensorInfo]:
-    """Names, dtypes and shapes of ``layer_tensors`` without any data: for planning the header."""
+def layer_entries(
+    fmt: str, weight_key: str, shape: tuple[int, ...], dtype: torch.dtype, activation: Activation = PLAIN
+) -> list[TensorInfo]:
+    """Names, dtypes and shapes of ``layer_tensors`` without any data: for planning the header.
+
+    ``activation`` must be the one the layer will be written with: the ``comfy_quant`` length
+    and the presence of an input scale depend on it.
+    """
     meta = torch.empty(shape, dtype=dtype, device="meta")
-    return [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in layer_tensors(fmt, weight_key, meta, 1.0).items()]
+    tensors = layer_tensors(fmt, weight_key, meta, 1.0, activation)
+    return [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
 
 def marker_tensors(fmt: str, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:
@@ -105,10 +148,20 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
 def sidecar_keys(fmt: str, weight_key: str) -> list[str]:
     """Names of the per-layer tensors that accompany a quantized weight in ``fmt``."""
     base = weight_key.removesuffix(WEIGHT_SUFFIX)
-    names = [base + SCALE_SUFFIX[fmt]]
+    names = [base + SCALE_SUFFIX[fmt], base + INPUT_SCALE_SUFFIX[fmt]]
     if fmt in ("comfy", "ultra8"):
         names.append(base + ".comfy_quant")
     return names
+
+
+def read_activation(fmt: str, weight_key: str, read, keys: set[str]) -> Activation:
+    """A stored layer's ``Activation``: ``read(name)`` returns a tensor of the file, ``keys`` its names."""
+    base = weight_key.removesuffix(WEIGHT_SUFFIX)
+    scale_key = base + INPUT_SCALE_SUFFIX[fmt]
+    input_scale = float(read(scale_key).float().reshape(-1)[0]) if scale_key in keys else None
+    conf_key = base + ".comfy_quant"
+    full = fmt != "legacy" and conf_key in keys and read_json_tensor(read(conf_key)).get(FULL_PRECISION) is True
+    return Activation(input_scale, full)
 
 
 def quantized_weights(fmt: str, keys: list[str]) -> list[str]:

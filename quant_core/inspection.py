@@ -3,7 +3,9 @@
 The contract (see the README's "Formats"): a quantized weight is a 2-D fp8 tensor; its scale is
 float32 with shape ``[]`` or ``[1]`` (uint8 ``[]`` code for ``ultra8``), positive and finite;
 ``comfy`` and ``ultra8`` layers carry a ``comfy_quant`` JSON whose ``format`` names the layout;
-``legacy`` files carry the ``scaled_fp8`` marker with the weights' fp8 dtype. Against the
+``legacy`` files carry the ``scaled_fp8`` marker with the weights' fp8 dtype. An optional input
+scale (``input_scale``, ``scale_input`` in ``legacy``) is float32 ``[]`` or ``[1]``, positive and
+finite, and ``full_precision_matrix_mult`` in a ``comfy_quant`` is a JSON boolean. Against the
 original, every tensor that was not quantized must be bit-identical.
 """
 
@@ -129,7 +131,21 @@ def _check_layer(reader: SafetensorsReader, fmt: str, weight_key: str, violation
         violations.append(f"{scale_key}: scale {scale} is not positive and finite")
     if fmt in ("comfy", "ultra8"):
         _check_comfy_quant(reader, fmt, base, info.dtype, violations)
+    _check_input_scale(reader, base + formats.INPUT_SCALE_SUFFIX[fmt], violations)
     return LayerCheck(weight_key, info.dtype, info.shape, scale)
+
+
+def _check_input_scale(reader: SafetensorsReader, key: str, violations: list[str]) -> None:
+    """ComfyUI casts the input scale to a device tensor and divides by it: one positive float32."""
+    if key not in reader.tensors:
+        return
+    info = reader.tensors[key]
+    if info.dtype != torch.float32 or info.shape not in ((), (1,)):
+        violations.append(f"{key}: expected float32 of shape [] or [1], found {info.dtype} {list(info.shape)}")
+        return
+    value = float(reader.read(key).reshape(-1)[0])
+    if not (value > 0 and value < float("inf")):
+        violations.append(f"{key}: input scale {value} is not positive and finite")
 
 
 def _check_comfy_quant(reader, fmt: str, base: str, dtype: torch.dtype, violations: list[str]) -> None:
@@ -148,6 +164,8 @@ def _check_comfy_quant(reader, fmt: str, base: str, dtype: torch.dtype, violatio
     expected = formats.ULTRA8_FORMAT if fmt == "ultra8" else str(dtype).removeprefix("torch.")
     if conf.get("format") != expected:
         violations.append(f"{key}: format {conf.get('format')!r}, expected {expected!r} for a {dtype} weight")
+    if not isinstance(conf.get(formats.FULL_PRECISION, False), bool):
+        violations.append(f"{key}: {formats.FULL_PRECISION} must be true or false")
 
 
 def _check_legacy_marker(reader: SafetensorsReader, quantized: list[str], violations: list[str]) -> None:

@@ -131,8 +131,8 @@ class LayerPolicy:
     prefix: str = ""  # full checkpoints: only the diffusion model's weights are candidates
 
     def __post_init__(self) -> None:
-        self._include = [_compile(p, "--include") for p in self.include]
-        self._exclude = [_compile(p, "--exclude") for p in self.exclude]
+        self._include = [compile_regex(p, "--include") for p in self.include]
+        self._exclude = [compile_regex(p, "--exclude") for p in self.exclude]
         self._keep = [re.compile(p) for p in self.preset.keep]
 
     def decide(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Decision:
@@ -176,7 +176,7 @@ def scale_group(name: str) -> str:
     return module.rsplit(".", 1)[0] if "." in module else module
 
 
-def _compile(pattern: str, option: str) -> re.Pattern[str]:
+def compile_regex(pattern: str, option: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
