@@ -149,14 +149,14 @@ class _SketchedRecording:
     """
 
     def __init__(self, in_features: int, rank: int, generator: torch.Generator):
-        self.sketch = torch.zeros(in_features, rank, dtype=torch.float64)
-        self.diagonal = torch.zeros(in_features, dtype=torch.float64)
+        self.sketch = torch.zeros(in_features, rank)
+        self.diagonal = torch.zeros(in_features, dtype=torch.float64)  # small; exact sums of squares
         self.sample = torch.zeros(0, in_features)
         self.keys = torch.zeros(0)
         self.generator = generator
 
     def add(self, fit: torch.Tensor, held: torch.Tensor, probe: torch.Tensor) -> None:
-        self.sketch += (fit.T @ (fit @ probe)).cpu().double()
+        self.sketch += (fit.T @ (fit @ probe)).cpu()
         self.diagonal += fit.square().sum(0).cpu().double()
         keys = torch.cat([self.keys, torch.rand(held.shape[0], generator=self.generator)])
         keep = torch.topk(keys, min(self.sketch.shape[1], keys.numel())).indices
@@ -166,10 +166,10 @@ class _SketchedRecording:
 
     @property
     def nbytes(self) -> int:
-        return (self.sketch.numel() + self.diagonal.numel()) * 8 + (self.sample.numel() + self.keys.numel()) * 4
+        return self.diagonal.numel() * 8 + (self.sketch.numel() + self.sample.numel() + self.keys.numel()) * 4
 
     def finish(self, probe: torch.Tensor) -> tuple[LowRankGram, RowSample]:
-        factor = _nystroem_factor(self.sketch, probe.cpu().double())
+        factor = _nystroem_factor(self.sketch.double(), probe.cpu().double())
         return LowRankGram(factor.float(), self.diagonal.float()), RowSample(self.sample.clone())
 
 
