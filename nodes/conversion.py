@@ -9,6 +9,7 @@ from pathlib import Path
 from ..quant_core.calibration import RecordedStatistics
 from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
 from ..quant_core.io import SafetensorsReader
+from ..quant_core.policy import checkpoint_prefix
 from . import host
 from .model_source import ModelSource
 
@@ -65,16 +66,16 @@ def _reported(node_id) -> Iterator[None]:
 
 def _check_calibration(source: TensorSource, path: str | None) -> None:
     """Refuse a calibration file that names none of the source's weights: the engine would silently
-    fall back to uncalibrated rounding (a file recorded on another model, or a full checkpoint whose
-    keys carry ``model.diffusion_model.``). Shape mismatches are the engine's ``ValueError``."""
+    fall back to uncalibrated rounding (a file recorded on another model). A full checkpoint's
+    ``model.diffusion_model.`` keys match a recording of its diffusion model. Shape mismatches are
+    the engine's ``ValueError``."""
     if not path:
         return
-    with RecordedStatistics(path) as statistics:
-        if not statistics.names & set(source.tensors):
+    with RecordedStatistics(path, checkpoint_prefix(list(source.tensors))) as statistics:
+        if not any(statistics.key(name) for name in source.tensors):
             raise host.UserError(
                 f"the calibration file {Path(path).name} has statistics for none of the weights of this model: "
-                "was it recorded on another model? (it applies to the recorded MODEL and to its "
-                "diffusion_models file, not to a full checkpoint)"
+                "was it recorded on another model?"
             )
 
 

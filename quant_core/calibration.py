@@ -332,9 +332,13 @@ def save_statistics(path: str | os.PathLike, statistics: dict[str, LayerStatisti
 
 
 class RecordedStatistics:
-    """A calibration file written by ``Recorder.save``, read one layer at a time."""
+    """A calibration file written by ``Recorder.save``, read one layer at a time.
 
-    def __init__(self, path: str | os.PathLike):
+    ``prefix`` is the source checkpoint's key prefix (``model.diffusion_model.`` for a full
+    checkpoint): statistics recorded on the bare diffusion model then match its weights too.
+    """
+
+    def __init__(self, path: str | os.PathLike, prefix: str = ""):
         from .io import SafetensorsReader
 
         self._reader = SafetensorsReader(path)
@@ -342,10 +346,23 @@ class RecordedStatistics:
             self._reader.close()
             raise ValueError(f"{path} is not a calibration file written by quant_core.calibration.Recorder")
         self.names = {k.removesuffix(".count") for k in self._reader.tensors if k.endswith(".count")}
+        self.prefix = prefix
+
+    def key(self, name: str) -> str | None:
+        """The recorded name of the weight ``name`` (itself, or without the prefix); None if not recorded."""
+        if name in self.names:
+            return name
+        bare = name.removeprefix(self.prefix) if self.prefix else name
+        return bare if bare in self.names else None
+
+    def input_absmax(self, name: str) -> float:
+        """The recorded inputs' absolute maximum (read alone: the statistics are not loaded)."""
+        return float(self._reader.read(f"{self.key(name)}.input_absmax"))
 
     def get(self, name: str) -> LayerStatistics | None:
         """Statistics for the weight ``name``, or None when it was not recorded."""
-        if name not in self.names:
+        name = self.key(name)
+        if name is None:
             return None
         read, stored = self._reader.read, self._reader.tensors
         count, count_heldout = (int(n) for n in read(f"{name}.count"))

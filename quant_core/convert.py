@@ -195,7 +195,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
     entries: list[TensorInfo] = []
-    with _activation_rule(source, options) as planned:
+    with _activation_rule(source, options, prefix) as planned:
         for name, info in source.tensors.items():
             decision = policy.decide(name, info.dtype, info.shape)
             decisions[name] = (decision.quantize, decision.reason)
@@ -225,7 +225,9 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
 
 
 @contextlib.contextmanager
-def _activation_rule(source: TensorSource, options: ConvertOptions) -> Iterator[Callable[[str], formats.Activation]]:
+def _activation_rule(
+    source: TensorSource, options: ConvertOptions, prefix: str
+) -> Iterator[Callable[[str], formats.Activation]]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
     written because both change the header. A weight gets an input scale when the calibration file
     has its statistics (``_quantize_group`` fills in the value); it is full precision when it
@@ -241,7 +243,7 @@ def _activation_rule(source: TensorSource, options: ConvertOptions) -> Iterator[
         raise ValueError("--input_scales and --full_precision_above need --calibration: recorded input statistics")
     device = pick_devices(options)[0]
     dtype = fp8.fp8_dtype(options.fp8_format)
-    with RecordedStatistics(options.calibration) as statistics:
+    with RecordedStatistics(options.calibration, prefix) as statistics:
 
         def hurts(name: str) -> bool:
             stats, weight = statistics.get(name), source.read(name).to(device)
@@ -250,7 +252,7 @@ def _activation_rule(source: TensorSource, options: ConvertOptions) -> Iterator[
             return predicted_input_error(weight, stats.fit, dtype) > threshold
 
         def planned(name: str) -> formats.Activation:
-            recorded = name in statistics.names
+            recorded = statistics.key(name) is not None
             full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
             return formats.Activation(1.0 if recorded and options.input_scales else None, full)
 
@@ -311,7 +313,7 @@ def convert(
 
     recorded = options.calibration and (options.input_scales or options.method != "nearest")  # GPTQ, input_scale
     with (
-        RecordedStatistics(options.calibration) if recorded else contextlib.nullcontext() as statistics,
+        RecordedStatistics(options.calibration, plan.prefix) if recorded else contextlib.nullcontext() as statistics,
         atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
     ):
         rounder = Rounder(fp8.fp8_dtype(options.fp8_format), options, calibration or RandomCalibration(), statistics)
@@ -409,7 +411,7 @@ def _activation(name: str, rounder: Rounder, plan: Plan) -> formats.Activation:
     activation = plan.activations[name]
     if activation.input_scale is None:
         return activation
-    absmax = rounder.statistics.get(name).input_absmax
+    absmax = rounder.statistics.input_absmax(name)
     return replace(activation, input_scale=input_scale_for(absmax, rounder.dtype))
 
 

@@ -243,3 +243,18 @@ def test_a_wide_layer_that_saw_fewer_rows_than_the_rank_gets_its_exact_statistic
     fit = rows[0::2]
     approx = stats.fit.factor @ stats.fit.factor.T + torch.diag(stats.fit.residual())
     assert torch.allclose(approx, fit.T @ fit, atol=1e-3 * float((fit.T @ fit).abs().max()))
+
+
+def test_statistics_of_a_diffusion_model_apply_to_its_full_checkpoint(tmp_path):
+    model = small_model()
+    io.write_file(
+        tmp_path / "full.safetensors",
+        {f"model.diffusion_model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()},
+    )
+    with Recorder(model) as recorder:
+        run(model, low_rank_inputs(400, 1))
+    recorder.save(tmp_path / "calibration.safetensors")
+    options = ConvertOptions(preset="none", min_tensor_size=0, calibration=str(tmp_path / "calibration.safetensors"))
+    options.exclude = [r"\.3\."]
+    summary = convert_file(tmp_path / "full.safetensors", tmp_path / "out.safetensors", options)
+    assert summary.methods == {"gptq": 2}
