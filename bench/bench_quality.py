@@ -109,7 +109,8 @@ def flux_like(args: argparse.Namespace, work: Path) -> Subject:
 
     def build(state: dict[str, torch.Tensor]) -> torch.nn.Module:
         built = dit.FluxLike()
-        built.load_state_dict(state)
+        own = built.state_dict()
+        built.load_state_dict({k: v for k, v in state.items() if k in own})  # scales are already applied
         return built
 
     calibration, heldout = dit.inputs(args.dit_batches, 1, prompts), dit.inputs(args.dit_batches, 2, prompts)
