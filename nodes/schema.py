@@ -78,7 +78,7 @@ def _option_inputs() -> list:
             min=0,
             max=10000,
             advanced=True,
-            tooltip="maximum optimiser iterations per tensor (learned rounding)",
+            tooltip="maximum optimiser iterations per tensor (rounding: learned)",
         ),
         io.Int.Input(
             "calib_samples", default=96, min=1, max=8192, advanced=True, tooltip="calibration input rows per tensor"

@@ -35,7 +35,7 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 def convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m quant_core [convert]",
-        description="Convert a safetensors checkpoint to FP8-scaled weights with learned rounding.",
+        description="Convert a safetensors checkpoint to FP8-scaled weights: calibrated, nearest or learned rounding.",
     )
     defaults = RoundingOptions()
     _option(parser, "input", required=True, help="input .safetensors file")
@@ -257,7 +257,7 @@ def run_decode(argv: Sequence[str]) -> int:
 def run_example(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m quant_core example",
-        description="Generate a small Flux-shaped checkpoint, convert it with learned rounding, verify it.",
+        description="Generate a small Flux-shaped checkpoint, convert it with the default settings, verify it.",
     )
     parser.add_argument("--dir", default="example_output", help="folder for the example files")
     args = parser.parse_args(argv)
