@@ -107,19 +107,21 @@ class Result:
 
 def build_configs(args: argparse.Namespace) -> dict[str, Config]:
     iters = ["--num_iter", str(args.learned_iter)]
-    largest_group = ["--num_iter", "2", "--exclude", r"^(?!(?:single_blocks\.0\.))"]
+    one_weight = ["--num_iter", "1", "--exclude", r"^(?!(?:double_blocks\.0\.img_attn\.qkv\.))"]
     return {
         "simple": Config("simple", ["--simple"], "round-to-nearest, default settings"),
         "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, read/compute/write overlapped"),
         "learned-mem": Config(
-            "learned-mem", largest_group, "learned rounding of the largest group (single_blocks.0), 2 iterations"
+            "learned-mem", one_weight, "learned rounding of one 9216x3072 weight, 1 iteration: a memory check"
         ),
         "rtn-matched": Config("rtn-matched", ["--simple", *MATCHED], "RTN, every 2-D weight, per-tensor scales"),
         "peer-rtn": Config("peer-rtn", ["--simple", *PEER_COMMON], "convert-to-quant --simple", peer=True),
         "learned-matched": Config(
             "learned-matched", [*MATCHED, *iters, "--calib_samples", "96"], "learned rounding", subset=True
         ),
-        "peer-learned": Config("peer-learned", [*PEER_COMMON, *iters], "convert-to-quant, learned", True, True),
+        "peer-learned": Config(
+            "peer-learned", [*PEER_COMMON, *iters], "convert-to-quant, learned", peer=True, subset=True
+        ),
         "optimiser": Config("optimiser", [], "our optimiser alone, in process", subset=True),
     }
 
@@ -349,17 +351,25 @@ def read_through(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def copy_once(source: Path, workdir: Path) -> float:
-    """Seconds to copy ``source`` to a new file and fsync it; the copy is deleted afterwards."""
+def copy_once(source: Path, workdir: Path, limit: int) -> float:
+    """Seconds to copy ``source`` to a new file and fsync it; the copy is deleted afterwards.
+
+    Only the first ``limit`` bytes when that is positive and the file is larger (to spare disk
+    space); the time is then scaled up to the whole file.
+    """
     target = workdir / "copy_baseline.tmp"
     target.unlink(missing_ok=True)
+    size = source.stat().st_size
+    part = min(size, limit) if limit > 0 else size
     started = time.perf_counter()
-    shutil.copyfile(source, target)
-    with open(target, "rb+") as file:
-        os.fsync(file.fileno())
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        copied = 0
+        while copied < part:
+            copied += os.sendfile(dst.fileno(), src.fileno(), copied, part - copied)
+        os.fsync(dst.fileno())
     seconds = time.perf_counter() - started
     target.unlink()
-    return seconds
+    return seconds * size / copied
 
 
 def output_path(workdir: Path, config: Config, source: Path) -> Path:
@@ -417,13 +427,19 @@ class SizeRun:
 
 
 def measure(
-    configs: list[Config], python_of: dict[str, str], source: Path, workdir: Path, repeat: int, run: SizeRun | None
+    configs: list[Config],
+    python_of: dict[str, str],
+    source: Path,
+    workdir: Path,
+    repeat: int,
+    run: SizeRun | None,
+    copy_limit: int = 0,
 ) -> dict[str, Result]:
     """Interleaved rounds (the copy baseline when ``run`` is given, then every config once), repeated."""
     results = {c.name: Result(c) for c in configs}
     for round_ in range(repeat):
         if run is not None:
-            run.copies.append(copy_once(source, workdir))
+            run.copies.append(copy_once(source, workdir, copy_limit))
             print(f"copy (read + write + fsync), round {round_ + 1}/{repeat}: {run.copies[-1]:.2f} s", flush=True)
         for config in configs:
             if results[config.name].returncode == 0:
@@ -432,11 +448,11 @@ def measure(
     return results
 
 
-def score(results: dict[str, Result], source: Path, workdir: Path, keep: bool) -> None:
+def score(results: dict[str, Result], source: Path, workdir: Path, keep: bool, enabled: bool = True) -> None:
     """The quality helper on each successful output; outputs are deleted afterwards unless ``keep``."""
     for result in results.values():
         output = output_path(workdir, result.config, source)
-        if result.returncode == 0 and output.exists():
+        if enabled and result.returncode == 0 and output.exists():
             print(f"scoring {output.name} ...", flush=True)
             result.quality = helper(workdir, "quality", str(source), str(output))
         if not keep:
@@ -513,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_CONFIGS),
         help=f"comma-separated subset (default {','.join(DEFAULT_CONFIGS)}; opt-in: simple-parallel)",
     )
+    parser.add_argument(
+        "--copy-gb", type=float, default=0, help="copy at most this many GB for the baseline, time scaled up (0: all)"
+    )
+    parser.add_argument("--no-score", action="store_true", help="skip scoring the whole-checkpoint outputs")
     parser.add_argument("--keep", action="store_true", help="keep the converted files in --workdir")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (fastest time is kept)")
     parser.add_argument("--learned-iter", type=int, default=20, help="--num_iter of both learned configs (default 20)")
@@ -547,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     for pattern in (".flux_h3072_*.tmp", ".out_*.tmp", ".subset*.tmp"):  # left by an interrupted earlier run
         for stale in workdir.glob(pattern):
             stale.unlink()
+    for stale in workdir.glob("ctq_calib_*"):  # the peer's calibration cache, left by an interrupted run
+        shutil.rmtree(stale)
 
     floor_cmd = [sys.executable, "-c", "import quant_core.cli"]
     _, floor, _, _ = run_child(floor_cmd, dict(os.environ), workdir / "log_floor.txt")
@@ -560,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'reused the cached' if made['cached'] else 'generated'} {source.name}", flush=True)
         run = SizeRun(source, made, helper(workdir, "describe", str(source)))
         print(f"pre-reading the input: {read_through(source):.1f} s", flush=True)
-        run.results = measure(full, python_of, source, workdir, repeat, run)
-        score(run.results, source, workdir, args.keep)
+        run.results = measure(full, python_of, source, workdir, repeat, run, int(args.copy_gb * GB))
+        score(run.results, source, workdir, args.keep, not args.no_score)
         runs.append(run)
 
     subset_configs = [configs[c] for c in chosen if configs[c].subset and c != "optimiser"]
