@@ -100,7 +100,6 @@ class Result:
     wall: float = float("inf")
     rss: int = 0  # bytes
     returncode: int = 0
-    output_bytes: int = 0
     error: str = ""
     quality: dict | None = None
 
@@ -393,7 +392,6 @@ def run_once(config: Config, python: str, source: Path, workdir: Path, result: R
         return
     result.wall = min(result.wall, wall)
     result.rss = max(result.rss, rss)
-    result.output_bytes = output.stat().st_size
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
