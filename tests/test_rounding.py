@@ -323,3 +323,13 @@ def test_work_counts_weight_iterations():
     result = rounding.round_learned("w.weight", weight, scale, E4M3, LowRankCalibration(64), options)
     assert result.iterations == 12
     assert result.work == weight.numel() * 12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_as_float_is_the_exact_conversion_for_every_code(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    values = rounding.as_float(codes[:, 3:])  # a non-contiguous view
+    expected = codes[:, 3:].float()
+    assert values.shape == expected.shape and values.dtype == torch.float32
+    assert torch.equal(values.isnan(), expected.isnan())
+    assert torch.equal(values.nan_to_num(), expected.nan_to_num())
