@@ -1,37 +1,45 @@
-"""Benchmark: convert a generated Flux-shaped bf16 checkpoint (~2 GB) and report wall time and peak RSS.
+"""Benchmark: conversion speed and peak memory against the machine's limits and against a peer tool.
 
-Usage (from the repository root)::
+Usage (from the repository root; one command prints every table)::
 
-    .venv/bin/python bench/bench_convert.py [--size-gb 2] [--workdir bench/out] [--configs simple,learned] [--keep]
+    .venv/bin/python bench/bench_convert.py --size-gb 1,2,4 --repeat 2 [--peer-python /path/to/python]
 
 What it does, in one run:
 
 1. Generates (once; cached in ``--workdir``) a bf16 checkpoint with Flux-dev's widths (hidden 3072,
-   context 4096, vec 768) and the numbers of double/single blocks that bring it near ``--size-gb``,
-   streaming one tensor at a time (``quant_core.example.write_synthetic``).
-2. Reads the input once so that every measurement below sees it in the page cache, then measures
-   the baseline: copying the file once (read + write + fsync, as the converter fsyncs its output).
-   Every configuration's time is reported as a multiple of that copy time.
-3. Runs each configuration as its own child process, ``python -m quant_core --input … --output …
-   --overwrite --quiet …``, and takes its wall time and its own peak RSS (``ru_maxrss`` from
-   ``os.wait4``), so no configuration's memory leaks into another's figure.
+   context 4096, vec 768) and the numbers of double/single blocks that bring it near each
+   ``--size-gb`` (24 gives Flux-dev's own 19 + 38 blocks), streaming one tensor at a time.
+2. Reads the input once so that every measurement below sees it in the page cache (where it fits),
+   then measures the machine's copy limit: copying the file once (read + write + fsync, as the
+   converter fsyncs its output). Every configuration's time is also reported as a multiple of it.
+3. Runs each configuration as its own child process and takes its wall time and its own peak RSS
+   (``ru_maxrss`` from ``os.wait4``), so no configuration's memory leaks into another's figure.
+   Peak RSS is checked against the bound "2 x the largest tensor + a fixed 500 MB" (the
+   interpreter with torch alone is about 230 MB of the fixed part).
+4. Scores each output the same way, whichever tool wrote it: the relative output error
+   ``||X (dequant(Wq) - W)^T|| / ||X W^T||`` of every quantized layer on held-out standard-normal
+   inputs ``X`` (a fixed seed, the same for both tools; at most ``QUALITY_ROWS`` output rows per
+   layer), averaged over layers. Biases are not part of it (the peer also corrects biases).
+5. Against the peer, convert-to-quant (PyPI), when ``--peer-python`` (or the environment variable
+   ``CONVERT_TO_QUANT_PYTHON``) names a Python that has it installed: its round-to-nearest mode on
+   the whole checkpoint, and its learned mode on a subset file (``--subset``, the same file for
+   both tools; learned rounding of a whole model is hours on 2 cores for either tool). Our runs
+   in the comparison use ``--preset none --no-use_shared_scales``, so both tools quantize the same
+   tensors with a per-tensor scale from the tensor's own maximum. The bench never installs it.
+6. ``optimiser``: our learned optimiser alone on the subset's weights, in a child process: its
+   useful matrix-multiply FLOPs (``4 x calib_samples`` per weight per iteration, plus the fixed
+   RTN and held-out products), the FLOP/s achieved, and the ``torch.matmul`` rate measured there
+   and then at the optimiser's own shapes and at 2048 x 2048 x 2048.
 
 On Linux a child's ``ru_maxrss`` is at least the *parent's* peak RSS at the time it was spawned
 (``exec`` records the high-water mark of the address space it replaces, which a vfork child
 borrows from its parent). So this process never imports torch and holds no large buffer: the
-generation and the header analysis run in helper child processes, and the parent's own peak RSS is
-printed as the floor under every figure.
+generation, the analysis and the scoring run in helper child processes, and the parent's own peak
+RSS is printed as the floor under every figure.
 
-Learned rounding on 2 CPU cores costs seconds per iteration for a 3072-wide weight, so the default
-``learned`` configuration optimises only the largest shared-scale group (``single_blocks.0``:
-``linear1`` + ``linear2``, the work item that sets peak memory) with a reduced ``--num_iter``; every
-other tensor is excluded (kept in bf16). Its settings are printed in the table; ``--learned-iter``,
-``--learned-calib`` and ``--learned-subset`` change them. Wall times are single measurements unless
-``--repeat`` is given: then the baseline and all configurations run in interleaved rounds, and the
-fastest time and the largest peak RSS of each are reported. The CPU time other processes used
-during the measurements is printed: other work on the machine makes every figure slower.
-
-Sizes: MB = 10^6 bytes, GB = 10^9 bytes. The memory target is peak RSS < 1 GB (10^9 bytes).
+Wall times are the fastest of ``--repeat`` interleaved rounds, peak RSS the largest. The CPU time
+other processes used while the benchmark ran is printed: other work on the machine makes every
+figure slower. Sizes: MB = 10^6 bytes, GB = 10^9 bytes.
 """
 
 from __future__ import annotations
@@ -52,9 +60,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MB = 10**6
 GB = 10**9
-RSS_LIMIT = 1 * GB
+RSS_FIXED = 500 * MB  # the fixed part of the memory bound: interpreter, torch, buffers
 WIDTHS = {"hidden": 3072, "context": 4096, "vec": 768}  # Flux-dev's
-DEFAULT_CONFIGS = ("simple", "simple-parallel", "learned")
+DEFAULT_CONFIGS = ("simple", "learned-mem", "rtn-matched", "peer-rtn", "learned-matched", "peer-learned", "optimiser")
+QUALITY_ROWS = 2048  # output rows scored per layer (rows are independent; the first ones suffice)
+QUALITY_INPUTS = 128  # held-out input rows
+QUALITY_SEED = 20240601
+MATCHED = ["--preset", "none", "--no-use_shared_scales"]  # ours, set up to quantize what the peer does
+PEER_COMMON = ["--comfy_quant", "--device", "cpu", "--low-memory", "--manual_seed", "0", "--verbose", "MINIMAL"]
+PEER_MAIN = "import sys; from convert_to_quant.convert_to_quant import main; sys.argv[0] = 'convert_to_quant'; main()"
+PEER_DEFAULT_ITER = 4000  # convert-to-quant 1.3.4's default --num_iter
+OURS_DEFAULT_ITER = 200
 
 
 @dataclass
@@ -63,14 +79,19 @@ class Config:
     args: list[str]
     note: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    peer: bool = False  # run convert-to-quant instead of quant_core
+    subset: bool = False  # run on the subset file (once), not on every generated checkpoint
 
     def settings(self) -> str:
         text = shlex.join(self.args)
         env = " ".join(f"{k}={v}" for k, v in self.env.items())
         return f"{env} {text}".strip() if env else text
 
-    def excludes(self) -> list[str]:
-        return [self.args[i + 1] for i, a in enumerate(self.args) if a == "--exclude"]
+    def command(self, python: str, source: Path, output: Path) -> list[str]:
+        if self.peer:
+            return [python, "-c", PEER_MAIN, "-i", str(source), "-o", str(output), *self.args]
+        ours = [python, "-m", "quant_core", "--input", str(source), "--output", str(output), "--overwrite", "--quiet"]
+        return [*ours, *self.args]
 
 
 @dataclass
@@ -79,30 +100,28 @@ class Result:
     wall: float = float("inf")
     rss: int = 0  # bytes
     returncode: int = 0
-    output_bytes: int = 0
-    summary: str = ""
     error: str = ""
+    quality: dict | None = None
 
 
 def build_configs(args: argparse.Namespace) -> dict[str, Config]:
-    learned = ["--num_iter", str(args.learned_iter), "--calib_samples", str(args.learned_calib)]
-    learned += ["--exclude", f"^(?!(?:{args.learned_subset}))"]
-    parallel = ["--simple", "--parallel"]
+    iters = ["--num_iter", str(args.learned_iter)]
+    one_weight = ["--num_iter", "1", "--exclude", r"^(?!(?:double_blocks\.0\.img_attn\.qkv\.))"]
     return {
-        "simple": Config("simple", ["--simple"], "round-to-nearest, every eligible weight"),
-        "simple-parallel": Config("simple-parallel", parallel, "RTN, read/compute/write overlapped"),
-        "learned": Config("learned", learned, f"learned rounding of '{args.learned_subset}' only, rest kept bf16"),
-        # Opt-in experiments on how --parallel behaves on a CPU (not run by default).
-        "simple-omp1": Config("simple-omp1", ["--simple"], "as simple, one OpenMP thread", {"OMP_NUM_THREADS": "1"}),
-        "simple-parallel-omp1": Config(
-            "simple-parallel-omp1", parallel, "as simple-parallel, one OpenMP thread", {"OMP_NUM_THREADS": "1"}
+        "simple": Config("simple", ["--simple"], "round-to-nearest, default settings"),
+        "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, read/compute/write overlapped"),
+        "learned-mem": Config(
+            "learned-mem", one_weight, "learned rounding of one 9216x3072 weight, 1 iteration: a memory check"
         ),
-        "simple-parallel-passive": Config(
-            "simple-parallel-passive",
-            parallel,
-            "as simple-parallel, idle OpenMP threads sleep instead of spinning",
-            {"OMP_WAIT_POLICY": "PASSIVE"},
+        "rtn-matched": Config("rtn-matched", ["--simple", *MATCHED], "RTN, every 2-D weight, per-tensor scales"),
+        "peer-rtn": Config("peer-rtn", ["--simple", *PEER_COMMON], "convert-to-quant --simple", peer=True),
+        "learned-matched": Config(
+            "learned-matched", [*MATCHED, *iters, "--calib_samples", "96"], "learned rounding", subset=True
         ),
+        "peer-learned": Config(
+            "peer-learned", [*PEER_COMMON, *iters], "convert-to-quant, learned", peer=True, subset=True
+        ),
+        "optimiser": Config("optimiser", [], "our optimiser alone, in process", subset=True),
     }
 
 
@@ -159,43 +178,139 @@ def helper_generate(workdir: str, size_gb: str) -> dict:
     return {"path": str(path), "depth": depth, "depth_single": depth_single, "cached": cached, "seconds": seconds}
 
 
-def helper_describe(path: str, excludes_json: str) -> dict:
-    """Parameter count, largest tensor, largest work item, and quantized elements per exclude list."""
-    from quant_core.convert import ConvertOptions, plan_conversion
+def helper_subset(source: str, pattern: str, target: str) -> dict:
+    """Copy the tensors whose names match ``pattern`` (at the start) into ``target``, streamed."""
+    from quant_core.io import SafetensorsReader, TensorInfo, write_stream
+
+    with SafetensorsReader(source) as reader:
+        names = [n for n in reader.tensors if re.match(pattern, n)]
+        if not names:
+            raise SystemExit(f"--subset {pattern!r} matches no tensor of {source}")
+        entries = [TensorInfo(n, reader.tensors[n].dtype, reader.tensors[n].shape) for n in names]
+        write_stream(target, entries, ((n, reader.read(n)) for n in names))
+    return {"names": names}
+
+
+def helper_describe(path: str) -> dict:
+    """Parameter count and largest tensor."""
     from quant_core.io import SafetensorsReader
 
     with SafetensorsReader(path) as reader:
         tensors = reader.tensors
         largest = max(tensors.values(), key=lambda t: t.nbytes)
-        plan = plan_conversion(reader, ConvertOptions())
-        item = max(plan.items, key=lambda names: sum(tensors[n].nbytes for n in names))
-        quantized = {}
-        for key, excludes in json.loads(excludes_json).items():
-            try:
-                decisions = plan_conversion(reader, ConvertOptions(exclude=excludes)).decisions
-            except ValueError:  # nothing to quantize: the child run reports it
-                decisions = {}
-            quantized[key] = sum(tensors[n].numel for n, (q, _) in decisions.items() if q)
         return {
             "params": sum(t.numel for t in tensors.values()),
             "count": len(tensors),
             "largest": [largest.name, list(largest.shape), largest.nbytes],
-            "item": [item, sum(tensors[n].nbytes for n in item)],
-            "quantized": quantized,
         }
 
 
-HELPERS = {"generate": helper_generate, "describe": helper_describe}
+def _dequantized_layers(path: str):
+    """(weight name, float32 dequantized weight) for every fp8 weight with a scale, in either tool's layout."""
+    import torch
+
+    from quant_core.io import SafetensorsReader
+
+    with SafetensorsReader(path) as reader:
+        for name, info in reader.tensors.items():
+            if not name.endswith(".weight") or info.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                continue
+            base = name[: -len(".weight")]
+            scale_key = next(k for k in (f"{base}.weight_scale", f"{base}.scale_weight") if k in reader.tensors)
+            rows = min(QUALITY_ROWS, info.shape[0])
+            yield name, reader.read(name)[:rows].float() * reader.read(scale_key).float()
+
+
+def helper_quality(source: str, output: str) -> dict:
+    """Mean and worst relative output error over the quantized layers of ``output`` (see the module doc)."""
+    import torch
+
+    from quant_core.io import SafetensorsReader
+
+    errors = {}
+    with SafetensorsReader(source) as reader:
+        for name, dequantized in _dequantized_layers(output):
+            weight = reader.read(name)[: dequantized.shape[0]].float()
+            generator = torch.Generator().manual_seed(QUALITY_SEED + weight.shape[1])
+            inputs = torch.randn(QUALITY_INPUTS, weight.shape[1], generator=generator)
+            reference = torch.linalg.vector_norm(inputs @ weight.T)
+            errors[name] = float(torch.linalg.vector_norm(inputs @ (dequantized - weight).T) / reference)
+    worst = max(errors, key=errors.get)
+    return {"layers": len(errors), "mean": sum(errors.values()) / len(errors), "worst": errors[worst], "at": worst}
+
+
+def _matmul_rate(left: tuple[int, int], right: tuple[int, int], seconds: float = 1.0) -> float:
+    """FLOP/s of ``torch.matmul`` for these float32 shapes: the fastest of repeated runs over ``seconds``."""
+    import torch
+
+    a, b = torch.randn(*left), torch.randn(*right)
+    a @ b  # warm-up
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        started = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - started
+        best, spent = min(best, took), spent + took
+    return 2 * left[0] * left[1] * right[1] / best
+
+
+def helper_optimiser(path: str, iterations: str, calib: str) -> dict:
+    """Our learned rounding of every 2-D weight in ``path``: time, useful matmul FLOPs, and matmul rates."""
+    import torch
+
+    from quant_core import fp8, rounding
+    from quant_core.calibration import RandomCalibration
+    from quant_core.io import SafetensorsReader
+
+    options = rounding.RoundingOptions(num_iter=int(iterations), calib_samples=int(calib))
+    samples, seconds, flops, work, weights, shapes = int(calib), 0.0, 0, 0, 0, []
+    with SafetensorsReader(path) as reader:
+        for name, info in reader.tensors.items():
+            if len(info.shape) != 2:
+                continue
+            weight = reader.read(name)
+            scale = fp8.scale_for(fp8.absmax(weight), torch.float8_e4m3fn)
+            started = time.perf_counter()
+            result = rounding.round_learned(name, weight, scale, torch.float8_e4m3fn, RandomCalibration(), options)
+            seconds += time.perf_counter() - started
+            # 4 S per weight-iteration (forward + gradient), 2 S per weight for the RTN loss and 3 held-out products
+            flops += 4 * samples * result.work + 8 * samples * weight.numel()
+            work, weights = work + result.work, weights + weight.numel()
+            shapes.append(list(info.shape))
+    columns = shapes[0][1]
+    rows = max(1, rounding._BLOCK_ELEMENTS // columns)  # the optimiser's block
+    forward = _matmul_rate((samples, columns), (columns, rows))
+    gradient = _matmul_rate((rows, samples), (samples, columns))
+    return {
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "flops": flops,
+        "work": work,
+        "weights": weights,
+        "shapes": shapes,
+        "block": [rows, columns],
+        "rate_shapes": 2 / (1 / forward + 1 / gradient),  # the two products alternate, equal FLOPs
+        "rate_square": _matmul_rate((2048, 2048), (2048, 2048)),
+    }
+
+
+HELPERS = {
+    "generate": helper_generate,
+    "subset": helper_subset,
+    "describe": helper_describe,
+    "quality": helper_quality,
+    "optimiser": helper_optimiser,
+}
 
 
 # --- the parent: measurement without torch --------------------------------------------------------
 
 
-def run_child(command: list[str], env: dict[str, str], log: Path) -> tuple[float, int, int, str]:
+def run_child(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> tuple[float, int, int, str]:
     """Run ``command``; returns (wall seconds, peak RSS bytes of that process, exit code, its output)."""
     with open(log, "wb") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -235,48 +350,168 @@ def read_through(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def copy_once(source: Path, workdir: Path) -> float:
-    """Seconds to copy ``source`` to a new file and fsync it; the copy is deleted afterwards."""
+def copy_once(source: Path, workdir: Path, limit: int) -> float:
+    """Seconds to copy ``source`` to a new file and fsync it; the copy is deleted afterwards.
+
+    Only the first ``limit`` bytes when that is positive and the file is larger (to spare disk
+    space); the time is then scaled up to the whole file.
+    """
     target = workdir / "copy_baseline.tmp"
     target.unlink(missing_ok=True)
+    size = source.stat().st_size
+    part = min(size, limit) if limit > 0 else size
     started = time.perf_counter()
-    shutil.copyfile(source, target)
-    with open(target, "rb+") as file:
-        os.fsync(file.fileno())
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        copied = 0
+        while copied < part:
+            copied += os.sendfile(dst.fileno(), src.fileno(), copied, part - copied)
+        os.fsync(dst.fileno())
     seconds = time.perf_counter() - started
     target.unlink()
-    return seconds
+    return seconds * size / copied
 
 
-def run_once(config: Config, source: Path, workdir: Path, result: Result, label: str) -> None:
+def output_path(workdir: Path, config: Config, source: Path) -> Path:
+    return workdir / f"out_{config.name}_{source.stem}.safetensors"
+
+
+def run_once(config: Config, python: str, source: Path, workdir: Path, result: Result, label: str) -> None:
     """One child run of ``config``; folds its time (fastest) and peak RSS (largest) into ``result``."""
-    output = workdir / f"out_{config.name}.safetensors"
-    command = [sys.executable, "-m", "quant_core", "--input", str(source), "--output", str(output)]
-    command += ["--overwrite", "--quiet", *config.args]
+    output = output_path(workdir, config, source)
+    output.unlink(missing_ok=True)  # the peer has no --overwrite
+    command = config.command(python, source, output)
     shown = " ".join([*(f"{k}={v}" for k, v in config.env.items()), shlex.join(command)])
     print(f"running {config.name} ({label}): {shown}", flush=True)
-    wall, rss, code, text = run_child(command, {**os.environ, **config.env}, workdir / f"log_{config.name}.txt")
+    log = workdir / f"log_{config.name}.txt"
+    wall, rss, code, text = run_child(command, {**os.environ, **config.env}, log, cwd=workdir if config.peer else REPO)
     print(f"  {wall:.1f} s, peak RSS {rss / MB:.0f} MB, exit {code}", flush=True)
-    if code != 0:
-        result.returncode = code
+    if code != 0 or not output.exists():
+        result.returncode = code or 1
         result.error = text.strip().splitlines()[-1] if text.strip() else f"exit {code}"
-        print(text, flush=True)
+        print(text[-4000:], flush=True)
         return
     result.wall = min(result.wall, wall)
     result.rss = max(result.rss, rss)
-    result.summary = text.strip()
-    result.output_bytes = output.stat().st_size
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6}
 
     def line(cells: list[str]) -> str:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        numeric = [bool(re.fullmatch(r"[-+0-9.,x%<≤ ]+|FAILED|-", c)) for c in cells]
+        cells = [c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric, strict=True)]
         return " | ".join(cells).rstrip()
 
     return "\n".join([line(header), "-+-".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+@dataclass
+class SizeRun:
+    """One generated checkpoint and what was measured on it."""
+
+    source: Path
+    made: dict
+    info: dict
+    copies: list[float] = field(default_factory=list)
+    results: dict[str, Result] = field(default_factory=dict)
+
+    @property
+    def copy_s(self) -> float:
+        return min(self.copies)
+
+    @property
+    def bound(self) -> int:
+        return 2 * self.info["largest"][2] + RSS_FIXED
+
+
+def measure(
+    configs: list[Config],
+    python_of: dict[str, str],
+    source: Path,
+    workdir: Path,
+    repeat: int,
+    run: SizeRun | None,
+    copy_limit: int = 0,
+) -> dict[str, Result]:
+    """Interleaved rounds (the copy baseline when ``run`` is given, then every config once), repeated."""
+    results = {c.name: Result(c) for c in configs}
+    for round_ in range(repeat):
+        if run is not None:
+            run.copies.append(copy_once(source, workdir, copy_limit))
+            print(f"copy (read + write + fsync), round {round_ + 1}/{repeat}: {run.copies[-1]:.2f} s", flush=True)
+        for config in configs:
+            if results[config.name].returncode == 0:
+                label = f"{source.name}, round {round_ + 1}/{repeat}"
+                run_once(config, python_of[config.name], source, workdir, results[config.name], label)
+    return results
+
+
+def score(results: dict[str, Result], source: Path, workdir: Path, keep: bool, enabled: bool = True) -> None:
+    """The quality helper on each successful output; outputs are deleted afterwards unless ``keep``."""
+    for result in results.values():
+        output = output_path(workdir, result.config, source)
+        if enabled and result.returncode == 0 and output.exists():
+            print(f"scoring {output.name} ...", flush=True)
+            result.quality = helper(workdir, "quality", str(source), str(output))
+        if not keep:
+            output.unlink(missing_ok=True)
+
+
+def size_rows(runs: list[SizeRun]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        file_mb = run.source.stat().st_size / MB
+        for r in run.results.values():
+            head = [f"{file_mb / 1000:.2f}", r.config.name]
+            if r.returncode != 0:
+                rows.append([*head, "FAILED", "", "", "", "", "", r.error[:50]])
+                continue
+            quality = f"{r.quality['mean']:.4%}" if r.quality else "-"
+            within = "yes" if r.rss <= run.bound else "NO"
+            rss = [f"{r.rss / MB:.0f}", f"{run.bound / MB:.0f}", within]
+            speed = [f"{r.wall:.1f}", f"{file_mb / r.wall:.0f}", f"{r.wall / run.copy_s:.1f}"]
+            rows.append([*head, *speed, *rss, quality])
+    return rows
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{theirs / ours:.1f}x" if ours else "-"
+
+
+def peer_rows(pairs: list[tuple[str, Result | None, Result | None]]) -> list[list[str]]:
+    rows = []
+    for label, ours, theirs in pairs:
+        if ours is None or theirs is None or ours.returncode or theirs.returncode:
+            rows.append([label, "-", "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        errors = [f"{r.quality['mean']:.4%} ({r.quality['layers']})" if r.quality else "-" for r in (ours, theirs)]
+        times = [f"{ours.wall:.1f}", f"{theirs.wall:.1f}", ratio(ours.wall, theirs.wall)]
+        rss = [f"{ours.rss / MB:.0f}", f"{theirs.rss / MB:.0f}", ratio(ours.rss, theirs.rss)]
+        rows.append([label, *times, *rss, *errors])
+    return rows
+
+
+def print_optimiser(report: dict, iterations: int, peer: Result | None) -> None:
+    achieved = report["flops"] / report["seconds"]
+    matmul_s = report["flops"] / report["rate_shapes"]
+    shapes = ", ".join("x".join(map(str, s)) for s in report["shapes"])
+    print(f"learned optimiser alone ({shapes}; blocks of {report['block'][0]} rows; {report['threads']} torch threads)")
+    print(f"  time {report['seconds']:.1f} s for {report['work'] / 1e6:.0f} M weight-iterations")
+    print(f"  useful matmul work {report['flops'] / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s achieved")
+    print(f"  torch.matmul here and now: {report['rate_shapes'] / 1e9:.1f} GFLOP/s at the optimiser's shapes, ", end="")
+    print(f"{report['rate_square'] / 1e9:.1f} GFLOP/s at 2048^3")
+    print(
+        f"  matrix work is {matmul_s:.1f} s of the {report['seconds']:.1f} s ({matmul_s / report['seconds']:.0%}): "
+        f"achieved / matmul rate at these shapes = {achieved / report['rate_shapes']:.0%}; the rest is element-wise"
+    )
+    per_iteration = report["seconds"] / iterations
+    print(f"  at our default {OURS_DEFAULT_ITER} iterations, no early stop: ~{per_iteration * OURS_DEFAULT_ITER:.0f} s")
+    if peer is not None and not peer.returncode:
+        print(
+            f"  peer, same tensors, {iterations} iterations: {peer.wall:.0f} s end to end; at its default "
+            f"{PEER_DEFAULT_ITER} iterations ~{peer.wall / iterations * PEER_DEFAULT_ITER / 60:.0f} min "
+            f"(linear in iterations; its early stop needs a 1000-iteration stall)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,23 +520,31 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(HELPERS[argv[1]](*argv[2:])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size to generate, GB (default 2)")
+    parser.add_argument("--size-gb", default="2", help="checkpoint sizes to generate, GB, comma-separated (default 2)")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out", help="cache and output folder")
     parser.add_argument(
         "--configs",
         default=",".join(DEFAULT_CONFIGS),
-        help=f"comma-separated subset (default {','.join(DEFAULT_CONFIGS)}; opt-in: simple-omp1, "
-        "simple-parallel-omp1, simple-parallel-passive)",
+        help=f"comma-separated subset (default {','.join(DEFAULT_CONFIGS)}; opt-in: simple-parallel)",
     )
+    parser.add_argument(
+        "--copy-gb", type=float, default=0, help="copy at most this many GB for the baseline, time scaled up (0: all)"
+    )
+    parser.add_argument("--no-score", action="store_true", help="skip scoring the whole-checkpoint outputs")
     parser.add_argument("--keep", action="store_true", help="keep the converted files in --workdir")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (fastest time is kept)")
-    parser.add_argument("--learned-iter", type=int, default=10, help="--num_iter of the learned config (default 10)")
-    parser.add_argument("--learned-calib", type=int, default=96, help="--calib_samples of the learned config")
+    parser.add_argument("--learned-iter", type=int, default=20, help="--num_iter of both learned configs (default 20)")
     parser.add_argument(
-        "--learned-subset",
-        default=r"single_blocks\.0\.",
-        help=r"regex (matched at the key start) of the weights the learned config quantizes; the rest are kept "
-        r"(default 'single_blocks\.0\.': the largest shared-scale group)",
+        "--subset",
+        default=r"double_blocks\.0\.img_attn\.proj\.",
+        help=r"regex (matched at the key start) of the tensors copied into the subset file that the learned "
+        r"comparison and the optimiser run on (default 'double_blocks\.0\.img_attn\.proj\.': one 3072x3072 weight)",
+    )
+    parser.add_argument(
+        "--peer-python",
+        default=os.environ.get("CONVERT_TO_QUANT_PYTHON"),
+        help="a Python with convert-to-quant installed (default: $CONVERT_TO_QUANT_PYTHON); peer configs are "
+        "skipped without it",
     )
     args = parser.parse_args(argv)
 
@@ -310,109 +553,96 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in chosen if c not in configs]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {list(configs)}")
-    re.compile(args.learned_subset)
+    re.compile(args.subset)
+    if any(configs[c].peer for c in chosen) and not args.peer_python:
+        print("peer: skipped (no --peer-python or CONVERT_TO_QUANT_PYTHON: a Python with convert-to-quant installed)")
+        chosen = [c for c in chosen if not configs[c].peer]
+    python_of = {c: args.peer_python if configs[c].peer else sys.executable for c in configs}
+    sizes = [float(s) for s in args.size_gb.split(",")]
     repeat = max(1, args.repeat)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    for pattern in (".flux_h3072_*.tmp", ".out_*.tmp"):  # temporaries left by an interrupted earlier run
+    for pattern in (".flux_h3072_*.tmp", ".out_*.tmp", ".subset*.tmp"):  # left by an interrupted earlier run
         for stale in workdir.glob(pattern):
             stale.unlink()
+    for stale in workdir.glob("ctq_calib_*"):  # the peer's calibration cache, left by an interrupted run
+        shutil.rmtree(stale)
 
-    print(f"checkpoint of about {args.size_gb} GB in {workdir} ...", flush=True)
-    made = helper(workdir, "generate", str(workdir), str(args.size_gb))
-    source = Path(made["path"])
-    print(f"  {'reused the cached' if made['cached'] else 'generated'} {source.name}", end="")
-    print("" if made["cached"] else f" in {made['seconds']:.1f} s", flush=True)
-    excludes = {name: configs[name].excludes() for name in chosen}
-    info = helper(workdir, "describe", str(source), json.dumps({"all": [], **excludes}))
-    file_bytes = source.stat().st_size
-    largest_name, largest_shape, largest_bytes = info["largest"]
-    item_names, item_bytes = info["item"]
-
-    print(f"pre-reading the input into the page cache: {read_through(source):.1f} s", flush=True)
     floor_cmd = [sys.executable, "-c", "import quant_core.cli"]
     _, floor, _, _ = run_child(floor_cmd, dict(os.environ), workdir / "log_floor.txt")
     busy_before, started = busy_seconds(), time.perf_counter()
+    full = [configs[c] for c in chosen if not configs[c].subset]
+    runs = []
+    for size in sizes:
+        print(f"checkpoint of about {size} GB in {workdir} ...", flush=True)
+        made = helper(workdir, "generate", str(workdir), str(size))
+        source = Path(made["path"])
+        print(f"  {'reused the cached' if made['cached'] else 'generated'} {source.name}", flush=True)
+        run = SizeRun(source, made, helper(workdir, "describe", str(source)))
+        print(f"pre-reading the input: {read_through(source):.1f} s", flush=True)
+        run.results = measure(full, python_of, source, workdir, repeat, run, int(args.copy_gb * GB))
+        score(run.results, source, workdir, args.keep, not args.no_score)
+        runs.append(run)
 
-    # Rounds: the baseline, then every config once, repeated; so a disturbance hits all rows alike.
-    copies = []
-    results = {name: Result(configs[name]) for name in chosen}
-    for round_ in range(repeat):
-        copies.append(copy_once(source, workdir))
-        print(f"baseline copy (read + write + fsync), round {round_ + 1}/{repeat}: {copies[-1]:.2f} s", flush=True)
-        for name, result in results.items():
-            if result.returncode == 0:
-                run_once(configs[name], source, workdir, result, f"round {round_ + 1}/{repeat}")
-    copy_s = min(copies)
-    if not args.keep:
-        for name in chosen:
-            (workdir / f"out_{name}.safetensors").unlink(missing_ok=True)
+    subset_configs = [configs[c] for c in chosen if configs[c].subset and c != "optimiser"]
+    subset_results: dict[str, Result] = {}
+    optimiser = None
+    if subset_configs or "optimiser" in chosen:
+        subset = workdir / "subset.safetensors"
+        names = helper(workdir, "subset", str(runs[0].source), args.subset, str(subset))["names"]
+        print(f"subset file: {', '.join(names)}", flush=True)
+        subset_results = measure(subset_configs, python_of, subset, workdir, repeat, None)
+        score(subset_results, subset, workdir, args.keep)
+        if "optimiser" in chosen:
+            print("optimiser alone ...", flush=True)
+            optimiser = helper(workdir, "optimiser", str(subset), str(args.learned_iter), "96")
+
     busy_after, elapsed = busy_seconds(), time.perf_counter() - started
-    others = (busy_after[0] - busy_before[0]) - (busy_after[1] - busy_before[1])
-    results = list(results.values())
+    others = max(0.0, (busy_after[0] - busy_before[0]) - (busy_after[1] - busy_before[1]))
     parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     print()
-    print(f"input      {source}")
-    print(
-        f"           {file_bytes / GB:.3f} GB, {info['params'] / 1e9:.3f} B parameters in {info['count']} bf16 tensors"
-    )
-    print(f"           Flux widths hidden 3072, context 4096, vec 768; depth {made['depth']}, ", end="")
-    print(f"depth_single {made['depth_single']}")
-    print(f"largest    tensor {largest_name} {largest_shape}: {largest_bytes / MB:.1f} MB")
-    print(f"           work item (shared-scale group) {' + '.join(item_names)}: ", end="")
-    print(f"{item_bytes / MB:.1f} MB bf16, {2 * item_bytes / MB:.1f} MB as float32")
-    rate = file_bytes / MB / copy_s
-    print(f"baseline   copy once (read + write + fsync, input in page cache): {copy_s:.2f} s = {rate:.0f} MB/s")
-    print(f"floors     peak RSS of `python -c 'import quant_core.cli'` (interpreter + torch): {floor / MB:.0f} MB;")
-    print(f"           of this benchmark process (a lower bound on every child's figure): {parent_rss / MB:.0f} MB")
-    print(f"machine    {os.cpu_count()} CPUs, python {sys.version.split()[0]}; runs per config: {repeat}", end="")
-    print(" (fastest kept)")
-    print(
-        f"           other processes used {max(0.0, others):.1f} CPU-s while this ran ({elapsed:.0f} s, "
-        f"{max(0.0, others) / elapsed / (os.cpu_count() or 1):.0%} of the machine; ~0 means undisturbed figures)"
-    )
-    if repeat > 1:
-        print(f"           baseline copies: {', '.join(f'{c:.2f}' for c in copies)} s")
-    print()
-    header = ["config", "settings", "wall s", "MB/s in", "x copy", "peak RSS MB", "RSS/largest", "RSS < 1 GB"]
-    rows = []
-    for r in results:
-        if r.returncode != 0:
-            rows.append([r.config.name, r.config.settings(), "FAILED", "", "", "", "", r.error[:60]])
-            continue
-        rows.append(
-            [
-                r.config.name,
-                r.config.settings(),
-                f"{r.wall:.1f}",
-                f"{file_bytes / MB / r.wall:.0f}",
-                f"{r.wall / copy_s:.1f}",
-                f"{r.rss / MB:.0f}",
-                f"{r.rss / largest_bytes:.1f}",
-                "yes" if r.rss < RSS_LIMIT else "NO",
-            ]
+    for run in runs:
+        largest_name, largest_shape, largest_bytes = run.info["largest"]
+        print(
+            f"input {run.source.name}: {run.source.stat().st_size / GB:.2f} GB, {run.info['params'] / 1e9:.2f} B "
+            f"parameters, {run.info['count']} bf16 tensors; largest {largest_name} {largest_shape} "
+            f"{largest_bytes / MB:.0f} MB; copy {run.copy_s:.2f} s = {run.source.stat().st_size / MB / run.copy_s:.0f} "
+            f"MB/s (runs: {', '.join(f'{c:.2f}' for c in run.copies)})"
         )
-    print(table(rows, header))
+    print(f"floors: peak RSS of `python -c 'import quant_core.cli'` (interpreter, torch) {floor / MB:.0f} MB; ", end="")
+    print(f"of this benchmark process (a lower bound on every child's figure) {parent_rss / MB:.0f} MB")
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; runs per config: {repeat}, fastest kept")
+    print(
+        f"other processes used {others:.0f} CPU-s while this ran ({elapsed:.0f} s, "
+        f"{others / elapsed / (os.cpu_count() or 1):.0%} of the machine; ~0 means undisturbed figures)"
+    )
     print()
-    print("x copy = wall / baseline copy time; RSS/largest = peak RSS / largest input tensor (bf16 bytes)")
-    everything = info["quantized"]["all"]
-    for r in results:
-        if r.returncode != 0:
-            continue
-        counts = next((ln.split(None, 1)[1] for ln in r.summary.splitlines() if ln.startswith("tensors")), "?")
-        line = f"{r.config.name}: {r.config.note}; {counts}; output {r.output_bytes / GB:.3f} GB"
-        if r.config.name == "learned":
-            weights = info["quantized"]["learned"]
-            speed = weights * args.learned_iter / r.wall
-            line += (
-                f"; {weights / 1e6:.1f} M weights x {args.learned_iter} iterations in {r.wall:.1f} s "
-                f"= {speed / 1e6:.2f} M weight-iterations/s (I/O included). Rough extrapolation to all "
-                f"{everything / 1e6:.0f} M quantized weights at the default 200 iterations with no early stop: "
-                f"{everything * 200 / speed / 3600:.1f} h"
-            )
-        print(line)
-    failed = [r.config.name for r in results if r.returncode != 0]
+    header = ["GB", "config", "wall s", "MB/s", "x copy", "peak RSS MB", "bound MB", "within", "rel. out err"]
+    print(table(size_rows(runs), header))
+    print(f"bound = 2 x largest tensor + {RSS_FIXED // MB} MB; x copy = wall / copy time of the same file")
+    for config in full:
+        print(f"  {config.name}: {config.note}: {config.settings()}")
+
+    if args.peer_python and (any(c.peer for c in full) or subset_configs):
+        print()
+        pairs = [
+            (f"RTN, {run.source.stat().st_size / GB:.1f} GB", run.results.get(ours), run.results.get(theirs))
+            for run in runs
+            for ours, theirs in [("rtn-matched", "peer-rtn")]
+        ]
+        label = f"learned, subset, {args.learned_iter} iterations each"
+        pairs.append((label, subset_results.get("learned-matched"), subset_results.get("peer-learned")))
+        header = ["ours vs convert-to-quant", "ours s", "peer s", "faster", "ours MB", "peer MB", "lower"]
+        print(table(peer_rows(pairs), [*header, "ours err (layers)", "peer err (layers)"]))
+        print("faster = peer time / ours; lower = peer peak RSS / ours; err = mean relative output error (held out)")
+        for config in [configs[c] for c in ("rtn-matched", "peer-rtn", "learned-matched", "peer-learned")]:
+            print(f"  {config.name}: {config.settings()}")
+    if optimiser:
+        print()
+        print_optimiser(optimiser, args.learned_iter, subset_results.get("peer-learned"))
+    failed = [r.config.name for run in runs for r in run.results.values() if r.returncode]
+    failed += [r.config.name for r in subset_results.values() if r.returncode]
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -271,3 +271,65 @@ def test_works_under_inference_mode_as_convert_calls_it():
     assert_grid_neighbour_choices(result, weight, scale, E4M3)
     reference = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
     assert torch.equal(as_bits(result.quantized), as_bits(reference.quantized))
+
+
+# --------------------------------------------------------------------- the hand-written optimiser step
+
+
+def test_hand_written_gradient_matches_autograd():
+    """The chain rule written out in rounding.py equals autograd's on the seed's surrogate loss,
+    clamped logits (|x| > ln 11) included."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 48, generator=generator) * 4
+    output_gradient = torch.randn(64, 48, generator=generator)  # d(output loss)/d(soft)
+    beta, reg_lambda = 7.5, 0.02
+    zeta_gamma = rounding._ZETA - rounding._GAMMA
+
+    leaf = logits.clone().requires_grad_(True)
+    soft = (torch.sigmoid(leaf) * zeta_gamma + rounding._GAMMA).clamp(0, 1)  # the seed's rectified sigmoid
+    regulariser = reg_lambda * (1 - (2 * soft - 1).abs().pow(beta)).mean()
+    ((soft * output_gradient).sum() + regulariser).backward()
+
+    sigmoid, soft = rounding._soften(logits)
+    gradient = output_gradient * zeta_gamma
+    value = rounding._add_regulariser(soft, beta, reg_lambda * zeta_gamma, gradient) / zeta_gamma
+    rounding._chain_sigmoid(gradient, sigmoid, logits)
+    assert (logits.abs() > rounding._CLAMP_LOGIT).any()
+    torch.testing.assert_close(gradient, leaf.grad, rtol=1e-5, atol=1e-8)
+    assert value == pytest.approx(float(regulariser.detach()), rel=1e-5)
+
+
+def test_adam_matches_torch_optim_with_cosine_schedule():
+    generator = torch.Generator().manual_seed(6)
+    start = torch.randn(32, 16, generator=generator)
+    gradients = [torch.randn(32, 16, generator=generator) for _ in range(25)]
+    reference = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([reference], lr=3e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=25)
+    ours = start.clone()
+    adam = rounding._Adam(ours, 3e-2, 25)
+    for gradient in gradients:
+        reference.grad = gradient.clone()
+        optimizer.step()
+        schedule.step()
+        adam.step(gradient.clone())
+    torch.testing.assert_close(ours, reference.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_work_counts_weight_iterations():
+    weight = make_weight(40, 64, seed=7)
+    scale = scale_of(weight, E4M3)
+    options = RoundingOptions(num_iter=12, calib_samples=32, early_stop_threshold=-1.0)  # never stale
+    result = rounding.round_learned("w.weight", weight, scale, E4M3, LowRankCalibration(64), options)
+    assert result.iterations == 12
+    assert result.work == weight.numel() * 12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_as_float_is_the_exact_conversion_for_every_code(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    values = rounding.as_float(codes[:, 3:])  # a non-contiguous view
+    expected = codes[:, 3:].float()
+    assert values.shape == expected.shape and values.dtype == torch.float32
+    assert torch.equal(values.isnan(), expected.isnan())
+    assert torch.equal(values.nan_to_num(), expected.nan_to_num())
