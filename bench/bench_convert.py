@@ -26,7 +26,10 @@ What it does, in one run:
    both tools; learned rounding of a whole model is hours on 2 cores for either tool). Our runs
    in the comparison use ``--preset none --no-use_shared_scales``, so both tools quantize the same
    tensors with a per-tensor scale from the tensor's own maximum. The bench never installs it.
-6. ``optimiser``: our learned optimiser alone on the subset's weights, in a child process: its
+6. ``calibrated`` (opt-in): GPTQ with ``--calibration``, fed a synthetic rank-128 sketched
+   recording of the checkpoint's shapes (``bench/synthetic_calibration.py``, written once beside
+   the checkpoint): the time and memory of calibrated rounding at any size.
+7. ``optimiser``: our learned optimiser alone on the subset's weights, in a child process: its
    useful matrix-multiply FLOPs (``4 x calib_samples`` per weight per iteration, plus the fixed
    RTN and held-out products), the FLOP/s achieved, and the ``torch.matmul`` rate measured there
    and then at the optimiser's own shapes and at 2048 x 2048 x 2048.
@@ -81,6 +84,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     peer: bool = False  # run convert-to-quant instead of quant_core
     subset: bool = False  # run on the subset file (once), not on every generated checkpoint
+    calibrated: bool = False  # with --calibration: a synthetic sketched recording of the checkpoint's shapes
 
     def settings(self) -> str:
         text = shlex.join(self.args)
@@ -91,7 +95,12 @@ class Config:
         if self.peer:
             return [python, "-c", PEER_MAIN, "-i", str(source), "-o", str(output), *self.args]
         ours = [python, "-m", "quant_core", "--input", str(source), "--output", str(output), "--overwrite", "--quiet"]
-        return [*ours, *self.args]
+        calibration = ["--calibration", str(calibration_path(source))] if self.calibrated else []
+        return [*ours, *self.args, *calibration]
+
+
+def calibration_path(source: Path) -> Path:
+    return source.with_name(f"{source.stem}_calibration.safetensors")
 
 
 @dataclass
@@ -110,13 +119,21 @@ def build_configs(args: argparse.Namespace) -> dict[str, Config]:
     return {
         "simple": Config("simple", ["--simple"], "round-to-nearest, default settings"),
         "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, read/compute/write overlapped"),
+        "calibrated": Config(
+            "calibrated", [], "GPTQ on a rank-128 sketched recording (bench/synthetic_calibration.py)", calibrated=True
+        ),
         "learned-mem": Config(
-            "learned-mem", one_weight, "learned rounding of one 9216x3072 weight, 1 iteration: a memory check"
+            "learned-mem",
+            ["--rounding", "learned", *one_weight],
+            "learned rounding of one 9216x3072 weight, 1 iteration: a memory check",
         ),
         "rtn-matched": Config("rtn-matched", ["--simple", *MATCHED], "RTN, every 2-D weight, per-tensor scales"),
         "peer-rtn": Config("peer-rtn", ["--simple", *PEER_COMMON], "convert-to-quant --simple", peer=True),
         "learned-matched": Config(
-            "learned-matched", [*MATCHED, *iters, "--calib_samples", "96"], "learned rounding", subset=True
+            "learned-matched",
+            ["--rounding", "learned", *MATCHED, *iters, "--calib_samples", "96"],
+            "learned rounding",
+            subset=True,
         ),
         "peer-learned": Config(
             "peer-learned", [*PEER_COMMON, *iters], "convert-to-quant, learned", peer=True, subset=True
@@ -525,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default=",".join(DEFAULT_CONFIGS),
-        help=f"comma-separated subset (default {','.join(DEFAULT_CONFIGS)}; opt-in: simple-parallel)",
+        help=f"comma-separated subset (default {','.join(DEFAULT_CONFIGS)}; opt-in: simple-parallel, calibrated)",
     )
     parser.add_argument(
         "--copy-gb", type=float, default=0, help="copy at most this many GB for the baseline, time scaled up (0: all)"
@@ -579,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(made["path"])
         print(f"  {'reused the cached' if made['cached'] else 'generated'} {source.name}", flush=True)
         run = SizeRun(source, made, helper(workdir, "describe", str(source)))
+        if any(c.calibrated for c in full) and not calibration_path(source).exists():
+            script = [sys.executable, str(REPO / "bench" / "synthetic_calibration.py"), str(source)]
+            run_child([*script, str(calibration_path(source))], dict(os.environ), workdir / "log_calibration.txt")
         print(f"pre-reading the input: {read_through(source):.1f} s", flush=True)
         run.results = measure(full, python_of, source, workdir, repeat, run, int(args.copy_gb * GB))
         score(run.results, source, workdir, args.keep, not args.no_score)
