@@ -7,7 +7,7 @@ import torch
 
 from quant_core import fp8, rounding
 from quant_core.calibration import RandomCalibration
-from quant_core.rounding import RoundingOptions
+from quant_core.rounding import RoundingOptions, round_nearest
 
 E4M3 = torch.float8_e4m3fn
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -333,3 +333,17 @@ def test_as_float_is_the_exact_conversion_for_every_code(dtype):
     assert values.shape == expected.shape and values.dtype == torch.float32
     assert torch.equal(values.isnan(), expected.isnan())
     assert torch.equal(values.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_sixteen_bit_round_to_nearest_is_the_float_path(source, dtype):
+    generator = torch.Generator().manual_seed(4)
+    weight = (torch.randn(300, 70, generator=generator) * 0.05).to(source)
+    weight[0, :4] = torch.tensor([0.0, -0.0, 1e-8, -1e-8])  # zeros and underflow
+    scale = fp8.scale_for(fp8.absmax(weight), dtype)
+    result = round_nearest(weight, scale, dtype)
+    expected = fp8.quantize_nearest(weight.float(), scale, dtype)
+    assert torch.equal(result.quantized.view(torch.uint8), expected.view(torch.uint8))
+    error = float((expected.float() * scale - weight.float()).norm() / weight.float().norm())
+    assert result.error == pytest.approx(error, rel=1e-5) and result.error_rtn == result.error
