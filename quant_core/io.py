@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -124,16 +125,14 @@ class SafetensorsReader:
         Positional reads (``pread``) share no file position, so threads may read concurrently.
         """
         info = self.tensors[name]
-        buffer = bytearray(info.nbytes)
-        view, done = memoryview(buffer), 0
+        data = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: the read fills it
+        view, done = _tensor_bytes(data), 0
         while done < info.nbytes:
             got = os.preadv(self._file.fileno(), [view[done:]], info.start + done)
             if got == 0:
                 raise SafetensorsFormatError(f"{self.path} ends inside tensor {name!r}")
             done += got
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+        return data.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         self._file.close()
@@ -154,6 +153,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset`` with ``os.pwrite``, straight from the tensor's memory: through a
+    buffered file object the same bytes took 5-8x longer (measured: 1.3 GB in 2.5-4.0 s vs 0.46 s)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 def _alignment(dtype: torch.dtype) -> int:
     return dtype_nbytes(dtype)
 
@@ -167,7 +174,8 @@ class SafetensorsWriter:
     checks that every entry was written exactly once.
     """
 
-    def __init__(self, file, entries: list[TensorInfo], metadata: dict[str, str]):
+    def __init__(self, file: BinaryIO, entries: list[TensorInfo], metadata: dict[str, str]):
+        """``file``: a real file opened for writing (tensor data goes out with ``os.pwrite``)."""
         self._file = file
         ordered = sorted(enumerate(entries), key=lambda item: (-_alignment(item[1].dtype), item[0]))
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
@@ -203,8 +211,8 @@ class SafetensorsWriter:
                 f"{name!r}: got {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}"
             )
         tensor = tensor.detach().to("cpu").contiguous()
-        self._file.seek(self._data_start + offset)
-        self._file.write(_tensor_bytes(tensor))
+        self._file.flush()  # the header, buffered, goes out first
+        _write_at(self._file.fileno(), _tensor_bytes(tensor), self._data_start + offset)
         self._written.add(name)
 
     def finish(self) -> None:

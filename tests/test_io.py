@@ -3,7 +3,6 @@ refusals, bad input, and identical output from ``--parallel``."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -164,9 +163,9 @@ def test_data_offsets_aligned_to_element_size(tmp_path):
             assert info.start % dtype_nbytes(info.dtype) == 0
 
 
-def test_writer_accepts_any_order_and_checks_completeness():
+def test_writer_accepts_any_order_and_checks_completeness(tmp_path):
     entries = [TensorInfo("a", torch.float32, (2,)), TensorInfo("b", torch.uint8, (3,))]
-    buffer = io.BytesIO()
+    buffer = open(tmp_path / "out.safetensors", "w+b")  # noqa: SIM115 - closed below
     writer = SafetensorsWriter(buffer, entries, {})
     writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="never written"):
@@ -177,8 +176,8 @@ def test_writer_accepts_any_order_and_checks_completeness():
         writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))  # twice
     writer.write("a", torch.tensor([1.0, 2.0]))
     writer.finish()
-    path_bytes = buffer.getvalue()
-    assert len(path_bytes) == writer.total_bytes
+    buffer.close()
+    assert (tmp_path / "out.safetensors").stat().st_size == writer.total_bytes
 
 
 # ---------------------------------------------------------------------------------------------- atomic output
