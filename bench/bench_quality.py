@@ -44,7 +44,7 @@ import dit  # noqa: E402
 from minilm import MiniLM, WordPiece, model_dir  # noqa: E402
 
 from quant_core import formats, fp8  # noqa: E402
-from quant_core.calibration import Gram, Recorder  # noqa: E402
+from quant_core.calibration import Gram, Recorder, save_statistics  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
 from quant_core.gptq import output_error  # noqa: E402
 from quant_core.io import SafetensorsReader, write_file  # noqa: E402
@@ -181,8 +181,9 @@ def evaluate(subject: Subject, work: Path) -> None:
     }
     for label, recorder in zip(RECORDINGS, recorders, strict=True):
         path = work / f"{subject.name}_calibration_{len(methods)}.safetensors"
-        recorder.save(path)
-        sketched = sum(1 for s in recorder.statistics().values() if not isinstance(s.fit, Gram))
+        statistics = recorder.statistics()
+        save_statistics(path, statistics)
+        sketched = sum(1 for s in statistics.values() if not isinstance(s.fit, Gram))
         print(
             f"  {label}: {len(recorder.names)} layers ({sketched} sketched), {recorder.nbytes / 2**20:.1f} MiB held, "
             f"file {path.stat().st_size / 2**20:.1f} MiB"

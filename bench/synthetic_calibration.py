@@ -14,28 +14,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_core.calibration import STATISTICS_FORMAT, STATISTICS_VERSION  # noqa: E402
+from quant_core.calibration import (  # noqa: E402
+    STATISTICS_METADATA,
+    LayerStatistics,
+    LowRankGram,
+    RowSample,
+    statistics_tensors,
+)
 from quant_core.io import SafetensorsReader, TensorInfo, write_stream  # noqa: E402
 
 
-def layer_tensors(name: str, in_features: int, rank: int, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def layer_statistics(in_features: int, rank: int, seed: int) -> LayerStatistics:
     generator = torch.Generator().manual_seed(seed)
     factor = torch.randn(in_features, rank, generator=generator) * torch.arange(1, rank + 1) ** -0.5
     residual = 0.05 * factor.square().sum(1).mean() * torch.rand(in_features, generator=generator)
     mixing = torch.randn(rank, rank, generator=generator)
     heldout = mixing @ factor.T + torch.randn(rank, in_features, generator=generator) * residual.sqrt()
-    yield f"{name}.factor", factor
-    yield f"{name}.diagonal", factor.square().sum(1) + residual
-    yield f"{name}.heldout_rows", heldout
-    yield f"{name}.count", torch.tensor([4096, 4096], dtype=torch.int64)
-    yield f"{name}.input_absmax", torch.tensor(10.0)
+    fit = LowRankGram(factor, factor.square().sum(1) + residual)
+    return LayerStatistics(fit, RowSample(heldout), 4096, 4096, 10.0)
+
+
+def shapes_only(in_features: int, rank: int) -> LayerStatistics:
+    """The same layout without data (meta tensors), to lay out the file's header first."""
+    meta = {"device": "meta"}
+    fit = LowRankGram(torch.empty(in_features, rank, **meta), torch.empty(in_features, **meta))
+    return LayerStatistics(fit, RowSample(torch.empty(rank, in_features, **meta)), 0, 0, 0.0)
 
 
 def write_synthetic_calibration(checkpoint: Path, output: Path, rank: int = 128) -> int:
@@ -46,17 +55,17 @@ def write_synthetic_calibration(checkpoint: Path, output: Path, rank: int = 128)
             for name, info in reader.tensors.items()
             if len(info.shape) == 2 and info.dtype.is_floating_point and name.endswith(".weight")
         ]
-    entries = []
-    for name, width in layers:
-        entries += [
-            TensorInfo(f"{name}.factor", torch.float32, (width, rank)),
-            TensorInfo(f"{name}.diagonal", torch.float32, (width,)),
-            TensorInfo(f"{name}.heldout_rows", torch.float32, (rank, width)),
-            TensorInfo(f"{name}.count", torch.int64, (2,)),
-            TensorInfo(f"{name}.input_absmax", torch.float32, ()),
-        ]
-    stream = (item for seed, (name, width) in enumerate(layers) for item in layer_tensors(name, width, rank, seed))
-    write_stream(output, entries, stream, {"format": STATISTICS_FORMAT, "version": STATISTICS_VERSION})
+    entries = [
+        TensorInfo(key, tensor.dtype, tuple(tensor.shape))
+        for name, width in layers
+        for key, tensor in statistics_tensors(name, shapes_only(width, rank)).items()
+    ]
+    stream = (
+        item
+        for seed, (name, width) in enumerate(layers)
+        for item in statistics_tensors(name, layer_statistics(width, rank, seed)).items()
+    )
+    write_stream(output, entries, stream, STATISTICS_METADATA)
     return output.stat().st_size
 
 

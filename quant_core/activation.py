@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .calibration import Moments
+from .calibration import Gram, LowRankGram
 from .fp8 import fp8_max
 
 # Reciprocals inside fp16's normal range are exact and finite in fp16 and bf16 alike.
@@ -105,7 +105,7 @@ def full_precision_linear(
     return F.linear(x.to(compute_dtype), dequantized, None if bias is None else bias.to(compute_dtype))
 
 
-def predicted_input_error(weight: torch.Tensor, moments: Moments, dtype: torch.dtype) -> float:
+def predicted_input_error(weight: torch.Tensor, moments: Gram | LowRankGram, dtype: torch.dtype) -> float:
     """Relative output error that rounding the inputs to fp8 adds, predicted from their second moments.
 
     Rounding an input to ``m`` mantissa bits leaves an error of mean square ``x² 2^(-2m) / (32 ln 2)``

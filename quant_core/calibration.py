@@ -94,9 +94,6 @@ class RowSample:
     def __init__(self, rows: torch.Tensor):
         self.rows = rows  # [m, in] float32
 
-    def diagonal(self) -> torch.Tensor:
-        return self.rows.square().sum(0)
-
     def quadratic(self, delta: torch.Tensor) -> float:
         return float((delta.float() @ self.rows.to(delta.device).T).double().square().sum())
 
@@ -310,25 +307,34 @@ class Recorder:
         save_statistics(path, self.statistics())
 
 
+STATISTICS_METADATA = {"format": STATISTICS_FORMAT, "version": STATISTICS_VERSION}
+
+
+def statistics_tensors(name: str, stats: LayerStatistics) -> dict[str, torch.Tensor]:
+    """One weight's tensors in a calibration file: ``.gram`` + ``.gram_heldout`` (exact) or
+    ``.factor`` + ``.diagonal`` + ``.heldout_rows`` (sketched), and ``.count`` (fitting, held-out
+    rows) and ``.input_absmax``."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(stats.fit, Gram):
+        tensors[f"{name}.gram"] = stats.fit.matrix
+    else:
+        tensors[f"{name}.factor"] = stats.fit.factor
+        tensors[f"{name}.diagonal"] = stats.fit.exact_diagonal
+    if isinstance(stats.heldout, Gram):
+        tensors[f"{name}.gram_heldout"] = stats.heldout.matrix
+    else:
+        tensors[f"{name}.heldout_rows"] = stats.heldout.rows
+    tensors[f"{name}.count"] = torch.tensor([stats.count, stats.count_heldout], dtype=torch.int64)
+    tensors[f"{name}.input_absmax"] = torch.tensor(stats.input_absmax, dtype=torch.float32)
+    return tensors
+
+
 def save_statistics(path: str | os.PathLike, statistics: dict[str, LayerStatistics]) -> None:
-    """Per weight: ``.gram`` + ``.gram_heldout`` (exact) or ``.factor`` + ``.diagonal`` +
-    ``.heldout_rows`` (sketched), and ``.count`` (fitting, held-out rows) and ``.input_absmax``."""
+    """Write per-weight statistics (``statistics_tensors``) as a calibration file, atomically."""
     from .io import write_file
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, stats in statistics.items():
-        if isinstance(stats.fit, Gram):
-            tensors[f"{name}.gram"] = stats.fit.matrix
-        else:
-            tensors[f"{name}.factor"] = stats.fit.factor
-            tensors[f"{name}.diagonal"] = stats.fit.exact_diagonal
-        if isinstance(stats.heldout, Gram):
-            tensors[f"{name}.gram_heldout"] = stats.heldout.matrix
-        else:
-            tensors[f"{name}.heldout_rows"] = stats.heldout.rows
-        tensors[f"{name}.count"] = torch.tensor([stats.count, stats.count_heldout], dtype=torch.int64)
-        tensors[f"{name}.input_absmax"] = torch.tensor(stats.input_absmax, dtype=torch.float32)
-    write_file(path, tensors, {"format": STATISTICS_FORMAT, "version": STATISTICS_VERSION})
+    tensors = {key: t for name, stats in statistics.items() for key, t in statistics_tensors(name, stats).items()}
+    write_file(path, tensors, STATISTICS_METADATA)
 
 
 class RecordedStatistics:
@@ -359,21 +365,32 @@ class RecordedStatistics:
         """The recorded inputs' absolute maximum (read alone: the statistics are not loaded)."""
         return float(self._reader.read(f"{self.key(name)}.input_absmax"))
 
-    def get(self, name: str) -> LayerStatistics | None:
-        """Statistics for the weight ``name``, or None when it was not recorded."""
-        name = self.key(name)
-        if name is None:
+    def get(self, name: str, in_features: int | None = None) -> LayerStatistics | None:
+        """Statistics for the weight ``name``, or None when it was not recorded; a ``ValueError``
+        when they were recorded for another number of inputs than the weight's ``in_features``."""
+        key = self.key(name)
+        if key is None:
             return None
+        stats = self._read(key)
+        if in_features is not None and stats.in_features != in_features:
+            raise ValueError(
+                f"{name}: the calibration file has statistics for {stats.in_features} inputs, "
+                f"the weight has {in_features}; was it recorded on another model?"
+            )
+        return stats
+
+    def _read(self, name: str) -> LayerStatistics:
+        """One weight's statistics; each read is a fresh tensor of its own."""
         read, stored = self._reader.read, self._reader.tensors
         count, count_heldout = (int(n) for n in read(f"{name}.count"))
         if f"{name}.gram" in stored:
-            fit = Gram(read(f"{name}.gram").clone())
+            fit = Gram(read(f"{name}.gram"))
         else:
-            fit = LowRankGram(read(f"{name}.factor").clone(), read(f"{name}.diagonal").clone())
+            fit = LowRankGram(read(f"{name}.factor"), read(f"{name}.diagonal"))
         if f"{name}.gram_heldout" in stored:
-            heldout = Gram(read(f"{name}.gram_heldout").clone())
+            heldout = Gram(read(f"{name}.gram_heldout"))
         else:
-            heldout = RowSample(read(f"{name}.heldout_rows").clone())
+            heldout = RowSample(read(f"{name}.heldout_rows"))
         return LayerStatistics(fit, heldout, count, count_heldout, float(read(f"{name}.input_absmax")))
 
     def close(self) -> None:

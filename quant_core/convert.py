@@ -155,13 +155,8 @@ class Rounder:
     def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
         if self.options.method == "nearest":
             return round_nearest(weight, scale, self.dtype), "nearest"
-        stats = self.statistics.get(name) if self.statistics else None
+        stats = self.statistics.get(name, weight.shape[1]) if self.statistics else None
         if stats is not None:
-            if stats.in_features != weight.shape[1]:
-                raise ValueError(
-                    f"{name}: the calibration file has statistics for {stats.in_features} inputs, "
-                    f"the weight has {weight.shape[1]}; was it recorded on another model?"
-                )
             return round_gptq(weight, scale, self.dtype, stats), "gptq"
         if self.options.method != "learned":
             return round_nearest(weight, scale, self.dtype), "nearest"
@@ -246,9 +241,8 @@ def _activation_rule(
     with RecordedStatistics(options.calibration, prefix) as statistics:
 
         def hurts(name: str) -> bool:
-            stats, weight = statistics.get(name), source.read(name).to(device)
-            if stats.in_features != weight.shape[1]:
-                raise ValueError(f"{name}: the calibration file has statistics for {stats.in_features} inputs")
+            weight = source.read(name).to(device)
+            stats = statistics.get(name, weight.shape[1])
             return predicted_input_error(weight, stats.fit, dtype) > threshold
 
         def planned(name: str) -> formats.Activation:

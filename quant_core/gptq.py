@@ -24,7 +24,7 @@ import torch
 
 from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments
-from .rounding import RoundingResult
+from .rounding import RoundingResult, relative_error
 
 BLOCK = 128
 
@@ -47,8 +47,8 @@ def round_gptq(
     del columns, rows
     rtn = fp8.quantize_nearest(weight, scale, dtype)
     reference = stats.heldout.quadratic(weight)
-    error_rtn = _relative(stats.heldout.quadratic(rtn.float() * scale - weight), reference)
-    error = _relative(stats.heldout.quadratic(quantized.float() * scale - weight), reference)
+    error_rtn = relative_error(stats.heldout.quadratic(rtn.float() * scale - weight), reference)
+    error = relative_error(stats.heldout.quadratic(quantized.float() * scale - weight), reference)
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
@@ -56,11 +56,7 @@ def round_gptq(
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, moments: Moments) -> float:
     """Relative output error ``sqrt(tr(D H D^T) / tr(W H W^T))`` for inputs with second moments ``H``."""
-    return _relative(moments.quadratic(approx - weight), moments.quadratic(weight))
-
-
-def _relative(error: float, reference: float) -> float:
-    return (max(error, 0.0) / reference) ** 0.5 if reference > 0 else 0.0
+    return relative_error(moments.quadratic(approx - weight), moments.quadratic(weight))
 
 
 def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:

@@ -77,7 +77,7 @@ def round_nearest(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> Rou
         quantized[rows] = fp8.quantize_nearest(block, scale, dtype)
         error += _squared_norm(as_float(quantized[rows]).mul_(scale).sub_(block))
         reference += _squared_norm(block)  # ``block`` may be a view of ``weight``: nothing in place
-    relative = math.sqrt(error / reference) if reference else 0.0
+    relative = relative_error(error, reference)
     return RoundingResult(quantized, relative, relative)
 
 
@@ -102,7 +102,7 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, dtype: torch.dtype) -
     squared = (as_float(codes.view(dtype)).double() * scale - exact).square()
     error = float((counts * squared)[finite].sum())
     reference = float((counts * exact.square())[finite].sum())
-    relative = math.sqrt(error / reference) if reference else 0.0
+    relative = relative_error(error, reference)
     return RoundingResult(quantized.view(dtype), relative, relative)
 
 
@@ -110,6 +110,11 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, dtype: torch.dtype) -
 def _sixteen_bit_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """float32 value of each of the 65536 bit patterns of a 16-bit float dtype, by pattern."""
     return torch.arange(65536, dtype=torch.int32, device=device).to(torch.int16).view(dtype).float()
+
+
+def relative_error(squared_error: float, squared_reference: float) -> float:
+    """``sqrt(error / reference)`` of summed squares; 0 for an all-zero reference."""
+    return math.sqrt(max(squared_error, 0.0) / squared_reference) if squared_reference > 0 else 0.0
 
 
 def as_float(quantized: torch.Tensor) -> torch.Tensor:
@@ -164,7 +169,7 @@ def round_learned(
         error_rtn += _squared_norm(held_out @ (rtn.float().mul_(scale).sub_(block)).T)
         error += _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
 
-    error_rtn, error = (math.sqrt(e / reference) if reference else 0.0 for e in (error_rtn, error))
+    error_rtn, error = relative_error(error_rtn, reference), relative_error(error, reference)
     if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
         del learned
         rtn = round_nearest(weight, scale, dtype).quantized
