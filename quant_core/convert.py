@@ -26,7 +26,7 @@ from .activation import input_scale_for, predicted_input_error
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
 from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
-from .pipeline import run_parallel, run_sequential
+from .pipeline import one_cpu_thread, run_pipeline
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
 
@@ -153,15 +153,15 @@ class Rounder:
     statistics: RecordedStatistics | None = None
 
     def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
-        if self.options.method == "nearest":
-            return round_nearest(weight, scale, self.dtype), "nearest"
         stats = self.statistics.get(name, weight.shape[1]) if self.statistics else None
-        if stats is not None:
+        if stats is not None and self.options.method != "nearest":
             return round_gptq(weight, scale, self.dtype, stats), "gptq"
-        if self.options.method != "learned":
+        if self.options.method == "learned":
+            with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+                rounded = round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding)
+            return rounded, "learned"
+        with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
             return round_nearest(weight, scale, self.dtype), "nearest"
-        with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-            return round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding), "learned"
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
@@ -326,11 +326,16 @@ def convert(
             if check_interrupt:
                 check_interrupt()
 
-        devices = pick_devices(options)
-        if options.parallel:
-            run_parallel(plan.items, read, compute, write, devices)
-        else:
-            run_sequential(plan.items, read, compute, write, devices[0])
+        def cost(item: list[str]) -> int:
+            return sum(source.tensors[name].nbytes for name in item)
+
+        def held(results: list) -> int:
+            return sum(t.nbytes for _, tensors, _ in results for t in tensors.values())
+
+        # room to read the largest tensor while the largest item (a shared-scale group) is in
+        # flight: about 2x the largest tensor, whatever the model's size
+        budget = max(map(cost, plan.items)) + max(info.nbytes for info in source.tensors.values())
+        run_pipeline(plan.items, read, compute, write, pick_devices(options), cost, held, budget)
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
@@ -376,7 +381,8 @@ def _quantize_group(
     """
     for name in names:
         tensors[name] = tensors[name].to(device)
-    amax = max(fp8.absmax(tensors[name]) for name in names)
+    with one_cpu_thread(device):
+        amax = max(fp8.absmax(tensors[name]) for name in names)
     if not math.isfinite(amax):  # NaN and Inf both surface in the absolute maximum
         for name in names:
             fp8.check_finite(name, tensors[name])

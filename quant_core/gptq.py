@@ -18,12 +18,11 @@ and a layer costs ``O(out in r)``, never an ``in x in`` matrix (a 15360-wide lay
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments
+from .pipeline import one_cpu_thread
 from .rounding import RoundingResult, relative_error
 
 BLOCK = 128
@@ -38,7 +37,7 @@ def round_gptq(
     # One row per weight column, in act order and in units of the scale: every step below then
     # reads and writes contiguous rows, and rounding is a plain cast.
     columns = weight.T.contiguous()[order].div_(scale)
-    with _one_cpu_thread(weight.device):
+    with one_cpu_thread(weight.device):  # a long sequence of small steps
         if isinstance(stats.fit, Gram):
             rows = _gptq_dense(columns, _permuted(stats.fit, order), dtype, damp)
         else:
@@ -132,21 +131,3 @@ def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dt
         errors[i] /= upper[i, i]
         block[i + 1 :].addr_(upper[i, i + 1 :], errors[i], alpha=-1)
     return errors
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run GPTQ's sequence of small operations (one ``out``-long row, or ``BLOCK x r`` matrices, at a
-    time) on one CPU thread: handing each to the thread pool costs more than the work as soon as
-    another process uses a core (a 3072 x 15360 layer: 2.2 s on one thread, 11 s on two on a busy
-    2-core machine). The large products outside (the held-out check) keep every thread. No
-    effect on GPUs."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

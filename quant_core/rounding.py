@@ -94,8 +94,8 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, dtype: torch.dtype) -
     quantized = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
     counts = torch.zeros(values.numel(), dtype=torch.int64, device=weight.device)
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
-        index = weight[rows].view(torch.int16).flatten().int().bitwise_and_(0xFFFF)
-        quantized[rows] = codes.index_select(0, index).view(quantized[rows].shape)
+        index = weight[rows].view(torch.uint16).flatten().int()  # the bit pattern, 0 to 65535
+        torch.index_select(codes, 0, index, out=quantized[rows].view(-1))
         counts += torch.bincount(index, minlength=values.numel())
     exact = values.double()
     finite = torch.isfinite(exact)

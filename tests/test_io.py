@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from quant_core import io as quant_io
 from quant_core.calibration import RandomCalibration
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.io import (
@@ -388,6 +389,20 @@ def convert_twice(source: Path, tmp_path: Path, method: str) -> tuple[Path, Path
 def test_parallel_output_is_byte_identical(flux_file, tmp_path, method):
     sequential, parallel = convert_twice(flux_file, tmp_path, method)
     assert sequential.read_bytes() == parallel.read_bytes()
+
+
+def test_without_positional_io_the_output_is_byte_identical(flux_file, tmp_path, monkeypatch):
+    """Windows has neither ``os.preadv`` nor ``os.pwrite``: the locked seek-and-read fallback must
+    give the same file, with reading and writing on different threads."""
+    positional = tmp_path / "positional.safetensors"
+    convert_file(flux_file, positional, ConvertOptions(method="nearest"))
+    monkeypatch.setattr(quant_io, "_POSITIONAL", False)
+    monkeypatch.delattr(quant_io.os, "preadv")
+    monkeypatch.delattr(quant_io.os, "pwrite")
+    monkeypatch.delattr(quant_io.os, "posix_fadvise")
+    fallback = tmp_path / "fallback.safetensors"
+    convert_file(flux_file, fallback, ConvertOptions(method="nearest"))
+    assert fallback.read_bytes() == positional.read_bytes()
 
 
 def test_same_seed_same_file(flux_file, tmp_path):
