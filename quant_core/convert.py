@@ -25,7 +25,7 @@ from . import __version__, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
-from .io import SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
@@ -352,7 +352,7 @@ def convert_file(
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
-    with SafetensorsReader(input_path) as reader:
+    with SafetensorsReader(input_path, BufferPool()) as reader:
         return convert(
             reader,
             output,

@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from quant_core import io as quant_io
 from quant_core.calibration import RandomCalibration
-from quant_core.convert import ConvertOptions, convert_file
+from quant_core.convert import ConvertOptions, convert, convert_file
 from quant_core.io import (
     DTYPES,
+    BufferPool,
     SafetensorsFormatError,
     SafetensorsReader,
     SafetensorsWriter,
@@ -422,3 +423,66 @@ def test_nothing_to_quantize_is_refused(tmp_path):
     with pytest.raises(ValueError, match="nothing to quantize"):
         convert_file(source, tmp_path / "out.safetensors", ConvertOptions(method="nearest"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["norms_only.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------- buffer pool
+
+
+MIB = 1 << 20
+
+
+def test_pool_reuses_a_buffer_once_nothing_views_it():
+    pool = BufferPool()
+    first = pool.empty(2 * MIB)
+    address = first.data_ptr()
+    del first
+    again = pool.empty(2 * MIB)
+    assert again.data_ptr() == address
+    assert pool.nbytes == 2 * MIB
+
+
+def test_pool_never_hands_out_memory_that_is_still_viewed():
+    pool = BufferPool()
+    first = pool.empty(2 * MIB).fill_(7)
+    as_words = first.view(torch.int16)[:10]  # a view of a view keeps the buffer busy too
+    del first
+    second = pool.empty(2 * MIB).fill_(9)
+    assert as_words.data_ptr() != second.data_ptr()
+    assert bool((as_words == 0x0707).all())
+
+
+def test_pool_keeps_no_more_than_it_ever_used_at_once():
+    pool = BufferPool()
+    for size in (3 * MIB, 5 * MIB, 2 * MIB, 4 * MIB, 3 * MIB):
+        tensor = pool.empty(size)
+        assert tensor.numel() == size
+        del tensor
+    assert pool.nbytes <= 5 * MIB
+    held = [pool.empty(2 * MIB), pool.empty(2 * MIB)]
+    assert held[0].data_ptr() != held[1].data_ptr()
+    assert pool.nbytes <= 5 * MIB + 2 * MIB
+
+
+def test_pool_leaves_small_requests_to_the_allocator():
+    pool = BufferPool()
+    pool.empty(1000)
+    assert pool.nbytes == 0
+
+
+def test_reads_through_a_pool_are_correct_and_independent(tmp_path):
+    path = tmp_path / "pooled.safetensors"
+    tensors = {f"t{i}": torch.full((MIB,), float(i)) for i in range(4)}  # 4 MiB each, one shape
+    save_file(tensors, str(path))
+    with SafetensorsReader(path, BufferPool()) as reader:
+        kept = reader.read("t0")
+        for name, expected in tensors.items():
+            assert torch.equal(reader.read(name), expected)
+        assert torch.equal(kept, tensors["t0"]), "a tensor still held is never overwritten by later reads"
+
+
+def test_conversion_without_a_pool_gives_the_same_file(flux_file, tmp_path):
+    pooled, fresh = tmp_path / "pooled.safetensors", tmp_path / "fresh.safetensors"
+    convert_file(flux_file, pooled, ConvertOptions(method="nearest"))
+    with SafetensorsReader(flux_file) as reader:
+        convert(reader, fresh, ConvertOptions(method="nearest"))
+    assert pooled.read_bytes() == fresh.read_bytes()
