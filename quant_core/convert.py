@@ -151,6 +151,7 @@ class Rounder:
     options: ConvertOptions
     calibration: CalibrationSource
     statistics: RecordedStatistics | None = None
+    pool: BufferPool = field(default_factory=BufferPool)  # memory for round-to-nearest's outputs
 
     def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
         stats = self.statistics.get(name, weight.shape[1]) if self.statistics else None
@@ -161,7 +162,7 @@ class Rounder:
                 rounded = round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding)
             return rounded, "learned"
         with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
-            return round_nearest(weight, scale, self.dtype), "nearest"
+            return round_nearest(weight, scale, self.dtype, self.pool), "nearest"
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:

@@ -26,6 +26,7 @@ import torch
 
 from . import fp8
 from .calibration import CalibrationSource
+from .io import BufferPool
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
@@ -62,15 +63,18 @@ class RoundingResult:
     work: int = 0  # weights x iterations summed over row blocks: the optimiser's matrix work is 4 x calib x work
 
 
-def round_nearest(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> RoundingResult:
+def round_nearest(
+    weight: torch.Tensor, scale: float, dtype: torch.dtype, pool: BufferPool | None = None
+) -> RoundingResult:
     """RTN, reporting the relative weight error (no inputs are involved).
 
     Works through blocks of rows so that float32 copies never exceed one block, whatever the
-    weight's size: the weight itself may stay in its source dtype.
+    weight's size: the weight itself may stay in its source dtype. ``pool`` supplies the fp8
+    output's memory on the CPU (see ``io.BufferPool``).
     """
+    quantized = _empty_like(weight, dtype, pool)
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.ndim == 2:
-        return _round_sixteen_bit(weight, scale, dtype)
-    quantized = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        return _round_sixteen_bit(weight, scale, quantized)
     error = reference = 0.0
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
         block = weight[rows].float()
@@ -81,7 +85,14 @@ def round_nearest(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> Rou
     return RoundingResult(quantized, relative, relative)
 
 
-def _round_sixteen_bit(weight: torch.Tensor, scale: float, dtype: torch.dtype) -> RoundingResult:
+def _empty_like(weight: torch.Tensor, dtype: torch.dtype, pool: BufferPool | None) -> torch.Tensor:
+    """Uninitialised one-byte ``dtype`` memory of the weight's shape, from ``pool`` on the CPU."""
+    if pool is None or weight.device.type != "cpu":
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return pool.empty(weight.numel()).view(dtype).view(weight.shape)
+
+
+def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tensor) -> RoundingResult:
     """RTN of a bf16/fp16 weight through its 65536 possible values, bit-identical to the float path.
 
     The fp8 code of every 16-bit value is computed once; the weight is then mapped through that
@@ -89,13 +100,14 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, dtype: torch.dtype) -
     three integer passes instead of four float conversions: 3x faster on one CPU thread for a
     21504 x 3072 weight (the conversions were RTN's main cost). Row blocks bound the index memory.
     """
+    dtype = quantized.dtype
     values = _sixteen_bit_values(weight.dtype, weight.device)
     codes = fp8.quantize_nearest(values, scale, dtype).view(torch.uint8)
-    quantized = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    out = quantized.view(torch.uint8)
     counts = torch.zeros(values.numel(), dtype=torch.int64, device=weight.device)
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
         index = weight[rows].view(torch.uint16).flatten().int()  # the bit pattern, 0 to 65535
-        torch.index_select(codes, 0, index, out=quantized[rows].view(-1))
+        torch.index_select(codes, 0, index, out=out[rows].view(-1))
         counts += torch.bincount(index, minlength=values.numel())
     exact = values.double()
     finite = torch.isfinite(exact)
@@ -103,7 +115,7 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, dtype: torch.dtype) -
     error = float((counts * squared)[finite].sum())
     reference = float((counts * exact.square())[finite].sum())
     relative = relative_error(error, reference)
-    return RoundingResult(quantized.view(dtype), relative, relative)
+    return RoundingResult(quantized, relative, relative)
 
 
 @functools.cache
