@@ -107,6 +107,7 @@ def calibration_path(source: Path) -> Path:
 class Result:
     config: Config
     wall: float = float("inf")
+    convert: float = float("inf")  # our own "time" line: the conversion without interpreter start-up
     rss: int = 0  # bytes
     returncode: int = 0
     error: str = ""
@@ -118,7 +119,7 @@ def build_configs(args: argparse.Namespace) -> dict[str, Config]:
     one_weight = ["--num_iter", "1", "--exclude", r"^(?!(?:double_blocks\.0\.img_attn\.qkv\.))"]
     return {
         "simple": Config("simple", ["--simple"], "round-to-nearest, default settings"),
-        "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, read/compute/write overlapped"),
+        "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, one worker per GPU (CPU: = simple)"),
         "calibrated": Config(
             "calibrated", [], "GPTQ on a rank-128 sketched recording (bench/synthetic_calibration.py)", calibrated=True
         ),
@@ -409,6 +410,9 @@ def run_once(config: Config, python: str, source: Path, workdir: Path, result: R
         return
     result.wall = min(result.wall, wall)
     result.rss = max(result.rss, rss)
+    reported = re.search(r"^time\s+([0-9.]+) s", text, re.MULTILINE)  # the summary, printed even with --quiet
+    if reported:
+        result.convert = min(result.convert, float(reported.group(1)))
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -481,12 +485,16 @@ def size_rows(runs: list[SizeRun]) -> list[list[str]]:
         for r in run.results.values():
             head = [f"{file_mb / 1000:.2f}", r.config.name]
             if r.returncode != 0:
-                rows.append([*head, "FAILED", "", "", "", "", "", r.error[:50]])
+                rows.append([*head, "FAILED", "", "", "", "", "", "", "", r.error[:50]])
                 continue
             quality = f"{r.quality['mean']:.4%}" if r.quality else "-"
             within = "yes" if r.rss <= run.bound else "NO"
             rss = [f"{r.rss / MB:.0f}", f"{run.bound / MB:.0f}", within]
             speed = [f"{r.wall:.1f}", f"{file_mb / r.wall:.0f}", f"{r.wall / run.copy_s:.1f}"]
+            if r.convert < float("inf"):
+                speed += [f"{r.convert:.1f}", f"{r.convert / run.copy_s:.1f}"]
+            else:
+                speed += ["-", "-"]
             rows.append([*head, *speed, *rss, quality])
     return rows
 
@@ -586,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(stale)
 
     floor_cmd = [sys.executable, "-c", "import quant_core.cli"]
-    _, floor, _, _ = run_child(floor_cmd, dict(os.environ), workdir / "log_floor.txt")
+    startup, floor, _, _ = run_child(floor_cmd, dict(os.environ), workdir / "log_floor.txt")
     busy_before, started = busy_seconds(), time.perf_counter()
     full = [configs[c] for c in chosen if not configs[c].subset]
     runs = []
@@ -630,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{largest_bytes / MB:.0f} MB; copy {run.copy_s:.2f} s = {run.source.stat().st_size / MB / run.copy_s:.0f} "
             f"MB/s (runs: {', '.join(f'{c:.2f}' for c in run.copies)})"
         )
-    print(f"floors: peak RSS of `python -c 'import quant_core.cli'` (interpreter, torch) {floor / MB:.0f} MB; ", end="")
+    print(f"floors: `python -c 'import quant_core.cli'` (interpreter, torch) takes {startup:.1f} s and ", end="")
+    print(f"peak RSS {floor / MB:.0f} MB; ", end="")
     print(f"of this benchmark process (a lower bound on every child's figure) {parent_rss / MB:.0f} MB")
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; runs per config: {repeat}, fastest kept")
     print(
@@ -638,9 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{others / elapsed / (os.cpu_count() or 1):.0%} of the machine; ~0 means undisturbed figures)"
     )
     print()
-    header = ["GB", "config", "wall s", "MB/s", "x copy", "peak RSS MB", "bound MB", "within", "rel. out err"]
-    print(table(size_rows(runs), header))
+    header = ["GB", "config", "wall s", "MB/s", "x copy", "convert s", "x copy", "peak RSS MB", "bound MB", "within"]
+    print(table(size_rows(runs), [*header, "rel. out err"]))
     print(f"bound = 2 x largest tensor + {RSS_FIXED // MB} MB; x copy = wall / copy time of the same file")
+    print("convert s = the conversion's own time (its summary), without starting Python and importing torch")
     for config in full:
         print(f"  {config.name}: {config.note}: {config.settings()}")
 
