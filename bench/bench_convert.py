@@ -119,7 +119,7 @@ def build_configs(args: argparse.Namespace) -> dict[str, Config]:
     one_weight = ["--num_iter", "1", "--exclude", r"^(?!(?:double_blocks\.0\.img_attn\.qkv\.))"]
     return {
         "simple": Config("simple", ["--simple"], "round-to-nearest, default settings"),
-        "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, one worker per GPU (CPU: = simple)"),
+        "simple-parallel": Config("simple-parallel", ["--simple", "--parallel"], "RTN, a worker per GPU (CPU: simple)"),
         "calibrated": Config(
             "calibrated", [], "GPTQ on a rank-128 sketched recording (bench/synthetic_calibration.py)", calibrated=True
         ),

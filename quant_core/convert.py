@@ -286,8 +286,13 @@ def convert(
     calibration: CalibrationSource | None = None,
     protect: tuple[Path, ...] = (),
     source_label: str = "",
+    pool: BufferPool | None = None,
 ) -> Summary:
-    """Convert ``source`` into the safetensors file ``output`` (written atomically)."""
+    """Convert ``source`` into the safetensors file ``output`` (written atomically).
+
+    ``pool`` holds the memory of round-to-nearest's outputs; pass the source's own pool (as
+    ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
+    """
     started = time.perf_counter()
     plan = plan_conversion(source, options)
     total = len(source.tensors)
@@ -311,7 +316,8 @@ def convert(
         RecordedStatistics(options.calibration, plan.prefix) if recorded else contextlib.nullcontext() as statistics,
         atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
     ):
-        rounder = Rounder(fp8.fp8_dtype(options.fp8_format), options, calibration or RandomCalibration(), statistics)
+        dtype = fp8.fp8_dtype(options.fp8_format)
+        rounder = Rounder(dtype, options, calibration or RandomCalibration(), statistics, pool or BufferPool())
         writer = SafetensorsWriter(file, plan.entries, metadata)
         for key, tensor in plan.markers.items():
             writer.write(key, tensor)
@@ -353,7 +359,8 @@ def convert_file(
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
-    with SafetensorsReader(input_path, BufferPool()) as reader:
+    pool = BufferPool()
+    with SafetensorsReader(input_path, pool) as reader:
         return convert(
             reader,
             output,
@@ -363,6 +370,7 @@ def convert_file(
             calibration,
             protect=(Path(input_path),),
             source_label=str(input_path),
+            pool=pool,
         )
 
 
