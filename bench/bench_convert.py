@@ -296,7 +296,7 @@ def helper_optimiser(path: str, iterations: str, calib: str) -> dict:
             work, weights = work + result.work, weights + weight.numel()
             shapes.append(list(info.shape))
     columns = shapes[0][1]
-    rows = max(1, rounding._BLOCK_ELEMENTS // columns)  # the optimiser's block
+    rows = max(1, rounding._LEARNED_BLOCK_ELEMENTS // columns)  # the optimiser's block
     forward = _matmul_rate((samples, columns), (columns, rows))
     gradient = _matmul_rate((rows, samples), (samples, columns))
     return {

@@ -154,7 +154,7 @@ def convert_parser() -> argparse.ArgumentParser:
         parser,
         "parallel",
         action="store_true",
-        help="overlap reading, quantizing and writing; spread tensors over all GPUs",
+        help="one worker per GPU, each taking whole tensors (reading, rounding and writing always overlap)",
     )
     _option(parser, "seed", type=int, default=0, help="random seed: the same seed gives the same file")
     _option(parser, "device", help="compute device, e.g. cpu or cuda:1 (default: CUDA when available)")

@@ -31,7 +31,10 @@ from .io import BufferPool
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
 _BETA_START, _BETA_END = 20.0, 2.0
-_BLOCK_ELEMENTS = 1 << 20  # rows handled together: ~1 M weights, ~20 float32 copies of them live
+_BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
+# rows optimised together: ~256 K weights, so that the ~20 float32 working copies (20 MB) stay in
+# the CPU's caches: 1.2-1.5x faster than 1 M on a 3072 x 3072 weight (2 cores; 128 K and 512 K slower)
+_LEARNED_BLOCK_ELEMENTS = 1 << 18
 _PATIENCE = 50
 _GAMMA_TENSOR = torch.tensor(_GAMMA)
 _MINUS_ONE = torch.tensor(-1.0)
@@ -169,7 +172,7 @@ def round_learned(
     limit = fp8.fp8_max(dtype)
     learned = torch.empty(weight.shape, dtype=dtype, device=device)
     iterations, work, error_rtn, error, reference = 0, 0, 0.0, 0.0, 0.0
-    for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
+    for rows in _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS):
         block = weight[rows].float()
         scaled = (block / scale).clamp_(-limit, limit)
         rtn = scaled.to(dtype)
