@@ -38,7 +38,12 @@ ROUNDING_METHODS = {
 
 
 class TensorSource(Protocol):
-    """What the engine reads from: tensor descriptions up front, tensors one at a time."""
+    """What the engine reads from: tensor descriptions up front, tensors one at a time.
+
+    A source whose ``read`` returns tensors on a GPU says so with a ``device`` attribute (as the
+    nodes' loaded-MODEL source does): then only one item is in flight, so that beyond what the
+    host already holds, VRAM keeps one layer's working set.
+    """
 
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
@@ -342,7 +347,8 @@ def convert(
         # two of the largest items (a shared-scale group) in flight: one read while the other is
         # rounded or written. A 24 GB Flux took 49 s at 694 MB peak RSS, and 54 s at 629 MB with
         # room for the largest item plus the largest tensor alone (bench/bench_convert.py)
-        budget = 2 * max(map(cost, plan.items))
+        on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
+        budget = (1 if on_accelerator else 2) * max(map(cost, plan.items))
         run_pipeline(plan.items, read, compute, write, pick_devices(options), cost, held, budget)
         writer.finish()
         bytes_out = writer.total_bytes

@@ -92,15 +92,17 @@ def run_pipeline(
                 done.put(_DONE)
                 return
             item, data = entry
+            del entry
             try:
                 result = compute(item, data, device)
             except BaseException as exc:  # noqa: BLE001 - handed to the writer thread
                 done.put(exc)
                 return
-            del data  # the source tensors go as soon as they are rounded
+            del data  # the source tensors go as soon as they are rounded, not when the next item comes
             kept = held(result)
             in_flight.release(cost(item) - kept)
             done.put((kept, result))
+            del result
 
     threads = [threading.Thread(target=reader, daemon=True)]
     threads += [threading.Thread(target=worker, args=(d,), daemon=True) for d in devices]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import pytest
 
+from quant_core.convert import ConvertOptions, convert, plan_conversion
+from quant_core.io import SafetensorsReader
 from quant_core.pipeline import run_pipeline
 
 
@@ -112,3 +115,41 @@ def test_an_error_in_any_stage_reaches_the_caller_and_stops_the_threads(stage, e
         run(tracker, [1] * 50, budget=4)
     assert threading.active_count() == before, "no stage thread is left running"
     assert len(tracker.written) < 50
+
+
+# ---------------------------------------------------------------------------------------------- in convert
+
+
+class CountingSource:
+    """A ``TensorSource`` over a file that records the bytes of the tensors it handed out that are
+    still alive (on a GPU, that is VRAM)."""
+
+    def __init__(self, reader, device: str | None):
+        self.reader, self.tensors, self.metadata = reader, reader.tensors, reader.metadata
+        if device:
+            self.device = device  # where the tensors would be (they stay on the CPU in this test)
+        self.alive = self.peak = 0
+        self.lock = threading.Lock()
+
+    def read(self, name):
+        tensor = self.reader.read(name)
+        with self.lock:
+            self.alive += tensor.nbytes
+            self.peak = max(self.peak, self.alive)
+        weakref.finalize(tensor, self.freed, tensor.nbytes)
+        return tensor
+
+    def freed(self, nbytes: int) -> None:
+        with self.lock:
+            self.alive -= nbytes
+
+
+@pytest.mark.parametrize(("device", "items"), [(None, 2), ("cuda:0", 1)])
+def test_a_source_on_a_gpu_has_one_item_in_flight(flux_file, tmp_path, device, items):
+    with SafetensorsReader(flux_file) as reader:
+        source = CountingSource(reader, device)
+        plan = plan_conversion(source, ConvertOptions(method="nearest"))
+        largest = max(sum(source.tensors[name].nbytes for name in item) for item in plan.items)
+        convert(source, tmp_path / "out.safetensors", ConvertOptions(method="nearest", device="cpu"))
+    assert source.alive == 0
+    assert source.peak <= items * largest  # on a GPU: one item's sources, however the threads interleave
