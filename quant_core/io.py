@@ -70,15 +70,15 @@ def dtype_nbytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _storage_users(tensor: torch.Tensor) -> int | None:
-    """How many references torch holds to ``tensor``'s memory (None where torch cannot tell).
+def _storage_users(tensor: torch.Tensor) -> int:
+    """How many references torch holds to ``tensor``'s memory.
 
     Every view of a buffer adds one, so a buffer whose count is back to the one it had when it
-    was made is referenced by nothing but the pool.
+    was made is referenced by nothing but the pool. (A private torch function: without it the
+    pool hands out fresh memory.)
     """
-    count = getattr(torch._C, "_storage_Use_Count", None)
     storage = tensor.untyped_storage()
-    return count(storage._cdata) if count else None
+    return torch._C._storage_Use_Count(storage._cdata)
 
 
 def _anonymous_map(nbytes: int) -> mmap.mmap:
@@ -107,16 +107,16 @@ class BufferPool:
     SMALL = 1 << 20
 
     def __init__(self) -> None:
-        self._buffers: list[tuple[torch.Tensor, int | None]] = []  # (buffer, its use count when alone)
+        self._buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when alone)
         self._high_water = 0
         self._lock = threading.Lock()
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """An uninitialised uint8 tensor of ``nbytes``, in a reused buffer where one fits."""
-        if nbytes < self.SMALL:
+        if nbytes < self.SMALL or not hasattr(torch._C, "_storage_Use_Count"):  # small, or no way to tell free
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
-            free = [entry for entry in self._buffers if entry[1] is not None and _storage_users(entry[0]) == entry[1]]
+            free = [entry for entry in self._buffers if _storage_users(entry[0]) == entry[1]]
             chosen = next((entry for entry in free if entry[0].numel() == nbytes), None)
             if chosen is None:
                 buffer = torch.frombuffer(_anonymous_map(nbytes), dtype=torch.uint8)  # no page touched yet
