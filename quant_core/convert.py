@@ -159,8 +159,9 @@ class Rounder:
     pool: BufferPool = field(default_factory=BufferPool)  # memory for round-to-nearest's outputs
 
     def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
-        stats = self.statistics.get(name, weight.shape[1]) if self.statistics else None
-        if stats is not None and self.options.method != "nearest":
+        recorded = self.statistics is not None and self.options.method != "nearest"
+        stats = self.statistics.get(name, weight.shape[1]) if recorded else None
+        if stats is not None:
             return round_gptq(weight, scale, self.dtype, stats), "gptq"
         if self.options.method == "learned":
             with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode

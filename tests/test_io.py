@@ -203,7 +203,7 @@ class FailingCalibration:
         return self.random.inputs(name, in_features, count, generator, device)
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+@pytest.mark.parametrize("parallel", [False, True], ids=["default", "--parallel"])
 @pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
 @pytest.mark.parametrize("hook", ["progress", "check_interrupt", "calibration"])
 def test_failure_midway_leaves_no_output_and_no_temp_file(flux_file, tmp_path, hook, exc, parallel):
@@ -286,7 +286,7 @@ def test_existing_output_needs_overwrite(flux_file, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+@pytest.mark.parametrize("parallel", [False, True], ids=["default", "--parallel"])
 def test_non_finite_weight_is_a_clear_error(flux_file, tmp_path, bad, parallel):
     tensors, metadata = read_all(flux_file)
     tensors[QUANTIZED_NAME] = tensors[QUANTIZED_NAME].clone()
