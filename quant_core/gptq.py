@@ -23,9 +23,10 @@ import torch
 from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments
 from .pipeline import one_cpu_thread
-from .rounding import RoundingResult, relative_error
+from .rounding import RoundingResult, as_float, relative_error
 
 BLOCK = 128
+_GROUP = 16  # columns whose errors reach the rest of their block together (see _round_block)
 
 
 def round_gptq(
@@ -121,13 +122,23 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
 def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round a block of weight columns (one per row of ``block``, in units of the scale, changed in
     place) into ``out``, each error compensated on the block's later columns through ``upper`` (its
-    part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s diagonal."""
+    part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s diagonal.
+
+    Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
+    per group rather than one rank-1 update per column: each pass over the block's rows then
+    does 16x the work. The rounded values are read back through ``rounding.as_float`` (4x faster
+    than ``.float()`` for an fp8 row). Together: a 21504 x 3072 layer (rank 128) 5.0 -> 3.2-4.1 s.
+    """
     limit = fp8.fp8_max(dtype)
     errors = torch.empty_like(block)
-    for i in range(block.shape[0]):
-        torch.clamp(block[i], -limit, limit, out=errors[i])  # saturate, as quantize_nearest does
-        out[i] = errors[i]  # the cast to fp8 rounds to nearest
-        torch.sub(block[i], out[i].float(), out=errors[i])
-        errors[i] /= upper[i, i]
-        block[i + 1 :].addr_(upper[i, i + 1 :], errors[i], alpha=-1)
+    rows = block.shape[0]
+    for start in range(0, rows, _GROUP):
+        end = min(start + _GROUP, rows)
+        for i in range(start, end):
+            torch.clamp(block[i], -limit, limit, out=errors[i])  # saturate, as quantize_nearest does
+            out[i] = errors[i]  # the cast to fp8 rounds to nearest
+            torch.sub(block[i], as_float(out[i]), out=errors[i])
+            errors[i] /= upper[i, i]
+            block[i + 1 : end].addr_(upper[i, i + 1 : end], errors[i], alpha=-1)
+        block[end:].addmm_(upper[start:end, end:].T, errors[start:end], alpha=-1)
     return errors
