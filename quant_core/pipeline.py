@@ -27,7 +27,8 @@ _POLL = 0.1  # seconds between checks of the stop flag while a stage waits
 
 
 class _ByteBudget:
-    """Source bytes in flight between the start of a read and the end of its write."""
+    """Bytes in flight: an item's source from the start of its read until it is computed, then
+    its result until written."""
 
     def __init__(self, limit: int, stop: threading.Event):
         self._limit, self._stop = limit, stop
