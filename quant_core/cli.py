@@ -20,8 +20,9 @@ from .inspection import inspect_file, verify_files
 from .policy import AUTO, PRESETS
 from .progress import ProgressBar
 from .rounding import RoundingOptions
+from .shards import join_shards
 
-COMMANDS = ("convert", "inspect", "verify", "decode", "example")
+COMMANDS = ("convert", "join", "inspect", "verify", "decode", "example")
 
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -156,11 +157,30 @@ def convert_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one worker per GPU, each taking whole tensors (reading, rounding and writing always overlap)",
     )
+    _option(
+        parser,
+        "shard",
+        type=_shard,
+        metavar="K/N",
+        help="convert only every N-th tensor group from the K-th, into a file of its own (for several "
+        "machines); `join` puts the N shards together into the file one run would write",
+    )
     _option(parser, "seed", type=int, default=0, help="random seed: the same seed gives the same file")
     _option(parser, "device", help="compute device, e.g. cpu or cuda:1 (default: CUDA when available)")
     _option(parser, "overwrite", action="store_true", help="replace an existing output file")
     _option(parser, "quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``K/N`` with 1 <= K <= N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 1/4, not {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"{text}: K must be between 1 and N")
+    return k, n
 
 
 def options_from(args: argparse.Namespace) -> ConvertOptions:
@@ -194,6 +214,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         full_precision=args.full_precision,
         full_precision_above=args.full_precision_above,
         parallel=args.parallel,
+        shard=getattr(args, "shard", None),
         device=args.device,
         overwrite=args.overwrite,
     )
@@ -209,8 +230,27 @@ def run_convert(argv: Sequence[str]) -> int:
     args = convert_parser().parse_args(argv)
     options = options_from(args)
     progress = None if args.quiet else ProgressBar("convert")
-    summary = convert_file(args.input, args.output, options, progress=progress)
+    output = args.output
+    if options.shard and not output:
+        whole = default_output_path(args.input, options)
+        output = whole.with_name(f"{whole.stem}.shard{options.shard[0]}of{options.shard[1]}.safetensors")
+    summary = convert_file(args.input, output, options, progress=progress)
     print(summary.text())
+    return 0
+
+
+def run_join(argv: Sequence[str]) -> int:
+    parser = convert_parser()
+    parser.prog = "python -m quant_core join"
+    parser.description = (
+        "Put the shards of `convert --shard K/N` together into the file one run would write; give the "
+        "input and the options the shards were converted with."
+    )
+    parser.add_argument("shards", nargs="+", help="the shard files")
+    args = parser.parse_args(argv)
+    if args.shard:
+        raise ValueError("join takes the shard files, not --shard")
+    print(join_shards(args.input, args.shards, args.output, options_from(args)))
     return 0
 
 
@@ -277,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
     runners = {
         "convert": run_convert,
+        "join": run_join,
         "inspect": run_inspect,
         "verify": run_verify,
         "decode": run_decode,

@@ -9,6 +9,7 @@ scaled together. Peak memory is therefore a few of the largest tensors, never th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -71,6 +72,7 @@ class ConvertOptions:
     full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
     full_precision_above: float | None = None  # ... and layers whose fp8 inputs would add more output error
     parallel: bool = False
+    shard: tuple[int, int] | None = None  # (k, n): only every n-th work item from the k-th (1-based); see join
     device: str | None = None  # None: CUDA when available, else CPU
     overwrite: bool = False
 
@@ -141,6 +143,12 @@ class Plan:
     entries: list[TensorInfo]
     markers: dict[str, torch.Tensor]  # file-level format markers, written first
     activations: dict[str, formats.Activation]  # per quantized weight; an input_scale of 1.0 is a placeholder
+    outputs: dict[str, list[str]]  # the output tensors each source tensor becomes
+
+    def digest(self, metadata: dict[str, str]) -> str:
+        """A fingerprint of the output header (its tensors and ``metadata``): shards of one conversion share it."""
+        layout = [(e.name, str(e.dtype), list(e.shape)) for e in self.entries]
+        return hashlib.sha256(json.dumps([layout, metadata], sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -194,6 +202,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     )
     activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
+    outputs: dict[str, list[str]] = {}
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
     entries: list[TensorInfo] = []
@@ -204,9 +213,12 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
             if not decision.quantize:
                 items.append([name])
                 entries.append(TensorInfo(name, info.dtype, info.shape))
+                outputs[name] = [name]
                 continue
             activations[name] = planned(name)
-            entries += formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
+            layer = formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
+            entries += layer
+            outputs[name] = [entry.name for entry in layer]
             group_key = scale_group(name) if options.shared_scales else name
             if group_key not in groups:
                 groups[group_key] = []
@@ -223,7 +235,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
-    return Plan(preset, prefix, decisions, items, entries, markers, activations)
+    return Plan(preset, prefix, decisions, items, entries, markers, activations, outputs)
 
 
 @contextlib.contextmanager
@@ -301,10 +313,12 @@ def convert(
     """
     started = time.perf_counter()
     plan = plan_conversion(source, options)
-    total = len(source.tensors)
     reports: list[TensorReport] = []
-    metadata = dict(source.metadata)
-    metadata["quant_core"] = json.dumps(_describe(options, plan))
+    metadata = output_metadata(source, options, plan)
+    items, entries, markers = plan.items, plan.entries, plan.markers
+    if options.shard:  # a part of the output, to be joined with the others (``shards.join_shards``)
+        items, entries, markers, metadata = _shard(plan, options.shard, metadata)
+    total = sum(map(len, items))
 
     def read(item: list[str]) -> dict[str, torch.Tensor]:
         if check_interrupt:
@@ -324,8 +338,8 @@ def convert(
     ):
         dtype = fp8.fp8_dtype(options.fp8_format)
         rounder = Rounder(dtype, options, calibration or RandomCalibration(), statistics, pool or BufferPool())
-        writer = SafetensorsWriter(file, plan.entries, metadata)
-        for key, tensor in plan.markers.items():
+        writer = SafetensorsWriter(file, entries, metadata)
+        for key, tensor in markers.items():
             writer.write(key, tensor)
 
         def write(results: list) -> None:
@@ -350,10 +364,31 @@ def convert(
         # room for the largest item plus the largest tensor alone (bench/bench_convert.py)
         on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
         budget = (1 if on_accelerator else 2) * max(map(cost, plan.items))
-        run_pipeline(plan.items, read, compute, write, pick_devices(options), cost, held, budget)
+        run_pipeline(items, read, compute, write, pick_devices(options), cost, held, budget)
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+
+
+def output_metadata(source: TensorSource, options: ConvertOptions, plan: Plan) -> dict[str, str]:
+    """The output header's metadata: the source's own, plus the converter's description."""
+    return {**source.metadata, "quant_core": json.dumps(_describe(options, plan))}
+
+
+SHARD_METADATA = "quant_core_shard"
+
+
+def _shard(plan: Plan, shard: tuple[int, int], metadata: dict[str, str]) -> tuple:
+    """Items, output entries, markers and metadata of shard ``k`` of ``n``: every n-th work item
+    from the k-th, in a file of its own that carries the whole output's fingerprint."""
+    k, n = shard
+    if not 1 <= k <= n:
+        raise ValueError(f"shard {k}/{n}: k must be between 1 and n")
+    items = plan.items[k - 1 :: n]
+    names = {key for item in items for name in item for key in plan.outputs[name]}
+    entries = [entry for entry in plan.entries if entry.name in names]
+    label = {"shard": f"{k}/{n}", "output": plan.digest(metadata)}
+    return items, entries, {}, {SHARD_METADATA: json.dumps(label)}
 
 
 def convert_file(
@@ -441,7 +476,7 @@ def _describe(options: ConvertOptions, plan: Plan) -> dict:
     """The converter's own header metadata: version, settings, counts."""
     quantized = sum(q for q, _ in plan.decisions.values())
     settings = asdict(options)
-    for how_not_what in ("overwrite", "parallel", "device"):  # they do not change the output
+    for how_not_what in ("overwrite", "parallel", "device", "shard"):  # they do not change the output
         settings.pop(how_not_what)
     if options.method != "learned":  # the learned-rounding settings are not used
         settings.pop("rounding")
@@ -466,7 +501,7 @@ def _summarise(source, label, output, options, plan, reports, bytes_out, seconds
         preset=plan.preset.name,
         quantized=len(quantized),
         kept=len(reports) - len(quantized),
-        bytes_in=sum(info.nbytes for info in source.tensors.values()),
+        bytes_in=sum(r.nbytes for r in reports),
         bytes_out=bytes_out,
         mean_error=sum(r.error_after for r in quantized) / len(quantized) if quantized else 0.0,
         worst_error=worst.error_after if worst else 0.0,
