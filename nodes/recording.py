@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant_core.calibration import Recorder
+from ..quant_core.calibration import Recorder, linear_like
 from ..quant_core.policy import LayerPolicy, detect_preset
 from . import host
 
@@ -37,15 +37,6 @@ class _Tap(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-def _linear_like(module: torch.nn.Module) -> bool:
-    """What the Recorder and the converter treat as a Linear layer: a 2-D weight that is no embedding table.
-
-    ComfyUI's Linear ops are no ``torch.nn.Linear`` subclass, so the weight's shape decides.
-    """
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
 
 
 def _quantized_by_default(diffusion_model: torch.nn.Module):
@@ -66,7 +57,7 @@ def _tap_tree(diffusion_model: torch.nn.Module, all_layers: bool) -> tuple[torch
     root = torch.nn.Module()
     taps: dict[str, _Tap] = {}
     for path, module in diffusion_model.named_modules():
-        if not path or not _linear_like(module) or not wanted(path, module):
+        if not path or not linear_like(module) or not wanted(path, module):
             continue
         *parents, leaf = path.split(".")
         owner = root

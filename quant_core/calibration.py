@@ -198,6 +198,15 @@ class _Seen:
     absmax: float = 0.0
 
 
+def linear_like(module: torch.nn.Module) -> bool:
+    """What is recorded (and converted) as a Linear layer: a 2-D weight that is no embedding table.
+
+    ComfyUI's Linear ops are no ``torch.nn.Linear`` subclass, so the weight's shape decides.
+    """
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
+
+
 class Recorder:
     """Records the input statistics of every Linear-like layer of a torch model with forward hooks.
 
@@ -222,11 +231,10 @@ class Recorder:
         self._generator = torch.Generator().manual_seed(0)
         self._handles: list = []
         for path, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or isinstance(module, torch.nn.Embedding):
+            if not linear_like(module):
                 continue
             name = f"{prefix}{path}.weight" if path else f"{prefix}weight"  # the model itself may be a Linear
-            self._handles.append(module.register_forward_hook(self._hook(name, weight.shape[1])))
+            self._handles.append(module.register_forward_hook(self._hook(name, module.weight.shape[1])))
 
     def _hook(self, name: str, in_features: int):
         def record(module, inputs, output) -> None:

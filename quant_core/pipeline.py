@@ -6,9 +6,9 @@ the time of copying the file), and so that with ``--parallel`` several GPUs each
 items. Memory is bounded by bytes, not by a count of items: the reader starts an item only while
 the bytes in flight (sources read but not yet computed, results computed but not yet written)
 stay within ``budget``; one item is always allowed, whatever its size. Torch kernels and file
-I/O release the GIL, so threads are enough. Results are written in
-completion order (the writer places each tensor by its header offset, so order does not matter),
-and an exception from any stage reaches the caller.
+I/O release the GIL, so threads are enough. Results are written in completion order (the writer
+places each tensor by its header offset, so order does not matter), and an exception from any
+stage reaches the caller.
 """
 
 from __future__ import annotations
