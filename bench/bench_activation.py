@@ -126,7 +126,7 @@ def read_layers(path: Path, statistics: dict, gain: float) -> dict[str, Layer]:
             base = name.removesuffix(".weight")
             scale = formats.decode_stored_scale("comfy", reader.read(base + ".weight_scale"))
             bias = reader.read(base + ".bias") if base + ".bias" in reader.tensors else None
-            settings = formats.read_activation("comfy", name, reader.read, set(keys))
+            settings = formats.layout("comfy").read_activation(name, reader.read, set(keys))
             if settings.input_scale is not None:
                 settings = replace(settings, input_scale=settings.input_scale * gain)
             absmax = statistics[name].input_absmax * gain if name in statistics else 0.0
@@ -214,7 +214,7 @@ def main() -> None:
     recorder.save(calibration)
     output = work / "converted.safetensors"
     options = ConvertOptions(
-        method="nearest",
+        rounding="nearest",
         calibration=str(calibration),
         input_scales=True,
         full_precision=args.full_precision,

@@ -175,8 +175,8 @@ def evaluate(subject: Subject, work: Path) -> None:
     print(f"\n== {subject.name}: {subject.description}")
     print(f"recorded {len(RECORDINGS)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
     methods = {
-        "round-to-nearest (--rounding nearest)": ConvertOptions(method="nearest"),
-        "seed-style learned, random inputs (--rounding learned)": ConvertOptions(method="learned"),
+        "round-to-nearest (--rounding nearest)": ConvertOptions(rounding="nearest"),
+        "seed-style learned, random inputs (--rounding learned)": ConvertOptions(rounding="learned"),
         "data-free default (--rounding auto, no calibration)": ConvertOptions(),
     }
     for label, recorder in zip(RECORDINGS, recorders, strict=True):

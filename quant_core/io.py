@@ -145,7 +145,7 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike, pool: BufferPool | None = None):
         """``pool``: reuse memory for tensors read (see ``BufferPool``); each read is fresh without it."""
         self.path = Path(path)
-        self._pool = pool
+        self.pool = pool
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._lock = threading.Lock()  # the file position, where there is no pread (Windows)
         try:
@@ -201,7 +201,7 @@ class SafetensorsReader:
         """
         info = self.tensors[name]
         # uninitialised: the read fills it
-        data = self._pool.empty(info.nbytes) if self._pool else torch.empty(info.nbytes, dtype=torch.uint8)
+        data = self.pool.empty(info.nbytes) if self.pool else torch.empty(info.nbytes, dtype=torch.uint8)
         view, done = _tensor_bytes(data), 0
         while done < info.nbytes:
             got = _read_at(self._file, view[done:], info.start + done, self._lock)

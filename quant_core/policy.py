@@ -131,8 +131,8 @@ class LayerPolicy:
     prefix: str = ""  # full checkpoints: only the diffusion model's weights are candidates
 
     def __post_init__(self) -> None:
-        self._include = [compile_regex(p, "--include") for p in self.include]
-        self._exclude = [compile_regex(p, "--exclude") for p in self.exclude]
+        self._include = [compile_regex(p, "include") for p in self.include]
+        self._exclude = [compile_regex(p, "exclude") for p in self.exclude]
         self._keep = [re.compile(p) for p in self.preset.keep]
 
     def decide(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Decision:

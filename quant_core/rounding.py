@@ -27,6 +27,7 @@ import torch
 from . import fp8
 from .calibration import CalibrationSource
 from .io import BufferPool
+from .options import LearnedOptions
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
@@ -40,20 +41,6 @@ _GAMMA_TENSOR = torch.tensor(_GAMMA)
 _MINUS_ONE = torch.tensor(-1.0)
 # |logit| beyond which the rectified sigmoid is clamped: sigmoid(x) = -gamma / (zeta - gamma) = 1 / 12
 _CLAMP_LOGIT = math.log((_ZETA - _GAMMA) / -_GAMMA - 1)
-
-
-@dataclass
-class RoundingOptions:
-    """The seed's optimiser options, with its defaults."""
-
-    num_iter: int = 200
-    lr: float = 3e-2
-    reg_lambda: float = 0.015
-    calib_samples: int = 96
-    batch_size: int | None = None
-    early_stop_threshold: float = 5e-6
-    use_amp: bool = True
-    seed: int = 0
 
 
 @dataclass
@@ -157,7 +144,7 @@ def round_learned(
     scale: float,
     dtype: torch.dtype,
     calibration: CalibrationSource,
-    options: RoundingOptions,
+    options: LearnedOptions,
 ) -> RoundingResult:
     """Learned rounding of a 2-D ``weight`` against ``scale``; never worse than RTN on held-out inputs.
 
@@ -203,7 +190,7 @@ def _squared_norm(tensor: torch.Tensor) -> float:
 
 
 def _optimise_block(
-    scaled: torch.Tensor, rtn: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype, options: RoundingOptions
+    scaled: torch.Tensor, rtn: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype, options: LearnedOptions
 ) -> tuple[torch.Tensor, int]:
     """Optimise the rounding of a block of rows; returns its fp8 values and the iterations used.
 
@@ -307,7 +294,7 @@ def _chain_sigmoid(gradient: torch.Tensor, sigmoid: torch.Tensor, logits: torch.
 
 
 def _output_loss_and_gradient(
-    inputs: torch.Tensor, delta: torch.Tensor, options: RoundingOptions, gradient: bool = True
+    inputs: torch.Tensor, delta: torch.Tensor, options: LearnedOptions, gradient: bool = True
 ) -> tuple[float, torch.Tensor | None]:
     """``||X delta^T||^2`` and its gradient ``2 (X delta^T)^T X``, in batches of calibration rows.
 

@@ -88,7 +88,7 @@ ACTIVATION = formats.Activation(input_scale=0.25, full_precision=True)
 
 
 def test_comfy_layer_with_input_scale_and_full_precision():
-    tensors = formats.layer_tensors("comfy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    tensors = formats.layout("comfy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
     input_scale = tensors["blocks.0.attn.qkv.input_scale"]
     assert input_scale.dtype == torch.float32 and input_scale.shape == () and float(input_scale) == 0.25
     conf = formats.read_json_tensor(tensors["blocks.0.attn.qkv.comfy_quant"])
@@ -97,15 +97,15 @@ def test_comfy_layer_with_input_scale_and_full_precision():
 
 def test_legacy_layer_input_scale_and_no_per_layer_full_precision():
     only_scale = formats.Activation(input_scale=0.25)
-    tensors = formats.layer_tensors("legacy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, only_scale)
+    tensors = formats.layout("legacy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, only_scale)
     assert set(tensors) == {WEIGHT, "blocks.0.attn.qkv.scale_weight", "blocks.0.attn.qkv.scale_input"}
     assert tensors["blocks.0.attn.qkv.scale_input"].dtype == torch.float32
     with pytest.raises(ValueError, match="legacy layout cannot mark one layer"):
-        formats.layer_tensors("legacy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+        formats.layout("legacy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
 
 
 def test_ultra8_layer_keeps_a_float32_input_scale():
-    tensors = formats.layer_tensors("ultra8", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    tensors = formats.layout("ultra8").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
     assert tensors["blocks.0.attn.qkv.input_scale"].dtype == torch.float32
     conf = formats.read_json_tensor(tensors["blocks.0.attn.qkv.comfy_quant"])
     assert conf["format"] == "ultra8" and conf["full_precision_matrix_mult"] is True
@@ -113,10 +113,10 @@ def test_ultra8_layer_keeps_a_float32_input_scale():
 
 @pytest.mark.parametrize("fmt", ["comfy", "ultra8"])
 def test_read_activation_round_trip(fmt):
-    tensors = formats.layer_tensors(fmt, WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
-    assert formats.read_activation(fmt, WEIGHT, tensors.__getitem__, set(tensors)) == ACTIVATION
-    plain = formats.layer_tensors(fmt, WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
-    assert formats.read_activation(fmt, WEIGHT, plain.__getitem__, set(plain)) == formats.PLAIN
+    tensors = formats.layout(fmt).layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    assert formats.layout(fmt).read_activation(WEIGHT, tensors.__getitem__, set(tensors)) == ACTIVATION
+    plain = formats.layout(fmt).layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
+    assert formats.layout(fmt).read_activation(WEIGHT, plain.__getitem__, set(plain)) == formats.PLAIN
 
 
 # A model whose Linear names are checkpoint keys, recorded on inputs far beyond the fp8 range.
@@ -150,13 +150,15 @@ def recorded(tmp_path):
 def test_convert_writes_calibrated_input_scales(recorded, tmp_path):
     checkpoint, calibration, stats = recorded
     output = tmp_path / "out.safetensors"
-    options = ConvertOptions(method="nearest", calibration=str(calibration), input_scales=True, full_precision=["down"])
+    options = ConvertOptions(
+        rounding="nearest", calibration=str(calibration), input_scales=True, full_precision=["down"]
+    )
     convert_file(checkpoint, output, options)
     with SafetensorsReader(output) as reader:
         keys = set(reader.tensors)
-        up = formats.read_activation("comfy", "up.weight", reader.read, keys)
-        down = formats.read_activation("comfy", "down.weight", reader.read, keys)
-        unrecorded = formats.read_activation("comfy", "unrecorded.weight", reader.read, keys)
+        up = formats.layout("comfy").read_activation("up.weight", reader.read, keys)
+        down = formats.layout("comfy").read_activation("down.weight", reader.read, keys)
+        unrecorded = formats.layout("comfy").read_activation("unrecorded.weight", reader.read, keys)
     assert up == formats.Activation(activation.input_scale_for(stats["up.weight"].input_absmax, E4M3), False)
     assert up.input_scale > 1, "inputs beyond 448 need a scale above 1"
     assert down == formats.Activation(activation.input_scale_for(stats["down.weight"].input_absmax, E4M3), True)
@@ -172,11 +174,11 @@ def test_full_precision_where_fp8_inputs_are_predicted_to_hurt(recorded, tmp_pat
     convert_file(
         checkpoint,
         output,
-        ConvertOptions(method="nearest", calibration=str(calibration), full_precision_above=threshold),
+        ConvertOptions(rounding="nearest", calibration=str(calibration), full_precision_above=threshold),
     )
     with SafetensorsReader(output) as reader:
         keys = set(reader.tensors)
-        settings = {n: formats.read_activation("comfy", f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
+        settings = {n: formats.layout("comfy").read_activation(f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
         full = {name for name, layer in settings.items() if layer.full_precision}
         assert not any(k.endswith(".input_scale") for k in keys), "input scales only with --input_scales"
     assert full == flagged, "unrecorded layers have no prediction and stay fp8"
@@ -184,13 +186,13 @@ def test_full_precision_where_fp8_inputs_are_predicted_to_hurt(recorded, tmp_pat
 
 def test_input_scales_need_a_calibration_file(recorded, tmp_path):
     checkpoint, _, _ = recorded
-    with pytest.raises(ValueError, match="need --calibration"):
-        convert_file(checkpoint, tmp_path / "out.safetensors", ConvertOptions(method="nearest", input_scales=True))
+    with pytest.raises(ValueError, match="need a calibration file"):
+        convert_file(checkpoint, tmp_path / "out.safetensors", ConvertOptions(rounding="nearest", input_scales=True))
 
 
 def test_legacy_refuses_per_layer_full_precision(recorded, tmp_path):
     checkpoint, _, _ = recorded
-    options = ConvertOptions(format="legacy", method="nearest", full_precision=["down"])
+    options = ConvertOptions(format="legacy", rounding="nearest", full_precision=["down"])
     with pytest.raises(ValueError, match="legacy layout cannot mark one layer"):
         convert_file(checkpoint, tmp_path / "out.safetensors", options)
     assert not (tmp_path / "out.safetensors").exists()
@@ -210,26 +212,26 @@ def test_legacy_writes_scale_input(recorded, tmp_path):
 def test_decode_carries_input_scales_and_refuses_full_precision_for_legacy(recorded, tmp_path, target):
     checkpoint, calibration, _ = recorded
     ultra8 = tmp_path / "ultra8.safetensors"
-    options = ConvertOptions(format="ultra8", method="nearest", calibration=str(calibration), input_scales=True)
+    options = ConvertOptions(format="ultra8", rounding="nearest", calibration=str(calibration), input_scales=True)
     convert_file(checkpoint, ultra8, options)
     with SafetensorsReader(ultra8) as reader:
-        written = formats.read_activation("ultra8", "up.weight", reader.read, set(reader.tensors))
+        written = formats.layout("ultra8").read_activation("up.weight", reader.read, set(reader.tensors))
     decoded = decode_file(ultra8, tmp_path / f"{target}.safetensors", target)
     with SafetensorsReader(decoded) as reader:
-        assert formats.read_activation(target, "up.weight", reader.read, set(reader.tensors)) == written
+        assert formats.layout(target).read_activation("up.weight", reader.read, set(reader.tensors)) == written
     assert not inspect_file(str(decoded)).violations
     flagged = tmp_path / "flagged.safetensors"
-    convert_file(checkpoint, flagged, ConvertOptions(format="ultra8", method="nearest", full_precision=["up"]))
+    convert_file(checkpoint, flagged, ConvertOptions(format="ultra8", rounding="nearest", full_precision=["up"]))
     if target == "legacy":
         with pytest.raises(ValueError, match="legacy layout cannot mark one layer"):
             decode_file(flagged, tmp_path / "flagged_legacy.safetensors", target)
     else:
         with SafetensorsReader(decode_file(flagged, tmp_path / "flagged_comfy.safetensors", target)) as reader:
-            assert formats.read_activation(target, "up.weight", reader.read, set(reader.tensors)).full_precision
+            assert formats.layout(target).read_activation("up.weight", reader.read, set(reader.tensors)).full_precision
 
 
 def test_inspect_flags_a_bad_input_scale(tmp_path):
-    tensors = formats.layer_tensors("comfy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
+    tensors = formats.layout("comfy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
     tensors["blocks.0.attn.qkv.input_scale"] = torch.tensor([0.0, 1.0])
     path = tmp_path / "bad.safetensors"
     write_file(path, tensors)

@@ -182,9 +182,9 @@ def test_convert_with_calibration_uses_gptq_where_statistics_exist(tmp_path):
     options = ConvertOptions(
         preset="none", min_tensor_size=0, exclude=[r"^3\."], calibration=str(tmp_path / "calibration.safetensors")
     )
-    options.rounding.num_iter = 5
+    options.learned.num_iter = 5
     for method, elsewhere in (("auto", "nearest"), ("learned", "learned")):
-        options.method, options.overwrite = method, True
+        options.rounding, options.overwrite = method, True
         summary = convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
         methods = {r.name: r.method for r in summary.reports if r.quantized}
         assert methods == {"0.weight": "gptq", "2.weight": elsewhere}

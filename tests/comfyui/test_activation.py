@@ -26,7 +26,7 @@ def calibrated(comfy, tiny_flux, tmp_path_factory):
     recorder.save(calibration)
     output = folder / "flux_input_scales.safetensors"
     options = ConvertOptions(
-        method="nearest", calibration=str(calibration), input_scales=True, full_precision=[FULL_PRECISION]
+        rounding="nearest", calibration=str(calibration), input_scales=True, full_precision=[FULL_PRECISION]
     )
     convert_file(path, output, options)
     return output
@@ -34,7 +34,7 @@ def calibrated(comfy, tiny_flux, tmp_path_factory):
 
 def file_activation(path, weight: str) -> formats.Activation:
     with SafetensorsReader(path) as reader:
-        return formats.read_activation("comfy", weight, reader.read, set(reader.tensors))
+        return formats.layout("comfy").read_activation(weight, reader.read, set(reader.tensors))
 
 
 def test_layers_get_their_input_scale_and_full_precision(comfy, tiny_flux, calibrated):
