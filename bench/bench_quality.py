@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dit  # noqa: E402
+from comfy_fp8 import output_error  # noqa: E402
 from minilm import MiniLM, WordPiece, model_dir  # noqa: E402
 
 from quant_core import formats, fp8  # noqa: E402
 from quant_core.calibration import Gram, Recorder, save_statistics  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
-from quant_core.gptq import output_error  # noqa: E402
 from quant_core.io import SafetensorsReader, write_file  # noqa: E402
 
 BATCH = 32

@@ -73,11 +73,6 @@ def _heldout_errors(
     return [relative_error(error, reference) for error in errors]
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, moments: Moments) -> float:
-    """Relative output error ``sqrt(tr(D H D^T) / tr(W H W^T))`` for inputs with second moments ``H``."""
-    return relative_error(moments.quadratic(approx - weight), moments.quadratic(weight))
-
-
 def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:
     if isinstance(moments, Gram):
         matrix = moments.matrix.to(order.device)

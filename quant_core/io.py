@@ -279,10 +279,6 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
-def _alignment(dtype: torch.dtype) -> int:
-    return dtype_nbytes(dtype)
-
-
 class SafetensorsWriter:
     """Writes a safetensors file whose header is fixed up front; tensors arrive in any order.
 
@@ -295,7 +291,7 @@ class SafetensorsWriter:
     def __init__(self, file: BinaryIO, entries: list[TensorInfo], metadata: dict[str, str]):
         """``file``: a real file opened for writing (tensor data goes out through its descriptor)."""
         self._file = file
-        ordered = sorted(enumerate(entries), key=lambda item: (-_alignment(item[1].dtype), item[0]))
+        ordered = sorted(enumerate(entries), key=lambda item: (-dtype_nbytes(item[1].dtype), item[0]))
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         self._slots: dict[str, tuple[int, TensorInfo]] = {}
         offset = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import comfy_fp8
 from quant_core import activation, formats, fp8
 from quant_core.calibration import Gram, Recorder
 from quant_core.cli import convert_parser, options_from
@@ -36,14 +37,14 @@ def test_input_scale_of_silent_or_extreme_layers():
 
 
 def test_power_of_two_scale():
-    assert activation.power_of_two_scale(1000.0, E4M3) == 4.0
-    assert activation.power_of_two_scale(448.0, E4M3) == 1.0
-    assert activation.power_of_two_scale(0.0, E4M3) == 1.0
+    assert comfy_fp8.power_of_two_scale(1000.0, E4M3) == 4.0
+    assert comfy_fp8.power_of_two_scale(448.0, E4M3) == 1.0
+    assert comfy_fp8.power_of_two_scale(0.0, E4M3) == 1.0
 
 
 def test_quantize_input_without_scale_clamps_to_the_fp8_range():
     x = torch.tensor([[1000.0, -600.0, 3.3, 0.001]])
-    q, scale = activation.quantize_input(x, None, E4M3, torch.bfloat16)
+    q, scale = comfy_fp8.quantize_input(x, None, E4M3, torch.bfloat16)
     assert float(scale) == 1.0
     assert q.float().tolist() == [[448.0, -448.0, 3.25, 2.0**-9]]
 
@@ -51,7 +52,7 @@ def test_quantize_input_without_scale_clamps_to_the_fp8_range():
 def test_quantize_input_with_a_static_scale():
     x = torch.tensor([[1000.0, -600.0, 3.3]])
     scale = activation.input_scale_for(1000.0, E4M3)
-    q, stored = activation.quantize_input(x, scale, E4M3, torch.bfloat16)
+    q, stored = comfy_fp8.quantize_input(x, scale, E4M3, torch.bfloat16)
     assert float(stored) == scale
     assert q.float().tolist() == [[448.0, -256.0, 1.5]], "1000 fits; the rest keeps 3 mantissa bits"
 
@@ -63,11 +64,11 @@ def test_fp8_linear_is_the_product_of_the_dequantized_operands():
     q = fp8.quantize_nearest(weight, scale, E4M3)
     x, bias = torch.randn(5, 16, generator=generator), torch.randn(8, generator=generator)
     input_scale = activation.input_scale_for(fp8.absmax(x), E4M3)
-    qx, _ = activation.quantize_input(x, input_scale, E4M3, torch.float32)
+    qx, _ = comfy_fp8.quantize_input(x, input_scale, E4M3, torch.float32)
     expected = (qx.float() * input_scale) @ fp8.dequantize(q, scale).T + bias
-    out = activation.fp8_linear(x, q, scale, bias, input_scale, torch.float32)
+    out = comfy_fp8.fp8_linear(x, q, scale, bias, input_scale, torch.float32)
     assert torch.allclose(out, expected, atol=1e-5)
-    full = activation.full_precision_linear(x, q, scale, bias, torch.float32)
+    full = comfy_fp8.full_precision_linear(x, q, scale, bias, torch.float32)
     assert torch.allclose(full, x @ fp8.dequantize(q, scale).T + bias, atol=1e-5)
 
 
@@ -77,7 +78,7 @@ def test_predicted_input_error_matches_a_measurement():
     x = torch.randn(4096, 64, generator=generator) @ mixing
     weight = torch.randn(32, 64, generator=generator)
     reference = x @ weight.T
-    q, scale = activation.quantize_input(x, activation.input_scale_for(fp8.absmax(x), E4M3), E4M3, torch.float32)
+    q, scale = comfy_fp8.quantize_input(x, activation.input_scale_for(fp8.absmax(x), E4M3), E4M3, torch.float32)
     measured = float(((q.float() * scale) @ weight.T - reference).norm() / reference.norm())
     predicted = activation.predicted_input_error(weight, Gram(x.T @ x), E4M3)
     assert predicted == pytest.approx(measured, rel=0.15)

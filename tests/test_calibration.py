@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.comfy_fp8 import output_error
 from quant_core import fp8, io
 from quant_core.calibration import (
+    STATISTICS_METADATA,
     Gram,
     LayerStatistics,
     LowRankGram,
@@ -14,9 +16,10 @@ from quant_core.calibration import (
     Recorder,
     RowSample,
     save_statistics,
+    statistics_tensors,
 )
 from quant_core.convert import ConvertOptions, convert_file
-from quant_core.gptq import output_error, round_gptq
+from quant_core.gptq import round_gptq
 
 E4M3 = torch.float8_e4m3fn
 
@@ -130,6 +133,19 @@ def test_a_checkpoint_is_not_a_calibration_file(tmp_path):
     io.write_file(tmp_path / "model.safetensors", {"a.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="not a calibration file"):
         RecordedStatistics(tmp_path / "model.safetensors")
+
+
+def test_a_calibration_file_of_another_version_is_refused(tmp_path):
+    """Version 1 files held other tensors: reading them as version 2 would fail obscurely or mislead."""
+    model = small_model()
+    with Recorder(model) as recorder:
+        run(model, low_rank_inputs(10, 0))
+    tensors = {
+        k: t for name, stats in recorder.statistics().items() for k, t in statistics_tensors(name, stats).items()
+    }
+    io.write_file(tmp_path / "old.safetensors", tensors, {**STATISTICS_METADATA, "version": "1"})
+    with pytest.raises(ValueError, match="version 1.*reads version 2: record it again"):
+        RecordedStatistics(tmp_path / "old.safetensors")
 
 
 def recorded(model: torch.nn.Module, name: str, count: int = 400):

@@ -258,16 +258,16 @@ def test_round_nearest_matches_quantize_nearest():
 # ------------------------------------------------------------------------------------------ inference mode
 
 
-def test_works_under_inference_mode_as_convert_calls_it():
-    """ComfyUI runs nodes under inference_mode; convert.py re-enables autograd around round_learned."""
+def test_works_under_inference_mode():
+    """ComfyUI runs nodes under inference_mode: the optimiser computes its gradients by hand, so it
+    needs no autograd and gives the same file there."""
     calibration = LowRankCalibration(32, rank=4)
     options = LearnedOptions(num_iter=40, calib_samples=64, lr=0.3)
     with torch.inference_mode():
         weight = make_weight(16, 32, seed=4)
         assert weight.is_inference()
         scale = scale_of(weight, E4M3)
-        with torch.inference_mode(False), torch.enable_grad():
-            result = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
+        result = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
     assert result.error <= result.error_rtn
     assert_grid_neighbour_choices(result, weight, scale, E4M3)
     reference = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
