@@ -32,7 +32,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -43,6 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7; older torch refuses such files by the dtype's name
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
