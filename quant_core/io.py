@@ -95,13 +95,12 @@ class BufferPool:
     """Large byte buffers for tensor reads and outputs, reused once nothing else views them.
 
     Why: a fresh buffer of many MB is mapped anew, and the kernel then faults in and zeroes
-    each of its 4 KB pages on first write. Round-to-nearest of a 24 GB Flux-shaped model on 2
-    cores took 57 s (37 s of it system time) that way, and 48 s (25 s) with reuse.
+    each of its 4 KB pages on first write (a fifth of a large conversion's time; ``docs/benchmarks.md``).
     A buffer is reused only for a request of exactly its size: models repeat their shapes block
     after block, and an exact fit wastes no resident memory. The pool keeps at most as many
     bytes as were ever in use at once (its high-water mark). Buffers are anonymous memory maps
     of their own, so a dropped buffer goes back to the system at once rather than staying in
-    the allocator's heap (which grew by ~100 MB over a 4 GB conversion when they came from it).
+    the allocator's heap, which otherwise grows over a long conversion.
     Requests under 1 MiB go to the allocator, whose heap reuses them well.
     """
 
@@ -250,8 +249,8 @@ def _read_at(file: BinaryIO, view: memoryview, offset: int, lock: threading.Lock
 def _write_at(file: BinaryIO, data: memoryview, offset: int, lock: threading.Lock) -> None:
     """All of ``data`` at ``offset``, straight from the tensor's memory, then start writing it to disk.
 
-    ``os.pwrite`` from the tensor's memory: through a buffered file object the same bytes took
-    5-8x longer (measured: 1.3 GB in 2.5-4.0 s vs 0.46 s). ``_start_writeback`` then hands the
+    ``os.pwrite`` from the tensor's memory: a buffered file object copies the bytes once more and
+    was several times slower (``docs/benchmarks.md``). ``_start_writeback`` then hands the
     pages to the disk at once, so the closing ``fsync`` does not wait for the whole file.
     """
     if _POSITIONAL:
@@ -270,9 +269,8 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to write these bytes to disk now, and not to keep them cached afterwards.
 
     On Linux ``POSIX_FADV_DONTNEED`` starts writeback of the dirty range without waiting for
-    it. Without it nothing reached the disk before the final ``fsync`` for outputs under the
-    kernel's dirty threshold (10 % of RAM here), and that ``fsync`` took 0.7 s of a 2 GB
-    conversion; with it the ``fsync`` takes under 0.05 s. It also keeps a large output from
+    it. Without it nothing reaches the disk before the final ``fsync`` for outputs under the
+    kernel's dirty threshold, and that ``fsync`` then waits for the whole file. It also keeps a large output from
     crowding the page cache that the user's other programs (ComfyUI itself) are using. Where
     the call does not exist (Windows, macOS) the closing ``fsync`` does all of the work.
     """

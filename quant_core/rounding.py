@@ -34,7 +34,7 @@ _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
 _BETA_START, _BETA_END = 20.0, 2.0
 _BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
 # rows optimised together: ~256 K weights, so that the ~20 float32 working copies (20 MB) stay in
-# the CPU's caches: 1.2-1.5x faster than 1 M on a 3072 x 3072 weight (2 cores; 128 K and 512 K slower)
+# the CPU's caches (the fastest block size measured; docs/benchmarks.md)
 _LEARNED_BLOCK_ELEMENTS = 1 << 18
 _PATIENCE = 50
 _GAMMA_TENSOR = torch.tensor(_GAMMA)
@@ -87,8 +87,8 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tens
 
     The fp8 code of every 16-bit value is computed once; the weight is then mapped through that
     table by its bit patterns, and the error comes from a histogram of the patterns. That is
-    three integer passes instead of four float conversions: 3x faster on one CPU thread for a
-    21504 x 3072 weight (the conversions were RTN's main cost). Row blocks bound the index memory.
+    three integer passes instead of four float conversions, which were RTN's main cost. Row
+    blocks bound the index memory.
     """
     dtype = quantized.dtype
     values = _sixteen_bit_values(weight.dtype, weight.device)
@@ -120,8 +120,8 @@ def relative_error(squared_error: float, squared_reference: float) -> float:
 
 
 def as_float(quantized: torch.Tensor) -> torch.Tensor:
-    """float32 values of fp8 data by a 256-entry table lookup: exact, and on the CPU about 2.5x
-    faster than ``quantized.float()``, whose conversion was the most expensive pass of RTN."""
+    """float32 values of fp8 data by a 256-entry table lookup: exact, and on the CPU faster than
+    ``quantized.float()``, whose conversion was the most expensive pass of RTN."""
     table = _fp8_values(quantized.dtype, quantized.device)
     return table.index_select(0, quantized.view(torch.uint8).flatten().int()).view(quantized.shape)
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from quant_core.cli import convert_parser, main, options_from
 from quant_core.options import CLI, NODE, OPTION, OPTIONS, PATTERNS, ConvertOptions
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _flags() -> dict[str, argparse.Action]:
@@ -87,3 +90,29 @@ def test_rows_say_where_they_are_shown():
     assert {NODE, CLI} == {front for option in OPTIONS for front in option.fronts}
     assert OPTION["shared_scales"].cli_name == "use_shared_scales"
     assert all(option.group in ("basic", "advanced") for option in OPTIONS)
+
+
+def options_table() -> str:
+    """The convert options as docs/cli.md shows them, rendered from the table (never written by hand)."""
+    rows = ["| option | default | node | what it does |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        if CLI not in option.fronts:
+            continue
+        flag = f"`--{option.cli_name}`"
+        if option.kind is bool and option.default:
+            flag += f" / `--no-{option.cli_name}`"
+        elif option.kind == PATTERNS:
+            flag += " REGEX"
+        elif option.choices:
+            flag += " {" + ",".join(option.choices) + "}"
+        elif option.kind is not bool:
+            flag += {"shard": " K/N", "calibration": " FILE", "device": " DEVICE"}.get(option.name, " N")
+        default = {None: "–", (): "–", True: "on", False: "off"}.get(option.default, f"`{option.default}`")
+        node = ("yes" if option.group == "basic" else "advanced") if NODE in option.fronts else "–"
+        rows.append(f"| {flag} | {default} | {node} | {option.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_the_documented_options_are_the_table():
+    """docs/cli.md shows the table as rendered here; on a change, paste this output there."""
+    assert options_table() in (REPO / "docs" / "cli.md").read_text(), options_table()
