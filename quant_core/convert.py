@@ -161,7 +161,7 @@ class Rounder:
     """
 
     plan: Plan
-    calibration: CalibrationSource
+    learned_inputs: CalibrationSource  # where learned rounding draws its inputs
     pool: BufferPool  # memory for round-to-nearest's outputs
 
     def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
@@ -170,7 +170,7 @@ class Rounder:
         if stats is not None:
             return round_gptq(weight, scale, dtype, stats), "gptq"
         if self.plan.options.rounding == "learned":
-            return round_learned(name, weight, scale, dtype, self.calibration, self.plan.options.learned), "learned"
+            return round_learned(name, weight, scale, dtype, self.learned_inputs, self.plan.options.learned), "learned"
         with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
             return round_nearest(weight, scale, dtype, self.pool), "nearest"
 
@@ -309,12 +309,12 @@ def convert(
     options: ConvertOptions,
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
-    calibration: CalibrationSource | None = None,
+    learned_inputs: CalibrationSource | None = None,
 ) -> Summary:
     """Convert ``source`` into the safetensors file ``output`` (written atomically).
 
-    ``calibration``: where learned rounding draws its inputs (random, as the original script did,
-    unless given).
+    ``learned_inputs``: where learned rounding draws its inputs (random, as the original script
+    did, unless given).
     """
     started = time.perf_counter()
     path = getattr(source, "path", None)
@@ -329,7 +329,7 @@ def convert(
             for key, tensor in markers.items():
                 writer.write(key, tensor)
             pool = getattr(source, "pool", None) or BufferPool()
-            rounder = Rounder(plan, calibration or RandomCalibration(), pool)
+            rounder = Rounder(plan, learned_inputs or RandomCalibration(), pool)
             run = _Run(source, plan, rounder, writer, items, progress, check_interrupt)
             # two of the largest items (a shared-scale group) in flight: one read while the other is
             # rounded or written (docs/performance.md)
@@ -412,13 +412,13 @@ def convert_file(
     options: ConvertOptions | None = None,
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
-    calibration: CalibrationSource | None = None,
+    learned_inputs: CalibrationSource | None = None,
 ) -> Summary:
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
     with SafetensorsReader(input_path, BufferPool()) as reader:
-        return convert(reader, output, options, progress, check_interrupt, calibration)
+        return convert(reader, output, options, progress, check_interrupt, learned_inputs)
 
 
 def _quantize_group(

@@ -226,12 +226,12 @@ def test_failure_midway_leaves_no_output_and_no_temp_file(flux_file, tmp_path, h
     elif hook == "check_interrupt":
         kwargs["check_interrupt"] = fail_on_fifth
     else:
-        kwargs["calibration"] = FailingCalibration(fail_at=5, exc=exc)
+        kwargs["learned_inputs"] = FailingCalibration(fail_at=5, exc=exc)
 
     with pytest.raises(exc):
         convert_file(flux_file, output, options, **kwargs)
     # the hook raised on its fifth call (with --parallel, another thread may have made a sixth meanwhile)
-    assert (kwargs["calibration"].calls if hook == "calibration" else len(calls)) >= 5
+    assert (kwargs["learned_inputs"].calls if hook == "calibration" else len(calls)) >= 5
     assert not output.exists()
     assert list(out_dir.iterdir()) == []
     assert leftovers(tmp_path) == []
