@@ -32,7 +32,8 @@ class ProgressBar:
         self._show(f"{error} {report.name}", done=report.index == report.total)
 
     def activity(self, activity: Activity) -> None:
-        where = f" {activity.name} ({activity.method} {activity.done}/{activity.total} {activity.unit})"
+        steps = f" {activity.done}/{activity.total} {activity.unit}" if activity.total else ""
+        where = f" {activity.name} ({activity.method}{steps})"
         if activity.cancelling:
             self._show(" cancelling…" + (where if activity.name else ""), done=True)
         else:
