@@ -1,10 +1,10 @@
 """Cancel within one step of work, inside a long tensor: a real Ctrl-C (SIGINT) to the command line
 in a child process, and an interrupt from the host's ``check_interrupt`` (what the nodes pass).
 
-Each run is sized so that it could never finish during the test (learned rounding with a million
-iterations: its warm-up alone is 200 000; GPTQ on a 2048 x 16384 layer with a rank-512 sketch,
-10-15 s on two shared cores), and is interrupted once the progress shows it inside the tensor. No
-timing is asserted beyond a generous bound; the measured latencies are in the issue's note.
+Each run is sized so that it could not finish during the test: learned rounding with a million
+iterations (its warm-up alone is 200 000), GPTQ on a 4096 x 16384 layer with a rank-512 sketch
+(11 s of CPU time; 60 s on two loaded cores). Each is interrupted once its progress shows it inside
+the tensor. No timing is asserted beyond a generous bound; the measured latencies are in the note.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _sketched_layer(path: Path, calibration: Path, out_features: int, in_feature
 def test_two_ctrl_c_stop_gptq_inside_a_sketched_layer(tmp_path):
     """The second Ctrl-C used to abort Python ("terminate called without an active exception")."""
     source, calibration, out_dir = tmp_path / "wide.safetensors", tmp_path / "cal.safetensors", tmp_path / "out"
-    _sketched_layer(source, calibration, 2048, 16384, 512)
+    _sketched_layer(source, calibration, 4096, 16384, 512)
     out_dir.mkdir()
     args = ["--input", str(source), "--calibration", str(calibration), "--preset", "none"]
     child = Child([*args, "--output", str(out_dir / "x.safetensors")])
