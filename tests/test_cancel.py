@@ -24,7 +24,7 @@ import torch
 from quant_core.calibration import LayerStatistics, LowRankGram, RowSample, save_statistics
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.io import write_file
-from quant_core.job import Activity
+from quant_core.job import Activity, Cancelled, Job
 from quant_core.rounding import RoundingOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +151,22 @@ def test_host_interrupt_stops_inside_a_tensor(tmp_path, parallel):
     assert cancelling.cancelling and cancelling.name == WEIGHT and 0 < cancelling.done < cancelling.total
     assert running.name == WEIGHT and running.method == "learned" and running.unit == "optimiser steps"
     assert set(threading.enumerate()) <= threads  # the pipeline's threads were joined
+
+
+def test_a_step_raises_once_the_job_stops_and_the_display_hears_it_once():
+    shown: list[Activity] = []
+    job = Job(activity=shown.append, interval=0.0)
+    job.poll()  # nothing being rounded: nothing to show
+    with job.tensor(WEIGHT, "gptq") as step:
+        step(128, 1024)
+        job.poll()
+        job.stop(cancelling=True)
+        job.stop(cancelling=True)
+        with pytest.raises(Cancelled):
+            step(256, 1024)
+    assert [(a.name, a.done, a.total, a.unit, a.cancelling) for a in shown] == [
+        (WEIGHT, 128, 1024, "columns", False),
+        (WEIGHT, 128, 1024, "columns", True),
+    ]
+    with pytest.raises(Cancelled), job.tensor("next.weight", "learned"):
+        pass  # a stopped job starts no further tensor
