@@ -63,14 +63,15 @@ def _reported(node_id) -> Iterator[None]:
 
 
 def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id) -> Summary:
-    total_bytes = sum(info.nbytes for info in source.tensors.values())
-    progress = host.NodeProgress(node_id, len(source.tensors), total_bytes)
+    sizes = {name: info.nbytes for name, info in source.tensors.items()}
+    progress = host.NodeProgress(node_id, len(sizes), sum(sizes.values()), sizes)
     summary = convert(
         source,
         output,
         options,
         progress=progress,
         check_interrupt=host.check_interrupt,
+        activity=progress.activity,
     )
     host.send("done", _done_event(summary, node_id))
     return summary

@@ -149,6 +149,7 @@ class RecordingSession:
         tap = self._taps[path]
 
         def feed(module, inputs, output) -> None:
+            host.check_interrupt()  # per layer: recording makes each model call slower than sampling checks for
             if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != tap.in_features:
                 return  # not called as a Linear: the Recorder would ignore it too
             with self._lock:
@@ -183,7 +184,7 @@ class RecordingSession:
                 "nothing was recorded since the last save: sample with the MODEL output of "
                 "'Record FP8 Calibration' (a cached KSampler does not run again: change its seed)"
             )
-        self.recorder.save(path)
+        self.recorder.save(path, step=lambda *_: host.check_interrupt())  # a factor per layer: seconds in all
         report = RecordingReport(
             str(path), len(self._fed), sorted(self._over_cap), self.calls, self.rows, self.recorder.nbytes, keep
         )

@@ -26,6 +26,7 @@ from .activation import input_scale_for, predicted_input_error
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .job import ActivityCallback, Job
 from .options import ConvertOptions
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
@@ -164,20 +165,24 @@ class Rounder:
     learned_inputs: CalibrationSource  # where learned rounding draws its inputs
     pool: BufferPool  # memory for round-to-nearest's outputs
 
-    def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
-        statistics, dtype = self.plan.gptq_statistics(), self.plan.dtype
+    def round(self, name: str, weight: torch.Tensor, scale: float, job: Job) -> tuple[RoundingResult, str]:
+        """The rounded weight and the method used; ``job`` sees its progress and may stop it."""
+        statistics, dtype, options = self.plan.gptq_statistics(), self.plan.dtype, self.plan.options
         stats = statistics.get(name, weight.shape[1]) if statistics is not None else None
-        if stats is not None:
-            return round_gptq(weight, scale, dtype, stats), "gptq"
-        if self.plan.options.rounding == "learned":
-            return round_learned(name, weight, scale, dtype, self.learned_inputs, self.plan.options.learned), "learned"
-        with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
-            return round_nearest(weight, scale, dtype, self.pool), "nearest"
+        method = "gptq" if stats is not None else "learned" if options.rounding == "learned" else "nearest"
+        with job.tensor(name, method) as step:
+            if method == "gptq":
+                return round_gptq(weight, scale, dtype, stats, step=step), method
+            if method == "learned":
+                return round_learned(name, weight, scale, dtype, self.learned_inputs, options.learned, step), method
+            with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
+                return round_nearest(weight, scale, dtype, self.pool, step), method
 
 
-def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
+def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
     """Resolve the settings and decide what happens to each tensor, from names and shapes (and,
-    for ``full_precision_above``, from the weights and their recorded statistics)."""
+    for ``full_precision_above``, from the weights and their recorded statistics: ``poll`` is
+    called before each is read)."""
     options.validate()
     keys = list(source.tensors)
     prefix = checkpoint_prefix(keys)
@@ -193,7 +198,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
             prefix,
             statistics,
         )
-        _plan_tensors(source, plan)
+        _plan_tensors(source, plan, poll or (lambda: None))
     except BaseException:
         if statistics is not None:
             statistics.close()
@@ -218,7 +223,7 @@ def _open_statistics(source: TensorSource, path: str | None, prefix: str) -> Rec
     return statistics
 
 
-def _plan_tensors(source: TensorSource, plan: Plan) -> None:
+def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> None:
     options = plan.options
     policy = LayerPolicy(
         plan.preset,
@@ -229,7 +234,7 @@ def _plan_tensors(source: TensorSource, plan: Plan) -> None:
         options.keep_distillation,
         plan.prefix,
     )
-    activation_of = _activation_rule(source, plan)
+    activation_of = _activation_rule(source, plan, poll)
     groups: dict[str, list[str]] = {}
     for name, info in source.tensors.items():
         decision = policy.decide(name, info.dtype, info.shape)
@@ -260,7 +265,7 @@ def _plan_tensors(source: TensorSource, plan: Plan) -> None:
         plan.entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
 
 
-def _activation_rule(source: TensorSource, plan: Plan) -> Callable[[str], formats.Activation]:
+def _activation_rule(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> Callable[[str], formats.Activation]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
     written because both change the header. A weight gets an input scale (from its recorded
     inputs' absolute maximum) when ``input_scales`` is on and the calibration file has its
@@ -272,6 +277,7 @@ def _activation_rule(source: TensorSource, plan: Plan) -> Callable[[str], format
     threshold = options.full_precision_above
 
     def hurts(name: str) -> bool:
+        poll()
         weight = source.read(name).to(plan.devices[0])
         stats = statistics.get(name, weight.shape[1])
         return predicted_input_error(weight, stats.fit, plan.dtype) > threshold
@@ -310,15 +316,19 @@ def convert(
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
     learned_inputs: CalibrationSource | None = None,
+    activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert ``source`` into the safetensors file ``output`` (written atomically).
 
+    ``check_interrupt`` (raises to cancel), ``progress`` (each finished tensor) and ``activity``
+    (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
     ``learned_inputs``: where learned rounding draws its inputs (random, as the original script
     did, unless given).
     """
     started = time.perf_counter()
     path = getattr(source, "path", None)
-    with plan_conversion(source, options) as plan:
+    job = Job(check_interrupt, activity)
+    with plan_conversion(source, options, job.poll) as plan:
         metadata = output_metadata(source, plan)
         items, entries, markers = plan.items, plan.entries, plan.markers
         if options.shard:  # a part of the output, to be joined with the others (``shards.join_shards``)
@@ -330,12 +340,12 @@ def convert(
                 writer.write(key, tensor)
             pool = getattr(source, "pool", None) or BufferPool()
             rounder = Rounder(plan, learned_inputs or RandomCalibration(), pool)
-            run = _Run(source, plan, rounder, writer, items, progress, check_interrupt)
+            run = _Run(source, plan, rounder, writer, job, items, progress)
             # two of the largest items (a shared-scale group) in flight: one read while the other is
-            # rounded or written (docs/performance.md)
+            # rounded or written (docs/benchmarks.md)
             on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
             budget = (1 if on_accelerator else 2) * max(map(run.cost, plan.items))
-            run_pipeline(items, run.read, run.compute, run.write, plan.devices, run.cost, run.held, budget)
+            run_pipeline(items, run.read, run.compute, run.write, plan.devices, run.cost, run.held, budget, job)
             writer.finish()
     label = str(path) if path else "MODEL"
     return _summarise(label, output, plan, run.reports, writer.total_bytes, time.perf_counter() - started)
@@ -349,21 +359,19 @@ class _Run:
     plan: Plan
     rounder: Rounder
     writer: SafetensorsWriter
+    job: Job
     items: list[list[str]]
     progress: ProgressCallback | None = None
-    check_interrupt: Callable[[], None] | None = None
     reports: list[TensorReport] = field(default_factory=list)
 
     def read(self, item: list[str]) -> dict[str, torch.Tensor]:
-        if self.check_interrupt:
-            self.check_interrupt()
         return {name: self.source.read(name) for name in item}
 
     def compute(self, item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list[Converted]:
         if not self.plan.decisions[item[0]][0]:
             name = item[0]
             return [Converted({name: tensors[name]}, _report(name, self.source, self.plan, 0.0))]
-        return _quantize_group(item, tensors, device, self.rounder, self.source)
+        return _quantize_group(item, tensors, device, self.rounder, self.source, self.job)
 
     def write(self, results: list[Converted]) -> None:
         total = sum(map(len, self.items))
@@ -374,8 +382,6 @@ class _Run:
             self.reports.append(result.report)
             if self.progress:
                 self.progress(result.report)
-        if self.check_interrupt:
-            self.check_interrupt()
 
     def cost(self, item: list[str]) -> int:
         """An item's source bytes."""
@@ -413,16 +419,22 @@ def convert_file(
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
     learned_inputs: CalibrationSource | None = None,
+    activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
     with SafetensorsReader(input_path, BufferPool()) as reader:
-        return convert(reader, output, options, progress, check_interrupt, learned_inputs)
+        return convert(reader, output, options, progress, check_interrupt, learned_inputs, activity)
 
 
 def _quantize_group(
-    names: list[str], tensors: dict[str, torch.Tensor], device: torch.device, rounder: Rounder, source: TensorSource
+    names: list[str],
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    rounder: Rounder,
+    source: TensorSource,
+    job: Job,
 ) -> list[Converted]:
     """Quantize a shared-scale group (or one weight) against one scale.
 
@@ -446,7 +458,7 @@ def _quantize_group(
     for name in names:
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
-        result, method = rounder.round(name, weight, scale)
+        result, method = rounder.round(name, weight, scale, job)
         layer = plan.layout.layer_tensors(name, result.quantized.cpu(), scale, plan.activations[name])
         report = _report(name, source, plan, time.perf_counter() - started)
         report.method = method

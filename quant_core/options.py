@@ -92,7 +92,7 @@ OPTIONS: tuple[Option, ...] = (
         200,
         "maximum optimiser iterations per tensor" + _LEARNED_ONLY,
         minimum=0,
-        maximum=10000,
+        maximum=1_000_000,
         learned=True,
     ),
     Option(

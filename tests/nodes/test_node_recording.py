@@ -246,3 +246,29 @@ def test_calibration_choices_and_paths(pack, comfy, tmp_path):
     for path in (str(outside), str(folder / ".." / "fp8_calibration" / ".." / "x"), str(folder / "missing")):
         with pytest.raises(host.UserError, match="not a file inside the fp8_calibration folder"):
             host.resolve_calibration("a.safetensors", path)
+
+
+def test_cancel_stops_a_recorded_model_call_at_the_next_layer(pack, comfy, tiny_model, tmp_path):
+    """Recording makes a model call slower than ComfyUI's per-step checks allow for: each layer checks."""
+    patcher = comfy.ModelPatcher(tiny_model(blocks=2))
+    clone, session = pack.recording.record_model(patcher, 64)
+    _sample(comfy, clone, steps=1)
+    reached = []
+
+    def cancelled_after_one_layer(diffusion_model, x):
+        diffusion_model.blocks[0].attn.q.register_forward_pre_hook(
+            lambda *_: comfy.model_management.interrupt_current_processing()
+        )
+        diffusion_model.blocks[0].mlp.fc.register_forward_pre_hook(lambda *_: reached.append(1))
+        return _forward(diffusion_model, x)
+
+    with pytest.raises(comfy.InterruptProcessingException):
+        comfy.apply_model(clone, cancelled_after_one_layer, torch.randn(1, 4, 32), torch.ones(1))
+    assert reached == [] and session.calls == 1  # stopped in the layer where Cancel was pressed
+    assert comfy.model_management.processing_interrupted() is False
+
+    comfy.model_management.interrupt_current_processing()
+    with pytest.raises(comfy.InterruptProcessingException):
+        session.save(tmp_path / "cancelled.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert session.save(tmp_path / "saved.safetensors").layers == 4  # the recording is intact
