@@ -45,6 +45,8 @@ def _table_option(parser: argparse.ArgumentParser, option: Option) -> None:
         kwargs["metavar"] = "FILE"
     else:
         kwargs["type"] = option.kind
+        if option.kind in (int, float):
+            kwargs["metavar"] = "N" if option.kind is int else "X"
     if option.choices:
         kwargs["choices"] = option.choices
     _option(parser, option.cli_name, dest=option.name, **kwargs)
