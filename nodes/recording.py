@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant_core.calibration import Recorder, linear_like
-from ..quant_core.policy import LayerPolicy, detect_preset
+from ..quant_core.policy import LayerPolicy, block_prefixes, detect_preset
 from . import host
 
 WRAPPER_KEY = "fp8_scaled_record"
@@ -43,7 +43,8 @@ def _quantized_by_default(diffusion_model: torch.nn.Module):
     """Whether the converter, at its default settings, quantizes a layer: the model's preset keeps
     e.g. Flux's modulation and embedders in full precision, and statistics for them would only cost
     memory (a layer's dtype is checked when converting, not here)."""
-    policy = LayerPolicy(detect_preset(name for name, _ in diffusion_model.named_parameters()))
+    names = [name for name, _ in diffusion_model.named_parameters()]
+    policy = LayerPolicy(detect_preset(names), blocks=block_prefixes(names))
 
     def wanted(path: str, module: torch.nn.Module) -> bool:
         return policy.decide(f"{path}.weight", torch.float32, tuple(module.weight.shape)).quantize

@@ -28,7 +28,17 @@ from .calibration import CalibrationSource, RandomCalibration, RecordedStatistic
 from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .pipeline import one_cpu_thread, run_pipeline
-from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
+from .policy import (
+    AUTO,
+    PRESETS,
+    LayerPolicy,
+    Preset,
+    block_prefixes,
+    checkpoint_prefix,
+    compile_regex,
+    detect_preset,
+    scale_group,
+)
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
 
 ROUNDING_METHODS = {
@@ -189,8 +199,9 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         raise ValueError(f"unknown --preset {options.preset!r}; choose one of {[AUTO, *PRESETS]}")
     dtype = fp8.fp8_dtype(options.fp8_format)
     keys = list(source.tensors)
-    preset = detect_preset(keys) if options.preset == AUTO else PRESETS[options.preset]
     prefix = checkpoint_prefix(keys)
+    model_keys = [k for k in keys if k.startswith(prefix)]  # a full checkpoint's text encoders say nothing
+    preset = detect_preset(model_keys) if options.preset == AUTO else PRESETS[options.preset]
     policy = LayerPolicy(
         preset,
         options.min_tensor_size,
@@ -199,6 +210,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         options.t5xxl,
         options.keep_distillation,
         prefix,
+        block_prefixes(keys),
     )
     activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
