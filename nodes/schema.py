@@ -94,6 +94,13 @@ def _option_inputs() -> list:
             tooltip="quantize only weights with at least this many elements",
         ),
         io.Boolean.Input(
+            "text_encoders",
+            default=False,
+            advanced=True,
+            tooltip="full checkpoints: also convert the T5 / LLM text encoders inside (CLIP stays whole); "
+            "off: the diffusion model only",
+        ),
+        io.Boolean.Input(
             "keep_distillation",
             default=False,
             advanced=True,

@@ -38,6 +38,10 @@ _RAW_PARAMETER = re.compile(r"(^|\.)(gate|router|direction)\.weight$")
 # Every numbered module path prefix of a key: "double_blocks.3.", "double_blocks.3.img_mlp.0.".
 _NUMBERED_PREFIX = re.compile(r"(?<![^.])\d+\.")
 
+# A text encoder inside a full checkpoint (SD3.5, Flux, Wan, Z-Image, Flux.2 all-in-one files): ComfyUI's
+# checkpoint loader reads it quantized under this prefix (t5_xxl_detect / llama_detect in supported_models.py).
+_TEXT_ENCODER_IN_CHECKPOINT = re.compile(r"^text_encoders\.[^.]+\.transformer\.")
+
 # Seed flags: plain substrings, as the original script matched them.
 T5XXL_EXCLUDES = ("norm", "bias", "embed_tokens", "shared")
 DISTILLATION_EXCLUDES = ("distilled_guidance_layer", "final_layer", "img_in", "txt_in")
@@ -63,6 +67,11 @@ class Preset:
     signature: tuple[str, ...]  # regexes that must all match some key for auto-detection
     keep: tuple[str, ...]  # regexes (re.search on the key) of block layers kept in source precision
     text_encoder: bool = False
+
+    @property
+    def family(self) -> str:
+        """How ``inspect`` and the conversion summary name the model."""
+        return f"{self.description} (preset {self.name})"
 
 
 def _presets(*presets: Preset) -> dict[str, Preset]:
@@ -129,8 +138,12 @@ PRESETS: dict[str, Preset] = _presets(
         (),
         text_encoder=True,
     ),
-    Preset(
-        "clip", "CLIP text encoders (CLIP-L, CLIP-G)", (r"text_model\.encoder\.layers\.\d+\.",), (), text_encoder=True
+    Preset(  # ComfyUI v0.30 builds CLIP with plain ops (sd1_clip.py): fp8 weights would load without scales
+        "clip",
+        "CLIP text encoders (CLIP-L, CLIP-G), kept whole: ComfyUI loads CLIP without fp8 scales",
+        (r"text_model\.encoder\.layers\.\d+\.",),
+        (r".",),
+        text_encoder=True,
     ),
     Preset(
         "llm",
@@ -157,6 +170,25 @@ def detect_preset(keys: Iterable[str]) -> Preset:
         if preset.signature and all(any(re.search(sig, k) for k in keys) for sig in preset.signature):
             return preset
     return PRESETS["generic"]
+
+
+def detect_family(keys: Iterable[str]) -> Preset:
+    """The family of a file's model: of its diffusion model when it is a full checkpoint."""
+    keys = list(keys)
+    prefix = checkpoint_prefix(keys)
+    return detect_preset(k for k in keys if k.startswith(prefix))
+
+
+def text_encoders_in_checkpoint(keys: Iterable[str]) -> dict[str, Preset]:
+    """A full checkpoint's text encoders by prefix (``text_encoders.t5xxl.transformer.``), each with
+    its family. Only T5 / UMT5 and LLM encoders count: ComfyUI loads CLIP without fp8 scales."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        match = _TEXT_ENCODER_IN_CHECKPOINT.match(key)
+        if match:
+            groups[match.group(0)].append(key[match.end() :])
+    found = {prefix: detect_preset(names) for prefix, names in groups.items()}
+    return {prefix: preset for prefix, preset in found.items() if preset.name in ("t5", "llm")}
 
 
 def checkpoint_prefix(keys: Iterable[str]) -> str:

@@ -11,8 +11,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from quant_core import policy
+from quant_core import formats, policy
+from quant_core.convert import ConvertOptions, plan_conversion
+from quant_core.io import TensorInfo
 from quant_core.policy import PRESETS, LayerPolicy
 from tests.fixtures import layouts
 
@@ -120,3 +123,87 @@ def test_large_transformers_quantize_nine_tenths(name):
         pytest.skip("small model or a UNet, whose convolutions cannot be quantized")
     preset = policy.detect_preset(t.name for t in tensors).name
     assert share(tensors, decide_all(tensors, preset)) >= 0.90
+
+
+# ------------------------------------------------------------------------------------------ text encoders
+
+
+class _Source:
+    """Names, dtypes and shapes only: all ``plan_conversion`` reads."""
+
+    def __init__(self, tensors):
+        self.tensors = {t.name: TensorInfo(t.name, t.dtype, t.shape) for t in tensors}
+        self.metadata: dict[str, str] = {}
+
+
+def _extra(name: str, shape: tuple[int, ...]) -> layouts.Tensor:
+    return layouts.Tensor(name, shape, torch.bfloat16, "linear")
+
+
+@pytest.mark.parametrize("name", ["t5xxl", "umt5_xxl", "qwen25_vl_7b", "qwen3_4b", "mistral3_small_24b", "llama31_8b"])
+def test_text_encoder_lm_head_and_tied_embeddings_are_kept(name):
+    """Files written from HF checkpoints carry ``lm_head`` (tied to the embeddings or not) and T5's
+    ``encoder.embed_tokens`` next to ``shared``: all stay, and nothing else changes."""
+    tensors = layouts.load(name).tensors
+    table = next(t for t in tensors if t.kind == "embedding" and t.numel > 1e8)
+    head = "lm_head.weight" if name.startswith(("qwen", "mistral", "llama")) else "encoder.embed_tokens.weight"
+    extended = tensors + (_extra(head, table.shape),)
+    preset = policy.detect_preset(t.name for t in extended).name
+    with_head = decide_all(extended, preset)
+    assert not with_head[head]
+    assert {k: v for k, v in with_head.items() if k != head} == decide_all(tensors, preset)
+
+
+def test_text_encoders_stay_by_default_in_a_full_checkpoint():
+    flux = layouts.load("flux1_dev").prefixed(policy.FULL_CHECKPOINT_PREFIX)
+    t5 = layouts.load("t5xxl").prefixed("text_encoders.t5xxl.transformer.")
+    clip = layouts.load("clip_l").prefixed("text_encoders.clip_l.transformer.")
+    plan = plan_conversion(_Source(flux + t5 + clip), ConvertOptions())
+    assert plan.preset.name == "flux"
+    assert not any(plan.decisions[t.name][0] for t in t5 + clip)
+    assert "outside the diffusion model" in plan.decisions[t5[1].name][1]
+
+
+@pytest.mark.parametrize(("encoder", "prefix"), [("t5xxl", "t5xxl"), ("umt5_xxl", "umt5xxl"), ("qwen3_4b", "qwen3_4b")])
+def test_text_encoders_option_converts_them_with_their_own_preset(encoder, prefix):
+    model = layouts.load("flux1_dev").prefixed(policy.FULL_CHECKPOINT_PREFIX)
+    te_prefix = f"text_encoders.{prefix}.transformer."
+    te = layouts.load(encoder).prefixed(te_prefix)
+    clip = layouts.load("clip_l").prefixed("text_encoders.clip_l.transformer.")
+    for fmt in ("comfy", "legacy"):
+        plan = plan_conversion(_Source(model + te + clip), ConvertOptions(text_encoders=True, format=fmt))
+        alone = decide_all(layouts.load(encoder).tensors, policy.detect_preset(t.name for t in te).name)
+        assert {t.name.removeprefix(te_prefix): plan.decisions[t.name][0] for t in te} == alone
+        assert not any(plan.decisions[t.name][0] for t in clip)  # CLIP stays whole
+        assert all(plan.activations[t.name] == formats.Activation(None, False) for t in te if plan.decisions[t.name][0])
+        assert (te_prefix + formats.LEGACY_MARKER in plan.markers) == (fmt == "legacy")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "options", "message"),
+    [
+        (lambda: layouts.load("t5xxl").tensors, ConvertOptions(text_encoders=True), "full checkpoints"),
+        (
+            lambda: (
+                layouts.load("sdxl_unet").prefixed(policy.FULL_CHECKPOINT_PREFIX)
+                + layouts.load("clip_l").prefixed("conditioner.embedders.0.transformer.")
+            ),
+            ConvertOptions(text_encoders=True),
+            "no T5 or LLM text encoder",
+        ),
+        (
+            lambda: (
+                layouts.load("flux1_dev").prefixed(policy.FULL_CHECKPOINT_PREFIX)
+                + layouts.load("t5xxl").prefixed("text_encoders.t5xxl.transformer.")
+            ),
+            ConvertOptions(text_encoders=True, format="ultra8"),
+            "comfy or legacy",
+        ),
+        (lambda: layouts.load("umt5_xxl").tensors, ConvertOptions(input_scales=True), "full precision"),
+        (lambda: layouts.load("clip_l").tensors, ConvertOptions(), "nothing to quantize.*without fp8 scales"),
+    ],
+    ids=["not-a-checkpoint", "sdxl-clip-only", "ultra8", "te-input-scales", "clip"],
+)
+def test_text_encoder_refusals_say_why(tensors, options, message):
+    with pytest.raises(ValueError, match=message):
+        plan_conversion(_Source(tensors()), options)
