@@ -276,7 +276,7 @@ class RecordFP8Calibration(io.ComfyNode):
                     options=list(RECORDED_LAYERS),
                     default="quantized",
                     tooltip="quantized: the layers the converter quantizes at its default settings (the model's "
-                    "preset keeps e.g. modulation and embedders); all: every Linear layer, for conversions with "
+                    "preset keeps e.g. embedders and final layers); all: every Linear layer, for conversions with "
                     "include regexes or another preset",
                 ),
             ],
