@@ -81,8 +81,8 @@ def _check_calibration(source: TensorSource, path: str | None) -> None:
 
 def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
     _check_calibration(source, options.calibration)
-    total_bytes = sum(info.nbytes for info in source.tensors.values())
-    progress = host.NodeProgress(node_id, len(source.tensors), total_bytes)
+    sizes = {name: info.nbytes for name, info in source.tensors.items()}
+    progress = host.NodeProgress(node_id, len(sizes), sum(sizes.values()), sizes)
     summary = convert(
         source,
         output,
@@ -91,6 +91,7 @@ def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, p
         check_interrupt=host.check_interrupt,
         protect=tuple(protect),
         source_label=label,
+        activity=progress.activity,
     )
     host.send("done", _done_event(summary, node_id))
     return summary

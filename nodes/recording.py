@@ -179,6 +179,7 @@ class RecordingSession:
         tap = self._taps[name]
 
         def feed(module, inputs, output) -> None:
+            host.check_interrupt()  # per layer: recording makes each model call slower than sampling checks for
             if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != tap.in_features:
                 return  # not called as a Linear: the Recorder would ignore it too
             with self._lock:
@@ -215,7 +216,7 @@ class RecordingSession:
                 "(a cached node does not run again: change its seed or prompt; CLIP-L/G have no layers to record, "
                 "the converter keeps them whole)"
             )
-        self.recorder.save(path)
+        self.recorder.save(path, step=lambda *_: host.check_interrupt())  # a factor per layer: seconds in all
         report = RecordingReport(
             str(path), len(self._fed), sorted(self._over_cap), self.calls, self.rows, self.recorder.nbytes, keep
         )

@@ -241,7 +241,8 @@ def run_convert(argv: Sequence[str]) -> int:
     if options.shard and not output:
         whole = default_output_path(args.input, options)
         output = whole.with_name(f"{whole.stem}.shard{options.shard[0]}of{options.shard[1]}.safetensors")
-    summary = convert_file(args.input, output, options, progress=progress)
+    activity = progress.activity if progress else None
+    summary = convert_file(args.input, output, options, progress=progress, activity=activity)
     print(summary.text())
     return 0
 

@@ -27,6 +27,7 @@ from .activation import input_scale_for, predicted_input_error
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .job import ActivityCallback, Job
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import (
     AUTO,
@@ -179,21 +180,25 @@ class Rounder:
     statistics: RecordedStatistics | None = None
     pool: BufferPool = field(default_factory=BufferPool)  # memory for round-to-nearest's outputs
 
-    def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
+    def round(self, name: str, weight: torch.Tensor, scale: float, job: Job) -> tuple[RoundingResult, str]:
+        """The rounded weight and the method used; ``job`` sees its progress and may stop it."""
         recorded = self.statistics is not None and self.options.method != "nearest"
         stats = self.statistics.get(name, weight.shape[1]) if recorded else None
-        if stats is not None:
-            return round_gptq(weight, scale, self.dtype, stats), "gptq"
-        if self.options.method == "learned":
-            with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-                rounded = round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding)
-            return rounded, "learned"
-        with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
-            return round_nearest(weight, scale, self.dtype, self.pool), "nearest"
+        method = "gptq" if stats is not None else "learned" if self.options.method == "learned" else "nearest"
+        with job.tensor(name, method) as step:
+            if method == "gptq":
+                return round_gptq(weight, scale, self.dtype, stats, step=step), method
+            if method == "learned":
+                with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+                    options = self.options.rounding
+                    return round_learned(name, weight, scale, self.dtype, self.calibration, options, step), method
+            with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
+                return round_nearest(weight, scale, self.dtype, self.pool, step), method
 
 
-def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
-    """Decide what happens to each tensor and lay out the output, from names and shapes alone."""
+def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
+    """Decide what happens to each tensor and lay out the output, from names and shapes alone
+    (and, for ``--full_precision_above``, the weights: ``poll`` is called before each is read)."""
     if options.format not in formats.FORMATS:
         raise ValueError(f"unknown --format {options.format!r}; choose one of {formats.FORMATS}")
     if options.method not in ROUNDING_METHODS:
@@ -218,7 +223,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
     entries: list[TensorInfo] = []
-    with _activation_rule(source, options, prefix) as planned:
+    with _activation_rule(source, options, prefix, poll or (lambda: None)) as planned:
         for name, info in source.tensors.items():
             owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
             decision = owner.decide(name, info.dtype, info.shape)
@@ -282,7 +287,7 @@ def _text_encoder_policies(
 
 @contextlib.contextmanager
 def _activation_rule(
-    source: TensorSource, options: ConvertOptions, prefix: str
+    source: TensorSource, options: ConvertOptions, prefix: str, poll: Callable[[], None]
 ) -> Iterator[Callable[[str], formats.Activation]]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
     written because both change the header. A weight gets an input scale when the calibration file
@@ -302,6 +307,7 @@ def _activation_rule(
     with RecordedStatistics(options.calibration, prefix) as statistics:
 
         def hurts(name: str) -> bool:
+            poll()
             weight = source.read(name).to(device)
             stats = statistics.get(name, weight.shape[1])
             return predicted_input_error(weight, stats.fit, dtype) > threshold
@@ -347,14 +353,18 @@ def convert(
     protect: tuple[Path, ...] = (),
     source_label: str = "",
     pool: BufferPool | None = None,
+    activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert ``source`` into the safetensors file ``output`` (written atomically).
 
     ``pool`` holds the memory of round-to-nearest's outputs; pass the source's own pool (as
     ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
+    ``check_interrupt`` (raises to cancel), ``progress`` (each finished tensor) and ``activity``
+    (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
     """
     started = time.perf_counter()
-    plan = plan_conversion(source, options)
+    job = Job(check_interrupt, activity)
+    plan = plan_conversion(source, options, job.poll)
     reports: list[TensorReport] = []
     metadata = output_metadata(source, options, plan)
     items, entries, markers = plan.items, plan.entries, plan.markers
@@ -363,15 +373,13 @@ def convert(
     total = sum(map(len, items))
 
     def read(item: list[str]) -> dict[str, torch.Tensor]:
-        if check_interrupt:
-            check_interrupt()
         return {name: source.read(name) for name in item}
 
     def compute(item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list:
         if not plan.decisions[item[0]][0]:
             name = item[0]
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
-        return _quantize_group(item, tensors, device, rounder, source, plan)
+        return _quantize_group(item, tensors, device, rounder, source, plan, job)
 
     recorded = options.calibration and (options.input_scales or options.method != "nearest")  # GPTQ, input_scale
     with (
@@ -392,8 +400,6 @@ def convert(
                 reports.append(report)
                 if progress:
                     progress(report)
-            if check_interrupt:
-                check_interrupt()
 
         def cost(item: list[str]) -> int:
             return sum(source.tensors[name].nbytes for name in item)
@@ -406,7 +412,7 @@ def convert(
         # room for the largest item plus the largest tensor alone (bench/bench_convert.py)
         on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
         budget = (1 if on_accelerator else 2) * max(map(cost, plan.items))
-        run_pipeline(items, read, compute, write, pick_devices(options), cost, held, budget)
+        run_pipeline(items, read, compute, write, pick_devices(options), cost, held, budget, job)
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
@@ -440,6 +446,7 @@ def convert_file(
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
     calibration: CalibrationSource | None = None,
+    activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
@@ -456,6 +463,7 @@ def convert_file(
             protect=(Path(input_path),),
             source_label=str(input_path),
             pool=pool,
+            activity=activity,
         )
 
 
@@ -466,6 +474,7 @@ def _quantize_group(
     rounder: Rounder,
     source: TensorSource,
     plan: Plan,
+    job: Job,
 ) -> list:
     """Quantize a shared-scale group (or one weight) against one scale; returns write-ready results.
 
@@ -489,7 +498,7 @@ def _quantize_group(
     for name in names:
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
-        result, method = rounder.round(name, weight, scale)
+        result, method = rounder.round(name, weight, scale, job)
         activation = _activation(name, rounder, plan)
         layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale, activation)
         report = _report(name, source, plan, time.perf_counter() - started)

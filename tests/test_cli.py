@@ -403,6 +403,9 @@ def test_ctrl_c_during_conversion_leaves_nothing(flux_file, tmp_path, capsys, mo
             if self.calls == 3:
                 raise KeyboardInterrupt
 
+        def activity(self, activity):
+            pass
+
     monkeypatch.setattr("quant_core.cli.ProgressBar", InterruptingBar)
     out_dir = tmp_path / "out"
     code, _, err = run(["--input", flux_file, "--output", out_dir / "x.safetensors", "--simple"], capsys)

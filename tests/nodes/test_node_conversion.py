@@ -12,7 +12,8 @@ import torch
 QUICK = dict(num_iter=5, calib_samples=8)
 PROMPT = {"5": {"class_type": "FP8ScaledConvertModel", "inputs": {"filename_prefix": "fp8/tiny"}}}
 EXTRA = {"workflow": {"nodes": [{"id": 5, "type": "FP8ScaledConvertModel"}], "links": []}}
-PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error"}
+PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error", "working"}
+PROGRESS_FIELDS |= {"cancelling"}
 Q = "blocks.0.attn.q.weight"
 
 
@@ -27,6 +28,11 @@ def _patched_model(comfy, tiny_model):
 def _dequantized(pack, reader, key):
     base = key.removesuffix(".weight")
     return reader.read(key).float() * reader.read(base + ".weight_scale").float()
+
+
+def _finished(comfy) -> list[dict]:
+    """The progress events of finished tensors (not those of a tensor being rounded, nor "cancelling")."""
+    return [e for e in comfy.server.events("fp8_scaled.progress") if not (e["working"] or e["cancelling"])]
 
 
 def _relative(a, b):
@@ -67,7 +73,7 @@ def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
     assert [value for value, _ in bar.updates] == list(range(1, total + 1))
     assert comfy.hook_calls[-1] == {"value": total, "max": total, "node": "5"}
 
-    events = comfy.server.events("fp8_scaled.progress")
+    events = _finished(comfy)
     assert len(events) == total
     assert all(set(e) == PROGRESS_FIELDS for e in events)
     assert [e["index"] for e in events] == list(range(1, total + 1))
@@ -145,7 +151,7 @@ def test_convert_checkpoint_saves_into_the_same_folder(pack, comfy, tiny_model, 
         assert reader.tensors["blocks.0.attn.q.weight"].dtype == torch.float8_e4m3fn
     assert options.device == "cpu"
     assert comfy.utils.bars[-1].current == len(state)
-    assert len(comfy.server.events("fp8_scaled.progress")) == len(state)
+    assert len(_finished(comfy)) == len(state)
     assert len(comfy.server.events("fp8_scaled.done")) == 1
 
 
@@ -159,7 +165,7 @@ def test_cancel_midway_leaves_nothing_behind(pack, comfy, tiny_model, files_belo
     patcher, _, _ = _patched_model(comfy, tiny_model)
 
     def cancel_after_n_updates(event, data):
-        if event == "fp8_scaled.progress" and data["index"] == after:
+        if event == "fp8_scaled.progress" and data["index"] == after and not data["cancelling"]:
             comfy.model_management.interrupt_current_processing()  # what the UI's Cancel does
 
     comfy.server.listeners.append(cancel_after_n_updates)
@@ -168,7 +174,8 @@ def test_cancel_midway_leaves_nothing_behind(pack, comfy, tiny_model, files_belo
         pack.conversion.convert_model(patcher, options, "fp8/cancelled", node_id="4")
 
     assert files_below(comfy.models) == []  # neither the output nor a temporary file
-    assert len(comfy.server.events("fp8_scaled.progress")) == after  # stopped within one tensor
+    assert len(_finished(comfy)) == after  # stopped within one tensor
+    assert comfy.server.events("fp8_scaled.progress")[-1]["cancelling"] is True  # "Cancelling…" before "Cancelled"
     errors = comfy.server.events("fp8_scaled.error")
     assert len(errors) == 1 and errors[0]["node"] == "4" and errors[0]["cancelled"] is True
     assert errors[0]["message"] == "InterruptProcessingException"
@@ -186,7 +193,7 @@ def test_cancel_seen_by_the_progress_hook_also_leaves_nothing(pack, comfy, tiny_
         pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "pre")
     assert checks is comfy.model_management.throw_exception_if_processing_interrupted
     assert files_below(comfy.models) == []
-    assert comfy.server.events("fp8_scaled.progress") == []
+    assert [e["cancelling"] for e in comfy.server.events("fp8_scaled.progress")] == [True]
     assert comfy.server.events("fp8_scaled.error")[0]["cancelled"] is True
 
 

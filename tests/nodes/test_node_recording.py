@@ -248,6 +248,32 @@ def test_calibration_choices_and_paths(pack, comfy, tmp_path):
             host.resolve_calibration("a.safetensors", path)
 
 
+def test_cancel_stops_a_recorded_model_call_at_the_next_layer(pack, comfy, tiny_model, tmp_path):
+    """Recording makes a model call slower than ComfyUI's per-step checks allow for: each layer checks."""
+    patcher = comfy.ModelPatcher(tiny_model(blocks=2))
+    clone, session = pack.recording.record_model(patcher, 64)
+    _sample(comfy, clone, steps=1)
+    reached = []
+
+    def cancelled_after_one_layer(diffusion_model, x):
+        diffusion_model.blocks[0].attn.q.register_forward_pre_hook(
+            lambda *_: comfy.model_management.interrupt_current_processing()
+        )
+        diffusion_model.blocks[0].mlp.fc.register_forward_pre_hook(lambda *_: reached.append(1))
+        return _forward(diffusion_model, x)
+
+    with pytest.raises(comfy.InterruptProcessingException):
+        comfy.apply_model(clone, cancelled_after_one_layer, torch.randn(1, 4, 32), torch.ones(1))
+    assert reached == [] and session.calls == 1  # stopped in the layer where Cancel was pressed
+    assert comfy.model_management.processing_interrupted() is False
+
+    comfy.model_management.interrupt_current_processing()
+    with pytest.raises(comfy.InterruptProcessingException):
+        session.save(tmp_path / "cancelled.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert session.save(tmp_path / "saved.safetensors").layers == 4  # the recording is intact
+
+
 def _linears(root: torch.nn.Module, paths: list[str], width: int = 32) -> None:
     for path in paths:
         *parents, leaf = path.split(".")
@@ -259,7 +285,7 @@ def _linears(root: torch.nn.Module, paths: list[str], width: int = 32) -> None:
         owner.add_module(leaf, torch.nn.Linear(width, width))
 
 
-def test_text_encoder_recording_names_layers_as_their_files(pack, tmp_path):
+def test_text_encoder_recording_names_layers_as_their_files(pack, comfy, tmp_path):
     """A CLIP's cond_stage_model holds each encoder under ``<name>.transformer``; the recording names a
     layer by its path below that, the key of the encoder's text_encoders/ file. CLIP-L is kept whole by
     the converter, so by default nothing of it is recorded."""
