@@ -207,3 +207,16 @@ def test_text_encoders_option_converts_them_with_their_own_preset(encoder, prefi
 def test_text_encoder_refusals_say_why(tensors, options, message):
     with pytest.raises(ValueError, match=message):
         plan_conversion(_Source(tensors()), options)
+
+
+def test_inspect_and_the_summary_name_the_family(flux_file, checkpoint_file, tmp_path):
+    from quant_core.convert import convert_file
+    from quant_core.inspection import inspect_file
+
+    flux = PRESETS["flux"].family
+    assert flux.startswith("Flux.1") and flux.endswith("(preset flux)")
+    for source in (flux_file, checkpoint_file):  # a full checkpoint: the family of its diffusion model
+        assert f"family    {flux}" in inspect_file(str(source)).text().splitlines()
+    summary = convert_file(flux_file, tmp_path / "out.safetensors", ConvertOptions(method="nearest"))
+    assert f"family    {flux}" in summary.text().splitlines()
+    assert f"family    {flux}" in inspect_file(str(tmp_path / "out.safetensors")).text().splitlines()
