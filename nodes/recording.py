@@ -69,9 +69,12 @@ def diffusion_layers(diffusion_model: torch.nn.Module, all_layers: bool) -> dict
 def text_encoder_layers(cond_stage_model: torch.nn.Module, all_layers: bool) -> dict[str, str]:
     """Module path -> recorded name for every text encoder of a CLIP (SD3's has three): the name is the
     path below the encoder's ``transformer``, as the keys of its ``text_encoders/`` file."""
-    layers = {}
+    layers: dict[str, str] = {}
+    encoders: list[str] = []
     for path, module in cond_stage_model.named_modules():
-        if path.rsplit(".", 1)[-1] == "transformer":
+        inside = any(path.startswith(f"{encoder}.") for encoder in encoders)  # a "transformer" within one
+        if path.rsplit(".", 1)[-1] == "transformer" and not inside:
+            encoders.append(path)
             layers.update({f"{path}.{inner}": name for inner, name in diffusion_layers(module, all_layers).items()})
     return layers
 

@@ -313,3 +313,11 @@ def test_text_encoder_recording_names_layers_as_their_files(pack, comfy, tmp_pat
     with RecordedStatistics(report.path) as statistics:
         assert statistics.names == {f"{p}.weight" for p in t5_layers}
     assert not any(m._forward_hooks for m in encoders.modules())  # unhooked after each encoding
+
+
+def test_text_encoder_layers_are_named_below_the_outermost_transformer(pack):
+    encoders = torch.nn.Module()
+    blocks = [f"t5xxl.transformer.encoder.block.{i}.layer.0.SelfAttention.{p}" for i in range(2) for p in "qk"]
+    _linears(encoders, [*blocks, "t5xxl.transformer.encoder.block.0.layer.0.transformer.wo"])
+    names = set(pack.recording.text_encoder_layers(encoders, all_layers=True).values())
+    assert "encoder.block.0.layer.0.transformer.wo" in names and "wo" not in names
