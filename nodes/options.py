@@ -21,6 +21,7 @@ def convert_options(
     include: str = "",
     keep_distillation: bool = False,
     t5xxl: bool = False,
+    text_encoders: bool = False,
     seed: int = 0,
     device: str | None = None,
     calibration: str | None = None,
@@ -44,6 +45,7 @@ def convert_options(
         exclude=_lines(exclude),
         t5xxl=t5xxl,
         keep_distillation=keep_distillation,
+        text_encoders=text_encoders,
         device=device,
         calibration=calibration,
     )

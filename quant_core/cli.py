@@ -66,6 +66,12 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     _option(
         parser,
+        "text_encoders",
+        action="store_true",
+        help="full checkpoints: also convert the T5 / LLM text encoders inside (default: the diffusion model only)",
+    )
+    _option(
+        parser,
         "preset",
         choices=[AUTO, *PRESETS],
         default=AUTO,
@@ -209,6 +215,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         exclude=args.exclude,
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
+        text_encoders=args.text_encoders,
         calibration=args.calibration,
         input_scales=args.input_scales,
         full_precision=args.full_precision,

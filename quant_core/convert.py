@@ -29,7 +29,18 @@ from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .job import ActivityCallback, Job
 from .pipeline import one_cpu_thread, run_pipeline
-from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
+from .policy import (
+    AUTO,
+    PRESETS,
+    LayerPolicy,
+    Preset,
+    block_prefixes,
+    checkpoint_prefix,
+    compile_regex,
+    detect_family,
+    scale_group,
+    text_encoders_in_checkpoint,
+)
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
 
 ROUNDING_METHODS = {
@@ -68,6 +79,7 @@ class ConvertOptions:
     exclude: list[str] = field(default_factory=list)
     t5xxl: bool = False
     keep_distillation: bool = False
+    text_encoders: bool = False  # full checkpoints: also the T5 / LLM text encoders inside (see policy)
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
     input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
     full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
@@ -118,6 +130,7 @@ class Summary:
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else 0.0
         lines = [
             f"output    {self.output} ({self.format}, preset {self.preset})",
+            f"family    {PRESETS[self.preset].family}",
             f"tensors   {self.quantized} quantized, {self.kept} kept",
             f"size      {_gib(self.bytes_in)} -> {_gib(self.bytes_out)} ({ratio:.1%})",
             f"error     mean {self.mean_error:.4%}, worst {self.worst_error:.4%} ({self.worst_tensor or '-'})",
@@ -194,17 +207,16 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
         raise ValueError(f"unknown --preset {options.preset!r}; choose one of {[AUTO, *PRESETS]}")
     dtype = fp8.fp8_dtype(options.fp8_format)
     keys = list(source.tensors)
-    preset = detect_preset(keys) if options.preset == AUTO else PRESETS[options.preset]
     prefix = checkpoint_prefix(keys)
-    policy = LayerPolicy(
-        preset,
-        options.min_tensor_size,
-        options.include,
-        options.exclude,
-        options.t5xxl,
-        options.keep_distillation,
-        prefix,
-    )
+    preset = detect_family(keys) if options.preset == AUTO else PRESETS[options.preset]
+    if preset.text_encoder and options.input_scales:
+        raise ValueError(
+            "input scales: ComfyUI multiplies text encoders in full precision, so a text encoder gets none; "
+            "turn 'input scales' off"
+        )
+    blocks = block_prefixes(keys)
+    policy = LayerPolicy(preset, *_user_rules(options), prefix, blocks)
+    text_encoders = _text_encoder_policies(keys, options, prefix, blocks)
     activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
     outputs: dict[str, list[str]] = {}
@@ -213,14 +225,16 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
     entries: list[TensorInfo] = []
     with _activation_rule(source, options, prefix, poll or (lambda: None)) as planned:
         for name, info in source.tensors.items():
-            decision = policy.decide(name, info.dtype, info.shape)
+            owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
+            decision = owner.decide(name, info.dtype, info.shape)
             decisions[name] = (decision.quantize, decision.reason)
             if not decision.quantize:
                 items.append([name])
                 entries.append(TensorInfo(name, info.dtype, info.shape))
                 outputs[name] = [name]
                 continue
-            activations[name] = planned(name)
+            # ComfyUI multiplies text encoders in full precision: no input scale, no fp8 matmul marker.
+            activations[name] = planned(name) if owner is policy else formats.Activation(None, False)
             layer = formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
             entries += layer
             outputs[name] = [entry.name for entry in layer]
@@ -233,14 +247,42 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
     if not quantized:
         raise ValueError(
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
-            "(is the input already FP8-scaled? see --preset, --include, --min_tensor_size)"
+            f"(is the input already FP8-scaled? see --preset, --include, --min_tensor_size); family: {preset.family}"
         )
     markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales)
+    for owner in text_encoders:
+        if any(decisions[k][0] for k in keys if k.startswith(owner.prefix)):
+            markers.update(formats.marker_tensors(options.format, owner.prefix, dtype, options.shared_scales))
     for key, tensor in markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
     return Plan(preset, prefix, decisions, items, entries, markers, activations, outputs)
+
+
+def _user_rules(options: ConvertOptions) -> tuple:
+    """The LayerPolicy arguments every part of a file shares: size threshold, regexes, seed flags."""
+    return options.min_tensor_size, options.include, options.exclude, options.t5xxl, options.keep_distillation
+
+
+def _text_encoder_policies(
+    keys: list[str], options: ConvertOptions, prefix: str, blocks: frozenset[str]
+) -> list[LayerPolicy]:
+    """With ``--text_encoders``, a policy per T5 / LLM text encoder inside a full checkpoint; by default
+    only the diffusion model of a full checkpoint is converted."""
+    if not options.text_encoders:
+        return []
+    if not prefix:
+        raise ValueError("'text encoders' applies to full checkpoints (model + VAE + text encoders) only")
+    if options.format == "ultra8":
+        raise ValueError("'text encoders' needs format comfy or legacy: ComfyUI's checkpoint loader reads those")
+    found = text_encoders_in_checkpoint(keys)
+    if not found:
+        raise ValueError(
+            "'text encoders': this checkpoint holds no T5 or LLM text encoder ComfyUI reads quantized "
+            "(CLIP is always kept whole)"
+        )
+    return [LayerPolicy(preset, *_user_rules(options), te_prefix, blocks) for te_prefix, preset in found.items()]
 
 
 @contextlib.contextmanager

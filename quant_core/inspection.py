@@ -20,6 +20,7 @@ import torch
 
 from . import formats, fp8
 from .io import SafetensorsReader
+from .policy import detect_family
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -47,12 +48,14 @@ class FileReport:
     layers: list[LayerCheck] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    family: str = ""  # the detected model family, see policy.detect_family
 
     def text(self, errors: bool = False) -> str:
         scales = [layer.scale for layer in self.layers]
         lines = [
             f"file      {self.path}",
             f"format    {self.format}",
+            f"family    {self.family}",
             f"tensors   {self.tensors} ({len(self.layers)} quantized layers), {self.bytes / 2**20:.1f} MiB of data",
             "dtypes    " + ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in self.dtypes.most_common()),
         ]
@@ -94,6 +97,7 @@ def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> Fil
         sum(i.nbytes for i in reader.tensors.values()),
         Counter(i.dtype for i in reader.tensors.values()),
         metadata=reader.metadata,
+        family=detect_family(keys).family,
     )
     layer_fmt = "comfy" if fmt == "comfy-header" else fmt
     quantized = formats.quantized_weights(layer_fmt, keys) if fmt != "none" else []

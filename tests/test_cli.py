@@ -94,6 +94,7 @@ BOTH_SPELLINGS = [
 ONE_SPELLING = [
     (["--lr", "0.5"], lambda o: o.rounding.lr, 0.5),
     (["--t5xxl"], lambda o: o.t5xxl, True),
+    (["--text_encoders"], lambda o: o.text_encoders, True),
     (["--parallel"], lambda o: o.parallel, True),
     (["--simple"], lambda o: o.method, "nearest"),
     (["--rounding", "learned"], lambda o: o.method, "learned"),
