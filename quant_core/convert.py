@@ -434,10 +434,11 @@ def _quantize_group(
     for name in names:
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
-        amax = max(fp8.absmax(tensors[name]) for name in names)
-    if not math.isfinite(amax):  # NaN and Inf both surface in the absolute maximum
-        for name in names:
+        amaxes = [fp8.absmax(tensors[name]) for name in names]
+    for name, member_amax in zip(names, amaxes):  # NaN and Inf both surface in a member's absolute maximum
+        if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
+    amax = max(amaxes)  # all finite: Python's max would pass over a NaN that is not first
     layout = rounder.options.format
     try:
         scale = formats.stored_scale(layout, fp8.scale_for(amax, rounder.dtype))
