@@ -435,7 +435,7 @@ def _quantize_group(
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
         amaxes = [fp8.absmax(tensors[name]) for name in names]
-    for name, member_amax in zip(names, amaxes):  # NaN and Inf both surface in a member's absolute maximum
+    for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's absolute maximum
         if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
     amax = max(amaxes)  # all finite: Python's max would pass over a NaN that is not first

@@ -263,7 +263,11 @@ def _check_layout(path: Path, ordered: list[TensorInfo], data_start: int, size: 
             raise SafetensorsFormatError(f"tensor {info.name!r} in {path} {problem} in the data section")
         expected += info.nbytes
     if expected != size:
-        problem = "extends past the end of the file" if expected > size else f"has {size - expected} bytes after the last tensor"
+        problem = (
+            "extends past the end of the file"
+            if expected > size
+            else f"has {size - expected} bytes after the last tensor"
+        )
         raise SafetensorsFormatError(f"{path}: the data section {problem}")
 
 

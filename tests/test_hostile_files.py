@@ -115,7 +115,9 @@ HOSTILE = {
     "same_region_twice": file_bytes({"a": f32(0, 4), "b": f32(0, 4)}, ONE),
     "gap": file_bytes({"a": f32(0, 4), "b": f32(8, 12)}, ONE * 3),
     "trailing_bytes": file_bytes({"a": f32(0, 4)}, ONE * 2),
-    "duplicate_name": file_bytes(b'{"a":' + json.dumps(f32(0, 4)).encode() + b',"a":' + json.dumps(f32(0, 4)).encode() + b"}", ONE),
+    "duplicate_name": file_bytes(
+        b'{"a":' + json.dumps(f32(0, 4)).encode() + b',"a":' + json.dumps(f32(0, 4)).encode() + b"}", ONE
+    ),
     "metadata_not_a_map": file_bytes({"__metadata__": ["x"], "a": f32(0, 4)}, ONE),
     "metadata_value_not_text": file_bytes({"__metadata__": {"x": 1}, "a": f32(0, 4)}, ONE),
     "shape_as_text": file_bytes({"a": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}}, ONE),
