@@ -6,10 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..quant_core.calibration import RecordedStatistics
 from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
 from ..quant_core.io import SafetensorsReader
-from ..quant_core.policy import checkpoint_prefix
 from . import host
 from .model_source import ModelSource
 
@@ -64,23 +62,7 @@ def _reported(node_id) -> Iterator[None]:
         host.free_memory()
 
 
-def _check_calibration(source: TensorSource, path: str | None) -> None:
-    """Refuse a calibration file that names none of the source's weights: the engine would silently
-    fall back to uncalibrated rounding (a file recorded on another model). A full checkpoint's
-    ``model.diffusion_model.`` keys match a recording of its diffusion model. Shape mismatches are
-    the engine's ``ValueError``."""
-    if not path:
-        return
-    with RecordedStatistics(path, checkpoint_prefix(list(source.tensors))) as statistics:
-        if not any(statistics.key(name) for name in source.tensors):
-            raise host.UserError(
-                f"the calibration file {Path(path).name} has statistics for none of the weights of this model: "
-                "was it recorded on another model?"
-            )
-
-
 def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
-    _check_calibration(source, options.calibration)
     total_bytes = sum(info.nbytes for info in source.tensors.values())
     progress = host.NodeProgress(node_id, len(source.tensors), total_bytes)
     summary = convert(

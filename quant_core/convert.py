@@ -24,9 +24,10 @@ import torch
 
 from . import __version__, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
+from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
-from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
 from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
@@ -312,7 +313,10 @@ def convert(
     ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
     """
     started = time.perf_counter()
+    protect = (*protect, *([options.calibration] if options.calibration else []))  # every input of the run
+    check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
     plan = plan_conversion(source, options)
+    check_calibration(options, plan)
     reports: list[TensorReport] = []
     metadata = output_metadata(source, options, plan)
     items, entries, markers = plan.items, plan.entries, plan.markers
@@ -368,6 +372,30 @@ def convert(
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+
+
+def check_calibration(options: ConvertOptions, plan: Plan) -> None:
+    """Refuse a calibration file that the run would not use, for every front end alike.
+
+    With round-to-nearest and no input scales the file is never opened; a file whose statistics
+    name none of the weights to quantize (recorded on another model) changes nothing. Either way
+    the user believes the output is calibrated when it is not. A full checkpoint's
+    ``model.diffusion_model.`` weights match a recording of its diffusion model (``plan.prefix``).
+    """
+    if not options.calibration:
+        return
+    if options.method == "nearest" and not options.input_scales and options.full_precision_above is None:
+        raise ValueError(
+            "a calibration file needs rounding 'auto' or 'learned' (GPTQ for the recorded layers): with rounding "
+            "'nearest' (--simple) it would be ignored"
+        )
+    with RecordedStatistics(options.calibration, plan.prefix) as statistics:
+        quantized = [name for name, (quantize, _) in plan.decisions.items() if quantize]
+        if not any(statistics.key(name) for name in quantized):
+            raise ValueError(
+                f"the calibration file {Path(options.calibration).name} has statistics for none of the weights "
+                "to quantize: was it recorded on another model?"
+            )
 
 
 def output_metadata(source: TensorSource, options: ConvertOptions, plan: Plan) -> dict[str, str]:

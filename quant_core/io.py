@@ -9,21 +9,21 @@ read and written here byte-for-byte as the safetensors specification describes.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import math
 import mmap
 import os
 import struct
-import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
+from .atomic import atomic_output
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -392,33 +392,6 @@ class SafetensorsWriter:
             raise RuntimeError(f"{len(missing)} output tensors were never written, e.g. {sorted(missing)[:3]}")
         self._file.truncate(self.total_bytes)
         self._file.flush()
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator:
-    """Open a temporary file beside ``path``; rename it over ``path`` only on success.
-
-    On any exception, KeyboardInterrupt included, the temporary file is removed and
-    ``path`` is left as it was. ``protect`` lists inputs that must never be replaced.
-    """
-    target = Path(path).resolve()
-    for source in protect:
-        if target == Path(source).resolve():
-            raise ValueError(f"refusing to overwrite the input file {source}")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
 
 
 def write_stream(
