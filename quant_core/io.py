@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O: read one tensor at a time, write the header first, replace atomically.
+"""Streaming safetensors I/O: read one tensor at a time, write the header first (published by ``atomic``).
 
 Why not ``safetensors.safe_open``? A whole-file memory map leaves every page it touched in the
 process's resident set until it is closed, so converting a 24 GB file would show 24 GB of RSS.
