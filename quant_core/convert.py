@@ -313,7 +313,7 @@ def convert(
     ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
     """
     started = time.perf_counter()
-    protect = (*protect, *([options.calibration] if options.calibration else []))  # every input of the run
+    protect = run_inputs(options, *protect)
     check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
     plan = plan_conversion(source, options)
     check_calibration(options, plan)
@@ -372,6 +372,12 @@ def convert(
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+
+
+def run_inputs(options: ConvertOptions, *paths: str | os.PathLike) -> tuple[str | os.PathLike, ...]:
+    """Every file a run reads: ``paths`` and the calibration file. None of them may become the
+    output, and none may change while the run works (``atomic.atomic_output``)."""
+    return (*paths, *([options.calibration] if options.calibration else []))
 
 
 def check_calibration(options: ConvertOptions, plan: Plan) -> None:

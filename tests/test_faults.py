@@ -121,6 +121,21 @@ def test_output_naming_a_shard_is_refused(flux_file, tmp_path, capsys):
     assert shards[0].read_bytes() == before
 
 
+def test_join_output_naming_the_calibration_file_is_refused(tmp_path, capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    source = tmp_path / "model.safetensors"
+    write_file(source, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    calibration = recording(model, tmp_path / "calibration.safetensors")
+    common = ["--input", str(source), "--calibration", str(calibration), "--preset", "none", "--min_tensor_size", "0"]
+    shards = [tmp_path / f"s{k}.safetensors" for k in (1, 2)]
+    for k, shard in enumerate(shards, 1):
+        assert main([*common, "--output", str(shard), "--shard", f"{k}/2", "--quiet"]) == 0
+    before = calibration.read_bytes()
+    assert main(["join", *common, "--output", str(calibration), "--overwrite", *map(str, shards)]) == 1
+    assert "input" in capsys.readouterr().err
+    assert calibration.read_bytes() == before
+
+
 # ------------------------------------------------------------------------------- 10: folders a failed run made
 
 
