@@ -54,6 +54,7 @@ def atomic_output(
     since the block started. On any exception, KeyboardInterrupt and signals included, ``path``
     is left as it was.
     """
+    protect = tuple(protect)
     target = check_output_path(path, overwrite, protect)
     inputs = {Path(p): _identity(os.stat(p)) for p in protect if os.path.exists(p)}
     created = _make_folders(target.parent)
@@ -146,10 +147,14 @@ def _create_temp(target: Path, overwrite: bool) -> tuple[int, Path]:
         temp = target.with_name(_temp_name(target))
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
         if overwrite and target.exists() and hasattr(os, "fchmod"):
-            os.fchmod(fd, stat.S_IMODE(target.stat().st_mode))  # a replaced file keeps its mode
+            with contextlib.suppress(OSError):  # a file system without modes (FAT) keeps its own
+                os.fchmod(fd, stat.S_IMODE(target.stat().st_mode))  # a replaced file keeps its mode
         if fcntl is None:
             return fd, temp
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another run's check holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another run's check holds it
+        except OSError:  # no locks on this file system: other runs' checks cannot lock it either
+            return fd, temp
         if os.fstat(fd).st_nlink:
             return fd, temp
         os.close(fd)
