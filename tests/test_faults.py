@@ -229,6 +229,32 @@ def test_a_replaced_output_keeps_its_mode(flux_file, tmp_path):
     assert stat.S_IMODE(output.stat().st_mode) == 0o640
 
 
+# ------------------------------------------------------------------------------- 8: the stale-file check's race
+
+
+def test_a_temp_file_removed_before_its_owner_locked_it_is_made_again(flux_file, tmp_path, monkeypatch):
+    """Another run's stale-file check can lock and remove a brand-new temp file in the instant
+    before its owner locks it; the owner must notice (the file is unlinked) and write another."""
+    from quant_core import atomic
+
+    real_flock, removed = atomic.fcntl.flock, []
+
+    def flock_after_another_runs_check(fd, operation):
+        if not removed:  # the first new temp file: another run's check got there first
+            removed.append(os.readlink(f"/proc/self/fd/{fd}"))
+            os.unlink(removed[0])
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(atomic.fcntl, "flock", flock_after_another_runs_check)
+    output = tmp_path / "out.safetensors"
+    convert_file(flux_file, output, NEAREST)
+    monkeypatch.undo()
+    assert removed and not os.path.exists(removed[0])
+    with SafetensorsReader(output) as reader:
+        assert reader.tensors
+    assert leftovers(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------- injected OS errors
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from quant_core.cli import main
 from quant_core.convert import ConvertOptions, convert_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,7 @@ sys.exit(cli.main(sys.argv[2:]))
 # ComfyUI runs prompts on a daemon thread; Ctrl-C ends its main thread, which logs and returns
 SERVER = """
 import pathlib, sys, threading, time
+from quant_core.cli import main
 from quant_core.convert import ConvertOptions, convert_file
 
 def paused(report):
@@ -154,7 +156,10 @@ def test_ctrl_c_while_torch_imports_prints_no_traceback():
 
 
 def test_signals_are_exceptions_only_inside_the_cli(flux_file, tmp_path):
-    """The engine installs no handler of its own: a host application keeps its signal handling."""
+    """The engine installs no handler of its own (a host application keeps its signal handling),
+    and the command line puts back the handlers it found."""
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     convert_file(flux_file, tmp_path / "x.safetensors", ConvertOptions(method="nearest"))
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 0
     assert {s: signal.getsignal(s) for s in before} == before
