@@ -29,8 +29,6 @@ def convert_options(
     """Build engine options; regex widgets hold one pattern per line (blank lines ignored)."""
     if rounding not in ROUNDING_METHODS:
         raise ValueError(f"rounding must be one of {list(ROUNDING_METHODS)}, not {rounding!r}")
-    if calibration and rounding == "nearest":  # the engine would ignore the file without a word
-        raise ValueError("a calibration file needs rounding 'auto' or 'learned' (GPTQ for the recorded layers)")
     return ConvertOptions(
         format=format,
         fp8_format=fp8_format,

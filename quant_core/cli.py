@@ -21,6 +21,7 @@ from .policy import AUTO, PRESETS
 from .progress import ProgressBar
 from .rounding import RoundingOptions
 from .shards import join_shards
+from .signals import Stopped, stop_on_signals
 
 COMMANDS = ("convert", "join", "inspect", "verify", "decode", "example")
 
@@ -332,7 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "example": run_example,
     }
     try:
-        return runners[command](argv)
+        with stop_on_signals():
+            return runners[command](argv)
+    except Stopped as exc:  # SIGTERM, SIGHUP: cleaned up like Ctrl-C
+        print(f"{exc}; no output was written", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

@@ -24,9 +24,10 @@ import torch
 
 from . import __version__, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
+from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
-from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
 from .job import ActivityCallback, Job
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import (
@@ -363,8 +364,11 @@ def convert(
     (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
     """
     started = time.perf_counter()
+    protect = run_inputs(options, *protect)
+    check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
     job = Job(check_interrupt, activity)
     plan = plan_conversion(source, options, job.poll)
+    check_calibration(options, plan)
     reports: list[TensorReport] = []
     metadata = output_metadata(source, options, plan)
     items, entries, markers = plan.items, plan.entries, plan.markers
@@ -416,6 +420,36 @@ def convert(
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+
+
+def run_inputs(options: ConvertOptions, *paths: str | os.PathLike) -> tuple[str | os.PathLike, ...]:
+    """Every file a run reads: ``paths`` and the calibration file. None of them may become the
+    output, and none may change while the run works (``atomic.atomic_output``)."""
+    return (*paths, *([options.calibration] if options.calibration else []))
+
+
+def check_calibration(options: ConvertOptions, plan: Plan) -> None:
+    """Refuse a calibration file that the run would not use, for every front end alike.
+
+    With round-to-nearest and no input scales the file is never opened; a file whose statistics
+    name none of the weights to quantize (recorded on another model) changes nothing. Either way
+    the user believes the output is calibrated when it is not. A full checkpoint's
+    ``model.diffusion_model.`` weights match a recording of its diffusion model (``plan.prefix``).
+    """
+    if not options.calibration:
+        return
+    if options.method == "nearest" and not options.input_scales and options.full_precision_above is None:
+        raise ValueError(
+            "a calibration file needs rounding 'auto' or 'learned' (GPTQ for the recorded layers): with rounding "
+            "'nearest' (--simple) it would be ignored"
+        )
+    with RecordedStatistics(options.calibration, plan.prefix) as statistics:
+        quantized = [name for name, (quantize, _) in plan.decisions.items() if quantize]
+        if not any(statistics.key(name) for name in quantized):
+            raise ValueError(
+                f"the calibration file {Path(options.calibration).name} has statistics for none of the weights "
+                "to quantize: was it recorded on another model?"
+            )
 
 
 def output_metadata(source: TensorSource, options: ConvertOptions, plan: Plan) -> dict[str, str]:
@@ -485,10 +519,11 @@ def _quantize_group(
     for name in names:
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
-        amax = max(fp8.absmax(tensors[name]) for name in names)
-    if not math.isfinite(amax):  # NaN and Inf both surface in the absolute maximum
-        for name in names:
+        amaxes = [fp8.absmax(tensors[name]) for name in names]
+    for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's absolute maximum
+        if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
+    amax = max(amaxes)  # all finite: Python's max would pass over a NaN that is not first
     layout = rounder.options.format
     try:
         scale = formats.stored_scale(layout, fp8.scale_for(amax, rounder.dtype))

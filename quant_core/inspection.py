@@ -194,10 +194,19 @@ def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> 
             f"{list(original.tensors[layer.name].shape)}"
         )
         return None
-    reference = original.read(layer.name).float()
     approx = fp8.dequantize(reader.read(layer.name), layer.scale)
-    norm = float(reference.norm())
-    return float((approx - reference).norm()) / norm if norm else float((approx - reference).norm())
+    bad = int((~torch.isfinite(approx)).sum())
+    if bad:
+        violations.append(f"{layer.name}: {bad} NaN/Inf values")
+        return None
+    reference = original.read(layer.name).float()
+    norm = _norm(reference)
+    return _norm(approx - reference) / norm if norm else _norm(approx - reference)
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    """Summed in float64: the squares of weights near 1e20 and above overflow float32."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
 
 
 def _check_kept(reader, original, converted_keys: set[str], violations: list[str]) -> None:

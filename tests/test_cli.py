@@ -411,7 +411,7 @@ def test_ctrl_c_during_conversion_leaves_nothing(flux_file, tmp_path, capsys, mo
     code, _, err = run(["--input", flux_file, "--output", out_dir / "x.safetensors", "--simple"], capsys)
     assert code == 130
     assert "interrupted" in err
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # the folder the run created goes with it
 
 
 def test_help_in_a_subprocess():

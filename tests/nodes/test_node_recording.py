@@ -189,9 +189,13 @@ def test_convert_with_the_recording_uses_gptq(pack, comfy, tiny_model):
     assert "4 gptq" in pack.conversion.report_text(summary)
 
 
-def test_calibration_is_refused_with_round_to_nearest(pack):
+def test_calibration_is_refused_with_round_to_nearest(pack, comfy, tiny_model, tmp_path, files_below):
+    """The engine's rule (the same for the command line): the file would be ignored."""
+    patcher = comfy.ModelPatcher(tiny_model(blocks=1))
+    options = pack.options.convert_options(rounding="nearest", calibration=str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="needs rounding 'auto' or 'learned'"):
-        pack.options.convert_options(rounding="nearest", calibration="x.safetensors")
+        pack.conversion.convert_model(patcher, options, "nearest", node_id="9")
+    assert files_below(comfy.models) == []
     assert pack.options.convert_options(rounding="nearest").calibration is None
 
 
@@ -208,7 +212,7 @@ def test_a_calibration_of_another_model_is_refused(pack, comfy, tiny_model, tmp_
     patcher = comfy.ModelPatcher(tiny_model(blocks=1))
     other = _recorded_on(torch.nn.Sequential(torch.nn.Linear(32, 32)), tmp_path / "other.safetensors")
     options = pack.options.convert_options(calibration=other)
-    with pytest.raises(pack.host.UserError, match="none of the weights"):
+    with pytest.raises(ValueError, match="none of the weights"):
         pack.conversion.convert_model(patcher, options, "wrong", node_id="9")
     assert comfy.server.events("fp8_scaled.error")[-1]["node"] == "9"
     assert files_below(comfy.models) == []
