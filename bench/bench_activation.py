@@ -123,11 +123,12 @@ def read_layers(path: Path, statistics: dict, gain: float) -> dict[str, Layer]:
     with SafetensorsReader(path) as reader:
         keys = list(reader.tensors)
         layers = {}
-        for name in formats.quantized_weights("comfy", keys):
+        comfy = formats.layout("comfy")
+        for name in comfy.quantized_weights(keys):
             base = name.removesuffix(".weight")
-            scale = formats.decode_stored_scale("comfy", reader.read(base + ".weight_scale"))
+            scale = comfy.layer_scale(reader.read, name)
             bias = reader.read(base + ".bias") if base + ".bias" in reader.tensors else None
-            settings = formats.layout("comfy").read_activation(name, reader.read, set(keys))
+            settings = comfy.read_activation(name, reader.read, set(keys))
             if settings.input_scale is not None:
                 settings = replace(settings, input_scale=settings.input_scale * gain)
             absmax = statistics[name].input_absmax * gain if name in statistics else 0.0

@@ -149,13 +149,12 @@ def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
     """A converted file back in float32: each fp8 weight times its scale, everything else as stored."""
     with SafetensorsReader(path) as reader:
         keys = list(reader.tensors)
-        layout = formats.detect_format(keys, reader.metadata)
-        quantized = set(formats.quantized_weights(layout, keys)) if layout != "none" else set()
+        layout = formats.detect(keys, reader.metadata)
+        quantized = set(layout.quantized_weights(keys)) if layout else set()
         state = {}
         for key in keys:
             if key in quantized:
-                scale_key = key.removesuffix(".weight") + formats.SCALE_SUFFIX[layout]
-                scale = formats.decode_stored_scale(layout, reader.read(scale_key))
+                scale = layout.layer_scale(reader.read, key)
                 state[key] = fp8.dequantize(reader.read(key), scale)
             elif reader.tensors[key].dtype.is_floating_point:
                 state[key] = reader.read(key).float()

@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
+from ..quant_core.inspection import inspect_file
 from ..quant_core.io import SafetensorsReader
 from . import host
 from .model_source import ModelSource
 
 WORST_LAYERS = 5
+CHECKED = "checked   the written file read back and meets ComfyUI's loader contract"
 
 
 def convert_model(
@@ -40,9 +42,10 @@ def convert_checkpoint(
 
 
 def report_text(summary: Summary) -> str:
-    """The node's text output: the engine's summary plus the layers with the largest error."""
+    """The node's text output: the engine's summary, that the file was checked (every summary
+    the nodes report passed ``_check_written``), and the layers with the largest error."""
     worst = _worst(summary)
-    lines = [summary.text()]
+    lines = [summary.text(), CHECKED]
     if worst:
         lines.append("worst layers:")
         lines += [f"  {r.error_after:.3%}  {r.name}" for r in worst]
@@ -73,8 +76,22 @@ def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id) -
         check_interrupt=host.check_interrupt,
         activity=progress.activity,
     )
+    _check_written(output)
     host.send("done", _done_event(summary, node_id))
     return summary
+
+
+def _check_written(output: Path) -> None:
+    """Read the written file back and check it against the loader contract before reporting
+    success (``inspect``: headers, scales, layer descriptions). A file that fails is removed: the
+    node writes new numbered files only, so it removes nothing but its own broken output."""
+    violations = inspect_file(str(output)).violations
+    if violations:
+        output.unlink()
+        raise RuntimeError(
+            f"the written file {output.name} failed the loader-contract check and was removed: "
+            + "; ".join(violations[:3])
+        )
 
 
 def _worst(summary: Summary) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,34 @@ def wrap_apply_model(model, key: str, wrapper):
 
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+    return clone
+
+
+def wrap_text_encoder(clip, record):
+    """A clone of the CLIP whose every prompt encoding runs as ``record(cond_stage_model, encode)``.
+
+    ComfyUI has no wrapper hook for text encoders, so the clone's two encode methods (the ones
+    ``CLIPTextEncode`` and its relatives call) are replaced on the clone alone: the input CLIP and
+    other branches of the graph are not recorded. ``encode_from_tokens_scheduled`` calls
+    ``encode_from_tokens``; the nested call is not recorded twice.
+    """
+    clone = clip.clone()
+    active = threading.local()
+
+    def recorded(method):
+        def encode(*args, **kwargs):
+            if getattr(active, "on", False):
+                return method(*args, **kwargs)
+            active.on = True
+            try:
+                return record(clone.cond_stage_model, lambda: method(*args, **kwargs))
+            finally:
+                active.on = False
+
+        return encode
+
+    for name in ("encode_from_tokens_scheduled", "encode_from_tokens"):
+        setattr(clone, name, recorded(getattr(clone, name)))
     return clone
 
 

@@ -20,6 +20,7 @@ from .inspection import inspect_file, verify_files
 from .options import CLI, OPTIONS, PATTERNS, ConvertOptions, Option
 from .progress import ProgressBar
 from .shards import join_shards
+from .signals import Stopped, stop_on_signals
 
 COMMANDS = ("convert", "join", "inspect", "verify", "decode", "example")
 
@@ -190,7 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "example": run_example,
     }
     try:
-        return runners[command](argv)
+        with stop_on_signals():
+            return runners[command](argv)
+    except Stopped as exc:  # SIGTERM, SIGHUP: cleaned up like Ctrl-C
+        print(f"{exc}; no output was written", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

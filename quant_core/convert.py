@@ -23,13 +23,25 @@ import torch
 
 from . import __version__, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
+from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
-from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
 from .job import ActivityCallback, Job
 from .options import ConvertOptions
 from .pipeline import one_cpu_thread, run_pipeline
-from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
+from .policy import (
+    AUTO,
+    PRESETS,
+    LayerPolicy,
+    Preset,
+    block_prefixes,
+    checkpoint_prefix,
+    compile_regex,
+    detect_family,
+    scale_group,
+    text_encoders_in_checkpoint,
+)
 from .rounding import RoundingResult, round_learned, round_nearest
 
 
@@ -89,6 +101,7 @@ class Summary:
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else 0.0
         lines = [
             f"output    {self.output} ({self.format}, preset {self.preset})",
+            f"family    {PRESETS[self.preset].family}",
             f"tensors   {self.quantized} quantized, {self.kept} kept",
             f"size      {_gib(self.bytes_in)} -> {_gib(self.bytes_out)} ({ratio:.1%})",
             f"error     mean {self.mean_error:.4%}, worst {self.worst_error:.4%} ({self.worst_tensor or '-'})",
@@ -186,9 +199,14 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
     options.validate()
     keys = list(source.tensors)
     prefix = checkpoint_prefix(keys)
-    statistics = _open_statistics(source, options.calibration, prefix)
+    preset = detect_family(keys) if options.preset == AUTO else PRESETS[options.preset]
+    if preset.text_encoder and options.input_scales:
+        raise ValueError(
+            "input scales: ComfyUI multiplies text encoders in full precision, so a text encoder gets none; "
+            "turn 'input scales' off"
+        )
+    statistics = RecordedStatistics(options.calibration, prefix) if options.calibration else None
     try:
-        preset = detect_preset(keys) if options.preset == AUTO else PRESETS[options.preset]
         plan = Plan(
             options,
             fp8.fp8_dtype(options.fp8_format),
@@ -199,6 +217,7 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
             statistics,
         )
         _plan_tensors(source, plan, poll or (lambda: None))
+        _check_statistics_match(plan)
     except BaseException:
         if statistics is not None:
             statistics.close()
@@ -206,45 +225,36 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
     return plan
 
 
-def _open_statistics(source: TensorSource, path: str | None, prefix: str) -> RecordedStatistics | None:
-    """The calibration file, opened once for the whole conversion; refused when it names none of
-    the source's weights, where the conversion would silently go uncalibrated (a file recorded on
-    another model). A full checkpoint's ``model.diffusion_model.`` keys match a recording of its
-    diffusion model."""
-    if not path:
-        return None
-    statistics = RecordedStatistics(path, prefix)
-    if not any(statistics.key(name) for name in source.tensors):
-        statistics.close()
+def _check_statistics_match(plan: Plan) -> None:
+    """Refuse a calibration file whose statistics name none of the weights to quantize (recorded
+    on another model): the conversion would silently go uncalibrated. A full checkpoint's
+    ``model.diffusion_model.`` weights match a recording of its diffusion model (``plan.prefix``)."""
+    statistics = plan.statistics
+    if statistics is not None and not any(statistics.key(name) for name in plan.activations):
         raise ValueError(
-            f"the calibration file {Path(path).name} has statistics for none of the weights of this model: "
-            "was it recorded on another model?"
+            f"the calibration file {Path(plan.options.calibration).name} has statistics for none of the weights "
+            "to quantize: was it recorded on another model?"
         )
-    return statistics
 
 
 def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> None:
-    options = plan.options
-    policy = LayerPolicy(
-        plan.preset,
-        options.min_tensor_size,
-        options.include,
-        options.exclude,
-        options.t5xxl,
-        options.keep_distillation,
-        plan.prefix,
-    )
+    options, keys = plan.options, list(source.tensors)
+    blocks = block_prefixes(keys)
+    policy = LayerPolicy(plan.preset, *_user_rules(options), plan.prefix, blocks)
+    text_encoders = _text_encoder_policies(keys, options, plan.prefix, blocks)
     activation_of = _activation_rule(source, plan, poll)
     groups: dict[str, list[str]] = {}
     for name, info in source.tensors.items():
-        decision = policy.decide(name, info.dtype, info.shape)
+        owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
+        decision = owner.decide(name, info.dtype, info.shape)
         plan.decisions[name] = (decision.quantize, decision.reason)
         if not decision.quantize:
             plan.items.append([name])
             plan.entries.append(TensorInfo(name, info.dtype, info.shape))
             plan.outputs[name] = [name]
             continue
-        plan.activations[name] = activation_of(name)
+        # ComfyUI multiplies text encoders in full precision: no input scale, no fp8 matmul marker.
+        plan.activations[name] = activation_of(name) if owner is policy else formats.PLAIN
         layer = plan.layout.layer_entries(name, info.shape, plan.dtype, plan.activations[name])
         plan.entries += layer
         plan.outputs[name] = [entry.name for entry in layer]
@@ -256,13 +266,43 @@ def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) ->
     if not plan.activations:
         raise ValueError(
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
-            "(is the input already FP8-scaled? see the settings preset, include and min_tensor_size)"
+            "(is the input already FP8-scaled? see the settings preset, include and min_tensor_size); "
+            f"family: {plan.preset.family}"
         )
     plan.markers = plan.layout.markers(plan.prefix, plan.dtype, options.shared_scales)
+    for owner in text_encoders:
+        if any(plan.decisions[k][0] for k in keys if k.startswith(owner.prefix)):
+            plan.markers.update(plan.layout.markers(owner.prefix, plan.dtype, options.shared_scales))
     for key, tensor in plan.markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         plan.entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+
+
+def _user_rules(options: ConvertOptions) -> tuple:
+    """The LayerPolicy arguments every part of a file shares: size threshold, regexes, the original
+    script's keep flags."""
+    return options.min_tensor_size, options.include, options.exclude, options.t5xxl, options.keep_distillation
+
+
+def _text_encoder_policies(
+    keys: list[str], options: ConvertOptions, prefix: str, blocks: frozenset[str]
+) -> list[LayerPolicy]:
+    """With ``text_encoders``, a policy per T5 / LLM text encoder inside a full checkpoint; by default
+    only the diffusion model of a full checkpoint is converted."""
+    if not options.text_encoders:
+        return []
+    if not prefix:
+        raise ValueError("'text encoders' applies to full checkpoints (model + VAE + text encoders) only")
+    if not formats.layout(options.format).loads_in_stock_comfyui:
+        raise ValueError("'text encoders' needs format comfy or legacy: ComfyUI's checkpoint loader reads those")
+    found = text_encoders_in_checkpoint(keys)
+    if not found:
+        raise ValueError(
+            "'text encoders': this checkpoint holds no T5 or LLM text encoder ComfyUI reads quantized "
+            "(CLIP is always kept whole)"
+        )
+    return [LayerPolicy(preset, *_user_rules(options), te_prefix, blocks) for te_prefix, preset in found.items()]
 
 
 def _activation_rule(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> Callable[[str], formats.Activation]:
@@ -327,13 +367,14 @@ def convert(
     """
     started = time.perf_counter()
     path = getattr(source, "path", None)
+    protect = run_inputs(options, *([path] if path else []))
+    check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
     job = Job(check_interrupt, activity)
     with plan_conversion(source, options, job.poll) as plan:
         metadata = output_metadata(source, plan)
         items, entries, markers = plan.items, plan.entries, plan.markers
         if options.shard:  # a part of the output, to be joined with the others (``shards.join_shards``)
             items, entries, markers, metadata = _shard_part(plan, options.shard, metadata)
-        protect = (Path(path),) if path else ()
         with atomic_output(output, overwrite=options.overwrite, protect=protect) as file:
             writer = SafetensorsWriter(file, entries, metadata)
             for key, tensor in markers.items():
@@ -393,6 +434,12 @@ class _Run:
         return sum(t.nbytes for result in results for t in result.tensors.values())
 
 
+def run_inputs(options: ConvertOptions, *paths: str | os.PathLike) -> tuple[str | os.PathLike, ...]:
+    """Every file a run reads: ``paths`` and the calibration file. None of them may become the
+    output, and none may change while the run works (``atomic.atomic_output``)."""
+    return (*paths, *([options.calibration] if options.calibration else []))
+
+
 def output_metadata(source: TensorSource, plan: Plan) -> dict[str, str]:
     """The output header's metadata: the source's own, plus the converter's description."""
     return {**source.metadata, "quant_core": json.dumps(_describe(plan))}
@@ -446,10 +493,11 @@ def _quantize_group(
     for name in names:
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
-        amax = max(fp8.absmax(tensors[name]) for name in names)
-    if not math.isfinite(amax):  # NaN and Inf both surface in the absolute maximum
-        for name in names:
+        amaxes = [fp8.absmax(tensors[name]) for name in names]
+    for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's maximum
+        if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
+    amax = max(amaxes)  # all finite: Python's max would pass over a NaN that is not first
     try:
         scale = plan.layout.stored_scale(fp8.scale_for(amax, plan.dtype))
     except codec.ScaleOutOfRangeError as exc:

@@ -151,6 +151,13 @@ OPTIONS: tuple[Option, ...] = (
         maximum=2**31 - 1,
     ),
     Option(
+        "text_encoders",
+        bool,
+        False,
+        "full checkpoints: also convert the T5 / LLM text encoders inside (CLIP stays whole); off: the "
+        "diffusion model only",
+    ),
+    Option(
         "keep_distillation",
         bool,
         False,
@@ -284,6 +291,7 @@ class ConvertOptions:
     exclude: list[str] = _default("exclude")
     t5xxl: bool = _default("t5xxl")
     keep_distillation: bool = _default("keep_distillation")
+    text_encoders: bool = _default("text_encoders")
     calibration: str | None = _default("calibration")
     input_scales: bool = _default("input_scales")
     full_precision: list[str] = _default("full_precision")

@@ -194,7 +194,8 @@ def _row_blocks(weight: torch.Tensor, max_elements: int) -> list[slice]:
 
 
 def _squared_norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor)) ** 2
+    """Summed in float64: the squares of float32 weights near 1e20 and above overflow float32."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
 
 
 def _optimise_block(

@@ -18,7 +18,6 @@ from quant_core.calibration import (
     save_statistics,
     statistics_tensors,
 )
-from quant_core.cli import main
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.gptq import round_gptq
 
@@ -218,19 +217,6 @@ def test_statistics_of_another_model_are_refused(tmp_path):
     options = ConvertOptions(preset="none", min_tensor_size=0, calibration=str(tmp_path / "calibration.safetensors"))
     with pytest.raises(ValueError, match="another model"):
         convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
-    assert not (tmp_path / "out.safetensors").exists()
-
-
-def test_a_calibration_file_naming_none_of_the_weights_is_refused_on_the_command_line(tmp_path, capsys):
-    """The engine's rule, so the CLI refuses it as the nodes do, rather than converting uncalibrated."""
-    model_file(small_model(), tmp_path / "model.safetensors")
-    other = torch.nn.ModuleDict({"elsewhere": torch.nn.Linear(8, 64)})
-    with Recorder(other) as recorder:
-        other["elsewhere"](torch.randn(10, 8))
-    recorder.save(tmp_path / "calibration.safetensors")
-    argv = ["--input", str(tmp_path / "model.safetensors"), "--calibration", str(tmp_path / "calibration.safetensors")]
-    assert main([*argv, "--output", str(tmp_path / "out.safetensors"), "--quiet"]) == 1
-    assert "has statistics for none of the weights of this model" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
 
 

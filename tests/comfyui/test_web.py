@@ -10,6 +10,7 @@ PATH) and the ``playwright`` Python package (no browser download: it drives the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -102,15 +103,21 @@ def _get(url: str) -> tuple[int, str, str]:
 def server(tiny_flux, tmp_path_factory):
     """A ComfyUI server with this pack, a test node that makes conditioning for the tiny Flux, and two
     small models; yields (base URL, base directory)."""
+    with comfyui_server(tiny_flux[0], tmp_path_factory.mktemp("comfy_base")) as (url, base, _):
+        yield url, base
+
+
+@contextlib.contextmanager
+def comfyui_server(flux_file: Path, base: Path):
+    """Start ComfyUI with ``base`` as its base directory; yields (URL, base, process), stops it at the end."""
     if importlib.util.find_spec("comfyui_frontend_package") is None:
         pytest.skip("comfyui-frontend-package is not installed in this Python")
-    base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "fp8_test_conditioning.py").write_text(TEST_CONDITIONING_NODE)
     models = base / "models" / "diffusion_models"
     models.mkdir(parents=True)
-    shutil.copyfile(tiny_flux[0], models / "tiny_flux_bf16.safetensors")
+    shutil.copyfile(flux_file, models / "tiny_flux_bf16.safetensors")
     from quant_core import io
 
     # one weight too large for the ultra8 scale codec: the engine stops with an error mid-run
@@ -151,7 +158,7 @@ def server(tiny_flux, tmp_path_factory):
             except OSError:
                 pass
             time.sleep(0.5)
-        yield url, base
+        yield url, base, process
     finally:
         process.terminate()
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import re
+import struct
 
 import pytest
 import torch
@@ -245,7 +248,7 @@ def test_report_text_lists_the_worst_layers(pack, comfy, tiny_model):
 def test_report_text_without_quantized_layers(pack, comfy, tiny_model):
     summary = dataclasses.replace(_summary(pack, comfy, tiny_model), reports=[])
     text = pack.conversion.report_text(summary)
-    assert text == summary.text() and "worst layers" not in text
+    assert text == summary.text() + "\n" + pack.conversion.CHECKED and "worst layers" not in text
 
 
 def test_report_text_of_a_real_run(pack, comfy, tiny_model):
@@ -253,6 +256,23 @@ def test_report_text_of_a_real_run(pack, comfy, tiny_model):
     text = pack.conversion.report_text(summary)
     listed = re.findall(r"^ +\d+\.\d{3}% +(\S+)$", text, flags=re.M)
     assert len(listed) == 4 and set(listed) == {r.name for r in summary.reports if r.quantized}
+    assert pack.conversion.CHECKED in text
+
+
+def test_a_file_damaged_on_its_way_to_disk_is_refused_and_removed(pack, comfy, tiny_model, files_below, monkeypatch):
+    """The node reads the written file back before it reports success: here a storage fault turns
+    every 4-byte write (the float32 scales) into NaN."""
+    real_pwrite = os.pwrite
+
+    def corrupting(fd, data, offset):
+        return real_pwrite(fd, struct.pack("<f", math.nan) if len(data) == 4 else data, offset)
+
+    monkeypatch.setattr(os, "pwrite", corrupting)
+    with pytest.raises(RuntimeError, match="loader-contract check"):
+        _summary(pack, comfy, tiny_model)
+    assert files_below(comfy.models) == []
+    assert comfy.server.events("fp8_scaled.done") == []
+    assert "not positive and finite" in comfy.server.events("fp8_scaled.error")[-1]["message"]
 
 
 def test_a_bad_prefix_is_reported_before_anything_runs(pack, comfy, tiny_model, files_below):

@@ -23,6 +23,7 @@ def test_the_nodes_show_the_tables_node_rows_in_widget_order(pack):
         "lr",
         "reg_lambda",
         "min_tensor_size",
+        "text_encoders",
         "keep_distillation",
         "exclude",
         "include",
@@ -44,6 +45,7 @@ def test_widgets_map_to_options(pack):
         preset="flux",
         keep_distillation=True,
         t5xxl=True,
+        text_encoders=True,
         seed=7,
         device="cpu",
     )
@@ -58,6 +60,7 @@ def test_widgets_map_to_options(pack):
     )
     assert (options.shared_scales, options.min_tensor_size, options.preset) == (False, 16, "flux")
     assert (options.keep_distillation, options.t5xxl, options.device) == (True, True, "cpu")
+    assert options.text_encoders is True
 
 
 def test_regex_widgets_hold_one_pattern_per_line(pack):
