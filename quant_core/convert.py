@@ -69,6 +69,7 @@ class ConvertOptions:
     keep_distillation: bool = False
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
     input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
+    uncalibrated_fp8_compute: bool = False  # layers without an input_scale run fp8 compute at scale 1 too
     full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
     full_precision_above: float | None = None  # ... and layers whose fp8 inputs would add more output error
     parallel: bool = False
@@ -230,7 +231,8 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
             "(is the input already FP8-scaled? see --preset, --include, --min_tensor_size)"
         )
-    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales)
+    full = formats.legacy_full_precision(activations) if options.format == "legacy" else True
+    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales, full)
     for key, tensor in markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
@@ -243,15 +245,24 @@ def _activation_rule(
     source: TensorSource, options: ConvertOptions, prefix: str
 ) -> Iterator[Callable[[str], formats.Activation]]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
-    written because both change the header. A weight gets an input scale when the calibration file
-    has its statistics (``_quantize_group`` fills in the value); it is full precision when it
-    matches ``--full_precision``, or when ``--full_precision_above`` is set and rounding its
-    recorded inputs to fp8 is predicted to add more relative output error than that (which reads
-    the weight and its statistics once more)."""
+    written because both change the header.
+
+    A weight gets an input scale with ``--input_scales`` when the calibration file has its
+    statistics (``_quantize_group`` fills in the value). It is full precision (weight-only: ComfyUI
+    dequantizes it even on a GPU with fp8 compute) when it has no input scale, unless
+    ``--uncalibrated_fp8_compute`` asks for ComfyUI's scale of 1; when it matches
+    ``--full_precision``; or when ``--full_precision_above`` is set and rounding its recorded inputs
+    to fp8 is predicted to add more relative output error than that (which reads the weight and
+    its statistics once more)."""
     patterns = [compile_regex(p, "--full_precision") for p in options.full_precision]
     threshold = options.full_precision_above
+    uncalibrated = options.uncalibrated_fp8_compute
+
+    def flagged(name: str, input_scale: float | None) -> bool:
+        return (input_scale is None and not uncalibrated) or any(p.search(name) for p in patterns)
+
     if not options.input_scales and threshold is None:
-        yield lambda name: formats.Activation(None, any(p.search(name) for p in patterns))
+        yield lambda name: formats.Activation(None, flagged(name, None))
         return
     if not options.calibration:
         raise ValueError("--input_scales and --full_precision_above need --calibration: recorded input statistics")
@@ -266,8 +277,9 @@ def _activation_rule(
 
         def planned(name: str) -> formats.Activation:
             recorded = statistics.key(name) is not None
-            full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
-            return formats.Activation(1.0 if recorded and options.input_scales else None, full)
+            input_scale = 1.0 if recorded and options.input_scales else None
+            full = flagged(name, input_scale) or (threshold is not None and recorded and hurts(name))
+            return formats.Activation(input_scale, full)
 
         yield planned
 
