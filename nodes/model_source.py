@@ -76,7 +76,7 @@ class ModelSource:
             return None
         if key in self.model.backup:
             value = self.model.backup[key].weight
-        if key in getattr(self.model, "hook_backup", {}):
+        if key in self.model.hook_backup:
             value = self.model.hook_backup[key][0]
         return value if isinstance(value, torch.Tensor) else None
 
@@ -85,7 +85,7 @@ class ModelSource:
         info = self.tensors[name]
         weight = _plain(self._original(key)).detach()
         patches = self.model.patches.get(key)
-        wrappers = getattr(self.model, "weight_wrapper_patches", {}).get(key, [])
+        wrappers = self.model.weight_wrapper_patches.get(key, [])
         if patches or wrappers:
             weight = weight.to(self.device, torch.float32, copy=True)
             if patches:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +30,7 @@ from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
-from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
+from .rounding import RoundingOptions, RoundingResult, release_tables, round_learned, round_nearest
 
 ROUNDING_METHODS = {
     "auto": "GPTQ where --calibration has statistics, round-to-nearest elsewhere",
@@ -322,7 +323,21 @@ def convert(
 
     ``pool`` holds the memory of round-to-nearest's outputs; pass the source's own pool (as
     ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
+    However it ends, the conversion holds no tensor on a GPU afterwards: the rounding's cached
+    tables are dropped, and a failure's traceback keeps its lines but not the local variables of
+    its frames (a GPU weight in a failed stage would otherwise stay allocated for as long as the
+    caller keeps the exception, e.g. ComfyUI while it reports the error).
     """
+    try:
+        return _convert(source, output, options, progress, check_interrupt, calibration, protect, source_label, pool)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_tables()
+
+
+def _convert(source, output, options, progress, check_interrupt, calibration, protect, source_label, pool) -> Summary:
     started = time.perf_counter()
     plan = plan_conversion(source, options)
     reports: list[TensorReport] = []

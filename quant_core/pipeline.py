@@ -8,7 +8,9 @@ the bytes in flight (sources read but not yet computed, results computed but not
 stay within ``budget``; one item is always allowed, whatever its size. Torch kernels and file
 I/O release the GIL, so threads are enough. Results are written in completion order (the writer
 places each tensor by its header offset, so order does not matter), and an exception from any
-stage reaches the caller.
+stage reaches the caller. However it ends, its queues are emptied: a failed stage's frame in the
+exception's traceback refers to the stage's function, and through its closure to the queues, so
+what a failure left unprocessed (GPU tensors included) would live as long as the exception.
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ def run_pipeline(
         stop.set()
         for thread in threads:
             thread.join()
+        for pending in (loaded, done):
+            with pending.mutex:
+                pending.queue.clear()
 
 
 @contextlib.contextmanager
