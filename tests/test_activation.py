@@ -196,34 +196,34 @@ def test_convert_writes_calibrated_input_scales(recorded, tmp_path):
     assert not verify_files(str(checkpoint), str(output)).violations
 
 
+def converted_settings(checkpoint, output, options: ConvertOptions) -> dict[str, formats.Activation]:
+    """Convert, then read each ``Blocks`` layer's activation settings back from the file."""
+    convert_file(checkpoint, output, options)
+    with SafetensorsReader(output) as reader:
+        keys = set(reader.tensors)
+        return {n: formats.read_activation("comfy", f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
+
+
 @pytest.mark.parametrize("threshold, flagged", [(0.0, {"up", "down"}), (1.0, set())])
 def test_full_precision_where_fp8_inputs_are_predicted_to_hurt(recorded, tmp_path, threshold, flagged):
     """With uncalibrated fp8 compute asked for, only the threshold marks recorded layers weight-only."""
     checkpoint, calibration, _ = recorded
-    output = tmp_path / "out.safetensors"
     options = ConvertOptions(
         method="nearest", calibration=str(calibration), full_precision_above=threshold, uncalibrated_fp8_compute=True
     )
-    convert_file(checkpoint, output, options)
-    with SafetensorsReader(output) as reader:
-        keys = set(reader.tensors)
-        settings = {n: formats.read_activation("comfy", f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
-        full = {name for name, layer in settings.items() if layer.full_precision}
-        assert not any(k.endswith(".input_scale") for k in keys), "input scales only with --input_scales"
+    settings = converted_settings(checkpoint, tmp_path / "out.safetensors", options)
+    assert all(layer.input_scale is None for layer in settings.values()), "input scales only with --input_scales"
+    full = {name for name, layer in settings.items() if layer.full_precision}
     assert full == flagged, "unrecorded layers have no prediction and stay fp8"
 
 
 @pytest.mark.parametrize("threshold, flagged", [(0.0, {"up", "down", "unrecorded"}), (1.0, {"unrecorded"})])
 def test_calibrated_layers_stay_fp8_compute_below_the_threshold(recorded, tmp_path, threshold, flagged):
     checkpoint, calibration, _ = recorded
-    output = tmp_path / "out.safetensors"
     options = ConvertOptions(
         method="nearest", calibration=str(calibration), input_scales=True, full_precision_above=threshold
     )
-    convert_file(checkpoint, output, options)
-    with SafetensorsReader(output) as reader:
-        keys = set(reader.tensors)
-        settings = {n: formats.read_activation("comfy", f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
+    settings = converted_settings(checkpoint, tmp_path / "out.safetensors", options)
     assert {name for name, layer in settings.items() if layer.full_precision} == flagged
     assert {name for name, layer in settings.items() if layer.input_scale is not None} == {"up", "down"}
 
