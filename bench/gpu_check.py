@@ -28,7 +28,8 @@ What counts as a mismatch (exit status 1), per quantized layer:
 - quality: the candidate's relative output error ``||X (Wq - W)^T|| / ||X W^T||`` on fixed
   standard-normal inputs (float64, the same X for both) exceeds the reference's by more than the
   path's budget: 0.1 % relative for round-to-nearest, 2 % for GPTQ, 10 % for learned rounding;
-- left: device memory still allocated after the conversion (CUDA only).
+- left: device memory still allocated after the conversion (CUDA only; cuBLAS's workspaces, which
+  torch keeps per thread, are cleared first).
 
 The Recorder path passes when every layer's row counts and input maximum are equal, exact Gram
 matrices and sketches agree to 1e-4 relative (Frobenius), and the held-out row samples agree to
@@ -240,6 +241,9 @@ def measured(row: Row, device: torch.device) -> Iterator[None]:
     row.seconds = time.perf_counter() - started
     if cuda:
         gc.collect()  # what is only garbage does not count as left
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces:  # cuBLAS's per-thread workspaces: torch's cache, not the converter's tensors
+            clear_workspaces()
         row.peak_mib = (
             sum(torch.cuda.max_memory_allocated(index) - b for index, b in zip(gpus, before, strict=True)) / 2**20
         )

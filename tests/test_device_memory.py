@@ -93,7 +93,13 @@ def _new_device_tensors(before: dict[int, weakref.ref]) -> list[tuple[str, tuple
 
 
 def _allocated() -> int:
-    return torch.cuda.memory_allocated(DEVICE) if DEVICE.type == "cuda" else 0
+    """Bytes allocated on the CUDA device, cuBLAS's per-thread workspaces (torch's cache) cleared first."""
+    if DEVICE.type != "cuda":
+        return 0
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces:
+        clear_workspaces()
+    return torch.cuda.memory_allocated(DEVICE)
 
 
 METHODS = {
