@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--self-test", action="store_true", help="candidate on the CPU too (other thread count)")
     parser.add_argument("--hidden", type=int, default=None, help="model width (default 1024; 32 with --self-test)")
-    parser.add_argument("--blocks", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--blocks", type=int, default=None, help="transformer blocks (default 2; 1 with --self-test)")
     parser.add_argument("--rows", type=int, default=None, help="calibration batches of 4 tokens (default 256; 16)")
     parser.add_argument("--rank", type=int, default=None, help="sketch rank (default 128; 8 with --self-test)")
     parser.add_argument("--num-iter", type=int, default=None, help="learned rounding iterations (default 200; 10)")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="folder for the temporary files (default: the system's)")
     args = parser.parse_args(argv)
     small = args.self_test
-    for name, full, tiny in (("hidden", 1024, 32), ("rows", 256, 16), ("rank", 128, 8)):
+    for name, full, tiny in (("hidden", 1024, 32), ("blocks", 2, 1), ("rows", 256, 16), ("rank", 128, 8)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if small else full)
     for name, full, tiny in (("num_iter", 200, 10), ("calib_samples", 96, 16)):
