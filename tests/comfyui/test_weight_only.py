@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from quant_core import formats
+from quant_core.calibration import Recorder
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.decode import decode_file
 from quant_core.io import SafetensorsReader
@@ -99,3 +100,26 @@ def test_legacy_marker_reaches_comfyui_as_full_precision(comfy, converted, monke
         assert reader.tensors[formats.LEGACY_MARKER].shape == (2,)
     _, layers, _ = _load(comfy, monkeypatch, converted["legacy"], fp8_compute=True)
     assert all(layer._full_precision_mm_config for layer in layers)
+
+
+def test_calibrated_legacy_file_runs_fp8_compute_with_its_input_scales(comfy, tiny_flux, monkeypatch, tmp_path):
+    """``--format legacy --input_scales`` with statistics for every quantized layer: the empty marker,
+    so ComfyUI multiplies every layer in fp8, each at its own ``scale_input``."""
+    path, model, inputs = tiny_flux
+    calibration = tmp_path / "calibration.safetensors"
+    with Recorder(model) as recorder:
+        forward(model, inputs)
+    recorder.save(calibration)
+    output = tmp_path / "legacy_scaled.safetensors"
+    options = ConvertOptions(format="legacy", method="nearest", calibration=str(calibration), input_scales=True)
+    convert_file(path, output, options)
+    with SafetensorsReader(output) as reader:
+        assert reader.tensors[formats.LEGACY_MARKER].shape == (0,)
+        scales = {
+            k.removesuffix(".scale_input"): float(reader.read(k)) for k in reader.tensors if k.endswith(".scale_input")
+        }
+    _, layers, _ = _load(comfy, monkeypatch, output, fp8_compute=True)
+    assert len(layers) == len(scales) and not any(layer._full_precision_mm for layer in layers)
+    model_layers = dict(comfy.sd.load_diffusion_model(str(output)).model.diffusion_model.named_modules())
+    for name, scale in scales.items():
+        assert float(model_layers[name].input_scale) == scale, name
