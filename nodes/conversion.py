@@ -6,14 +6,14 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..quant_core.calibration import RecordedStatistics
 from ..quant_core.convert import ConvertOptions, Summary, TensorSource, convert
+from ..quant_core.inspection import inspect_file
 from ..quant_core.io import SafetensorsReader
-from ..quant_core.policy import checkpoint_prefix
 from . import host
 from .model_source import ModelSource
 
 WORST_LAYERS = 5
+CHECKED = "checked   the written file read back and meets ComfyUI's loader contract"
 
 
 def convert_model(
@@ -42,9 +42,10 @@ def convert_checkpoint(
 
 
 def report_text(summary: Summary) -> str:
-    """The node's text output: the engine's summary plus the layers with the largest error."""
+    """The node's text output: the engine's summary, that the file was checked (every summary
+    the nodes report passed ``_check_written``), and the layers with the largest error."""
     worst = _worst(summary)
-    lines = [summary.text()]
+    lines = [summary.text(), CHECKED]
     if worst:
         lines.append("worst layers:")
         lines += [f"  {r.error_after:.3%}  {r.name}" for r in worst]
@@ -64,25 +65,9 @@ def _reported(node_id) -> Iterator[None]:
         host.free_memory()
 
 
-def _check_calibration(source: TensorSource, path: str | None) -> None:
-    """Refuse a calibration file that names none of the source's weights: the engine would silently
-    fall back to uncalibrated rounding (a file recorded on another model). A full checkpoint's
-    ``model.diffusion_model.`` keys match a recording of its diffusion model. Shape mismatches are
-    the engine's ``ValueError``."""
-    if not path:
-        return
-    with RecordedStatistics(path, checkpoint_prefix(list(source.tensors))) as statistics:
-        if not any(statistics.key(name) for name in source.tensors):
-            raise host.UserError(
-                f"the calibration file {Path(path).name} has statistics for none of the weights of this model: "
-                "was it recorded on another model?"
-            )
-
-
 def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
-    _check_calibration(source, options.calibration)
-    total_bytes = sum(info.nbytes for info in source.tensors.values())
-    progress = host.NodeProgress(node_id, len(source.tensors), total_bytes)
+    sizes = {name: info.nbytes for name, info in source.tensors.items()}
+    progress = host.NodeProgress(node_id, len(sizes), sum(sizes.values()), sizes)
     summary = convert(
         source,
         output,
@@ -91,9 +76,24 @@ def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, p
         check_interrupt=host.check_interrupt,
         protect=tuple(protect),
         source_label=label,
+        activity=progress.activity,
     )
+    _check_written(output)
     host.send("done", _done_event(summary, node_id))
     return summary
+
+
+def _check_written(output: Path) -> None:
+    """Read the written file back and check it against the loader contract before reporting
+    success (``inspect``: headers, scales, layer descriptions). A file that fails is removed: the
+    node writes new numbered files only, so it removes nothing but its own broken output."""
+    violations = inspect_file(str(output)).violations
+    if violations:
+        output.unlink()
+        raise RuntimeError(
+            f"the written file {output.name} failed the loader-contract check and was removed: "
+            + "; ".join(violations[:3])
+        )
 
 
 def _worst(summary: Summary) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,34 @@ def wrap_apply_model(model, key: str, wrapper):
 
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+    return clone
+
+
+def wrap_text_encoder(clip, record):
+    """A clone of the CLIP whose every prompt encoding runs as ``record(cond_stage_model, encode)``.
+
+    ComfyUI has no wrapper hook for text encoders, so the clone's two encode methods (the ones
+    ``CLIPTextEncode`` and its relatives call) are replaced on the clone alone: the input CLIP and
+    other branches of the graph are not recorded. ``encode_from_tokens_scheduled`` calls
+    ``encode_from_tokens``; the nested call is not recorded twice.
+    """
+    clone = clip.clone()
+    active = threading.local()
+
+    def recorded(method):
+        def encode(*args, **kwargs):
+            if getattr(active, "on", False):
+                return method(*args, **kwargs)
+            active.on = True
+            try:
+                return record(clone.cond_stage_model, lambda: method(*args, **kwargs))
+            finally:
+                active.on = False
+
+        return encode
+
+    for name in ("encode_from_tokens_scheduled", "encode_from_tokens"):
+        setattr(clone, name, recorded(getattr(clone, name)))
     return clone
 
 
@@ -215,13 +244,17 @@ def save_metadata(prompt: object, extra_pnginfo: object) -> dict[str, str]:
 
 @dataclass
 class NodeProgress:
-    """Drives ComfyUI's progress bar and the web extension's live panel from the engine's reports."""
+    """Drives ComfyUI's progress bar and the web extension's live panel from the engine's reports:
+    each finished tensor (``__call__``) and, every half second, the tensor being rounded
+    (``activity``), so that a long tensor moves the bar, names itself and ticks elapsed and ETA."""
 
     node_id: str | None
     total: int
     total_bytes: int  # the ETA follows bytes, since kept tensors cost almost nothing
+    sizes: dict[str, int] = field(default_factory=dict)  # source bytes per tensor, for the ETA inside one
     started: float = field(default_factory=time.perf_counter)
     done_bytes: int = 0
+    index: int = 0
     errors: list[float] = field(default_factory=list)
     quantized: int = 0
 
@@ -231,24 +264,46 @@ class NodeProgress:
         self.bar = comfy.utils.ProgressBar(self.total, node_id=self.node_id)
 
     def __call__(self, report) -> None:
+        self.index = report.index
         self.bar.update_absolute(report.index, report.total)
         if report.quantized:
             self.quantized += 1
             self.errors.append(report.error_after)
         self.done_bytes += report.nbytes
+        self._send(report.name, self.done_bytes)
+
+    def activity(self, activity) -> None:
+        """A ``quant_core.job.Activity``: the tensor being rounded, or ``cancelling`` once the user cancelled."""
+        fraction = activity.done / activity.total if activity.total else 0.0
+        if not activity.cancelling:  # ComfyUI's bar hook checks for interrupts: not while stopping
+            self.bar.update_absolute(round(self.index + fraction, 3), self.total)
+        done = self.done_bytes + fraction * self.sizes.get(activity.name, 0)
+        working = {
+            "working": not activity.cancelling,
+            "cancelling": activity.cancelling,
+            "method": activity.method,
+            "step": activity.done,
+            "steps": activity.total,
+            "unit": activity.unit,
+            "tensor_seconds": round(activity.seconds, 2),
+        }
+        self._send(activity.name, done, working)
+
+    def _send(self, tensor: str, done_bytes: float, working: dict | None = None) -> None:
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / self.done_bytes * (self.total_bytes - self.done_bytes) if self.done_bytes else 0.0
+        eta = elapsed / done_bytes * (self.total_bytes - done_bytes) if done_bytes else 0.0
         send(
             "progress",
             {
                 "node": self.node_id,
-                "tensor": report.name,
-                "index": report.index,
-                "total": report.total,
+                "tensor": tensor,
+                "index": self.index,
+                "total": self.total,
                 "quantized": self.quantized,
-                "kept": report.index - self.quantized,
+                "kept": self.index - self.quantized,
                 "elapsed": round(elapsed, 2),
-                "eta": round(eta, 2),
+                "eta": round(max(eta, 0.0), 2),
                 "error": sum(self.errors) / len(self.errors) if self.errors else 0.0,
+                **(working or {"working": False, "cancelling": False}),
             },
         )

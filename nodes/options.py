@@ -30,6 +30,7 @@ def convert_options(
     include: str = "",
     keep_distillation: bool = False,
     t5xxl: bool = False,
+    text_encoders: bool = False,
     seed: int = 0,
     device: str | None = None,
     calibration: str | None = None,
@@ -42,8 +43,6 @@ def convert_options(
         raise ValueError(f"fp8_compute must be one of {list(FP8_COMPUTE)}, not {fp8_compute!r}")
     if fp8_compute == "calibrated" and not calibration:
         raise ValueError("fp8_compute 'calibrated' needs a calibration file (input scales come from its statistics)")
-    if calibration and rounding == "nearest" and fp8_compute != "calibrated":  # the file would go unused
-        raise ValueError("a calibration file needs rounding 'auto' or 'learned' (GPTQ for the recorded layers)")
     return ConvertOptions(
         format=format,
         fp8_format=fp8_format,
@@ -58,6 +57,7 @@ def convert_options(
         exclude=_lines(exclude),
         t5xxl=t5xxl,
         keep_distillation=keep_distillation,
+        text_encoders=text_encoders,
         device=device,
         calibration=calibration,
         input_scales=fp8_compute == "calibrated",

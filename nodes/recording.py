@@ -1,4 +1,4 @@
-"""Recording calibration statistics while ComfyUI samples, free of the node API.
+"""Recording calibration statistics while ComfyUI samples or encodes prompts, free of the node API.
 
 A ``RecordingSession`` is an ``APPLY_MODEL`` wrapper (``host.wrap_apply_model``): for the duration of
 each call it hooks the diffusion model's Linear-like layers and feeds their inputs to one
@@ -8,6 +8,10 @@ hooks left on them would also record the input MODEL and other branches of the g
 *taps* instead: a module tree that mirrors the layers' paths and weight shapes (with no weight
 data), so its statistics carry the names ``ModelSource`` gives the weights — the paths below
 ``diffusion_model.`` — and the file converts the same MODEL or its diffusion-models file.
+
+The same session records a CLIP's text encoders (``host.wrap_text_encoder``: every prompt encoding of
+the CLIP clone), naming each layer as its ``text_encoders/`` file does: the path below the encoder's
+``transformer`` module (``encoder.block.3.layer.1.DenseReluDense.wo``, ``model.layers.7.mlp.up_proj``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant_core.calibration import Recorder, linear_like
-from ..quant_core.policy import LayerPolicy, detect_preset
+from ..quant_core.policy import LayerPolicy, block_prefixes, detect_preset
 from . import host
 
 WRAPPER_KEY = "fp8_scaled_record"
@@ -39,11 +43,12 @@ class _Tap(torch.nn.Module):
         return x
 
 
-def _quantized_by_default(diffusion_model: torch.nn.Module):
+def _quantized_by_default(model: torch.nn.Module):
     """Whether the converter, at its default settings, quantizes a layer: the model's preset keeps
-    e.g. Flux's modulation and embedders in full precision, and statistics for them would only cost
+    e.g. embedders and final layers in full precision, and statistics for them would only cost
     memory (a layer's dtype is checked when converting, not here)."""
-    policy = LayerPolicy(detect_preset(name for name, _ in diffusion_model.named_parameters()))
+    names = [name for name, _ in model.named_parameters()]
+    policy = LayerPolicy(detect_preset(names), blocks=block_prefixes(names))
 
     def wanted(path: str, module: torch.nn.Module) -> bool:
         return policy.decide(f"{path}.weight", torch.float32, tuple(module.weight.shape)).quantize
@@ -51,22 +56,43 @@ def _quantized_by_default(diffusion_model: torch.nn.Module):
     return wanted
 
 
-def _tap_tree(diffusion_model: torch.nn.Module, all_layers: bool) -> tuple[torch.nn.Module, dict[str, _Tap]]:
-    """A module tree with a tap at the path of every Linear-like layer to record, and the taps by path."""
+def diffusion_layers(diffusion_model: torch.nn.Module, all_layers: bool) -> dict[str, str]:
+    """Module path -> recorded name of each Linear-like layer to record (the name is the path)."""
     wanted = (lambda path, module: True) if all_layers else _quantized_by_default(diffusion_model)
+    return {
+        path: path
+        for path, module in diffusion_model.named_modules()
+        if path and linear_like(module) and wanted(path, module)
+    }
+
+
+def text_encoder_layers(cond_stage_model: torch.nn.Module, all_layers: bool) -> dict[str, str]:
+    """Module path -> recorded name for every text encoder of a CLIP (SD3's has three): the name is the
+    path below the encoder's ``transformer``, as the keys of its ``text_encoders/`` file."""
+    layers: dict[str, str] = {}
+    encoders: list[str] = []
+    for path, module in cond_stage_model.named_modules():
+        inside = any(path.startswith(f"{encoder}.") for encoder in encoders)  # a "transformer" within one
+        if path.rsplit(".", 1)[-1] == "transformer" and not inside:
+            encoders.append(path)
+            layers.update({f"{path}.{inner}": name for inner, name in diffusion_layers(module, all_layers).items()})
+    return layers
+
+
+def _tap_tree(model: torch.nn.Module, layers: dict[str, str]) -> tuple[torch.nn.Module, dict[str, _Tap]]:
+    """A module tree with a tap at the recorded name of every layer, and the taps by name."""
+    modules = dict(model.named_modules())
     root = torch.nn.Module()
     taps: dict[str, _Tap] = {}
-    for path, module in diffusion_model.named_modules():
-        if not path or not linear_like(module) or not wanted(path, module):
-            continue
-        *parents, leaf = path.split(".")
+    for path, name in layers.items():
+        *parents, leaf = name.split(".")
         owner = root
         for part in parents:
             if not hasattr(owner, part):
                 owner.add_module(part, torch.nn.Module())
             owner = getattr(owner, part)
-        taps[path] = _Tap(module.weight.shape)
-        owner.add_module(leaf, taps[path])
+        taps[name] = _Tap(modules[path].weight.shape)
+        owner.add_module(leaf, taps[name])
     return root, taps
 
 
@@ -105,15 +131,17 @@ class RecordingSession:
     statistics go past the cap.
     """
 
-    def __init__(self, max_bytes: int, node_id: str | None = None, all_layers: bool = False):
+    def __init__(self, max_bytes: int, node_id: str | None = None, all_layers: bool = False, select=diffusion_layers):
         self.max_bytes = max_bytes
         self.node_id = node_id
         self.all_layers = all_layers
+        self.select = select  # the layers to record: diffusion_layers or text_encoder_layers
         self._lock = threading.Lock()  # ComfyUI's multi-GPU sampling calls the model from several threads
         self._start()
 
     def _start(self) -> None:
         self.recorder: Recorder | None = None
+        self._layers: dict[str, str] = {}  # module path -> recorded name
         self._taps: dict[str, _Tap] = {}
         self._fed: set[str] = set()
         self._over_cap: set[str] = set()
@@ -121,45 +149,51 @@ class RecordingSession:
         self.rows = 0
 
     def __call__(self, executor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The APPLY_MODEL wrapper: record while the clone's diffusion model runs, then unhook."""
-        handles = self._hook(executor.class_obj.diffusion_model)
+        """The APPLY_MODEL wrapper: record while the clone's diffusion model runs."""
+        return self.record(executor.class_obj.diffusion_model, lambda: executor(x, *args, **kwargs), x.shape[0])
+
+    def record(self, model: torch.nn.Module, run, rows: int = 1):
+        """Hook ``model``'s layers, ``run()``, unhook; counts one call on ``rows`` batch rows."""
+        handles = self._hook(model)
         try:
-            output = executor(x, *args, **kwargs)
+            output = run()
         finally:
             for handle in handles:
                 handle.remove()
         with self._lock:
             self.calls += 1
-            self.rows += x.shape[0]
+            self.rows += rows
         host.progress_text(self.node_id, self.status())
         return output
 
-    def _hook(self, diffusion_model: torch.nn.Module) -> list:
+    def _hook(self, model: torch.nn.Module) -> list:
         with self._lock:
             if self.recorder is None:
-                root, self._taps = _tap_tree(diffusion_model, self.all_layers)
+                self._layers = self.select(model, self.all_layers)
+                root, self._taps = _tap_tree(model, self._layers)
                 self.recorder = Recorder(root)
         return [
-            module.register_forward_hook(self._feeder(path))
-            for path, module in diffusion_model.named_modules()
-            if path in self._taps
+            module.register_forward_hook(self._feeder(self._layers[path]))
+            for path, module in model.named_modules()
+            if path in self._layers
         ]
 
-    def _feeder(self, path: str):
-        tap = self._taps[path]
+    def _feeder(self, name: str):
+        tap = self._taps[name]
 
         def feed(module, inputs, output) -> None:
+            host.check_interrupt()  # per layer: recording makes each model call slower than sampling checks for
             if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != tap.in_features:
                 return  # not called as a Linear: the Recorder would ignore it too
             with self._lock:
-                if path in self._over_cap:
+                if name in self._over_cap:
                     return
-                if path not in self._fed:
+                if name not in self._fed:
                     if self.recorder.nbytes >= self.max_bytes:
-                        self._over_cap.add(path)
-                        logging.warning("FP8 calibration: memory cap reached, %s is not recorded", path)
+                        self._over_cap.add(name)
+                        logging.warning("FP8 calibration: memory cap reached, %s is not recorded", name)
                         return
-                    self._fed.add(path)
+                    self._fed.add(name)
                 tap(inputs[0])
 
         return feed
@@ -180,10 +214,12 @@ class RecordingSession:
         starts anew, or with ``keep`` go on accumulating (for queued runs over many prompts)."""
         if not self._fed:
             raise host.UserError(
-                "nothing was recorded since the last save: sample with the MODEL output of "
-                "'Record FP8 Calibration' (a cached KSampler does not run again: change its seed)"
+                "nothing was recorded since the last save: sample with the MODEL output of 'Record FP8 "
+                "Calibration', or encode prompts with the CLIP output of 'Record FP8 Text Encoder Calibration' "
+                "(a cached node does not run again: change its seed or prompt; CLIP-L/G have no layers to record, "
+                "the converter keeps them whole)"
             )
-        self.recorder.save(path)
+        self.recorder.save(path, step=lambda *_: host.check_interrupt())  # a factor per layer: seconds in all
         report = RecordingReport(
             str(path), len(self._fed), sorted(self._over_cap), self.calls, self.rows, self.recorder.nbytes, keep
         )
@@ -199,6 +235,14 @@ def record_model(
     """A clone of ``model`` whose sampling runs are recorded, and the session that holds the recording."""
     session = RecordingSession(max_mib * MIB, node_id, all_layers)
     return host.wrap_apply_model(model, WRAPPER_KEY, session), session
+
+
+def record_text_encoder(
+    clip, max_mib: int, node_id: str | None = None, all_layers: bool = False
+) -> tuple[object, RecordingSession]:
+    """A clone of ``clip`` whose prompt encodings are recorded, and the session that holds the recording."""
+    session = RecordingSession(max_mib * MIB, node_id, all_layers, text_encoder_layers)
+    return host.wrap_text_encoder(clip, session.record), session
 
 
 def save_recording(session: RecordingSession, filename_prefix: str, keep: bool = False) -> RecordingReport:

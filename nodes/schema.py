@@ -15,7 +15,7 @@ from ..quant_core.policy import AUTO, PRESETS
 from . import conversion, host
 from .loading import load_fp8_model
 from .options import FP8_COMPUTE, ROUNDING_METHODS, convert_options
-from .recording import record_model, save_recording
+from .recording import record_model, record_text_encoder, save_recording
 
 CATEGORY = "quantization/fp8"
 ALIASES = ["fp8", "quantize", "scaled fp8", "compress model", "fp8 scaled", "convert"]
@@ -92,6 +92,13 @@ def _option_inputs() -> list:
             max=2**31 - 1,
             advanced=True,
             tooltip="quantize only weights with at least this many elements",
+        ),
+        io.Boolean.Input(
+            "text_encoders",
+            default=False,
+            advanced=True,
+            tooltip="full checkpoints: also convert the T5 / LLM text encoders inside (CLIP stays whole); "
+            "off: the diffusion model only",
         ),
         io.Boolean.Input(
             "keep_distillation",
@@ -276,7 +283,7 @@ class RecordFP8Calibration(io.ComfyNode):
                     options=list(RECORDED_LAYERS),
                     default="quantized",
                     tooltip="quantized: the layers the converter quantizes at its default settings (the model's "
-                    "preset keeps e.g. modulation and embedders); all: every Linear layer, for conversions with "
+                    "preset keeps e.g. embedders and final layers); all: every Linear layer, for conversions with "
                     "include regexes or another preset",
                 ),
             ],
@@ -289,6 +296,45 @@ class RecordFP8Calibration(io.ComfyNode):
         return io.NodeOutput(*record_model(model, max_memory_mib, cls.hidden.unique_id, layers == "all"))
 
 
+class RecordFP8TextEncoderCalibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FP8ScaledRecordTextEncoderCalibration",
+            display_name="Record FP8 Text Encoder Calibration",
+            category=CATEGORY,
+            search_aliases=CALIBRATION_ALIASES,
+            description="Encode your prompts with the CLIP output as usual (CLIPTextEncode): every encoding records "
+            "what each Linear layer of the text encoders (T5, UMT5, Qwen, Mistral, Gemma, Llama) sees, for GPTQ "
+            "rounding of their text_encoders/ file. The input CLIP is not recorded; CLIP-L/G are kept whole by the "
+            "converter and have nothing to record. Save with 'Save FP8 Calibration'. Text encoders get no input "
+            "scales: ComfyUI multiplies them in full precision.",
+            inputs=[
+                io.Clip.Input("clip"),
+                io.Int.Input(
+                    "max_memory_mib",
+                    default=4096,
+                    min=16,
+                    max=2**20,
+                    tooltip="memory the recording may hold (CPU); layers first seen after the cap are not recorded",
+                ),
+                io.Combo.Input(
+                    "layers",
+                    options=list(RECORDED_LAYERS),
+                    default="quantized",
+                    tooltip="quantized: the layers the converter quantizes at its default settings; all: every "
+                    "Linear layer, for conversions with include regexes or another preset",
+                ),
+            ],
+            outputs=[io.Clip.Output(), Recording.Output("recording")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, clip, max_memory_mib, layers) -> io.NodeOutput:
+        return io.NodeOutput(*record_text_encoder(clip, max_memory_mib, cls.hidden.unique_id, layers == "all"))
+
+
 class SaveFP8Calibration(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -297,13 +343,15 @@ class SaveFP8Calibration(io.ComfyNode):
             display_name="Save FP8 Calibration",
             category=CATEGORY,
             search_aliases=CALIBRATION_ALIASES,
-            description="Writes what 'Record FP8 Calibration' recorded into models/fp8_calibration and frees it "
+            description="Writes what 'Record FP8 Calibration' (or its text-encoder twin) recorded into "
+            "models/fp8_calibration and frees it "
             "(unless keep_recording); connect 'path' to a convert node's calibration_path.",
             inputs=[
                 Recording.Input("recording"),
                 io.AnyType.Input(
                     "after",
-                    tooltip="the sampler's LATENT (or anything made from it): the file is written after sampling",
+                    tooltip="the sampler's LATENT or the CONDITIONING (or anything made from them): the file is "
+                    "written after they are computed",
                 ),
                 io.String.Input("filename_prefix", default="calibration"),
                 io.Boolean.Input(
@@ -332,6 +380,7 @@ class FP8ScaledExtension(ComfyExtension):
             LoadFP8Scaled,
             InspectFP8Scaled,
             RecordFP8Calibration,
+            RecordFP8TextEncoderCalibration,
             SaveFP8Calibration,
         ]
 

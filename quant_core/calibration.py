@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from .job import Step, no_step
+
 
 class CalibrationSource(Protocol):
     """Gives ``count`` example input rows of width ``in_features`` for the weight ``name``."""
@@ -287,10 +289,12 @@ class Recorder:
         probes = sum(p.numel() * p.element_size() for p in self._probes.values())
         return probes + sum(r.nbytes for r in self._recordings.values())
 
-    def statistics(self) -> dict[str, LayerStatistics]:
-        """The recorded statistics so far, per weight (sketches are turned into factors here)."""
+    def statistics(self, step: Step = no_step) -> dict[str, LayerStatistics]:
+        """The recorded statistics so far, per weight (sketches are turned into factors here);
+        ``step(done, total)`` counts the layers and may raise to stop."""
         result = {}
-        for name, recording in self._recordings.items():
+        for done, (name, recording) in enumerate(self._recordings.items()):
+            step(done, len(self._recordings))
             if isinstance(recording, _SketchedRecording):
                 fit, heldout = recording.finish(self._probe(recording.sketch.shape[0], torch.device("cpu")))
             else:
@@ -310,9 +314,9 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, step: Step = no_step) -> None:
         """Write the statistics as safetensors, atomically (see ``save_statistics``)."""
-        save_statistics(path, self.statistics())
+        save_statistics(path, self.statistics(step))
 
 
 STATISTICS_METADATA = {"format": STATISTICS_FORMAT, "version": STATISTICS_VERSION}

@@ -21,6 +21,7 @@ from .policy import AUTO, PRESETS
 from .progress import ProgressBar
 from .rounding import RoundingOptions
 from .shards import join_shards
+from .signals import Stopped, stop_on_signals
 
 COMMANDS = ("convert", "join", "inspect", "verify", "decode", "example")
 
@@ -63,6 +64,12 @@ def convert_parser() -> argparse.ArgumentParser:
         "keep_distillation",
         action="store_true",
         help="keep distilled_guidance_layer, final_layer, img_in, txt_in in source precision",
+    )
+    _option(
+        parser,
+        "text_encoders",
+        action="store_true",
+        help="full checkpoints: also convert the T5 / LLM text encoders inside (default: the diffusion model only)",
     )
     _option(
         parser,
@@ -219,6 +226,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         exclude=args.exclude,
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
+        text_encoders=args.text_encoders,
         calibration=args.calibration,
         input_scales=args.input_scales,
         uncalibrated_fp8_compute=args.uncalibrated_fp8_compute,
@@ -245,7 +253,8 @@ def run_convert(argv: Sequence[str]) -> int:
     if options.shard and not output:
         whole = default_output_path(args.input, options)
         output = whole.with_name(f"{whole.stem}.shard{options.shard[0]}of{options.shard[1]}.safetensors")
-    summary = convert_file(args.input, output, options, progress=progress)
+    activity = progress.activity if progress else None
+    summary = convert_file(args.input, output, options, progress=progress, activity=activity)
     print(summary.text())
     return 0
 
@@ -335,7 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "example": run_example,
     }
     try:
-        return runners[command](argv)
+        with stop_on_signals():
+            return runners[command](argv)
+    except Stopped as exc:  # SIGTERM, SIGHUP: cleaned up like Ctrl-C
+        print(f"{exc}; no output was written", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

@@ -25,11 +25,24 @@ import torch
 
 from . import __version__, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
+from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .gptq import round_gptq
-from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, atomic_output
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
+from .job import ActivityCallback, Job
 from .pipeline import one_cpu_thread, run_pipeline
-from .policy import AUTO, PRESETS, LayerPolicy, Preset, checkpoint_prefix, compile_regex, detect_preset, scale_group
+from .policy import (
+    AUTO,
+    PRESETS,
+    LayerPolicy,
+    Preset,
+    block_prefixes,
+    checkpoint_prefix,
+    compile_regex,
+    detect_family,
+    scale_group,
+    text_encoders_in_checkpoint,
+)
 from .rounding import RoundingOptions, RoundingResult, release_tables, round_learned, round_nearest
 
 ROUNDING_METHODS = {
@@ -68,6 +81,7 @@ class ConvertOptions:
     exclude: list[str] = field(default_factory=list)
     t5xxl: bool = False
     keep_distillation: bool = False
+    text_encoders: bool = False  # full checkpoints: also the T5 / LLM text encoders inside (see policy)
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
     input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
     uncalibrated_fp8_compute: bool = False  # layers without an input_scale run fp8 compute at scale 1 too
@@ -119,6 +133,7 @@ class Summary:
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else 0.0
         lines = [
             f"output    {self.output} ({self.format}, preset {self.preset})",
+            f"family    {PRESETS[self.preset].family}",
             f"tensors   {self.quantized} quantized, {self.kept} kept",
             f"size      {_gib(self.bytes_in)} -> {_gib(self.bytes_out)} ({ratio:.1%})",
             f"error     mean {self.mean_error:.4%}, worst {self.worst_error:.4%} ({self.worst_tensor or '-'})",
@@ -168,21 +183,25 @@ class Rounder:
     statistics: RecordedStatistics | None = None
     pool: BufferPool = field(default_factory=BufferPool)  # memory for round-to-nearest's outputs
 
-    def round(self, name: str, weight: torch.Tensor, scale: float) -> tuple[RoundingResult, str]:
+    def round(self, name: str, weight: torch.Tensor, scale: float, job: Job) -> tuple[RoundingResult, str]:
+        """The rounded weight and the method used; ``job`` sees its progress and may stop it."""
         recorded = self.statistics is not None and self.options.method != "nearest"
         stats = self.statistics.get(name, weight.shape[1]) if recorded else None
-        if stats is not None:
-            return round_gptq(weight, scale, self.dtype, stats), "gptq"
-        if self.options.method == "learned":
-            with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-                rounded = round_learned(name, weight, scale, self.dtype, self.calibration, self.options.rounding)
-            return rounded, "learned"
-        with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
-            return round_nearest(weight, scale, self.dtype, self.pool), "nearest"
+        method = "gptq" if stats is not None else "learned" if self.options.method == "learned" else "nearest"
+        with job.tensor(name, method) as step:
+            if method == "gptq":
+                return round_gptq(weight, scale, self.dtype, stats, step=step), method
+            if method == "learned":
+                with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+                    options = self.options.rounding
+                    return round_learned(name, weight, scale, self.dtype, self.calibration, options, step), method
+            with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
+                return round_nearest(weight, scale, self.dtype, self.pool, step), method
 
 
-def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
-    """Decide what happens to each tensor and lay out the output, from names and shapes alone."""
+def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
+    """Decide what happens to each tensor and lay out the output, from names and shapes alone
+    (and, for ``--full_precision_above``, the weights: ``poll`` is called before each is read)."""
     if options.format not in formats.FORMATS:
         raise ValueError(f"unknown --format {options.format!r}; choose one of {formats.FORMATS}")
     if options.method not in ROUNDING_METHODS:
@@ -191,33 +210,34 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
         raise ValueError(f"unknown --preset {options.preset!r}; choose one of {[AUTO, *PRESETS]}")
     dtype = fp8.fp8_dtype(options.fp8_format)
     keys = list(source.tensors)
-    preset = detect_preset(keys) if options.preset == AUTO else PRESETS[options.preset]
     prefix = checkpoint_prefix(keys)
-    policy = LayerPolicy(
-        preset,
-        options.min_tensor_size,
-        options.include,
-        options.exclude,
-        options.t5xxl,
-        options.keep_distillation,
-        prefix,
-    )
+    preset = detect_family(keys) if options.preset == AUTO else PRESETS[options.preset]
+    if preset.text_encoder and options.input_scales:
+        raise ValueError(
+            "input scales: ComfyUI multiplies text encoders in full precision, so a text encoder gets none; "
+            "turn 'input scales' off"
+        )
+    blocks = block_prefixes(keys)
+    policy = LayerPolicy(preset, *_user_rules(options), prefix, blocks)
+    text_encoders = _text_encoder_policies(keys, options, prefix, blocks)
     activations: dict[str, formats.Activation] = {}
     decisions: dict[str, tuple[bool, str]] = {}
     outputs: dict[str, list[str]] = {}
     groups: dict[str, list[str]] = {}
     items: list[list[str]] = []
     entries: list[TensorInfo] = []
-    with _activation_rule(source, options, prefix) as planned:
+    with _activation_rule(source, options, prefix, poll or (lambda: None)) as planned:
         for name, info in source.tensors.items():
-            decision = policy.decide(name, info.dtype, info.shape)
+            owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
+            decision = owner.decide(name, info.dtype, info.shape)
             decisions[name] = (decision.quantize, decision.reason)
             if not decision.quantize:
                 items.append([name])
                 entries.append(TensorInfo(name, info.dtype, info.shape))
                 outputs[name] = [name]
                 continue
-            activations[name] = planned(name)
+            # ComfyUI multiplies text encoders in full precision: no input scale; weight-only, as the flag says.
+            activations[name] = planned(name) if owner is policy else formats.Activation(None, True)
             layer = formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
             entries += layer
             outputs[name] = [entry.name for entry in layer]
@@ -230,10 +250,12 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     if not quantized:
         raise ValueError(
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
-            "(is the input already FP8-scaled? see --preset, --include, --min_tensor_size)"
+            f"(is the input already FP8-scaled? see --preset, --include, --min_tensor_size); family: {preset.family}"
         )
-    full = formats.legacy_full_precision(activations) if options.format == "legacy" else True
-    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales, full)
+    markers = _markers(options, dtype, activations, prefix)
+    for owner in text_encoders:
+        if any(decisions[k][0] for k in keys if k.startswith(owner.prefix)):
+            markers.update(_markers(options, dtype, activations, owner.prefix))
     for key, tensor in markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
@@ -241,9 +263,45 @@ def plan_conversion(source: TensorSource, options: ConvertOptions) -> Plan:
     return Plan(preset, prefix, decisions, items, entries, markers, activations, outputs)
 
 
+def _markers(
+    options: ConvertOptions, dtype: torch.dtype, activations: dict[str, formats.Activation], prefix: str
+) -> dict[str, torch.Tensor]:
+    """The layout's file-level markers for the model under ``prefix``; a ``legacy`` marker says
+    whether that model's layers are weight-only (they must agree, ``formats.legacy_full_precision``)."""
+    full = True
+    if options.format == "legacy":
+        full = formats.legacy_full_precision({k: a for k, a in activations.items() if k.startswith(prefix)})
+    return formats.marker_tensors(options.format, prefix, dtype, options.shared_scales, full)
+
+
+def _user_rules(options: ConvertOptions) -> tuple:
+    """The LayerPolicy arguments every part of a file shares: size threshold, regexes, seed flags."""
+    return options.min_tensor_size, options.include, options.exclude, options.t5xxl, options.keep_distillation
+
+
+def _text_encoder_policies(
+    keys: list[str], options: ConvertOptions, prefix: str, blocks: frozenset[str]
+) -> list[LayerPolicy]:
+    """With ``--text_encoders``, a policy per T5 / LLM text encoder inside a full checkpoint; by default
+    only the diffusion model of a full checkpoint is converted."""
+    if not options.text_encoders:
+        return []
+    if not prefix:
+        raise ValueError("'text encoders' applies to full checkpoints (model + VAE + text encoders) only")
+    if options.format == "ultra8":
+        raise ValueError("'text encoders' needs format comfy or legacy: ComfyUI's checkpoint loader reads those")
+    found = text_encoders_in_checkpoint(keys)
+    if not found:
+        raise ValueError(
+            "'text encoders': this checkpoint holds no T5 or LLM text encoder ComfyUI reads quantized "
+            "(CLIP is always kept whole)"
+        )
+    return [LayerPolicy(preset, *_user_rules(options), te_prefix, blocks) for te_prefix, preset in found.items()]
+
+
 @contextlib.contextmanager
 def _activation_rule(
-    source: TensorSource, options: ConvertOptions, prefix: str
+    source: TensorSource, options: ConvertOptions, prefix: str, poll: Callable[[], None]
 ) -> Iterator[Callable[[str], formats.Activation]]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
     written because both change the header.
@@ -272,6 +330,7 @@ def _activation_rule(
     with RecordedStatistics(options.calibration, prefix) as statistics:
 
         def hurts(name: str) -> bool:
+            poll()
             weight = source.read(name).to(device)
             stats = statistics.get(name, weight.shape[1])
             return predicted_input_error(weight, stats.fit, dtype) > threshold
@@ -318,18 +377,23 @@ def convert(
     protect: tuple[Path, ...] = (),
     source_label: str = "",
     pool: BufferPool | None = None,
+    activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert ``source`` into the safetensors file ``output`` (written atomically).
 
     ``pool`` holds the memory of round-to-nearest's outputs; pass the source's own pool (as
     ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
+    ``check_interrupt`` (raises to cancel), ``progress`` (each finished tensor) and ``activity``
+    (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
     However it ends, the conversion holds no tensor on a GPU afterwards: the rounding's cached
     tables are dropped, and a failure's traceback keeps its lines but not the local variables of
     its frames (a GPU weight in a failed stage would otherwise stay allocated for as long as the
     caller keeps the exception, e.g. ComfyUI while it reports the error).
     """
     try:
-        return _convert(source, output, options, progress, check_interrupt, calibration, protect, source_label, pool)
+        return _convert(
+            source, output, options, progress, check_interrupt, calibration, protect, source_label, pool, activity
+        )
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)
         raise
@@ -337,9 +401,15 @@ def convert(
         release_tables()
 
 
-def _convert(source, output, options, progress, check_interrupt, calibration, protect, source_label, pool) -> Summary:
+def _convert(
+    source, output, options, progress, check_interrupt, calibration, protect, source_label, pool, activity
+) -> Summary:
     started = time.perf_counter()
-    plan = plan_conversion(source, options)
+    protect = run_inputs(options, *protect)
+    check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
+    job = Job(check_interrupt, activity)
+    plan = plan_conversion(source, options, job.poll)
+    check_calibration(options, plan)
     reports: list[TensorReport] = []
     metadata = output_metadata(source, options, plan)
     items, entries, markers = plan.items, plan.entries, plan.markers
@@ -348,15 +418,13 @@ def _convert(source, output, options, progress, check_interrupt, calibration, pr
     total = sum(map(len, items))
 
     def read(item: list[str]) -> dict[str, torch.Tensor]:
-        if check_interrupt:
-            check_interrupt()
         return {name: source.read(name) for name in item}
 
     def compute(item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list:
         if not plan.decisions[item[0]][0]:
             name = item[0]
             return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
-        return _quantize_group(item, tensors, device, rounder, source, plan)
+        return _quantize_group(item, tensors, device, rounder, source, plan, job)
 
     recorded = options.calibration and (options.input_scales or options.method != "nearest")  # GPTQ, input_scale
     with (
@@ -377,8 +445,6 @@ def _convert(source, output, options, progress, check_interrupt, calibration, pr
                 reports.append(report)
                 if progress:
                     progress(report)
-            if check_interrupt:
-                check_interrupt()
 
         def cost(item: list[str]) -> int:
             return sum(source.tensors[name].nbytes for name in item)
@@ -391,10 +457,40 @@ def _convert(source, output, options, progress, check_interrupt, calibration, pr
         # room for the largest item plus the largest tensor alone (bench/bench_convert.py)
         on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
         budget = (1 if on_accelerator else 2) * max(map(cost, plan.items))
-        run_pipeline(items, read, compute, write, pick_devices(options), cost, held, budget)
+        run_pipeline(items, read, compute, write, pick_devices(options), cost, held, budget, job)
         writer.finish()
         bytes_out = writer.total_bytes
     return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+
+
+def run_inputs(options: ConvertOptions, *paths: str | os.PathLike) -> tuple[str | os.PathLike, ...]:
+    """Every file a run reads: ``paths`` and the calibration file. None of them may become the
+    output, and none may change while the run works (``atomic.atomic_output``)."""
+    return (*paths, *([options.calibration] if options.calibration else []))
+
+
+def check_calibration(options: ConvertOptions, plan: Plan) -> None:
+    """Refuse a calibration file that the run would not use, for every front end alike.
+
+    With round-to-nearest and no input scales the file is never opened; a file whose statistics
+    name none of the weights to quantize (recorded on another model) changes nothing. Either way
+    the user believes the output is calibrated when it is not. A full checkpoint's
+    ``model.diffusion_model.`` weights match a recording of its diffusion model (``plan.prefix``).
+    """
+    if not options.calibration:
+        return
+    if options.method == "nearest" and not options.input_scales and options.full_precision_above is None:
+        raise ValueError(
+            "a calibration file needs rounding 'auto' or 'learned' (GPTQ for the recorded layers): with rounding "
+            "'nearest' (--simple) it would be ignored"
+        )
+    with RecordedStatistics(options.calibration, plan.prefix) as statistics:
+        quantized = [name for name, (quantize, _) in plan.decisions.items() if quantize]
+        if not any(statistics.key(name) for name in quantized):
+            raise ValueError(
+                f"the calibration file {Path(options.calibration).name} has statistics for none of the weights "
+                "to quantize: was it recorded on another model?"
+            )
 
 
 def output_metadata(source: TensorSource, options: ConvertOptions, plan: Plan) -> dict[str, str]:
@@ -425,6 +521,7 @@ def convert_file(
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
     calibration: CalibrationSource | None = None,
+    activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
@@ -441,6 +538,7 @@ def convert_file(
             protect=(Path(input_path),),
             source_label=str(input_path),
             pool=pool,
+            activity=activity,
         )
 
 
@@ -451,6 +549,7 @@ def _quantize_group(
     rounder: Rounder,
     source: TensorSource,
     plan: Plan,
+    job: Job,
 ) -> list:
     """Quantize a shared-scale group (or one weight) against one scale; returns write-ready results.
 
@@ -461,10 +560,11 @@ def _quantize_group(
     for name in names:
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
-        amax = max(fp8.absmax(tensors[name]) for name in names)
-    if not math.isfinite(amax):  # NaN and Inf both surface in the absolute maximum
-        for name in names:
+        amaxes = [fp8.absmax(tensors[name]) for name in names]
+    for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's absolute maximum
+        if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
+    amax = max(amaxes)  # all finite: Python's max would pass over a NaN that is not first
     layout = rounder.options.format
     try:
         scale = formats.stored_scale(layout, fp8.scale_for(amax, rounder.dtype))
@@ -474,7 +574,7 @@ def _quantize_group(
     for name in names:
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
-        result, method = rounder.round(name, weight, scale)
+        result, method = rounder.round(name, weight, scale, job)
         activation = _activation(name, rounder, plan)
         layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale, activation)
         report = _report(name, source, plan, time.perf_counter() - started)

@@ -22,6 +22,7 @@ import torch
 
 from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments
+from .job import Step, no_step
 from .pipeline import one_cpu_thread
 from .rounding import RoundingResult, as_float, relative_error, round_nearest
 
@@ -31,13 +32,19 @@ _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 
 
 def round_gptq(
-    weight: torch.Tensor, scale: float, dtype: torch.dtype, stats: LayerStatistics, damp: float = 0.01
+    weight: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    stats: LayerStatistics,
+    damp: float = 0.01,
+    step: Step = no_step,
 ) -> RoundingResult:
     """GPTQ-rounded fp8 weight; never worse than RTN on the held-out statistics.
 
     ``weight`` may stay in its source dtype: the only full-size float32 copy is GPTQ's working
     matrix. Fresh full-size temporaries cost a page fault per 4 KB; with five of them per layer,
-    a calibrated 2 GB conversion spent half its time (18 s) in the kernel.
+    a calibrated 2 GB conversion spent half its time (18 s) in the kernel. ``step`` counts the
+    weight's columns, called per block of ``BLOCK`` (and per block of rows in the checks after).
     """
     order = torch.argsort(stats.fit.diagonal().to(weight.device), descending=True)
     # One row per weight column, in act order and in units of the scale: every step below then
@@ -45,26 +52,32 @@ def round_gptq(
     columns = weight.T.contiguous().index_select(0, order).float().div_(scale)  # copies in the source dtype
     with one_cpu_thread(weight.device):  # a long sequence of small steps
         if isinstance(stats.fit, Gram):
-            rows = _gptq_dense(columns, _permuted(stats.fit, order), dtype, damp)
+            rows = _gptq_dense(columns, _permuted(stats.fit, order), dtype, damp, step)
         else:
-            rows = _gptq_low_rank(columns, _permuted(stats.fit, order), dtype, damp)
+            rows = _gptq_low_rank(columns, _permuted(stats.fit, order), dtype, damp, step)
     quantized = rows[torch.argsort(order)].T.contiguous()
     del columns, rows
-    rtn = round_nearest(weight, scale, dtype).quantized
-    error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), stats.heldout)
+    finished = weight.shape[1]
+
+    def checking(*_) -> None:
+        step(finished, finished)
+
+    rtn = round_nearest(weight, scale, dtype, step=checking).quantized
+    error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), stats.heldout, checking)
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
 
 
 def _heldout_errors(
-    weight: torch.Tensor, scale: float, candidates: tuple[torch.Tensor, ...], heldout: Moments
+    weight: torch.Tensor, scale: float, candidates: tuple[torch.Tensor, ...], heldout: Moments, step: Step = no_step
 ) -> list[float]:
     """Relative held-out output error of each fp8 candidate for ``weight``, summed over blocks of
     output rows (each output row only sees its own weight row), so nothing full-size is made."""
     rows_per_block = max(1, _CHECK_ELEMENTS // max(1, weight.shape[1]))
     reference, errors = 0.0, [0.0] * len(candidates)
     for start in range(0, weight.shape[0], rows_per_block):
+        step(start, weight.shape[0])
         rows = slice(start, start + rows_per_block)
         block = weight[rows].float()
         reference += heldout.quadratic(block)
@@ -91,7 +104,7 @@ def _damping(diagonal: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     return dead, damp * float(torch.where(dead, 1.0, diagonal).mean())
 
 
-def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float) -> torch.Tensor:
+def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float, step: Step) -> torch.Tensor:
     """Rounds ``work`` (one row per weight column, changed in place) with the exact ``H``."""
     columns = work.shape[0]
     matrix = gram.matrix.double()
@@ -102,13 +115,14 @@ def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float)
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
     quantized = torch.empty_like(work, dtype=dtype)
     for start in range(0, columns, BLOCK):
+        step(start, columns)
         end = min(start + BLOCK, columns)
         errors = _round_block(work[start:end], upper[start:end, start:end], quantized[start:end], dtype)
         work[end:] -= upper[start:end, end:].T @ errors
     return quantized
 
 
-def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, damp: float) -> torch.Tensor:
+def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, damp: float, step: Step) -> torch.Tensor:
     """GPTQ for ``H = F F^T + diag(d)``, block by block, with a Schur-complement state of ``r x r``.
 
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
@@ -125,6 +139,7 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
     quantized = torch.empty_like(work, dtype=dtype)
     for start in range(0, columns, BLOCK):
+        step(start, columns)
         end = min(start + BLOCK, columns)
         pushed_block = pushed[start:end]
         coupled = pushed_block @ state  # V_J S

@@ -24,6 +24,7 @@ import torch
 
 from . import formats, fp8
 from .io import SafetensorsReader
+from .policy import detect_family
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -60,6 +61,7 @@ class FileReport:
     layers: list[LayerCheck] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    family: str = ""  # the detected model family, see policy.detect_family
 
     def unscaled_fp8_layers(self) -> list[str]:
         """Layers ComfyUI multiplies in fp8 with its input scale of 1 on a GPU with fp8 compute."""
@@ -91,6 +93,7 @@ class FileReport:
         lines = [
             f"file      {self.path}",
             f"format    {self.format}",
+            f"family    {self.family}",
             f"tensors   {self.tensors} ({len(self.layers)} quantized layers), {self.bytes / 2**20:.1f} MiB of data",
             "dtypes    " + ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in self.dtypes.most_common()),
         ]
@@ -138,6 +141,7 @@ def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> Fil
         sum(i.nbytes for i in reader.tensors.values()),
         Counter(i.dtype for i in reader.tensors.values()),
         metadata=reader.metadata,
+        family=detect_family(keys).family,
     )
     layer_fmt = "comfy" if fmt == "comfy-header" else fmt
     quantized = formats.quantized_weights(layer_fmt, keys) if fmt != "none" else []
@@ -249,10 +253,19 @@ def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> 
             f"{list(original.tensors[layer.name].shape)}"
         )
         return None
-    reference = original.read(layer.name).float()
     approx = fp8.dequantize(reader.read(layer.name), layer.scale)
-    norm = float(reference.norm())
-    return float((approx - reference).norm()) / norm if norm else float((approx - reference).norm())
+    bad = int((~torch.isfinite(approx)).sum())
+    if bad:
+        violations.append(f"{layer.name}: {bad} NaN/Inf values")
+        return None
+    reference = original.read(layer.name).float()
+    norm = _norm(reference)
+    return _norm(approx - reference) / norm if norm else _norm(approx - reference)
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    """Summed in float64: the squares of weights near 1e20 and above overflow float32."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
 
 
 def _check_kept(reader, original, converted_keys: set[str], violations: list[str]) -> None:

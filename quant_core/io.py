@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O: read one tensor at a time, write the header first, replace atomically.
+"""Streaming safetensors I/O: read one tensor at a time, write the header first (published by ``atomic``).
 
 Why not ``safetensors.safe_open``? A whole-file memory map leaves every page it touched in the
 process's resident set until it is closed, so converting a 24 GB file would show 24 GB of RSS.
@@ -9,21 +9,21 @@ read and written here byte-for-byte as the safetensors specification describes.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import math
 import mmap
 import os
 import struct
-import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
+from .atomic import atomic_output
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -155,6 +155,8 @@ class SafetensorsReader:
             raise
 
     def _read_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        """The header, held to the rules the safetensors library enforces (ComfyUI loads with it):
+        a file it would refuse is refused here, so a hostile file cannot read differently here."""
         head = self._file.read(8)
         size = os.fstat(self._file.fileno()).st_size
         if len(head) < 8:
@@ -163,33 +165,34 @@ class SafetensorsReader:
         if header_len > _MAX_HEADER or 8 + header_len > size:
             raise SafetensorsFormatError(f"{self.path} has an invalid header length {header_len}")
         try:
-            header = json.loads(self._file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(self._file.read(header_len), object_pairs_hook=_without_duplicates)
+        except ValueError as exc:  # not UTF-8, not JSON, or a name given twice
             raise SafetensorsFormatError(f"{self.path} has an unreadable header: {exc}") from None
         if not isinstance(header, dict):
             raise SafetensorsFormatError(f"{self.path} has a header that is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise SafetensorsFormatError(f"{self.path}: __metadata__ must map names to strings")
         data_start = 8 + header_len
-        tensors = {name: self._tensor_info(name, entry, data_start, size) for name, entry in header.items()}
-        return metadata, dict(sorted(tensors.items(), key=lambda item: item[1].start))
+        tensors = {name: self._tensor_info(name, entry, data_start) for name, entry in header.items()}
+        ordered = sorted(tensors.values(), key=lambda info: (info.start, info.nbytes))
+        _check_layout(self.path, ordered, data_start, size)
+        return metadata, {info.name: info for info in ordered}
 
-    def _tensor_info(self, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-        """Validate one header entry: known dtype, non-negative shape, offsets that match it and the file."""
+    def _tensor_info(self, name: str, entry: object, data_start: int) -> TensorInfo:
+        """One header entry: a known dtype, a shape and two offsets of unsigned integers that agree."""
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
+            shape, offsets = tuple(entry["shape"]), tuple(entry["data_offsets"])
         except KeyError as exc:
             raise SafetensorsFormatError(f"tensor {name!r} in {self.path}: missing or unknown {exc}") from None
-        except (TypeError, ValueError):
+        except TypeError:
             raise SafetensorsFormatError(f"tensor {name!r} in {self.path} has a malformed header entry") from None
+        if not all(map(_is_size, shape + offsets)) or len(offsets) != 2 or _numel_overflows(shape):
+            raise SafetensorsFormatError(f"tensor {name!r} in {self.path}: shape and offsets must be unsigned integers")
+        begin, end = offsets
         info = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
-        if (
-            min(shape, default=0) < 0
-            or not 0 <= begin <= end
-            or data_start + end > size
-            or info.nbytes != info.numel * dtype_nbytes(dtype)
-        ):
+        if begin > end or info.nbytes != info.numel * dtype_nbytes(dtype):
             raise SafetensorsFormatError(f"tensor {name!r} has inconsistent shape or offsets in {self.path}")
         return info
 
@@ -218,6 +221,54 @@ class SafetensorsReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_U64 = 2**64
+
+
+def _without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object that names no key twice (the second entry would hide the first)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a name appears twice")
+    return result
+
+
+def _is_size(value: object) -> bool:
+    """An unsigned 64-bit integer, as the format's sizes are (JSON true and 1.0 are not)."""
+    return type(value) is int and 0 <= value < _U64
+
+
+def _numel_overflows(shape: tuple[int, ...]) -> bool:
+    """The element count overflows 64 bits at some dimension, multiplied left to right as
+    safetensors does (so ``[2**62, 2**62, 0]`` is refused like there, though it holds nothing)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count >= _U64:
+            return True
+    return False
+
+
+def _check_layout(path: Path, ordered: list[TensorInfo], data_start: int, size: int) -> None:
+    """Tensors (sorted by offset) tile the data section exactly: no overlap, no gap, nothing after.
+
+    Overlapping tensors would let one byte be two weights, and bytes no tensor claims could
+    hide anything; the safetensors library refuses both, and so does this reader.
+    """
+    expected = data_start
+    for info in ordered:
+        if info.start != expected:
+            problem = "overlaps the tensor before it" if info.start < expected else "leaves a gap before it"
+            raise SafetensorsFormatError(f"tensor {info.name!r} in {path} {problem} in the data section")
+        expected += info.nbytes
+    if expected != size:
+        problem = (
+            "extends past the end of the file"
+            if expected > size
+            else f"has {size - expected} bytes after the last tensor"
+        )
+        raise SafetensorsFormatError(f"{path}: the data section {problem}")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -341,33 +392,6 @@ class SafetensorsWriter:
             raise RuntimeError(f"{len(missing)} output tensors were never written, e.g. {sorted(missing)[:3]}")
         self._file.truncate(self.total_bytes)
         self._file.flush()
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator:
-    """Open a temporary file beside ``path``; rename it over ``path`` only on success.
-
-    On any exception, KeyboardInterrupt included, the temporary file is removed and
-    ``path`` is left as it was. ``protect`` lists inputs that must never be replaced.
-    """
-    target = Path(path).resolve()
-    for source in protect:
-        if target == Path(source).resolve():
-            raise ValueError(f"refusing to overwrite the input file {source}")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
 
 
 def write_stream(

@@ -8,9 +8,12 @@ the bytes in flight (sources read but not yet computed, results computed but not
 stay within ``budget``; one item is always allowed, whatever its size. Torch kernels and file
 I/O release the GIL, so threads are enough. Results are written in completion order (the writer
 places each tensor by its header offset, so order does not matter), and an exception from any
-stage reaches the caller. However it ends, its queues are emptied: a failed stage's frame in the
-exception's traceback refers to the stage's function, and through its closure to the queues, so
-what a failure left unprocessed (GPU tensors included) would live as long as the exception.
+stage reaches the caller. Interrupts arrive in the caller's thread (Ctrl-C) or through its
+``Job.poll``; either way the workers stop at their next step (``job.Job``) and every thread is
+joined before the exception goes on: a thread still rounding at interpreter exit aborts Python
+("terminate called without an active exception"). Then the queues are emptied: a failed stage's
+frame in the exception's traceback refers to the stage's function, and through its closure to the
+queues, so what a failure left unprocessed (GPU tensors included) would live as long as the exception.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ from typing import Any, TypeVar
 
 import torch
 
+from .job import Job
+
 Item = TypeVar("Item")
 _DONE = object()
-_POLL = 0.1  # seconds between checks of the stop flag while a stage waits
+_POLL = 0.05  # seconds between checks of the stop flag (and of the caller's ``Job.poll``) while a stage waits
 
 
 class _ByteBudget:
     """Bytes in flight: an item's source from the start of its read until it is computed, then
     its result until written."""
 
-    def __init__(self, limit: int, stop: threading.Event):
-        self._limit, self._stop = limit, stop
+    def __init__(self, limit: int, job: Job):
+        self._limit, self._job = limit, job
         self._used = 0
         self._changed = threading.Condition()
 
@@ -41,11 +46,11 @@ class _ByteBudget:
         """Wait until ``nbytes`` more fit (or nothing is in flight); False once the pipeline stops."""
         with self._changed:
             while self._used and self._used + nbytes > self._limit:
-                if self._stop.is_set():
+                if self._job.stopped:
                     return False
                 self._changed.wait(_POLL)
             self._used += nbytes
-            return not self._stop.is_set()
+            return not self._job.stopped
 
     def release(self, nbytes: int) -> None:
         with self._changed:
@@ -62,15 +67,17 @@ def run_pipeline(
     cost: Callable[[Item], int],
     held: Callable[[Any], int],
     budget: int,
+    job: Job | None = None,
 ) -> None:
     """Overlap ``read`` (1 thread), ``compute`` (1 thread per device) and ``write`` (caller's thread).
 
     ``cost(item)`` is an item's source bytes, counted from the start of its read; once computed,
     the item counts only ``held(result)``, the bytes its result keeps until written (an fp8
-    weight is half its bf16 source). At most ``budget`` bytes are in flight.
+    weight is half its bf16 source). At most ``budget`` bytes are in flight. ``job`` is polled
+    here between waits and stops the stages (``compute`` gets its steps from it).
     """
-    stop = threading.Event()
-    in_flight = _ByteBudget(budget, stop)
+    job = job or Job()
+    in_flight = _ByteBudget(budget, job)
     loaded: queue.Queue = queue.Queue()  # bounded by the budget, not by a count
     done: queue.Queue = queue.Queue()
 
@@ -86,7 +93,7 @@ def run_pipeline(
             loaded.put(_DONE)
 
     def worker(device: Any) -> None:
-        while not stop.is_set():
+        while not job.stopped:
             try:
                 entry = loaded.get(timeout=_POLL)
             except queue.Empty:
@@ -114,6 +121,7 @@ def run_pipeline(
     try:
         finished = 0
         while finished < len(devices):
+            job.poll()
             try:
                 entry = done.get(timeout=_POLL)  # a timeout keeps Ctrl-C prompt on every platform
             except queue.Empty:
@@ -127,13 +135,31 @@ def run_pipeline(
                 write(result)
                 del entry, result
                 in_flight.release(kept)
+    except BaseException as exc:
+        job.stop(cancelling=not isinstance(exc, Exception))  # Ctrl-C or the host's interrupt
+        raise
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-        for pending in (loaded, done):
-            with pending.mutex:
-                pending.queue.clear()
+        job.stop()
+        try:
+            _join(threads)
+        finally:
+            for pending in (loaded, done):
+                with pending.mutex:
+                    pending.queue.clear()
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    """Wait for stopped threads (each within one step of work), through a second Ctrl-C too:
+    leaving one running would abort the interpreter at exit; the interrupt is raised afterwards."""
+    interrupted = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 @contextlib.contextmanager

@@ -7,10 +7,15 @@ import time
 from typing import TextIO
 
 from .convert import TensorReport
+from .job import Activity
 
 
 class ProgressBar:
-    """Redraws one line on a terminal; prints a line every few seconds when output is a log file."""
+    """Redraws one line on a terminal; prints a line every few seconds when output is a log file.
+
+    Called with each finished tensor; ``activity`` shows the tensor being rounded in between
+    (how far its rounding got), so that a long tensor ticks instead of freezing the line.
+    """
 
     def __init__(self, label: str, stream: TextIO | None = None, width: int = 24):
         self.label = label
@@ -19,18 +24,30 @@ class ProgressBar:
         self.started = time.perf_counter()
         self.tty = self.stream.isatty()
         self._last_line = 0.0
+        self._index, self._total = 0, 0
 
     def __call__(self, report: TensorReport) -> None:
-        elapsed = time.perf_counter() - self.started
-        rate = report.index / elapsed if elapsed > 0 else 0.0
-        eta = (report.total - report.index) / rate if rate > 0 else 0.0
-        filled = int(self.width * report.index / max(1, report.total))
-        bar = "#" * filled + "." * (self.width - filled)
+        self._index, self._total = report.index, report.total
         error = f" err {report.error_after:.3%}" if report.quantized else ""
-        line = (
-            f"{self.label} [{bar}] {report.index}/{report.total} {rate:.1f} t/s ETA {_clock(eta)}{error} {report.name}"
-        )
-        done = report.index == report.total
+        self._show(f"{error} {report.name}", done=report.index == report.total)
+
+    def activity(self, activity: Activity) -> None:
+        steps = f" {activity.done}/{activity.total} {activity.unit}" if activity.total else ""
+        where = f" {activity.name} ({activity.method}{steps})"
+        if activity.cancelling:
+            self._show(" cancelling…" + (where if activity.name else ""), done=True)
+        else:
+            self._show(f"{where} {activity.seconds:.0f} s", done=False)
+
+    def _show(self, detail: str, done: bool) -> None:
+        elapsed = time.perf_counter() - self.started
+        rate = self._index / elapsed if elapsed > 0 else 0.0
+        eta = (self._total - self._index) / rate if rate > 0 else 0.0
+        filled = int(self.width * self._index / max(1, self._total))
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"{self.label} [{bar}] {self._index}/{self._total} {rate:.1f} t/s ETA {_clock(eta)}{detail}"
+        if not self._total:  # inside the first tensor: nothing to count yet
+            line = f"{self.label}{detail}"
         if self.tty:
             self.stream.write("\r" + line[:160].ljust(160) + ("\n" if done else ""))
             self.stream.flush()

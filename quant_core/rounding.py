@@ -27,6 +27,7 @@ import torch
 from . import fp8
 from .calibration import CalibrationSource
 from .io import BufferPool
+from .job import Step, no_step
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
@@ -67,19 +68,20 @@ class RoundingResult:
 
 
 def round_nearest(
-    weight: torch.Tensor, scale: float, dtype: torch.dtype, pool: BufferPool | None = None
+    weight: torch.Tensor, scale: float, dtype: torch.dtype, pool: BufferPool | None = None, step: Step = no_step
 ) -> RoundingResult:
     """RTN, reporting the relative weight error (no inputs are involved).
 
     Works through blocks of rows so that float32 copies never exceed one block, whatever the
     weight's size: the weight itself may stay in its source dtype. ``pool`` supplies the fp8
-    output's memory on the CPU (see ``io.BufferPool``).
+    output's memory on the CPU (see ``io.BufferPool``); ``step`` is called per block of rows.
     """
     quantized = _empty_like(weight, dtype, pool)
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.ndim == 2:
-        return _round_sixteen_bit(weight, scale, quantized)
+        return _round_sixteen_bit(weight, scale, quantized, step)
     error = reference = 0.0
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
+        step(rows.start, weight.shape[0])
         block = weight[rows].float()
         quantized[rows] = fp8.quantize_nearest(block, scale, dtype)
         error += _squared_norm(as_float(quantized[rows]).mul_(scale).sub_(block))
@@ -95,7 +97,7 @@ def _empty_like(weight: torch.Tensor, dtype: torch.dtype, pool: BufferPool | Non
     return pool.empty(weight.numel()).view(dtype).view(weight.shape)
 
 
-def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tensor) -> RoundingResult:
+def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tensor, step: Step) -> RoundingResult:
     """RTN of a bf16/fp16 weight through its 65536 possible values, bit-identical to the float path.
 
     The fp8 code of every 16-bit value is computed once; the weight is then mapped through that
@@ -109,6 +111,7 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tens
     out = quantized.view(torch.uint8)
     counts = torch.zeros(values.numel(), dtype=torch.int64, device=weight.device)
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
+        step(rows.start, weight.shape[0])
         index = weight[rows].view(torch.uint16).flatten().int()  # the bit pattern, 0 to 65535
         torch.index_select(codes, 0, index, out=out[rows].view(-1))
         counts += torch.bincount(index, minlength=values.numel())
@@ -165,11 +168,13 @@ def round_learned(
     dtype: torch.dtype,
     calibration: CalibrationSource,
     options: RoundingOptions,
+    step: Step = no_step,
 ) -> RoundingResult:
     """Learned rounding of a 2-D ``weight`` against ``scale``; never worse than RTN on held-out inputs.
 
     ``weight`` may be in any float dtype; each block of rows is widened to float32 only while it
     is optimised, and the held-out errors are summed block by block (output rows are independent).
+    ``step`` counts optimiser iterations over all blocks (``num_iter`` per block at most).
     """
     device = weight.device
     generator = generator_for(name, options.seed, device)
@@ -179,11 +184,14 @@ def round_learned(
     limit = fp8.fp8_max(dtype)
     learned = torch.empty(weight.shape, dtype=dtype, device=device)
     iterations, work, error_rtn, error, reference = 0, 0, 0.0, 0.0, 0.0
-    for rows in _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS):
+    blocks = _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS)
+    total = len(blocks) * options.num_iter
+    for index, rows in enumerate(blocks):
         block = weight[rows].float()
         scaled = (block / scale).clamp_(-limit, limit)
         rtn = scaled.to(dtype)
-        learned[rows], used = _optimise_block(scaled, rtn, inputs, dtype, options)
+        steps = (step, index * options.num_iter, total)
+        learned[rows], used = _optimise_block(scaled, rtn, inputs, dtype, options, steps)
         iterations = max(iterations, used)
         work += used * block.numel()
         del scaled
@@ -194,7 +202,7 @@ def round_learned(
     error_rtn, error = relative_error(error_rtn, reference), relative_error(error, reference)
     if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
         del learned
-        rtn = round_nearest(weight, scale, dtype).quantized
+        rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
         return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     return RoundingResult(learned, error_rtn, error, iterations, work=work)
 
@@ -206,13 +214,20 @@ def _row_blocks(weight: torch.Tensor, max_elements: int) -> list[slice]:
 
 
 def _squared_norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor)) ** 2
+    """Summed in float64: the squares of float32 weights near 1e20 and above overflow float32."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
 
 
 def _optimise_block(
-    scaled: torch.Tensor, rtn: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype, options: RoundingOptions
+    scaled: torch.Tensor,
+    rtn: torch.Tensor,
+    inputs: torch.Tensor,
+    dtype: torch.dtype,
+    options: RoundingOptions,
+    steps: tuple[Step, int, int] = (no_step, 0, 0),
 ) -> tuple[torch.Tensor, int]:
     """Optimise the rounding of a block of rows; returns its fp8 values and the iterations used.
+    With ``steps = (step, first, total)``, ``step(first + i, total)`` is called before iteration ``i``.
 
     The loss, the gradient through the rectified sigmoid and the Adam update are written out by
     hand, in place, rather than by autograd and ``torch.optim``: the matrix work per weight is
@@ -221,6 +236,7 @@ def _optimise_block(
     the time. What is fixed across iterations (grid neighbours, the gradient's per-element
     factor) is computed once per block.
     """
+    report, first, total = steps
     base, step = fp8.grid_neighbours(scaled, dtype)
     offset = base - scaled  # the error when rounding towards zero, in fp8 units
     fraction = torch.where(step != 0, -offset / step.where(step != 0, 1.0), 0.0)
@@ -237,6 +253,7 @@ def _optimise_block(
     sigmoid, soft = _soften(logits)
     iteration = 0
     for iteration in range(1, options.num_iter + 1):
+        report(first + iteration - 1, total)
         error, gradient = _output_loss_and_gradient(inputs, torch.addcmul(offset, soft, step), options)
         loss = error / rtn_loss
         gradient.mul_(factor)

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .convert import SHARD_METADATA, ConvertOptions, default_output_path, output_metadata, plan_conversion
+from .convert import (
+    SHARD_METADATA,
+    ConvertOptions,
+    default_output_path,
+    output_metadata,
+    plan_conversion,
+    run_inputs,
+)
 from .io import SafetensorsReader, write_stream
 
 
@@ -55,7 +62,7 @@ def join_shards(
                 marker = plan.markers.get(entry.name)
                 yield entry.name, marker if marker is not None else owners[entry.name].read(entry.name)
 
-        protect = (Path(input_path), *map(Path, shard_paths))
+        protect = run_inputs(options, input_path, *shard_paths)
         write_stream(output, plan.entries, tensors(), metadata, overwrite=options.overwrite, protect=protect)
     return output
 

@@ -12,7 +12,7 @@ import torch
 from quant_core import activation, formats, fp8
 from quant_core.calibration import Gram, Recorder
 from quant_core.cli import convert_parser, main, options_from
-from quant_core.convert import ConvertOptions, convert_file
+from quant_core.convert import ConvertOptions, convert, convert_file
 from quant_core.decode import decode_file
 from quant_core.inspection import inspect_file, verify_files
 from quant_core.io import SafetensorsReader, write_file
@@ -391,3 +391,26 @@ def test_inspect_reads_the_header_variant(tmp_path, flag):
     report = inspect_file(str(path))
     assert report.format == "comfy-header"
     assert [layer.on_fp8_gpu() for layer in report.layers] == ["weight-only" if flag else "fp8 @1 (none)"]
+
+
+def test_cancel_is_checked_before_each_weight_the_planning_reads(recorded, tmp_path):
+    """``--full_precision_above`` reads every recorded weight before the conversion starts."""
+    checkpoint, calibration, _ = recorded
+    reads = []
+
+    class Cancelled(BaseException):
+        pass
+
+    def check_interrupt() -> None:
+        if reads:
+            raise Cancelled
+
+    options = ConvertOptions(
+        method="nearest", calibration=str(calibration), input_scales=True, full_precision_above=0.0
+    )
+    with SafetensorsReader(checkpoint) as reader:
+        read = reader.read
+        reader.read = lambda name: reads.append(name) or read(name)
+        with pytest.raises(Cancelled):
+            convert(reader, tmp_path / "out.safetensors", options, check_interrupt=check_interrupt)
+    assert len(reads) == 1 and not (tmp_path / "out.safetensors").exists()

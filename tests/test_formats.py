@@ -30,9 +30,12 @@ SCALE_KEY = {"comfy": ".weight_scale", "legacy": ".scale_weight", "ultra8": ".we
 CODEC_STEP = (codec.SCALE_MAX / codec.SCALE_MIN) ** (1 / (codec.LEVELS - 1))  # ~1.1144 between codes
 PREFIX = "model.diffusion_model."
 
-# The tiny Flux model's Linear weights that the flux preset quantizes by default: the attention and
-# MLP projections of every block. Modulation, embedders, img_in/txt_in and the final layer stay.
+# The tiny Flux model's Linear weights that the flux preset quantizes by default: every Linear of the
+# blocks (attention, MLP, modulation). Embedders, img_in/txt_in and the final layer stay.
 FLUX_QUANTIZED = {
+    "double_blocks.0.img_mod.lin",
+    "double_blocks.0.txt_mod.lin",
+    "single_blocks.0.modulation.lin",
     "double_blocks.0.img_attn.qkv",
     "double_blocks.0.img_attn.proj",
     "double_blocks.0.img_mlp.0",

@@ -1,7 +1,10 @@
 // Live progress and the final summary of the FP8 Scaled convert nodes, shown on the node itself.
 //
 // The Python side (nodes/host.py, nodes/conversion.py) sends three namespaced events:
-//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta, error}
+//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta, error, working,
+//                        cancelling} after each finished tensor, and every half second while one
+//                        is rounded (working: true, with method, step, steps, unit, tensor_seconds);
+//                        once with cancelling: true as soon as a Cancel reaches the conversion
 //   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, worst,
 //                        fallbacks, seconds, preset}
 //   fp8_scaled.error    {node, cancelled, message}
@@ -37,16 +40,27 @@ function bar(done, total, width = 24) {
   return `[${"#".repeat(filled)}${"-".repeat(width - filled)}]`;
 }
 
+// The tensor line: the one being rounded and how far it got, or the last one finished.
+function tensorLine(d) {
+  if (!d.working) return `last      ${d.tensor}`;
+  const steps = Number(d.steps) || 0;
+  const share = steps ? ` ${Math.floor((100 * (Number(d.step) || 0)) / steps)}%` : "";
+  return `current   ${d.tensor}  (${d.method}${share}, ${duration(d.tensor_seconds)})`;
+}
+
 export function progressText(d) {
   const total = Number(d.total) || 0;
   const index = Number(d.index) || 0;
   const percent = total ? Math.floor((100 * index) / total) : 0;
+  if (d.cancelling) {
+    return [`Cancelling… ${bar(index, total)} ${percent}%`, d.tensor ? `stopping  ${d.tensor}` : ""].join("\n");
+  }
   return [
     `Converting to FP8 scaled… ${bar(index, total)} ${percent}%`,
     `tensors   ${index} / ${total}  (${d.quantized} quantized, ${d.kept} kept)`,
-    `current   ${d.tensor}`,
-    // The ETA averages over all tensors; before the first quantized one it means nothing.
-    `elapsed   ${duration(d.elapsed)}   ETA ${d.quantized || index >= total ? duration(d.eta) : "estimating…"}`,
+    tensorLine(d),
+    // The ETA averages over all tensors; before the first quantized one (or the first share of it) it means nothing.
+    `elapsed   ${duration(d.elapsed)}   ETA ${d.quantized || d.step || index >= total ? duration(d.eta) : "estimating…"}`,
     `error     ${d.quantized ? `${pct(d.error)} running mean (relative)` : "-"}`,
   ].join("\n");
 }
@@ -134,7 +148,7 @@ function show(id, text, state) {
   const widget = statusWidget(node);
   widget.value = text;
   if (widget.element) {
-    widget.element.dataset.state = state; // running | done | error
+    widget.element.dataset.state = state; // running | cancelling | done | error
     widget.element.style.color = state === "error" ? "#ff8080" : state === "done" ? "#9fe09f" : "";
   }
   node.setDirtyCanvas?.(true, true);
@@ -147,7 +161,9 @@ app.registerExtension({
   name: "fp8_scaled.status",
   setup() {
     api.addEventListener("execution_start", () => converted.clear());
-    api.addEventListener("fp8_scaled.progress", ({ detail }) => show(detail.node, progressText(detail), "running"));
+    api.addEventListener("fp8_scaled.progress", ({ detail }) =>
+      show(detail.node, progressText(detail), detail.cancelling ? "cancelling" : "running"),
+    );
     api.addEventListener("fp8_scaled.done", ({ detail }) => {
       converted.add(String(detail.node));
       show(detail.node, doneText(detail), "done");

@@ -55,6 +55,7 @@ NODE_OPTIONS = dict(
     reg_lambda=0.015,
     min_tensor_size=1024,
     keep_distillation=False,
+    text_encoders=False,
     exclude="",
     include="",
     seed=0,

@@ -62,7 +62,7 @@ def pack():
     namespace = types.SimpleNamespace(name=name, root=root)
     for sub in PACK_SUBMODULES:
         setattr(namespace, sub, importlib.import_module(f"{name}.nodes.{sub}"))
-    for sub in ("convert", "io", "formats", "codec", "fp8"):
+    for sub in ("convert", "io", "formats", "codec", "fp8", "job"):
         setattr(namespace, sub, importlib.import_module(f"{name}.quant_core.{sub}"))
     yield namespace
     unload(name)

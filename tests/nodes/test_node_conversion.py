@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import re
+import struct
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ import torch
 QUICK = dict(num_iter=5, calib_samples=8)
 PROMPT = {"5": {"class_type": "FP8ScaledConvertModel", "inputs": {"filename_prefix": "fp8/tiny"}}}
 EXTRA = {"workflow": {"nodes": [{"id": 5, "type": "FP8ScaledConvertModel"}], "links": []}}
-PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error"}
+PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error", "working"}
+PROGRESS_FIELDS |= {"cancelling"}
 Q = "blocks.0.attn.q.weight"
 
 
@@ -27,6 +31,11 @@ def _patched_model(comfy, tiny_model):
 def _dequantized(pack, reader, key):
     base = key.removesuffix(".weight")
     return reader.read(key).float() * reader.read(base + ".weight_scale").float()
+
+
+def _finished(comfy) -> list[dict]:
+    """The progress events of finished tensors (not those of a tensor being rounded, nor "cancelling")."""
+    return [e for e in comfy.server.events("fp8_scaled.progress") if not (e["working"] or e["cancelling"])]
 
 
 def _relative(a, b):
@@ -67,7 +76,7 @@ def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
     assert [value for value, _ in bar.updates] == list(range(1, total + 1))
     assert comfy.hook_calls[-1] == {"value": total, "max": total, "node": "5"}
 
-    events = comfy.server.events("fp8_scaled.progress")
+    events = _finished(comfy)
     assert len(events) == total
     assert all(set(e) == PROGRESS_FIELDS for e in events)
     assert [e["index"] for e in events] == list(range(1, total + 1))
@@ -145,7 +154,7 @@ def test_convert_checkpoint_saves_into_the_same_folder(pack, comfy, tiny_model, 
         assert reader.tensors["blocks.0.attn.q.weight"].dtype == torch.float8_e4m3fn
     assert options.device == "cpu"
     assert comfy.utils.bars[-1].current == len(state)
-    assert len(comfy.server.events("fp8_scaled.progress")) == len(state)
+    assert len(_finished(comfy)) == len(state)
     assert len(comfy.server.events("fp8_scaled.done")) == 1
 
 
@@ -159,7 +168,7 @@ def test_cancel_midway_leaves_nothing_behind(pack, comfy, tiny_model, files_belo
     patcher, _, _ = _patched_model(comfy, tiny_model)
 
     def cancel_after_n_updates(event, data):
-        if event == "fp8_scaled.progress" and data["index"] == after:
+        if event == "fp8_scaled.progress" and data["index"] == after and not data["cancelling"]:
             comfy.model_management.interrupt_current_processing()  # what the UI's Cancel does
 
     comfy.server.listeners.append(cancel_after_n_updates)
@@ -168,7 +177,8 @@ def test_cancel_midway_leaves_nothing_behind(pack, comfy, tiny_model, files_belo
         pack.conversion.convert_model(patcher, options, "fp8/cancelled", node_id="4")
 
     assert files_below(comfy.models) == []  # neither the output nor a temporary file
-    assert len(comfy.server.events("fp8_scaled.progress")) == after  # stopped within one tensor
+    assert len(_finished(comfy)) == after  # stopped within one tensor
+    assert comfy.server.events("fp8_scaled.progress")[-1]["cancelling"] is True  # "Cancelling…" before "Cancelled"
     errors = comfy.server.events("fp8_scaled.error")
     assert len(errors) == 1 and errors[0]["node"] == "4" and errors[0]["cancelled"] is True
     assert errors[0]["message"] == "InterruptProcessingException"
@@ -186,7 +196,7 @@ def test_cancel_seen_by_the_progress_hook_also_leaves_nothing(pack, comfy, tiny_
         pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "pre")
     assert checks is comfy.model_management.throw_exception_if_processing_interrupted
     assert files_below(comfy.models) == []
-    assert comfy.server.events("fp8_scaled.progress") == []
+    assert [e["cancelling"] for e in comfy.server.events("fp8_scaled.progress")] == [True]
     assert comfy.server.events("fp8_scaled.error")[0]["cancelled"] is True
 
 
@@ -237,7 +247,7 @@ def test_report_text_lists_the_worst_layers(pack, comfy, tiny_model):
 def test_report_text_without_quantized_layers(pack, comfy, tiny_model):
     summary = dataclasses.replace(_summary(pack, comfy, tiny_model), reports=[])
     text = pack.conversion.report_text(summary)
-    assert text == summary.text() and "worst layers" not in text
+    assert text == summary.text() + "\n" + pack.conversion.CHECKED and "worst layers" not in text
 
 
 def test_report_text_of_a_real_run(pack, comfy, tiny_model):
@@ -245,6 +255,23 @@ def test_report_text_of_a_real_run(pack, comfy, tiny_model):
     text = pack.conversion.report_text(summary)
     listed = re.findall(r"^ +\d+\.\d{3}% +(\S+)$", text, flags=re.M)
     assert len(listed) == 4 and set(listed) == {r.name for r in summary.reports if r.quantized}
+    assert pack.conversion.CHECKED in text
+
+
+def test_a_file_damaged_on_its_way_to_disk_is_refused_and_removed(pack, comfy, tiny_model, files_below, monkeypatch):
+    """The node reads the written file back before it reports success: here a storage fault turns
+    every 4-byte write (the float32 scales) into NaN."""
+    real_pwrite = os.pwrite
+
+    def corrupting(fd, data, offset):
+        return real_pwrite(fd, struct.pack("<f", math.nan) if len(data) == 4 else data, offset)
+
+    monkeypatch.setattr(os, "pwrite", corrupting)
+    with pytest.raises(RuntimeError, match="loader-contract check"):
+        _summary(pack, comfy, tiny_model)
+    assert files_below(comfy.models) == []
+    assert comfy.server.events("fp8_scaled.done") == []
+    assert "not positive and finite" in comfy.server.events("fp8_scaled.error")[-1]["message"]
 
 
 def test_a_bad_prefix_is_reported_before_anything_runs(pack, comfy, tiny_model, files_below):

@@ -241,6 +241,11 @@ def test_send_without_a_server_is_silent(pack, comfy, monkeypatch):
     assert comfy.server.messages == []
 
 
+PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error", "working"}
+PROGRESS_FIELDS |= {"cancelling"}
+WORKING_FIELDS = {"method", "step", "steps", "unit", "tensor_seconds"}
+
+
 def test_node_progress_drives_the_bar_and_the_panel(pack, comfy):
     progress = pack.host.NodeProgress("12", 3, total_bytes=210)
     bar = comfy.utils.bars[-1]
@@ -256,7 +261,8 @@ def test_node_progress_drives_the_bar_and_the_panel(pack, comfy):
     assert comfy.hook_calls[0] == {"value": 1, "max": 3, "node": "12"}  # first and last always reach the UI
     assert comfy.hook_calls[-1] == {"value": 3, "max": 3, "node": "12"}
     events = comfy.server.events("fp8_scaled.progress")
-    assert set(events[0]) == {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error"}
+    assert set(events[0]) == PROGRESS_FIELDS
+    assert not any(e["working"] or e["cancelling"] for e in events)
     assert [e["tensor"] for e in events] == ["a.weight", "a.bias", "b.weight"]
     assert [(e["quantized"], e["kept"]) for e in events] == [(1, 0), (1, 1), (2, 1)]
     assert [e["error"] for e in events] == pytest.approx([0.02, 0.02, 0.03])
@@ -293,3 +299,25 @@ def test_resolve_model_file_refuses_anything_else(pack, comfy, tmp_path):
     ):
         with pytest.raises(pack.host.UserError, match="is not a file inside the diffusion_models"):
             pack.host.resolve_model_file(str(path))
+
+
+def test_node_progress_moves_inside_a_tensor_and_says_cancelling(pack, comfy):
+    """Between finished tensors the bar moves by the share of the tensor being rounded, the panel
+    names that tensor with its steps and an ETA that counts it; "cancelling" leaves the bar alone."""
+    Activity = pack.job.Activity
+    progress = pack.host.NodeProgress("12", 2, total_bytes=200, sizes={"a.weight": 100, "b.weight": 100})
+    bar = comfy.utils.bars[-1]
+    progress(SimpleNamespace(name="a.weight", index=1, total=2, nbytes=100, quantized=True, error_after=0.02))
+    progress.activity(Activity("b.weight", "learned", 250, 1000, 3.0))
+    assert bar.updates[-1] == (1.25, 2)
+    event = comfy.server.events("fp8_scaled.progress")[-1]
+    assert set(event) == PROGRESS_FIELDS | WORKING_FIELDS
+    assert event["tensor"] == "b.weight" and event["working"] is True and event["cancelling"] is False
+    assert (event["step"], event["steps"], event["tensor_seconds"]) == (250, 1000, 3.0)
+    assert event["method"] == "learned" and event["unit"] == "optimiser steps"
+    assert event["index"] == 1 and event["eta"] == pytest.approx(event["elapsed"] * 75 / 125, abs=0.02)
+
+    progress.activity(Activity("b.weight", "learned", 300, 1000, 3.5, cancelling=True))
+    assert bar.updates[-1] == (1.25, 2)  # the bar's hook would check for the interrupt again
+    event = comfy.server.events("fp8_scaled.progress")[-1]
+    assert event["cancelling"] is True and event["working"] is False and event["step"] == 300

@@ -31,6 +31,7 @@ def test_widgets_map_to_options(pack):
         preset="flux",
         keep_distillation=True,
         t5xxl=True,
+        text_encoders=True,
         seed=7,
         device="cpu",
     )
@@ -45,6 +46,7 @@ def test_widgets_map_to_options(pack):
     )
     assert (options.shared_scales, options.min_tensor_size, options.preset) == (False, 16, "flux")
     assert (options.keep_distillation, options.t5xxl, options.device) == (True, True, "cpu")
+    assert options.text_encoders is True
 
 
 def test_rounding_widget_sets_the_method(pack):

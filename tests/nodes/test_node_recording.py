@@ -189,9 +189,13 @@ def test_convert_with_the_recording_uses_gptq(pack, comfy, tiny_model):
     assert "4 gptq" in pack.conversion.report_text(summary)
 
 
-def test_calibration_is_refused_with_round_to_nearest(pack):
+def test_calibration_is_refused_with_round_to_nearest(pack, comfy, tiny_model, tmp_path, files_below):
+    """The engine's rule (the same for the command line): the file would be ignored."""
+    patcher = comfy.ModelPatcher(tiny_model(blocks=1))
+    options = pack.options.convert_options(rounding="nearest", calibration=str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="needs rounding 'auto' or 'learned'"):
-        pack.options.convert_options(rounding="nearest", calibration="x.safetensors")
+        pack.conversion.convert_model(patcher, options, "nearest", node_id="9")
+    assert files_below(comfy.models) == []
     assert pack.options.convert_options(rounding="nearest").calibration is None
 
 
@@ -208,7 +212,7 @@ def test_a_calibration_of_another_model_is_refused(pack, comfy, tiny_model, tmp_
     patcher = comfy.ModelPatcher(tiny_model(blocks=1))
     other = _recorded_on(torch.nn.Sequential(torch.nn.Linear(32, 32)), tmp_path / "other.safetensors")
     options = pack.options.convert_options(calibration=other)
-    with pytest.raises(pack.host.UserError, match="none of the weights"):
+    with pytest.raises(ValueError, match="none of the weights"):
         pack.conversion.convert_model(patcher, options, "wrong", node_id="9")
     assert comfy.server.events("fp8_scaled.error")[-1]["node"] == "9"
     assert files_below(comfy.models) == []
@@ -246,3 +250,78 @@ def test_calibration_choices_and_paths(pack, comfy, tmp_path):
     for path in (str(outside), str(folder / ".." / "fp8_calibration" / ".." / "x"), str(folder / "missing")):
         with pytest.raises(host.UserError, match="not a file inside the fp8_calibration folder"):
             host.resolve_calibration("a.safetensors", path)
+
+
+def test_cancel_stops_a_recorded_model_call_at_the_next_layer(pack, comfy, tiny_model, tmp_path):
+    """Recording makes a model call slower than ComfyUI's per-step checks allow for: each layer checks."""
+    patcher = comfy.ModelPatcher(tiny_model(blocks=2))
+    clone, session = pack.recording.record_model(patcher, 64)
+    _sample(comfy, clone, steps=1)
+    reached = []
+
+    def cancelled_after_one_layer(diffusion_model, x):
+        diffusion_model.blocks[0].attn.q.register_forward_pre_hook(
+            lambda *_: comfy.model_management.interrupt_current_processing()
+        )
+        diffusion_model.blocks[0].mlp.fc.register_forward_pre_hook(lambda *_: reached.append(1))
+        return _forward(diffusion_model, x)
+
+    with pytest.raises(comfy.InterruptProcessingException):
+        comfy.apply_model(clone, cancelled_after_one_layer, torch.randn(1, 4, 32), torch.ones(1))
+    assert reached == [] and session.calls == 1  # stopped in the layer where Cancel was pressed
+    assert comfy.model_management.processing_interrupted() is False
+
+    comfy.model_management.interrupt_current_processing()
+    with pytest.raises(comfy.InterruptProcessingException):
+        session.save(tmp_path / "cancelled.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert session.save(tmp_path / "saved.safetensors").layers == 4  # the recording is intact
+
+
+def _linears(root: torch.nn.Module, paths: list[str], width: int = 32) -> None:
+    for path in paths:
+        *parents, leaf = path.split(".")
+        owner = root
+        for part in parents:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(leaf, torch.nn.Linear(width, width))
+
+
+def test_text_encoder_recording_names_layers_as_their_files(pack, comfy, tmp_path):
+    """A CLIP's cond_stage_model holds each encoder under ``<name>.transformer``; the recording names a
+    layer by its path below that, the key of the encoder's text_encoders/ file. CLIP-L is kept whole by
+    the converter, so by default nothing of it is recorded."""
+    t5 = [f"encoder.block.{i}.layer.{j}" for i in range(2) for j in range(2)]
+    t5_layers = [f"{b}.SelfAttention.{p}" for b in t5[0::2] for p in "qkvo"] + [
+        f"{b}.DenseReluDense.wo" for b in t5[1::2]
+    ]
+    clip_layers = [f"text_model.encoder.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.fc1")]
+    encoders = torch.nn.Module()
+    _linears(encoders, [f"t5xxl.transformer.{p}" for p in t5_layers] + [f"clip_l.transformer.{p}" for p in clip_layers])
+    recording = pack.recording
+    assert set(recording.text_encoder_layers(encoders, False).values()) == set(t5_layers)
+    session = recording.RecordingSession(2**26, select=recording.text_encoder_layers)
+
+    def encode() -> None:
+        x = torch.randn(3, 32)
+        for module in encoders.modules():
+            if isinstance(module, torch.nn.Linear):
+                module(x)
+
+    session.record(encoders, encode)
+    session.record(encoders, encode)
+    report = session.save(tmp_path / "te.safetensors")
+    assert (report.layers, report.calls) == (len(t5_layers), 2)
+    with RecordedStatistics(report.path) as statistics:
+        assert statistics.names == {f"{p}.weight" for p in t5_layers}
+    assert not any(m._forward_hooks for m in encoders.modules())  # unhooked after each encoding
+
+
+def test_text_encoder_layers_are_named_below_the_outermost_transformer(pack):
+    encoders = torch.nn.Module()
+    blocks = [f"t5xxl.transformer.encoder.block.{i}.layer.0.SelfAttention.{p}" for i in range(2) for p in "qk"]
+    _linears(encoders, [*blocks, "t5xxl.transformer.encoder.block.0.layer.0.transformer.wo"])
+    names = set(pack.recording.text_encoder_layers(encoders, all_layers=True).values())
+    assert "encoder.block.0.layer.0.transformer.wo" in names and "wo" not in names
