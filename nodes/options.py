@@ -10,12 +10,34 @@ from ..quant_core.options import NODE, OPTION, OPTIONS, PATTERNS, ConvertOptions
 
 NODE_OPTIONS = tuple(option for option in OPTIONS if NODE in option.fronts and option.name != "calibration")
 
+# What ComfyUI does with the quantized layers on a GPU with fp8 compute (RTX 40xx+, H100): the choice
+# the CLI makes with --input_scales and --uncalibrated_fp8_compute. The first is the default.
+FP8_COMPUTE = {
+    "weight-only": "every layer is dequantized and multiplied in bf16/fp16: the quality measured here, on any GPU",
+    "calibrated": "layers the calibration file covers get an input scale and multiply in fp8 (faster); the "
+    "others stay weight-only",
+    "uncalibrated": "WARNING, loses quality: every layer multiplies in fp8 with input scale 1, inputs clipped at ±448",
+}
 
-def convert_options(calibration: str | None = None, device: str | None = None, **widgets) -> ConvertOptions:
+
+def convert_options(
+    calibration: str | None = None, device: str | None = None, fp8_compute: str = "weight-only", **widgets
+) -> ConvertOptions:
     """Build engine options from widget values (any subset; the rest keep the table's defaults);
-    regex widgets hold one pattern per line (blank lines ignored)."""
+    regex widgets hold one pattern per line (blank lines ignored). ``fp8_compute`` is the nodes' one
+    choice for two engine settings, ``input_scales`` and ``uncalibrated_fp8_compute``."""
+    if fp8_compute not in FP8_COMPUTE:
+        raise ValueError(f"fp8_compute must be one of {list(FP8_COMPUTE)}, not {fp8_compute!r}")
+    if fp8_compute == "calibrated" and not calibration:
+        raise ValueError("fp8_compute 'calibrated' needs a calibration file (input scales come from its statistics)")
     values = {name: _lines(value) if OPTION[name].kind == PATTERNS else value for name, value in widgets.items()}
-    return ConvertOptions.from_values({**values, "calibration": calibration, "device": device})
+    values.update(
+        calibration=calibration,
+        device=device,
+        input_scales=fp8_compute == "calibrated",
+        uncalibrated_fp8_compute=fp8_compute == "uncalibrated",
+    )
+    return ConvertOptions.from_values(values)
 
 
 def _lines(text: str) -> list[str]:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from .policy import (
     scale_group,
     text_encoders_in_checkpoint,
 )
-from .rounding import RoundingResult, round_learned, round_nearest
+from .rounding import RoundingResult, release_tables, round_learned, round_nearest
 
 
 class TensorSource(Protocol):
@@ -253,8 +254,8 @@ def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) ->
             plan.entries.append(TensorInfo(name, info.dtype, info.shape))
             plan.outputs[name] = [name]
             continue
-        # ComfyUI multiplies text encoders in full precision: no input scale, no fp8 matmul marker.
-        plan.activations[name] = activation_of(name) if owner is policy else formats.PLAIN
+        # ComfyUI multiplies text encoders in full precision: no input scale; weight-only, as the flag says.
+        plan.activations[name] = activation_of(name) if owner is policy else formats.Activation(None, True)
         layer = plan.layout.layer_entries(name, info.shape, plan.dtype, plan.activations[name])
         plan.entries += layer
         plan.outputs[name] = [entry.name for entry in layer]
@@ -269,14 +270,22 @@ def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) ->
             "(is the input already FP8-scaled? see the settings preset, include and min_tensor_size); "
             f"family: {plan.preset.family}"
         )
-    plan.markers = plan.layout.markers(plan.prefix, plan.dtype, options.shared_scales)
+    plan.markers = _markers(plan, plan.prefix)
     for owner in text_encoders:
         if any(plan.decisions[k][0] for k in keys if k.startswith(owner.prefix)):
-            plan.markers.update(plan.layout.markers(owner.prefix, plan.dtype, options.shared_scales))
+            plan.markers.update(_markers(plan, owner.prefix))
     for key, tensor in plan.markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         plan.entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+
+
+def _markers(plan: Plan, prefix: str) -> dict[str, torch.Tensor]:
+    """The layout's file-level markers for the model under ``prefix``; a ``legacy`` marker says
+    whether that model's layers are weight-only (they must agree, ``formats.legacy_full_precision``)."""
+    under = {name: a for name, a in plan.activations.items() if name.startswith(prefix)}
+    full = plan.layout.marker_full_precision(under)
+    return plan.layout.markers(prefix, plan.dtype, plan.options.shared_scales, full)
 
 
 def _user_rules(options: ConvertOptions) -> tuple:
@@ -307,14 +316,20 @@ def _text_encoder_policies(
 
 def _activation_rule(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> Callable[[str], formats.Activation]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
-    written because both change the header. A weight gets an input scale (from its recorded
-    inputs' absolute maximum) when ``input_scales`` is on and the calibration file has its
-    statistics; it is full precision when it matches ``full_precision``, or when
-    ``full_precision_above`` is set and rounding its recorded inputs to fp8 is predicted to add
-    more relative output error than that (which reads the weight and its statistics once more)."""
+    written because both change the header.
+
+    A weight gets an input scale (from its recorded inputs' absolute maximum) with ``input_scales``
+    when the calibration file has its statistics. It is full precision (weight-only: ComfyUI
+    dequantizes it even on a GPU with fp8 compute) when it has no input scale, unless
+    ``uncalibrated_fp8_compute`` asks for ComfyUI's scale of 1; when it matches ``full_precision``;
+    or when ``full_precision_above`` is set and rounding its recorded inputs to fp8 is predicted to
+    add more relative output error than that (which reads the weight and its statistics once more)."""
     options, statistics = plan.options, plan.statistics
     patterns = [compile_regex(p, "full_precision") for p in options.full_precision]
     threshold = options.full_precision_above
+
+    def flagged(name: str, input_scale: float | None) -> bool:
+        return (input_scale is None and not options.uncalibrated_fp8_compute) or any(p.search(name) for p in patterns)
 
     def hurts(name: str) -> bool:
         poll()
@@ -324,9 +339,10 @@ def _activation_rule(source: TensorSource, plan: Plan, poll: Callable[[], None])
 
     def planned(name: str) -> formats.Activation:
         recorded = statistics is not None and statistics.key(name) is not None
-        full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
         scaled = recorded and options.input_scales
-        return formats.Activation(input_scale_for(statistics.input_absmax(name), plan.dtype) if scaled else None, full)
+        input_scale = input_scale_for(statistics.input_absmax(name), plan.dtype) if scaled else None
+        full = flagged(name, input_scale) or (threshold is not None and recorded and hurts(name))
+        return formats.Activation(input_scale, full)
 
     return planned
 
@@ -363,8 +379,29 @@ def convert(
     ``check_interrupt`` (raises to cancel), ``progress`` (each finished tensor) and ``activity``
     (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
     ``learned_inputs``: where learned rounding draws its inputs (random, as the original script
-    did, unless given).
+    did, unless given). However it ends, the conversion holds no tensor on a GPU afterwards: the
+    rounding's cached tables are dropped, and a failure's traceback keeps its lines but not the
+    local variables of its frames (a GPU weight in a failed stage would otherwise stay allocated
+    for as long as the caller keeps the exception, e.g. ComfyUI while it reports the error).
     """
+    try:
+        return _convert(source, output, options, progress, check_interrupt, learned_inputs, activity)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_tables()
+
+
+def _convert(
+    source: TensorSource,
+    output: str | os.PathLike,
+    options: ConvertOptions,
+    progress: ProgressCallback | None,
+    check_interrupt: Callable[[], None] | None,
+    learned_inputs: CalibrationSource | None,
+    activity: ActivityCallback | None,
+) -> Summary:
     started = time.perf_counter()
     path = getattr(source, "path", None)
     protect = run_inputs(options, *([path] if path else []))

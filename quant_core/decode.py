@@ -2,7 +2,8 @@
 
 The fp8 weights were rounded against the *decoded* scales, so decoding is exact: the weights are
 copied bit for bit, each code becomes the float32 scale it stands for, and a layer's input scale
-and ``full_precision_matrix_mult`` flag are carried over (``legacy`` refuses the flag). ``decoded_tensors``
+and ``full_precision_matrix_mult`` flag are carried over (into ``legacy``'s file-wide marker when the
+layers agree; a file whose layers differ can only become ``comfy``). ``decoded_tensors``
 yields the new layout one tensor at a time; ``decode_file`` streams it to disk atomically, and
 the ComfyUI loader node builds a state dict from it.
 """
@@ -52,7 +53,8 @@ def _decoding(reader: SafetensorsReader, target: str) -> _Decoding:
     descriptor = formats.read_json_tensor(reader.read(old_markers[0])) if old_markers else {}
     prefix = old_markers[0].removesuffix(ULTRA8.marker) if old_markers else ""
     dtype = reader.tensors[weights[0]].dtype if weights else torch.float8_e4m3fn
-    markers = layout.markers(prefix, dtype, descriptor.get("shared_scales", False))
+    full = layout.marker_full_precision({w: _stored_activation(reader, w) for w in weights})
+    markers = layout.markers(prefix, dtype, descriptor.get("shared_scales", False), full)
     return _Decoding(set(weights), dropped, layout, markers)
 
 

@@ -63,7 +63,16 @@ class LayerCheck:
     dtype: torch.dtype
     shape: tuple[int, ...]
     scale: float
+    activation: Activation = PLAIN
     error: float | None = None
+
+    def on_fp8_gpu(self) -> str:
+        """What ComfyUI does with the layer on a GPU with fp8 compute."""
+        if self.activation.full_precision:
+            return "weight-only"
+        if self.activation.input_scale is None:
+            return "fp8 @1 (none)"
+        return f"fp8 @{self.activation.input_scale:.4g}"
 
 
 class Layout:
@@ -123,9 +132,16 @@ class Layout:
             for k, t in self.layer_tensors(weight_key, meta, 1.0, activation).items()
         ]
 
-    def markers(self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:
-        """File-level marker tensors, written once per file."""
+    def markers(
+        self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool, full_precision: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """File-level marker tensors, written once per model prefix. ``full_precision``: see
+        ``marker_full_precision``."""
         return {}
+
+    def marker_full_precision(self, activations: dict[str, Activation]) -> bool:
+        """What a file-level marker says about the layers under it; only ``legacy`` has such a flag."""
+        return True
 
     def output_name(self, stem: str, fp8_format: str, distill: str, shared_scales: bool) -> str:
         """The default output file name (without extension) for an input named ``stem``."""
@@ -232,9 +248,10 @@ class ComfyHeaderLayout(Layout):
 
 class LegacyLayout(Layout):
     """``scaled_fp8`` (every ComfyUI since Oct 2024): ``L.weight`` fp8, ``L.scale_weight`` float32
-    0-dim, an optional ``L.scale_input``, and one empty marker tensor ``<prefix>scaled_fp8`` whose
-    dtype is the weights' fp8 dtype. No ``comfy_quant``: its marker can only switch a whole file
-    to full precision, so per-layer ``full_precision_matrix_mult`` is refused."""
+    0-dim, an optional ``L.scale_input``, and one marker tensor ``<prefix>scaled_fp8`` whose dtype
+    is the weights' fp8 dtype. No ``comfy_quant``: ComfyUI's ``convert_old_quants`` gives every
+    layer ``full_precision_matrix_mult`` when the marker has 2 elements and none when it is empty,
+    so the layers under a marker must agree (``legacy_full_precision``)."""
 
     name = "legacy"
     scale_suffix = ".scale_weight"
@@ -242,15 +259,15 @@ class LegacyLayout(Layout):
     marker = "scaled_fp8"
 
     def _comfy_quant(self, weight_key: str, dtype: torch.dtype, activation: Activation) -> dict | None:
-        if activation.full_precision:
-            raise ValueError(
-                f"{weight_key}: the legacy layout cannot mark one layer full_precision_matrix_mult "
-                "(its marker switches the whole file); use format comfy"
-            )
-        return None
+        return None  # the full-precision flag is the file's marker
 
-    def markers(self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:
-        return {prefix + self.marker: torch.empty(0, dtype=fp8_dtype)}
+    def markers(
+        self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool, full_precision: bool = True
+    ) -> dict[str, torch.Tensor]:
+        return {prefix + self.marker: torch.zeros(2 if full_precision else 0, dtype=fp8_dtype)}
+
+    def marker_full_precision(self, activations: dict[str, Activation]) -> bool:
+        return legacy_full_precision(activations)
 
     def output_name(self, stem: str, fp8_format: str, distill: str, shared_scales: bool) -> str:
         return f"{stem}_{fp8_format}_scaled_legacy{distill}"
@@ -264,7 +281,13 @@ class LegacyLayout(Layout):
         return [base + self.scale_suffix, base + self.input_scale_suffix]
 
     def read_activation(self, weight_key: str, read: Callable[[str], torch.Tensor], keys: set[str]) -> Activation:
-        return Activation(super().read_activation(weight_key, read, keys).input_scale, False)
+        """The flag is the marker of the layer's model (2 elements: weight-only), and an input scale
+        of 1 is none, as ComfyUI's ``convert_old_quants`` reads them."""
+        input_scale = super().read_activation(weight_key, read, keys).input_scale
+        owners = [m for m in keys if self.is_marker(m) and weight_key.startswith(m.removesuffix(self.marker))]
+        owner = max(owners, key=len, default=None)
+        full = owner is not None and read(owner).numel() == 2
+        return Activation(None if input_scale == 1.0 else input_scale, full)
 
     def _check_comfy_quant(
         self, reader: SafetensorsReader, base: str, dtype: torch.dtype, violations: list[str]
@@ -311,7 +334,9 @@ class Ultra8Layout(Layout):
             conf[FULL_PRECISION] = True
         return conf
 
-    def markers(self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:
+    def markers(
+        self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool, full_precision: bool = True
+    ) -> dict[str, torch.Tensor]:
         descriptor = {
             "format": self.name,
             "version": 1,
@@ -342,6 +367,23 @@ class Ultra8Layout(Layout):
 WRITABLE: dict[str, Layout] = {cls.name: cls() for cls in (Layout, LegacyLayout, Ultra8Layout)}
 FORMATS = tuple(WRITABLE)
 _DETECTION_ORDER = (Ultra8Layout, Layout, LegacyLayout, ComfyHeaderLayout)  # most specific first
+
+
+def legacy_full_precision(activations: dict[str, Activation]) -> bool:
+    """Whether a ``legacy`` marker makes every layer under it weight-only (``full_precision_matrix_mult``).
+
+    The marker switches the whole model, so its layers must agree; a mixed file needs ``comfy``.
+    """
+    weight_only = sorted(name for name, a in activations.items() if a.full_precision)
+    fp8_compute = sorted(name for name, a in activations.items() if not a.full_precision)
+    if weight_only and fp8_compute:
+        raise ValueError(
+            f"the legacy layout makes every layer either weight-only or fp8 compute, but {len(weight_only)} "
+            f"layers would be weight-only (e.g. {weight_only[0]}) and {len(fp8_compute)} fp8 compute (e.g. "
+            f"{fp8_compute[0]}): with input scales every quantized layer needs calibration statistics and no "
+            "full precision layers; otherwise use format comfy"
+        )
+    return not fp8_compute
 
 
 def layout(name: str) -> Layout:

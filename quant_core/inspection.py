@@ -4,6 +4,10 @@ The contract is in ``docs/formats.md``, and each layout checks its own part
 (``formats.Layout.check_layer``): a quantized weight is a 2-D fp8 tensor, its scale positive and
 finite, its optional input scale one positive float32. Against the original, every tensor that
 was not quantized must be bit-identical, and nothing else may be added.
+
+Both also say what each layer does on a GPU with fp8 compute (``formats.Activation``): weight-only,
+or an fp8 matrix multiply with its input scale. A layer that multiplies in fp8 without an input scale
+is legal but clips its inputs at the fp8 range: a warning, not a violation.
 """
 
 from __future__ import annotations
@@ -35,6 +39,31 @@ class FileReport:
     metadata: dict[str, str] = field(default_factory=dict)
     family: str = ""  # the detected model family, see policy.detect_family
 
+    def unscaled_fp8_layers(self) -> list[str]:
+        """Layers ComfyUI multiplies in fp8 with its input scale of 1 on a GPU with fp8 compute."""
+        return [layer.name for layer in self.layers if layer.on_fp8_gpu() == "fp8 @1 (none)"]
+
+    def warnings(self) -> list[str]:
+        unscaled = self.unscaled_fp8_layers()
+        if not unscaled:
+            return []
+        return [
+            f"{len(unscaled)} layers would multiply in fp8 with no input scale on a GPU with fp8 compute (inputs "
+            f"clipped at the fp8 range), e.g. {', '.join(unscaled[:3])}: reconvert without uncalibrated fp8 "
+            "compute, or with calibrated input scales"
+        ]
+
+    def fp8_compute_line(self) -> str:
+        """One line: how many layers run fp8 compute on such a GPU, with and without an input scale."""
+        weight_only = sum(layer.activation.full_precision for layer in self.layers)
+        unscaled = len(self.unscaled_fp8_layers())
+        scaled = len(self.layers) - weight_only - unscaled
+        when = " once decoded" if self.format == "ultra8" else ""
+        return (
+            f"fp8 GPU   {weight_only} weight-only, {scaled} fp8 compute with an input scale, {unscaled} fp8 compute "
+            f"without one (on GPUs with fp8 compute{when}; elsewhere all are weight-only)"
+        )
+
     def text(self, errors: bool = False) -> str:
         scales = [layer.scale for layer in self.layers]
         lines = [
@@ -48,14 +77,20 @@ class FileReport:
             lines.append(
                 f"scales    min {min(scales):.4g}, median {statistics.median(scales):.4g}, max {max(scales):.4g}"
             )
+        if self.layers:
+            lines.append(self.fp8_compute_line())
         if "quant_core" in self.metadata:
             settings = json.loads(self.metadata["quant_core"])
             lines.append(f"converter quant_core {settings.get('version')} preset {settings.get('preset')}")
         if errors and self.layers:
-            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10} {'rel.err':>9}")
+            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10} {'rel.err':>9} {'on an fp8 GPU':>14}")
             for layer in sorted(self.layers, key=lambda item: -(item.error or 0)):
                 shape = "x".join(map(str, layer.shape))
-                lines.append(f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g} {layer.error or 0:9.4%}")
+                lines.append(
+                    f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g} {layer.error or 0:9.4%} "
+                    f"{layer.on_fp8_gpu():>14}"
+                )
+        lines += [f"WARNING {w}" for w in self.warnings()]
         lines += [f"VIOLATION {v}" for v in self.violations]
         return "\n".join(lines)
 
@@ -88,6 +123,8 @@ def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> Fil
     sidecars = {k for w in quantized for k in layout.sidecar_keys(w) if k in reader.tensors} if layout else set()
     for weight_key in quantized:
         layer = layout.check_layer(reader, weight_key, report.violations)
+        if layer:
+            layer.activation = _activation(reader, layout, weight_key)
         if layer and original is not None:
             layer.error = _layer_error(reader, original, layer, report.violations)
         if layer:
@@ -97,6 +134,21 @@ def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> Fil
     if original is not None:
         _check_kept(reader, original, set(quantized) | sidecars, report.violations)
     return report
+
+
+def _activation(reader: SafetensorsReader, layout: formats.Layout, weight_key: str) -> formats.Activation:
+    """The layer's settings as ComfyUI reads them; the header variant keeps its flags in the metadata
+    (``_check`` inspects it with the ``comfy`` rules)."""
+    activation = layout.read_activation(weight_key, reader.read, set(reader.tensors))
+    base = weight_key.removesuffix(formats.WEIGHT_SUFFIX)
+    if "_quantization_metadata" not in reader.metadata or f"{base}{formats.COMFY_QUANT}" in reader.tensors:
+        return activation
+    try:
+        conf = json.loads(reader.metadata["_quantization_metadata"])["layers"][base]
+        full = conf.get(formats.FULL_PRECISION) is True
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        full = False  # ComfyUI's default
+    return formats.Activation(activation.input_scale, full)
 
 
 def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> float | None:

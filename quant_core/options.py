@@ -204,24 +204,33 @@ OPTIONS: tuple[Option, ...] = (
         "input_scales",
         bool,
         False,
-        "write a static input scale per quantized layer from the calibration file's recorded inputs, for "
-        "ComfyUI's fp8 matrix multiply (without one it uses scale 1 and clamps inputs to the fp8 range)",
+        "write a static input scale per quantized layer from the calibration file's recorded inputs and let "
+        "ComfyUI multiply those layers in fp8 on GPUs with fp8 compute (RTX 40xx+, H100); every other layer "
+        "stays weight-only (full_precision_matrix_mult); format legacy needs statistics for every quantized layer",
+        fronts=(CLI,),
+    ),
+    Option(
+        "uncalibrated_fp8_compute",
+        bool,
+        False,
+        "WARNING, loses quality: let ComfyUI multiply layers without an input scale in fp8 too, at its input "
+        "scale of 1 (inputs beyond ±448 are clipped, small ones lose precision); by default they are weight-only",
         fronts=(CLI,),
     ),
     Option(
         "full_precision",
         PATTERNS,
         (),
-        "regular expressions: matching quantized layers are marked full_precision_matrix_mult, so ComfyUI "
-        "multiplies them in bf16/fp16 instead of rounding their inputs to fp8 (format comfy or ultra8)",
+        "regular expressions: keep matching quantized layers weight-only (full_precision_matrix_mult) even with "
+        "an input scale: ComfyUI multiplies them in bf16/fp16",
         fronts=(CLI,),
     ),
     Option(
         "full_precision_above",
         float,
         None,
-        "also mark full_precision_matrix_mult the layers whose recorded inputs (calibration), rounded to fp8, "
-        "are predicted to add more than this relative output error (e.g. 0.025)",
+        "also keep weight-only the layers whose recorded inputs (calibration), rounded to fp8, are predicted "
+        "to add more than this relative output error (e.g. 0.025)",
         fronts=(CLI,),
         minimum=0.0,
     ),
@@ -294,6 +303,7 @@ class ConvertOptions:
     text_encoders: bool = _default("text_encoders")
     calibration: str | None = _default("calibration")
     input_scales: bool = _default("input_scales")
+    uncalibrated_fp8_compute: bool = _default("uncalibrated_fp8_compute")
     full_precision: list[str] = _default("full_precision")
     full_precision_above: float | None = _default("full_precision_above")
     parallel: bool = _default("parallel")

@@ -15,10 +15,11 @@ PREFIX = "model.diffusion_model."
 def test_a_layer_is_recognised_and_read_back_as_written(name):
     layout = formats.layout(name)
     scale = layout.stored_scale(float(torch.tensor(0.0123)))  # scales are float32 values
-    activation = formats.Activation(0.25, full_precision=layout.name != "legacy")
+    activation = formats.Activation(0.25, full_precision=True)
     quantized = torch.randn(8, 16).to(torch.float8_e4m3fn)
     tensors = {**layout.layer_tensors(WEIGHT, quantized, scale, activation)}
-    tensors.update(layout.markers(PREFIX, torch.float8_e4m3fn, shared_scales=True))
+    full = layout.marker_full_precision({WEIGHT: activation})
+    tensors.update(layout.markers(PREFIX, torch.float8_e4m3fn, True, full))
     keys = list(tensors)
 
     assert type(formats.detect(keys, {})) is type(layout)
@@ -37,9 +38,13 @@ def test_only_the_ultra8_layout_needs_decoding_and_rounds_its_scale_up():
     assert ultra8.stored_scale(0.0123) >= 0.0123 and formats.layout("comfy").stored_scale(0.0123) == 0.0123
 
 
-def test_the_legacy_layout_refuses_a_per_layer_full_precision_flag():
+def test_the_legacy_marker_speaks_for_every_layer_under_it():
+    legacy, weight_only, fp8_compute = formats.layout("legacy"), formats.Activation(None, True), formats.Activation(2.0)
+    assert legacy.markers(PREFIX, torch.float8_e4m3fn, True, True)[PREFIX + "scaled_fp8"].shape == (2,)
+    assert legacy.markers(PREFIX, torch.float8_e4m3fn, True, False)[PREFIX + "scaled_fp8"].shape == (0,)
     with pytest.raises(ValueError, match="use format comfy"):
-        formats.layout("legacy").layer_tensors(WEIGHT, torch.zeros(2, 2), 1.0, formats.Activation(None, True))
+        legacy.marker_full_precision({"a.weight": weight_only, "b.weight": fp8_compute})
+    assert formats.layout("comfy").markers(PREFIX, torch.float8_e4m3fn, True, False) == {}
 
 
 def test_an_unknown_format_is_named():

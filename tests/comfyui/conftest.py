@@ -52,6 +52,7 @@ NODE_OPTIONS = {
     if NODE in option.fronts and option.name != "calibration"
 }
 NODE_OPTIONS["rounding"] = "nearest"
+NODE_OPTIONS["fp8_compute"] = "weight-only"
 
 FLUX_CONFIG = dict(
     in_channels=16,

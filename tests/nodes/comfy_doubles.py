@@ -9,7 +9,7 @@ records) for the assertions. ``test_node_doubles.py`` compares the ``folder_path
 real module when ``COMFYUI_PATH`` points at a ComfyUI checkout.
 
 ``build(models_dir)`` makes a fresh set of modules (``comfy``, ``comfy.utils``,
-``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``comfy.patcher_extension``,
+``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``comfy.patcher_extension``, ``comfy.lora``,
 ``folder_paths``, ``server``); the
 ``comfy`` fixture in ``conftest.py`` puts them into ``sys.modules`` for one test and takes them out
 again afterwards.
@@ -18,6 +18,7 @@ again afterwards.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import threading
@@ -85,8 +86,34 @@ def _utils_module() -> types.ModuleType:
                 self._last_update_time = now
                 self._last_sent_value = value
 
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    def get_attr(obj, attr: str):
+        """Mirrors ``comfy.utils.get_attr``: follows a dotted attribute path."""
+        for name in attr.split("."):
+            obj = getattr(obj, name)
+        return obj
+
+    def set_attr_param(obj, attr: str, value: torch.Tensor):
+        """Mirrors ``comfy.utils.set_attr_param``: replaces the attribute with a frozen Parameter."""
+        if not torch.is_inference_mode_enabled() and value.is_inference():
+            value = value.clone()
+        *path, name = attr.split(".")
+        owner = get_attr(obj, ".".join(path)) if path else obj
+        previous = getattr(owner, name)
+        setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
+        return previous
+
+    def copy_to_param(obj, attr: str, value: torch.Tensor) -> None:
+        """Mirrors ``comfy.utils.copy_to_param``: updates the existing tensor in place."""
+        get_attr(obj, attr).data.copy_(value)
+
     utils.set_progress_bar_global_hook = set_progress_bar_global_hook
     utils.ProgressBar = ProgressBar
+    utils.get_attr = get_attr
+    utils.set_attr_param = set_attr_param
+    utils.copy_to_param = copy_to_param
     return utils
 
 
@@ -126,20 +153,77 @@ def _model_management_module() -> types.ModuleType:
         """Mirrors ``get_torch_device`` of a ComfyUI started with ``--cpu`` (``CPUState.CPU``)."""
         return torch.device("cpu")
 
+    def cpu_mode() -> bool:
+        """Mirrors ``cpu_mode`` under ``--cpu``."""
+        return True
+
     def soft_empty_cache(force=False) -> None:
         """Mirrors ``soft_empty_cache`` in CPU mode (returns at once); counts the calls."""
         mm.soft_empty_cache_calls += 1
+        if cpu_mode():
+            return
+
+    def lora_compute_dtype(device) -> torch.dtype:
+        """Mirrors ``lora_compute_dtype`` on a CPU (``should_use_fp16`` is False there): float32."""
+        return torch.float32
+
+    def cast_to_device(tensor, device, dtype, copy=False):
+        """Mirrors ``cast_to_device``/``cast_to``: same tensor unless a copy or another dtype/device is needed."""
+        if (device is None or tensor.device == torch.device(device)) and not copy and dtype in (None, tensor.dtype):
+            return tensor
+        return tensor.to(device=device, dtype=dtype, copy=copy)
 
     for function in (
         interrupt_current_processing,
         processing_interrupted,
         throw_exception_if_processing_interrupted,
         get_torch_device,
+        cpu_mode,
         soft_empty_cache,
+        lora_compute_dtype,
+        cast_to_device,
     ):
         setattr(mm, function.__name__, function)
     mm.InterruptProcessingException = InterruptProcessingException
     return mm
+
+
+# --------------------------------------------------------------------------------------------------
+# comfy.lora
+# --------------------------------------------------------------------------------------------------
+
+
+def _lora_module() -> types.ModuleType:
+    lora = types.ModuleType("comfy.lora")
+
+    def calculate_weight(patches: list, weight: torch.Tensor, key: str, intermediate_dtype=torch.float32):
+        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests use):
+        per patch ``(strength, (diff,), strength_model, offset, function)``, ``weight *= strength_model``
+        then ``weight += function(strength * diff)``, in place."""
+        import comfy.model_management
+
+        for strength, patch, strength_model, offset, function in patches:
+            function = function or (lambda a: a)
+            whole = weight
+            if offset is not None:
+                weight = weight.narrow(offset[0], offset[1], offset[2])
+            if strength_model != 1.0:
+                weight *= strength_model
+            if len(patch) == 2:
+                kind, patch = patch
+            else:
+                kind = "diff"
+            if kind != "diff":
+                raise NotImplementedError(f"the comfy.lora double only applies 'diff' patches, not {kind!r}")
+            diff = patch[0]
+            if strength != 0.0 and diff.shape == weight.shape:  # ComfyUI warns and skips on a mismatch
+                weight += function(strength * comfy.model_management.cast_to_device(diff, weight.device, weight.dtype))
+            if offset is not None:
+                weight = whole
+        return weight
+
+    lora.calculate_weight = calculate_weight
+    return lora
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,9 +232,9 @@ def _model_management_module() -> types.ModuleType:
 
 
 def _cli_args_module() -> types.ModuleType:
-    """Mirrors ``comfy.cli_args.args`` (argparse defaults: ``--disable-metadata`` off)."""
+    """Mirrors ``comfy.cli_args.args`` (argparse defaults; ``--disable-metadata`` off, ``--cpu`` on)."""
     cli_args = types.ModuleType("comfy.cli_args")
-    cli_args.args = argparse.Namespace(disable_metadata=False)
+    cli_args.args = argparse.Namespace(disable_metadata=False, cpu=True)
     return cli_args
 
 
@@ -233,10 +317,11 @@ def _patcher_extension_module() -> types.ModuleType:
 SUPPORTED_PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 
 
-def _folder_paths_module(models_dir: Path) -> types.ModuleType:
+def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")
     fp.supported_pt_extensions = set(SUPPORTED_PT_EXTENSIONS)
     fp.models_dir = str(models_dir)
+    fp.output_directory = str(output_dir)
     # ComfyUI's defaults: the first folder of each kind is where files are saved.
     fp.folder_names_and_paths = {
         "checkpoints": ([str(models_dir / "checkpoints")], fp.supported_pt_extensions),
@@ -251,9 +336,17 @@ def _folder_paths_module(models_dir: Path) -> types.ModuleType:
         "loras": ([str(models_dir / "loras")], fp.supported_pt_extensions),
     }
 
+    def map_legacy(folder_name: str) -> str:
+        """Mirrors ``folder_paths.map_legacy``: ``unet`` and ``clip`` are old names."""
+        return {"unet": "diffusion_models", "clip": "text_encoders"}.get(folder_name, folder_name)
+
+    def get_output_directory() -> str:
+        return fp.output_directory
+
     def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
         """Mirrors ``folder_paths.add_model_folder_path``: a new kind gets the folder and no extension
         filter (every file is listed); a known kind gets it appended, or moved/put first when default."""
+        folder_name = map_legacy(folder_name)
         if folder_name not in fp.folder_names_and_paths:
             fp.folder_names_and_paths[folder_name] = ([full_folder_path], set())
             return
@@ -269,7 +362,7 @@ def _folder_paths_module(models_dir: Path) -> types.ModuleType:
 
     def get_folder_paths(folder_name: str) -> list[str]:
         """Mirrors ``folder_paths.get_folder_paths``: a copy of the folder list."""
-        return list(fp.folder_names_and_paths[folder_name][0])
+        return list(fp.folder_names_and_paths[map_legacy(folder_name)][0])
 
     def _walk(directory: str) -> list[str]:
         if not os.path.isdir(directory):
@@ -284,7 +377,7 @@ def _folder_paths_module(models_dir: Path) -> types.ModuleType:
         """Mirrors ``folder_paths.get_filename_list``: every file below each folder of the kind, as a
         path relative to its folder, kept when its (lower-cased) extension is supported, sorted.
         ComfyUI caches the list until a folder's mtime changes; the double always walks."""
-        folders, extensions = fp.folder_names_and_paths[folder_name]
+        folders, extensions = fp.folder_names_and_paths[map_legacy(folder_name)]
         names = set()
         for folder in folders:
             names.update(
@@ -295,6 +388,7 @@ def _folder_paths_module(models_dir: Path) -> types.ModuleType:
     def get_full_path(folder_name: str, filename: str) -> str | None:
         """Mirrors ``folder_paths.get_full_path``: the name is made relative to '/' first (so '..' cannot
         climb out), then the first folder holding such a file wins."""
+        folder_name = map_legacy(folder_name)
         if folder_name not in fp.folder_names_and_paths:
             return None
         filename = os.path.relpath(os.path.join("/", filename), "/")
@@ -378,6 +472,8 @@ def _folder_paths_module(models_dir: Path) -> types.ModuleType:
         return full_output_folder, filename, counter, subfolder, filename_prefix
 
     for function in (
+        map_legacy,
+        get_output_directory,
         add_model_folder_path,
         get_folder_paths,
         get_filename_list,
@@ -503,8 +599,10 @@ class ModelPatcher:
       strength * diff``, after ``weight *= strength_model``) and rounds back to the weight's dtype
       (``comfy.float.stochastic_rounding``, which for bf16/fp16/fp32 is a plain cast). Without
       ``return_weight`` it backs the weight up and sets the patched one on the model.
-    * ``load()`` mirrors the full-load path of ``ModelPatcher.load``: each module's weights are
-      patched in place and the module is marked ``comfy_patched_weights = True``.
+      The backup is ComfyUI's ``(weight, inplace_update)`` named tuple.
+    * ``load()`` and ``partially_unload()`` mirror the load states of ``ModelPatcher.load`` (full, lowvram,
+      lowvram with ``force_patch_weights``) and of a partial unload; ``add_weight_wrapper`` a training
+      adapter's weight wrapper.
 
     ``calls`` records the keys given to ``patch_weight_to_device`` (instrumentation).
     """
@@ -514,7 +612,10 @@ class ModelPatcher:
         self.load_device = load_device or torch.device("cpu")
         self.offload_device = offload_device or torch.device("cpu")
         self.patches: dict[str, list] = {}
-        self.backup: dict[str, torch.Tensor] = {}
+        self.backup: dict[str, Backup] = {}
+        self.hook_backup: dict[str, tuple[torch.Tensor, torch.device]] = {}
+        self.weight_wrapper_patches: dict[str, list] = {}
+        self.weight_inplace_update = False
         self.wrappers: dict[str, dict[str, list]] = {}
         self.calls: list[str] = []
 
@@ -524,6 +625,7 @@ class ModelPatcher:
         clone = ModelPatcher(self.model, self.load_device, self.offload_device)
         clone.patches = {key: patches[:] for key, patches in self.patches.items()}
         clone.backup = self.backup
+        clone.weight_inplace_update = self.weight_inplace_update
         clone.wrappers = {kind: {key: w[:] for key, w in group.items()} for kind, group in self.wrappers.items()}
         return clone
 
@@ -548,50 +650,113 @@ class ModelPatcher:
                     state.pop(key)
         return state
 
-    def _weight(self, key: str) -> tuple[torch.nn.Module, str, torch.Tensor]:
-        """The module holding ``key``, the parameter's name and the parameter (``get_key_weight``)."""
+    def _key_weight(self, key: str):
+        """Mirrors ``comfy.model_patcher.get_key_weight``."""
+        import comfy.utils
+
         module_path, _, param = key.rpartition(".")
-        module = self.model.get_submodule(module_path)
-        return module, param, getattr(module, param)
+        if not module_path:
+            return comfy.utils.get_attr(self.model, key), None, None
+        module = comfy.utils.get_attr(self.model, module_path)
+        set_func = getattr(module, f"set_{param}", None)
+        convert_func = getattr(module, f"convert_{param}", None)
+        weight = getattr(module, param)
+        return weight, set_func, convert_func
 
-    def _calculate_weight(self, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests add):
-        ``weight *= strength_model``, then ``weight += strength * diff`` in the weight's dtype; a diff
-        of another shape is skipped (ComfyUI warns)."""
-        for strength, (diff,), strength_model, _, _ in self.patches[key]:
-            if strength_model != 1.0:
-                weight *= strength_model
-            if strength != 0.0 and diff.shape == weight.shape:
-                weight += strength * diff.to(weight.device, weight.dtype)
-        return weight
+    def patch_weight_to_device(
+        self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False
+    ) -> torch.Tensor | None:
+        import comfy.lora
+        import comfy.model_management
+        import comfy.utils
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False):
-        """An unpatched key's weight itself; a patched one is copied to ``device_to`` in float32 (the
-        LoRA compute dtype on a CPU), patched, and rounded back to the weight's dtype (a plain cast
-        for bf16/fp16/fp32: ``comfy.float.stochastic_rounding``); returned, or, without
-        ``return_weight``, set on the model as a frozen Parameter after backing the original up."""
         self.calls.append(key)
-        module, param, weight = self._weight(key)
-        if key not in self.patches:
+        weight, set_func, convert_func = self._key_weight(key)
+        if key not in self.patches and not force_cast:
             return weight
-        if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise NotImplementedError("the double does not mirror stochastic rounding to fp8")
-        if not return_weight:
-            self.backup.setdefault(key, weight.to(self.offload_device, copy=True))
-        out = self._calculate_weight(key, weight.to(device_to, torch.float32, copy=True)).to(weight.dtype)
+        inplace_update = self.weight_inplace_update or inplace_update
+        if key not in self.backup and not return_weight:
+            self.backup[key] = Backup(weight.to(device=self.offload_device, copy=inplace_update), inplace_update)
+        temp_dtype = comfy.model_management.lora_compute_dtype(device_to) if key in self.patches else None
+        if device_to is not None:
+            temp = comfy.model_management.cast_to_device(weight, device_to, temp_dtype, copy=True)
+        else:
+            temp = weight.to(temp_dtype, copy=True)
+        if convert_func is not None:
+            temp = convert_func(temp, inplace=True)
+        out = comfy.lora.calculate_weight(self.patches[key], temp, key) if key in self.patches else temp
+        if set_func is not None:
+            return set_func(out, inplace_update=inplace_update, return_weight=return_weight)
+        if key in self.patches:
+            if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise NotImplementedError("the double does not mirror stochastic rounding to fp8")
+            out = out.to(weight.dtype)
         if return_weight:
             return out
-        setattr(module, param, torch.nn.Parameter(out, requires_grad=False))
+        if inplace_update:
+            comfy.utils.copy_to_param(self.model, key, out)
+        else:
+            comfy.utils.set_attr_param(self.model, key, out)
         return None
 
-    def load(self, device_to=None) -> None:
+    def add_weight_wrapper(self, name: str, function) -> None:
+        """Mirrors ``ModelPatcher.add_weight_wrapper``: ``function(weight)`` runs at every forward."""
+        self.weight_wrapper_patches.setdefault(name, []).append(function)
+
+    def _modules(self):
         for name, module in self.model.named_modules():
             params = [p for p, _ in module.named_parameters(recurse=False)]
-            if not params or getattr(module, "comfy_patched_weights", False):
+            if params:
+                yield module, [f"{name}.{param}" if name else param for param in params]
+
+    def load(self, device_to=None, offloaded=(), force_patch_weights=False) -> None:
+        """Mirrors ``ModelPatcher.load``: modules named in ``offloaded`` stay lowvram (their patches go
+        into ``weight_function`` as ``LowVramPatch``es, applied at forward time), unless
+        ``force_patch_weights``, which patches them in place *without* marking them; every other
+        module is patched in place and marked ``comfy_patched_weights = True``."""
+        for module, keys in self._modules():
+            name = keys[0].rpartition(".")[0]
+            if name in offloaded:
+                module.weight_function = [] if force_patch_weights else [LowVramPatch(k, self.patches) for k in keys]
+                if force_patch_weights:
+                    for key in keys:
+                        if key in self.patches:
+                            self.patch_weight_to_device(key)
                 continue
-            for param in params:
-                self.patch_weight_to_device(f"{name}.{param}" if name else param, device_to=device_to)
+            if getattr(module, "comfy_patched_weights", False):
+                continue
+            for key in keys:
+                self.patch_weight_to_device(key, device_to=device_to)
             module.comfy_patched_weights = True
+
+    def partially_unload(self, device_to=None, names=()) -> None:
+        """Mirrors ``ModelPatcher.partially_unload`` for the modules named: the backup goes back onto a
+        patched module, which becomes lowvram (``LowVramPatch``) with ``comfy_patched_weights = False``."""
+        import comfy.utils
+
+        for module, keys in self._modules():
+            if keys[0].rpartition(".")[0] not in names or not getattr(module, "comfy_patched_weights", False):
+                continue
+            for key in keys:
+                if key in self.backup:
+                    comfy.utils.set_attr_param(self.model, key, self.backup.pop(key).weight)
+            module.weight_function = [LowVramPatch(k, self.patches) for k in keys if k in self.patches]
+            module.comfy_patched_weights = False
+
+
+Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ComfyUI's backup entry
+
+
+class LowVramPatch:
+    """Mirrors ``comfy.model_patcher.LowVramPatch``: applies ``patches[key]`` to a weight at forward time."""
+
+    def __init__(self, key: str, patches: dict):
+        self.key, self.patches = key, patches
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.lora
+
+        return comfy.lora.calculate_weight(self.patches[self.key], weight, self.key, intermediate_dtype=weight.dtype)
 
 
 def apply_model(patcher: ModelPatcher, forward, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -630,8 +795,9 @@ def server_progress_hook(model_management: types.ModuleType, record: list):
     return hook
 
 
-def build(models_dir: Path) -> types.SimpleNamespace:
+def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNamespace:
     """A fresh set of double modules rooted at ``models_dir``; ``modules`` maps the names to install."""
+    output_dir = output_dir or models_dir.parent / "output"
     comfy = types.ModuleType("comfy")
     comfy.__path__ = []  # a package, as ComfyUI's is
     utils = _utils_module()
@@ -639,9 +805,11 @@ def build(models_dir: Path) -> types.SimpleNamespace:
     cli_args = _cli_args_module()
     sd = _sd_module()
     patcher_extension = _patcher_extension_module()
+    lora = _lora_module()
     comfy.utils, comfy.model_management, comfy.cli_args, comfy.sd = utils, model_management, cli_args, sd
+    comfy.lora = lora
     comfy.patcher_extension = patcher_extension
-    folder_paths = _folder_paths_module(models_dir)
+    folder_paths = _folder_paths_module(models_dir, output_dir)
     server = _server_module()
     hook_calls: list[dict] = []
     utils.set_progress_bar_global_hook(server_progress_hook(model_management, hook_calls))
@@ -655,6 +823,7 @@ def build(models_dir: Path) -> types.SimpleNamespace:
             "comfy.cli_args": cli_args,
             "comfy.sd": sd,
             "comfy.patcher_extension": patcher_extension,
+            "comfy.lora": lora,
             "folder_paths": folder_paths,
             "server": server,
         },
