@@ -13,6 +13,7 @@ from quant_core.calibration import (
     RecordedStatistics,
     Recorder,
     RowSample,
+    exact_layers,
     save_statistics,
 )
 from quant_core.convert import ConvertOptions, convert_file
@@ -60,6 +61,18 @@ def test_recorder_removes_its_hooks():
         run(model, low_rank_inputs(4, 0))
     run(model, low_rank_inputs(4, 1))
     assert recorder.statistics()["0.weight"].count == 2, "no recording after the with-block"
+
+
+def test_exact_statistics_go_to_the_narrowest_layers_that_fit_the_memory():
+    widths = {"wide": 64, "narrow": 32, "widest": 128, "too wide": 4096}
+    assert exact_layers(widths, 4096, 2 * 4 * (32 * 32 + 64 * 64)) == {"narrow", "wide"}
+    assert exact_layers(widths, 48, 1 << 30) == {"narrow"}
+    model = small_model()
+    with Recorder(model, rank=8, exact_bytes=2 * 4 * 32 * 32) as recorder:
+        run(model, low_rank_inputs(40, 0))
+    statistics = recorder.statistics()
+    assert isinstance(statistics["0.weight"].fit, Gram) and isinstance(statistics["2.weight"].fit, LowRankGram)
+    assert recorder.nbytes < 2 * 4 * (32 * 32 + 64 * 64)
 
 
 def test_wide_layers_keep_a_bounded_sketch_with_an_exact_diagonal():
