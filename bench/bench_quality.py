@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dit  # noqa: E402
+from comfy_fp8 import output_error  # noqa: E402
 from minilm import MiniLM, WordPiece, model_dir  # noqa: E402
 
 from quant_core import convert, formats, fp8, gptq  # noqa: E402
 from quant_core.calibration import Gram, Recorder, save_statistics  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
-from quant_core.gptq import output_error  # noqa: E402
 from quant_core.io import SafetensorsReader, write_file  # noqa: E402
 
 BATCH = 32
@@ -155,13 +155,12 @@ def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
     """A converted file back in float32: each fp8 weight times its scale, everything else as stored."""
     with SafetensorsReader(path) as reader:
         keys = list(reader.tensors)
-        layout = formats.detect_format(keys, reader.metadata)
-        quantized = set(formats.quantized_weights(layout, keys)) if layout != "none" else set()
+        layout = formats.detect(keys, reader.metadata)
+        quantized = set(layout.quantized_weights(keys)) if layout else set()
         state = {}
         for key in keys:
             if key in quantized:
-                scale_key = key.removesuffix(".weight") + formats.SCALE_SUFFIX[layout]
-                scale = formats.decode_stored_scale(layout, reader.read(scale_key))
+                scale = layout.layer_scale(reader.read, key)
                 state[key] = fp8.dequantize(reader.read(key), scale)
             elif reader.tensors[key].dtype.is_floating_point:
                 state[key] = reader.read(key).float()
@@ -181,8 +180,8 @@ def evaluate(subject: Subject, work: Path) -> None:
     print(f"\n== {subject.name}: {subject.description}")
     print(f"recorded {len(RECORDINGS)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
     methods = {
-        "round-to-nearest (--rounding nearest)": ConvertOptions(method="nearest"),
-        "seed-style learned, random inputs (--rounding learned)": ConvertOptions(method="learned"),
+        "round-to-nearest (--rounding nearest)": ConvertOptions(rounding="nearest"),
+        "seed-style learned, random inputs (--rounding learned)": ConvertOptions(rounding="learned"),
         "data-free default (--rounding auto, no calibration)": ConvertOptions(),
     }
     for label, recorder in zip(RECORDINGS, recorders, strict=True):

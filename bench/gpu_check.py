@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quant_core.calibration import Gram, LayerStatistics, Recorder  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
 from quant_core.io import SafetensorsReader, write_file  # noqa: E402
-from quant_core.rounding import RoundingOptions  # noqa: E402
+from quant_core.options import LearnedOptions  # noqa: E402
 
 SCALE_TOLERANCE = 1e-6
 STATISTICS_TOLERANCE = 1e-4
@@ -130,7 +130,7 @@ class Setup:
     reference: Callable[[], contextlib.AbstractContextManager]  # how the reference runs
     candidate: Callable[[], contextlib.AbstractContextManager]  # how the candidate runs
     candidate_device: torch.device
-    rounding: RoundingOptions
+    rounding: LearnedOptions
     rank: int
     references: dict[str, Path] = field(default_factory=dict)
 
@@ -162,7 +162,7 @@ def make_setup(args: argparse.Namespace, folder: Path) -> Setup:
     else:
         reference, candidate = contextlib.nullcontext, contextlib.nullcontext
         device = torch.device("cuda", 0)
-    rounding = RoundingOptions(num_iter=args.num_iter, calib_samples=args.calib_samples)
+    rounding = LearnedOptions(num_iter=args.num_iter, calib_samples=args.calib_samples)
     return Setup(folder, checkpoint, exact, sketched, model, inputs, reference, candidate, device, rounding, args.rank)
 
 
@@ -254,7 +254,7 @@ def measured(row: Row, device: torch.device) -> Iterator[None]:
 
 def conversion_path(setup: Setup, label: str, reference_key: str, budget: Budget, **overrides) -> Row:
     """Convert on the CPU (once per ``reference_key``) and on the candidate device; compare."""
-    base = dict(format="comfy", preset="generic", include=[r"^blocks\."], rounding=setup.rounding)
+    base = dict(format="comfy", preset="generic", include=[r"^blocks\."], learned=setup.rounding)
     base.update(overrides)
     if reference_key not in setup.references:
         reference = setup.folder / f"reference_{reference_key}.safetensors"
@@ -327,15 +327,15 @@ def run(args: argparse.Namespace) -> list[Row]:
         setup = make_setup(args, Path(tmp))
         exact, sketched = str(setup.exact), str(setup.sketched)
         return [
-            conversion_path(setup, "round-to-nearest", "nearest", NEAREST, method="nearest"),
-            conversion_path(setup, "learned, use_amp", "learned", LEARNED, method="learned"),
+            conversion_path(setup, "round-to-nearest", "nearest", NEAREST, rounding="nearest"),
+            conversion_path(setup, "learned, use_amp", "learned", LEARNED, rounding="learned"),
             conversion_path(
                 setup,
                 "learned, no use_amp",
                 "learned",
                 LEARNED,
-                method="learned",
-                rounding=RoundingOptions(num_iter=args.num_iter, calib_samples=args.calib_samples, use_amp=False),
+                rounding="learned",
+                learned=LearnedOptions(num_iter=args.num_iter, calib_samples=args.calib_samples, use_amp=False),
             ),
             conversion_path(setup, "GPTQ, exact statistics", "gptq_exact", GPTQ, calibration=exact),
             conversion_path(setup, "GPTQ, sketched statistics", "gptq_sketched", GPTQ, calibration=sketched),

@@ -393,9 +393,16 @@ class RecordedStatistics:
         from .io import SafetensorsReader
 
         self._reader = SafetensorsReader(path)
-        if self._reader.metadata.get("format") != STATISTICS_FORMAT:
+        metadata = self._reader.metadata
+        if metadata.get("format") != STATISTICS_FORMAT:
             self._reader.close()
             raise ValueError(f"{path} is not a calibration file written by quant_core.calibration.Recorder")
+        if metadata.get("version") != STATISTICS_VERSION:
+            self._reader.close()
+            raise ValueError(
+                f"{path} is a calibration file of version {metadata.get('version')}; this converter reads "
+                f"version {STATISTICS_VERSION}: record it again"
+            )
         self.names = {k.removesuffix(".count") for k in self._reader.tensors if k.endswith(".count")}
         self.prefix = prefix
 

@@ -1,12 +1,9 @@
 """``inspect`` and ``verify``: read a converted file back and check it against the loader contract.
 
-The contract (see the README's "Formats"): a quantized weight is a 2-D fp8 tensor; its scale is
-float32 with shape ``[]`` or ``[1]`` (uint8 ``[]`` code for ``ultra8``), positive and finite;
-``comfy`` and ``ultra8`` layers carry a ``comfy_quant`` JSON whose ``format`` names the layout;
-``legacy`` files carry the ``scaled_fp8`` marker with the weights' fp8 dtype. An optional input
-scale (``input_scale``, ``scale_input`` in ``legacy``) is float32 ``[]`` or ``[1]``, positive and
-finite, and ``full_precision_matrix_mult`` in a ``comfy_quant`` is a JSON boolean. Against the
-original, every tensor that was not quantized must be bit-identical.
+The contract is in ``docs/formats.md``, and each layout checks its own part
+(``formats.Layout.check_layer``): a quantized weight is a 2-D fp8 tensor, its scale positive and
+finite, its optional input scale one positive float32. Against the original, every tensor that
+was not quantized must be bit-identical, and nothing else may be added.
 
 Both also say what each layer does on a GPU with fp8 compute (``formats.Activation``): weight-only,
 or an fp8 matrix multiply with its input scale. A layer that multiplies in fp8 without an input scale
@@ -23,30 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import formats, fp8
+from .formats import LayerCheck
 from .io import SafetensorsReader
 from .policy import detect_family
-
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-@dataclass
-class LayerCheck:
-    """One quantized layer: its scale and, with an original, its relative error."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    scale: float
-    activation: formats.Activation = formats.PLAIN
-    error: float | None = None
-
-    def on_fp8_gpu(self) -> str:
-        """What ComfyUI does with the layer on a GPU with fp8 compute."""
-        if self.activation.full_precision:
-            return "weight-only"
-        if self.activation.input_scale is None:
-            return "fp8 @1 (none)"
-        return f"fp8 @{self.activation.input_scale:.4g}"
 
 
 @dataclass
@@ -133,62 +109,39 @@ def verify_files(original: str, converted: str) -> FileReport:
 
 def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> FileReport:
     keys = list(reader.tensors)
-    fmt = formats.detect_format(keys, reader.metadata)
+    layout = formats.detect(keys, reader.metadata)
     report = FileReport(
         str(reader.path),
-        fmt,
+        layout.name if layout else "none",
         len(keys),
         sum(i.nbytes for i in reader.tensors.values()),
         Counter(i.dtype for i in reader.tensors.values()),
         metadata=reader.metadata,
         family=detect_family(keys).family,
     )
-    layer_fmt = "comfy" if fmt == "comfy-header" else fmt
-    quantized = formats.quantized_weights(layer_fmt, keys) if fmt != "none" else []
-    sidecars = {k for w in quantized for k in formats.sidecar_keys(layer_fmt, w) if k in reader.tensors}
+    quantized = layout.quantized_weights(keys) if layout else []
+    sidecars = {k for w in quantized for k in layout.sidecar_keys(w) if k in reader.tensors} if layout else set()
     for weight_key in quantized:
-        layer = _check_layer(reader, layer_fmt, weight_key, report.violations)
+        layer = layout.check_layer(reader, weight_key, report.violations)
+        if layer:
+            layer.activation = _activation(reader, layout, weight_key)
         if layer and original is not None:
             layer.error = _layer_error(reader, original, layer, report.violations)
         if layer:
             report.layers.append(layer)
-    if fmt == "legacy":
-        _check_legacy_marker(reader, quantized, report.violations)
+    if layout:
+        layout.check_file(reader, quantized, report.violations)
     if original is not None:
         _check_kept(reader, original, set(quantized) | sidecars, report.violations)
     return report
 
 
-def _check_layer(reader: SafetensorsReader, fmt: str, weight_key: str, violations: list[str]) -> LayerCheck | None:
-    info = reader.tensors[weight_key]
-    base = weight_key.removesuffix(formats.WEIGHT_SUFFIX)
-    if info.dtype not in _FP8 or len(info.shape) != 2:
-        violations.append(f"{weight_key}: expected a 2-D fp8 weight, found {info.dtype} {list(info.shape)}")
-        return None
-    scale_key = base + formats.SCALE_SUFFIX[fmt]
-    scale_info = reader.tensors[scale_key]
-    want = torch.uint8 if fmt == "ultra8" else torch.float32
-    if scale_info.dtype != want or scale_info.shape not in ((), (1,)):
-        violations.append(
-            f"{scale_key}: expected {want} of shape [] or [1], found {scale_info.dtype} "
-            f"{list(scale_info.shape)} (ComfyUI needs one scale per tensor)"
-        )
-        return None
-    scale = formats.decode_stored_scale(fmt, reader.read(scale_key))
-    if not (scale > 0 and scale < float("inf")):
-        violations.append(f"{scale_key}: scale {scale} is not positive and finite")
-    if fmt in ("comfy", "ultra8"):
-        _check_comfy_quant(reader, fmt, base, info.dtype, violations)
-    _check_input_scale(reader, base + formats.INPUT_SCALE_SUFFIX[fmt], violations)
-    return LayerCheck(weight_key, info.dtype, info.shape, scale, _activation(reader, fmt, weight_key))
-
-
-def _activation(reader: SafetensorsReader, fmt: str, weight_key: str) -> formats.Activation:
+def _activation(reader: SafetensorsReader, layout: formats.Layout, weight_key: str) -> formats.Activation:
     """The layer's settings as ComfyUI reads them; the header variant keeps its flags in the metadata
     (``_check`` inspects it with the ``comfy`` rules)."""
-    activation = formats.read_activation(fmt, weight_key, reader.read, set(reader.tensors))
+    activation = layout.read_activation(weight_key, reader.read, set(reader.tensors))
     base = weight_key.removesuffix(formats.WEIGHT_SUFFIX)
-    if "_quantization_metadata" not in reader.metadata or f"{base}.comfy_quant" in reader.tensors:
+    if "_quantization_metadata" not in reader.metadata or f"{base}{formats.COMFY_QUANT}" in reader.tensors:
         return activation
     try:
         conf = json.loads(reader.metadata["_quantization_metadata"])["layers"][base]
@@ -196,51 +149,6 @@ def _activation(reader: SafetensorsReader, fmt: str, weight_key: str) -> formats
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         full = False  # ComfyUI's default
     return formats.Activation(activation.input_scale, full)
-
-
-def _check_input_scale(reader: SafetensorsReader, key: str, violations: list[str]) -> None:
-    """ComfyUI casts the input scale to a device tensor and divides by it: one positive float32."""
-    if key not in reader.tensors:
-        return
-    info = reader.tensors[key]
-    if info.dtype != torch.float32 or info.shape not in ((), (1,)):
-        violations.append(f"{key}: expected float32 of shape [] or [1], found {info.dtype} {list(info.shape)}")
-        return
-    value = float(reader.read(key).reshape(-1)[0])
-    if not (value > 0 and value < float("inf")):
-        violations.append(f"{key}: input scale {value} is not positive and finite")
-
-
-def _check_comfy_quant(reader, fmt: str, base: str, dtype: torch.dtype, violations: list[str]) -> None:
-    key = base + ".comfy_quant"
-    if key not in reader.tensors:
-        violations.append(f"{key}: missing")
-        return
-    if reader.tensors[key].dtype != torch.uint8 or len(reader.tensors[key].shape) != 1:
-        violations.append(f"{key}: must be a 1-D uint8 tensor of UTF-8 JSON")
-        return
-    try:
-        conf = formats.read_json_tensor(reader.read(key))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        violations.append(f"{key}: not valid UTF-8 JSON")
-        return
-    expected = formats.ULTRA8_FORMAT if fmt == "ultra8" else str(dtype).removeprefix("torch.")
-    if conf.get("format") != expected:
-        violations.append(f"{key}: format {conf.get('format')!r}, expected {expected!r} for a {dtype} weight")
-    if not isinstance(conf.get(formats.FULL_PRECISION, False), bool):
-        violations.append(f"{key}: {formats.FULL_PRECISION} must be true or false")
-
-
-def _check_legacy_marker(reader: SafetensorsReader, quantized: list[str], violations: list[str]) -> None:
-    markers = [k for k in reader.tensors if k == formats.LEGACY_MARKER or k.endswith("." + formats.LEGACY_MARKER)]
-    dtypes = {reader.tensors[w].dtype for w in quantized}
-    for marker in markers:
-        info = reader.tensors[marker]
-        if info.dtype not in dtypes or info.numel > 2:
-            violations.append(f"{marker}: must be an empty tensor of the weights' fp8 dtype {sorted(map(str, dtypes))}")
-        prefix = marker.removesuffix(formats.LEGACY_MARKER)
-        if any(not w.startswith(prefix) for w in quantized):
-            violations.append(f"{marker}: some quantized weights lie outside its prefix {prefix!r}")
 
 
 def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> float | None:
@@ -283,9 +191,8 @@ def _check_kept(reader, original, converted_keys: set[str], violations: list[str
             )
         elif not torch.equal(_raw(original.read(name)), _raw(reader.read(name))):
             violations.append(f"{name}: kept tensor is not bit-identical to the original")
-    markers = (formats.LEGACY_MARKER, formats.ULTRA8_MARKER)
     extra = [
-        k for k in reader.tensors if k not in original.tensors and k not in converted_keys and not k.endswith(markers)
+        k for k in reader.tensors if k not in original.tensors and k not in converted_keys and not formats.is_marker(k)
     ]
     violations += [f"{k}: unexpected tensor not in the original" for k in extra]
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from bench import comfy_fp8
 from quant_core import activation, formats, fp8
 from quant_core.calibration import Gram, Recorder
 from quant_core.cli import convert_parser, main, options_from
@@ -39,14 +40,14 @@ def test_input_scale_of_silent_or_extreme_layers():
 
 
 def test_power_of_two_scale():
-    assert activation.power_of_two_scale(1000.0, E4M3) == 4.0
-    assert activation.power_of_two_scale(448.0, E4M3) == 1.0
-    assert activation.power_of_two_scale(0.0, E4M3) == 1.0
+    assert comfy_fp8.power_of_two_scale(1000.0, E4M3) == 4.0
+    assert comfy_fp8.power_of_two_scale(448.0, E4M3) == 1.0
+    assert comfy_fp8.power_of_two_scale(0.0, E4M3) == 1.0
 
 
 def test_quantize_input_without_scale_clamps_to_the_fp8_range():
     x = torch.tensor([[1000.0, -600.0, 3.3, 0.001]])
-    q, scale = activation.quantize_input(x, None, E4M3, torch.bfloat16)
+    q, scale = comfy_fp8.quantize_input(x, None, E4M3, torch.bfloat16)
     assert float(scale) == 1.0
     assert q.float().tolist() == [[448.0, -448.0, 3.25, 2.0**-9]]
 
@@ -54,7 +55,7 @@ def test_quantize_input_without_scale_clamps_to_the_fp8_range():
 def test_quantize_input_with_a_static_scale():
     x = torch.tensor([[1000.0, -600.0, 3.3]])
     scale = activation.input_scale_for(1000.0, E4M3)
-    q, stored = activation.quantize_input(x, scale, E4M3, torch.bfloat16)
+    q, stored = comfy_fp8.quantize_input(x, scale, E4M3, torch.bfloat16)
     assert float(stored) == scale
     assert q.float().tolist() == [[448.0, -256.0, 1.5]], "1000 fits; the rest keeps 3 mantissa bits"
 
@@ -66,11 +67,11 @@ def test_fp8_linear_is_the_product_of_the_dequantized_operands():
     q = fp8.quantize_nearest(weight, scale, E4M3)
     x, bias = torch.randn(5, 16, generator=generator), torch.randn(8, generator=generator)
     input_scale = activation.input_scale_for(fp8.absmax(x), E4M3)
-    qx, _ = activation.quantize_input(x, input_scale, E4M3, torch.float32)
+    qx, _ = comfy_fp8.quantize_input(x, input_scale, E4M3, torch.float32)
     expected = (qx.float() * input_scale) @ fp8.dequantize(q, scale).T + bias
-    out = activation.fp8_linear(x, q, scale, bias, input_scale, torch.float32)
+    out = comfy_fp8.fp8_linear(x, q, scale, bias, input_scale, torch.float32)
     assert torch.allclose(out, expected, atol=1e-5)
-    full = activation.full_precision_linear(x, q, scale, bias, torch.float32)
+    full = comfy_fp8.full_precision_linear(x, q, scale, bias, torch.float32)
     assert torch.allclose(full, x @ fp8.dequantize(q, scale).T + bias, atol=1e-5)
 
 
@@ -80,7 +81,7 @@ def test_predicted_input_error_matches_a_measurement():
     x = torch.randn(4096, 64, generator=generator) @ mixing
     weight = torch.randn(32, 64, generator=generator)
     reference = x @ weight.T
-    q, scale = activation.quantize_input(x, activation.input_scale_for(fp8.absmax(x), E4M3), E4M3, torch.float32)
+    q, scale = comfy_fp8.quantize_input(x, activation.input_scale_for(fp8.absmax(x), E4M3), E4M3, torch.float32)
     measured = float(((q.float() * scale) @ weight.T - reference).norm() / reference.norm())
     predicted = activation.predicted_input_error(weight, Gram(x.T @ x), E4M3)
     assert predicted == pytest.approx(measured, rel=0.15)
@@ -91,7 +92,7 @@ ACTIVATION = formats.Activation(input_scale=0.25, full_precision=True)
 
 
 def test_comfy_layer_with_input_scale_and_full_precision():
-    tensors = formats.layer_tensors("comfy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    tensors = formats.layout("comfy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
     input_scale = tensors["blocks.0.attn.qkv.input_scale"]
     assert input_scale.dtype == torch.float32 and input_scale.shape == () and float(input_scale) == 0.25
     conf = formats.read_json_tensor(tensors["blocks.0.attn.qkv.comfy_quant"])
@@ -101,17 +102,17 @@ def test_comfy_layer_with_input_scale_and_full_precision():
 def test_legacy_layer_has_its_input_scale_and_no_per_layer_flag():
     """The legacy flag is the file's marker: a layer's tensors are the same with and without it."""
     only_scale = formats.Activation(input_scale=0.25)
-    tensors = formats.layer_tensors("legacy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, only_scale)
+    tensors = formats.layout("legacy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, only_scale)
     assert set(tensors) == {WEIGHT, "blocks.0.attn.qkv.scale_weight", "blocks.0.attn.qkv.scale_input"}
     assert tensors["blocks.0.attn.qkv.scale_input"].dtype == torch.float32
-    flagged = formats.layer_tensors("legacy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    flagged = formats.layout("legacy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
     assert set(flagged) == set(tensors)
 
 
 @pytest.mark.parametrize("full, size", [(True, 2), (False, 0)])
 def test_legacy_marker_says_weight_only_with_two_elements(full, size):
     """ComfyUI's ``convert_old_quants``: a 2-element ``scaled_fp8`` gives every layer full_precision_matrix_mult."""
-    marker = formats.marker_tensors("legacy", "model.diffusion_model.", E4M3, True, full)
+    marker = formats.layout("legacy").markers("model.diffusion_model.", E4M3, True, full)
     assert list(marker) == ["model.diffusion_model.scaled_fp8"]
     assert marker["model.diffusion_model.scaled_fp8"].dtype == E4M3
     assert marker["model.diffusion_model.scaled_fp8"].shape == (size,)
@@ -126,7 +127,7 @@ def test_legacy_layers_must_agree():
 
 
 def test_ultra8_layer_keeps_a_float32_input_scale():
-    tensors = formats.layer_tensors("ultra8", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    tensors = formats.layout("ultra8").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
     assert tensors["blocks.0.attn.qkv.input_scale"].dtype == torch.float32
     conf = formats.read_json_tensor(tensors["blocks.0.attn.qkv.comfy_quant"])
     assert conf["format"] == "ultra8" and conf["full_precision_matrix_mult"] is True
@@ -134,19 +135,23 @@ def test_ultra8_layer_keeps_a_float32_input_scale():
 
 @pytest.mark.parametrize("fmt", ["comfy", "ultra8"])
 def test_read_activation_round_trip(fmt):
-    tensors = formats.layer_tensors(fmt, WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
-    assert formats.read_activation(fmt, WEIGHT, tensors.__getitem__, set(tensors)) == ACTIVATION
-    plain = formats.layer_tensors(fmt, WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
-    assert formats.read_activation(fmt, WEIGHT, plain.__getitem__, set(plain)) == formats.PLAIN
+    tensors = formats.layout(fmt).layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5, ACTIVATION)
+    assert formats.layout(fmt).read_activation(WEIGHT, tensors.__getitem__, set(tensors)) == ACTIVATION
+    plain = formats.layout(fmt).layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
+    assert formats.layout(fmt).read_activation(WEIGHT, plain.__getitem__, set(plain)) == formats.PLAIN
 
 
 @pytest.mark.parametrize("full", [True, False])
 def test_read_activation_of_legacy_follows_the_marker(full):
     """A legacy layer's flag is its marker's; an input scale of 1 is none, as ComfyUI drops it on load."""
-    tensors = formats.layer_tensors("legacy", "model.diffusion_model." + WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
+    tensors = formats.layout("legacy").layer_tensors(
+        "model.diffusion_model." + WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5
+    )
     tensors["model.diffusion_model.blocks.0.attn.qkv.scale_input"] = torch.tensor(1.0)
-    tensors |= formats.marker_tensors("legacy", "model.diffusion_model.", E4M3, True, full)
-    read = formats.read_activation("legacy", "model.diffusion_model." + WEIGHT, tensors.__getitem__, set(tensors))
+    tensors |= formats.layout("legacy").markers("model.diffusion_model.", E4M3, True, full)
+    read = formats.layout("legacy").read_activation(
+        "model.diffusion_model." + WEIGHT, tensors.__getitem__, set(tensors)
+    )
     assert read == formats.Activation(None, full)
 
 
@@ -181,13 +186,15 @@ def recorded(tmp_path):
 def test_convert_writes_calibrated_input_scales(recorded, tmp_path):
     checkpoint, calibration, stats = recorded
     output = tmp_path / "out.safetensors"
-    options = ConvertOptions(method="nearest", calibration=str(calibration), input_scales=True, full_precision=["down"])
+    options = ConvertOptions(
+        rounding="nearest", calibration=str(calibration), input_scales=True, full_precision=["down"]
+    )
     convert_file(checkpoint, output, options)
     with SafetensorsReader(output) as reader:
         keys = set(reader.tensors)
-        up = formats.read_activation("comfy", "up.weight", reader.read, keys)
-        down = formats.read_activation("comfy", "down.weight", reader.read, keys)
-        unrecorded = formats.read_activation("comfy", "unrecorded.weight", reader.read, keys)
+        up = formats.layout("comfy").read_activation("up.weight", reader.read, keys)
+        down = formats.layout("comfy").read_activation("down.weight", reader.read, keys)
+        unrecorded = formats.layout("comfy").read_activation("unrecorded.weight", reader.read, keys)
     assert up == formats.Activation(activation.input_scale_for(stats["up.weight"].input_absmax, E4M3), False)
     assert up.input_scale > 1, "inputs beyond 448 need a scale above 1"
     assert down == formats.Activation(activation.input_scale_for(stats["down.weight"].input_absmax, E4M3), True)
@@ -201,7 +208,7 @@ def converted_settings(checkpoint, output, options: ConvertOptions) -> dict[str,
     convert_file(checkpoint, output, options)
     with SafetensorsReader(output) as reader:
         keys = set(reader.tensors)
-        return {n: formats.read_activation("comfy", f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
+        return {n: formats.layout("comfy").read_activation(f"{n}.weight", reader.read, keys) for n in Blocks.NAMES}
 
 
 @pytest.mark.parametrize("threshold, flagged", [(0.0, {"up", "down"}), (1.0, set())])
@@ -209,7 +216,7 @@ def test_full_precision_where_fp8_inputs_are_predicted_to_hurt(recorded, tmp_pat
     """With uncalibrated fp8 compute asked for, only the threshold marks recorded layers weight-only."""
     checkpoint, calibration, _ = recorded
     options = ConvertOptions(
-        method="nearest", calibration=str(calibration), full_precision_above=threshold, uncalibrated_fp8_compute=True
+        rounding="nearest", calibration=str(calibration), full_precision_above=threshold, uncalibrated_fp8_compute=True
     )
     settings = converted_settings(checkpoint, tmp_path / "out.safetensors", options)
     assert all(layer.input_scale is None for layer in settings.values()), "input scales only with --input_scales"
@@ -221,7 +228,7 @@ def test_full_precision_where_fp8_inputs_are_predicted_to_hurt(recorded, tmp_pat
 def test_calibrated_layers_stay_fp8_compute_below_the_threshold(recorded, tmp_path, threshold, flagged):
     checkpoint, calibration, _ = recorded
     options = ConvertOptions(
-        method="nearest", calibration=str(calibration), input_scales=True, full_precision_above=threshold
+        rounding="nearest", calibration=str(calibration), input_scales=True, full_precision_above=threshold
     )
     settings = converted_settings(checkpoint, tmp_path / "out.safetensors", options)
     assert {name for name, layer in settings.items() if layer.full_precision} == flagged
@@ -230,8 +237,8 @@ def test_calibrated_layers_stay_fp8_compute_below_the_threshold(recorded, tmp_pa
 
 def test_input_scales_need_a_calibration_file(recorded, tmp_path):
     checkpoint, _, _ = recorded
-    with pytest.raises(ValueError, match="need --calibration"):
-        convert_file(checkpoint, tmp_path / "out.safetensors", ConvertOptions(method="nearest", input_scales=True))
+    with pytest.raises(ValueError, match="need a calibration file"):
+        convert_file(checkpoint, tmp_path / "out.safetensors", ConvertOptions(rounding="nearest", input_scales=True))
 
 
 # Per layer of a calibrated conversion: (key suffix, dtype, shape) and the comfy_quant JSON.
@@ -253,7 +260,7 @@ def test_calibrated_layers_exact_tensors_per_format(recorded, tmp_path, fmt):
     checkpoint, calibration, stats = recorded
     output = tmp_path / "out.safetensors"
     options = ConvertOptions(
-        format=fmt, method="nearest", calibration=str(calibration), input_scales=True, exclude=["unrecorded"]
+        format=fmt, rounding="nearest", calibration=str(calibration), input_scales=True, exclude=["unrecorded"]
     )
     convert_file(checkpoint, output, options)
     suffixes, conf = CALIBRATED[fmt]
@@ -268,7 +275,7 @@ def test_calibrated_layers_exact_tensors_per_format(recorded, tmp_path, fmt):
             tensor = tensors[layer + suffix]
             assert tensor.dtype == SUFFIX_DTYPE.get(suffix, torch.float32)
             assert tensor.dim() == (1 if suffix == ".comfy_quant" else 0)
-        input_scale = tensors[layer + formats.INPUT_SCALE_SUFFIX[fmt]]
+        input_scale = tensors[layer + formats.layout(fmt).input_scale_suffix]
         assert float(input_scale) == activation.input_scale_for(stats[f"{layer}.weight"].input_absmax, E4M3)
         if conf is not None:
             assert bytes(tensors[f"{layer}.comfy_quant"].tolist()) == json.dumps(conf).encode()
@@ -280,7 +287,7 @@ def test_legacy_refuses_layers_that_disagree(recorded, tmp_path):
     """Input scales for some layers but not others (or a full precision regex on top) would need
     per-layer flags, which the legacy marker cannot give."""
     checkpoint, calibration, _ = recorded
-    partial = ConvertOptions(format="legacy", method="nearest", calibration=str(calibration), input_scales=True)
+    partial = ConvertOptions(format="legacy", rounding="nearest", calibration=str(calibration), input_scales=True)
     regex = replace(partial, exclude=["unrecorded"], full_precision=["down"])
     for options in (partial, regex):
         with pytest.raises(ValueError, match="legacy layout makes every layer either weight-only or fp8 compute"):
@@ -304,18 +311,18 @@ def test_decode_carries_input_scales_and_refuses_mixed_layers_for_legacy(recorde
     checkpoint, calibration, _ = recorded
     ultra8 = tmp_path / "ultra8.safetensors"
     options = ConvertOptions(
-        format="ultra8", method="nearest", calibration=str(calibration), input_scales=True, exclude=["unrecorded"]
+        format="ultra8", rounding="nearest", calibration=str(calibration), input_scales=True, exclude=["unrecorded"]
     )
     convert_file(checkpoint, ultra8, options)
     with SafetensorsReader(ultra8) as reader:
-        written = formats.read_activation("ultra8", "up.weight", reader.read, set(reader.tensors))
+        written = formats.layout("ultra8").read_activation("up.weight", reader.read, set(reader.tensors))
     decoded = decode_file(ultra8, tmp_path / f"{target}.safetensors", target)
     with SafetensorsReader(decoded) as reader:
-        assert formats.read_activation(target, "up.weight", reader.read, set(reader.tensors)) == written
+        assert formats.layout(target).read_activation("up.weight", reader.read, set(reader.tensors)) == written
     assert not inspect_file(str(decoded)).violations
     flagged = tmp_path / "flagged.safetensors"
     uncalibrated = ConvertOptions(
-        format="ultra8", method="nearest", full_precision=["up"], uncalibrated_fp8_compute=True
+        format="ultra8", rounding="nearest", full_precision=["up"], uncalibrated_fp8_compute=True
     )
     convert_file(checkpoint, flagged, uncalibrated)
     if target == "legacy":
@@ -323,11 +330,11 @@ def test_decode_carries_input_scales_and_refuses_mixed_layers_for_legacy(recorde
             decode_file(flagged, tmp_path / "flagged_legacy.safetensors", target)
     else:
         with SafetensorsReader(decode_file(flagged, tmp_path / "flagged_comfy.safetensors", target)) as reader:
-            assert formats.read_activation(target, "up.weight", reader.read, set(reader.tensors)).full_precision
+            assert formats.layout(target).read_activation("up.weight", reader.read, set(reader.tensors)).full_precision
 
 
 def test_inspect_flags_a_bad_input_scale(tmp_path):
-    tensors = formats.layer_tensors("comfy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
+    tensors = formats.layout("comfy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
     tensors["blocks.0.attn.qkv.input_scale"] = torch.tensor([0.0, 1.0])
     path = tmp_path / "bad.safetensors"
     write_file(path, tensors)
@@ -355,10 +362,10 @@ def test_inspect_and_verify_say_what_runs_fp8_compute(recorded, tmp_path, capsys
     Uncalibrated fp8 compute: a warning (not a violation) naming the layers, in inspect and verify."""
     checkpoint, calibration, stats = recorded
     paths = {name: tmp_path / f"{name}.safetensors" for name in ("default", "calibrated", "uncalibrated")}
-    convert_file(checkpoint, paths["default"], ConvertOptions(method="nearest"))
-    calibrated = ConvertOptions(method="nearest", calibration=str(calibration), input_scales=True)
+    convert_file(checkpoint, paths["default"], ConvertOptions(rounding="nearest"))
+    calibrated = ConvertOptions(rounding="nearest", calibration=str(calibration), input_scales=True)
     convert_file(checkpoint, paths["calibrated"], calibrated)
-    convert_file(checkpoint, paths["uncalibrated"], ConvertOptions(method="nearest", uncalibrated_fp8_compute=True))
+    convert_file(checkpoint, paths["uncalibrated"], ConvertOptions(rounding="nearest", uncalibrated_fp8_compute=True))
 
     default = inspect_file(str(paths["default"]))
     assert {layer.on_fp8_gpu() for layer in default.layers} == {"weight-only"}
@@ -382,7 +389,7 @@ def test_inspect_and_verify_say_what_runs_fp8_compute(recorded, tmp_path, capsys
 @pytest.mark.parametrize("flag", [True, False])
 def test_inspect_reads_the_header_variant(tmp_path, flag):
     """ComfyUI >= 0.3.68's header layout: the flags live in ``_quantization_metadata``."""
-    tensors = formats.layer_tensors("comfy", WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
+    tensors = formats.layout("comfy").layer_tensors(WEIGHT, torch.zeros(4, 4, dtype=E4M3), 0.5)
     del tensors["blocks.0.attn.qkv.comfy_quant"]
     conf = {"format": "float8_e4m3fn", **({"full_precision_matrix_mult": True} if flag else {})}
     header = json.dumps({"format_version": "1.0", "layers": {"blocks.0.attn.qkv": conf}})
@@ -406,7 +413,7 @@ def test_cancel_is_checked_before_each_weight_the_planning_reads(recorded, tmp_p
             raise Cancelled
 
     options = ConvertOptions(
-        method="nearest", calibration=str(calibration), input_scales=True, full_precision_above=0.0
+        rounding="nearest", calibration=str(calibration), input_scales=True, full_precision_above=0.0
     )
     with SafetensorsReader(checkpoint) as reader:
         read = reader.read

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.comfy_fp8 import output_error
 from quant_core import fp8, io
 from quant_core.calibration import (
+    STATISTICS_METADATA,
     Gram,
     LayerStatistics,
     LowRankGram,
@@ -15,9 +17,10 @@ from quant_core.calibration import (
     RowSample,
     exact_layers,
     save_statistics,
+    statistics_tensors,
 )
 from quant_core.convert import ConvertOptions, convert_file
-from quant_core.gptq import _polish, output_error, round_gptq
+from quant_core.gptq import _polish, round_gptq
 
 E4M3 = torch.float8_e4m3fn
 
@@ -145,6 +148,19 @@ def test_a_checkpoint_is_not_a_calibration_file(tmp_path):
         RecordedStatistics(tmp_path / "model.safetensors")
 
 
+def test_a_calibration_file_of_another_version_is_refused(tmp_path):
+    """Version 1 files held other tensors: reading them as version 2 would fail obscurely or mislead."""
+    model = small_model()
+    with Recorder(model) as recorder:
+        run(model, low_rank_inputs(10, 0))
+    tensors = {
+        k: t for name, stats in recorder.statistics().items() for k, t in statistics_tensors(name, stats).items()
+    }
+    io.write_file(tmp_path / "old.safetensors", tensors, {**STATISTICS_METADATA, "version": "1"})
+    with pytest.raises(ValueError, match="version 1.*reads version 2: record it again"):
+        RecordedStatistics(tmp_path / "old.safetensors")
+
+
 def recorded(model: torch.nn.Module, name: str, count: int = 400):
     with Recorder(model) as recorder:
         run(model, low_rank_inputs(count, 1))
@@ -195,9 +211,9 @@ def test_convert_with_calibration_uses_gptq_where_statistics_exist(tmp_path):
     options = ConvertOptions(
         preset="none", min_tensor_size=0, exclude=[r"^3\."], calibration=str(tmp_path / "calibration.safetensors")
     )
-    options.rounding.num_iter = 5
+    options.learned.num_iter = 5
     for method, elsewhere in (("auto", "nearest"), ("learned", "learned")):
-        options.method, options.overwrite = method, True
+        options.rounding, options.overwrite = method, True
         summary = convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
         methods = {r.name: r.method for r in summary.reports if r.quantized}
         assert methods == {"0.weight": "gptq", "2.weight": elsewhere}

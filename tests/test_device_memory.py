@@ -17,7 +17,7 @@ import torch
 from quant_core.calibration import Recorder
 from quant_core.convert import ConvertOptions, convert
 from quant_core.io import SafetensorsReader, write_file
-from quant_core.rounding import RoundingOptions
+from quant_core.options import LearnedOptions
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 NAMES = [f"blocks.{i}.{layer}" for i in range(3) for layer in ("attn.qkv", "mlp.0")]
@@ -103,9 +103,9 @@ def _allocated() -> int:
 
 
 METHODS = {
-    "nearest": dict(method="nearest"),
-    "learned": dict(method="learned", rounding=RoundingOptions(num_iter=3, calib_samples=8)),
-    "gptq": dict(method="auto"),
+    "nearest": dict(rounding="nearest"),
+    "learned": dict(rounding="learned", learned=LearnedOptions(num_iter=3, calib_samples=8)),
+    "gptq": dict(rounding="auto"),
 }
 
 

@@ -81,7 +81,7 @@ def load_both(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def convert(source: Path, tmp_path: Path, name: str = "out.safetensors", **options) -> Path:
     output = tmp_path / name
-    convert_file(source, output, ConvertOptions(**{"method": "nearest", **options}))
+    convert_file(source, output, ConvertOptions(**{"rounding": "nearest", **options}))
     return output
 
 
@@ -304,7 +304,7 @@ def test_header_metadata_kept_and_described(flux_file, tmp_path, fmt):
     assert described["version"] == quant_core.__version__
     assert described["settings"]["format"] == fmt
     assert described["settings"]["fp8_format"] == "float8_e4m3fn"
-    assert described["settings"]["method"] == "nearest"
+    assert described["settings"]["rounding"] == "nearest"
     quantized = len(layers_with(tensors, SCALE_KEY[fmt]))
     assert described["quantized"] == quantized
     assert described["kept"] == source_count - quantized

@@ -56,7 +56,7 @@ def test_fp8_ordinal_counts_grid_steps(gpu_check, dtype):
 
 
 def _file(path: Path, codes: torch.Tensor, scale: float) -> Path:
-    write_file(path, formats.layer_tensors("comfy", "blocks.0.attn.q.weight", codes, scale))
+    write_file(path, formats.layout("comfy").layer_tensors("blocks.0.attn.q.weight", codes, scale))
     return path
 
 

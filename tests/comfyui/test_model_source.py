@@ -113,7 +113,7 @@ def test_fp8_model_with_a_patch_is_not_requantized(comfy, pack, state, tmp_path)
 
     _, _, root = pack
     fp8_file = tmp_path / "fp8.safetensors"
-    convert_file(root / "diffusion_models" / "tiny_flux_bf16.safetensors", fp8_file, ConvertOptions(method="nearest"))
+    convert_file(root / "diffusion_models" / "tiny_flux_bf16.safetensors", fp8_file, ConvertOptions(rounding="nearest"))
     patcher = comfy.sd.load_diffusion_model(str(fp8_file))
     key = "diffusion_model." + QKV
     original = patcher.model.get_submodule(key.rpartition(".")[0]).weight

@@ -85,7 +85,7 @@ def test_sampling_records_what_both_convert_nodes_use(comfy, pack, model, tiny_f
     scaled = run_node(convert_file, source=SOURCE, filename_prefix="cal_fp8", calibration=path.name, **options)
     with SafetensorsReader(scaled.args[0]) as converted:
         layers = [k for k, info in converted.tensors.items() if info.dtype == torch.float8_e4m3fn]
-        settings = [formats.read_activation("comfy", k, converted.read, set(converted.tensors)) for k in layers]
+        settings = [formats.layout("comfy").read_activation(k, converted.read, set(converted.tensors)) for k in layers]
     assert settings and all(a.input_scale is not None and not a.full_precision for a in settings)
 
 

@@ -32,10 +32,10 @@ def converted(tiny_flux, tmp_path_factory):
     files = {}
     for fmt in LAYOUTS:
         files[fmt] = folder / f"{fmt}.safetensors"
-        convert_file(path, files[fmt], ConvertOptions(format=fmt, method="nearest"))
+        convert_file(path, files[fmt], ConvertOptions(format=fmt, rounding="nearest"))
     files["ultra8"] = decode_file(files["ultra8"], folder / "ultra8_comfy.safetensors", "comfy")
     files["uncalibrated"] = folder / "uncalibrated.safetensors"
-    convert_file(path, files["uncalibrated"], ConvertOptions(method="nearest", uncalibrated_fp8_compute=True))
+    convert_file(path, files["uncalibrated"], ConvertOptions(rounding="nearest", uncalibrated_fp8_compute=True))
     return files
 
 
@@ -97,7 +97,7 @@ def test_default_file_keeps_its_error_when_inputs_exceed_the_fp8_range(comfy, ti
 def test_legacy_marker_reaches_comfyui_as_full_precision(comfy, converted, monkeypatch):
     """The 2-element ``scaled_fp8`` becomes ``full_precision_matrix_mult`` on every layer (``convert_old_quants``)."""
     with SafetensorsReader(converted["legacy"]) as reader:
-        assert reader.tensors[formats.LEGACY_MARKER].shape == (2,)
+        assert reader.tensors[formats.LegacyLayout.marker].shape == (2,)
     _, layers, _ = _load(comfy, monkeypatch, converted["legacy"], fp8_compute=True)
     assert all(layer._full_precision_mm_config for layer in layers)
 
@@ -111,10 +111,10 @@ def test_calibrated_legacy_file_runs_fp8_compute_with_its_input_scales(comfy, ti
         forward(model, inputs)
     recorder.save(calibration)
     output = tmp_path / "legacy_scaled.safetensors"
-    options = ConvertOptions(format="legacy", method="nearest", calibration=str(calibration), input_scales=True)
+    options = ConvertOptions(format="legacy", rounding="nearest", calibration=str(calibration), input_scales=True)
     convert_file(path, output, options)
     with SafetensorsReader(output) as reader:
-        assert reader.tensors[formats.LEGACY_MARKER].shape == (0,)
+        assert reader.tensors[formats.LegacyLayout.marker].shape == (0,)
         scales = {
             k.removesuffix(".scale_input"): float(reader.read(k)) for k in reader.tensors if k.endswith(".scale_input")
         }
