@@ -85,6 +85,16 @@ class Layout:
     scale_dtype: ClassVar[torch.dtype] = torch.float32
     marker: ClassVar[str] = ""  # the name of its file-level marker tensor, if it has one
     loads_in_stock_comfyui: ClassVar[bool] = True
+    fp8_dtypes: ClassVar[tuple[torch.dtype, ...]] = _FP8  # the weight types ComfyUI reads back right
+
+    def check_fp8(self, dtype: torch.dtype) -> None:
+        """Refuse a weight type this layout cannot tell ComfyUI about (it would load wrongly)."""
+        if dtype not in self.fp8_dtypes:
+            names = " or ".join(dtype_name(d) for d in self.fp8_dtypes)
+            raise ValueError(
+                f"format {self.name} holds {names} weights only, not {dtype_name(dtype)}: ComfyUI reads every "
+                "layer of a legacy file as float8_e4m3fn; use format comfy"
+            )
 
     # writing
 
@@ -257,6 +267,9 @@ class LegacyLayout(Layout):
     scale_suffix = ".scale_weight"
     input_scale_suffix = ".scale_input"
     marker = "scaled_fp8"
+    # ComfyUI v0.30's convert_old_quants labels every legacy layer float8_e4m3fn, whatever the
+    # marker's dtype: e5m2 weights would be read as e4m3 and come out wrong
+    fp8_dtypes = (torch.float8_e4m3fn,)
 
     def _comfy_quant(self, weight_key: str, dtype: torch.dtype, activation: Activation) -> dict | None:
         return None  # the full-precision flag is the file's marker
@@ -264,6 +277,7 @@ class LegacyLayout(Layout):
     def markers(
         self, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool, full_precision: bool = True
     ) -> dict[str, torch.Tensor]:
+        self.check_fp8(fp8_dtype)
         return {prefix + self.marker: torch.zeros(2 if full_precision else 0, dtype=fp8_dtype)}
 
     def marker_full_precision(self, activations: dict[str, Activation]) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .formats import FORMATS
+from .formats import FORMATS, layout
 from .fp8 import FP8_DTYPES
 from .policy import AUTO, PRESETS, compile_regex
 
@@ -334,6 +334,7 @@ class ConvertOptions:
         for name in ("include", "exclude", "full_precision"):
             for pattern in self.value(name):
                 compile_regex(pattern, name)
+        layout(self.format).check_fp8(FP8_DTYPES[self.fp8_format])
         if self.shard is not None and not (len(self.shard) == 2 and 1 <= self.shard[0] <= self.shard[1]):
             raise ValueError(f"shard {self.shard}: K/N needs 1 <= K <= N")
         uses_statistics = self.input_scales or self.full_precision_above is not None

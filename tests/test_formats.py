@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import quant_core
 from quant_core import codec
 from quant_core.convert import ConvertOptions, convert_file, default_output_path
+from quant_core.decode import decode_file
 from quant_core.io import SafetensorsReader, write_file
 
 FORMATS = ("comfy", "legacy", "ultra8")
@@ -185,11 +186,10 @@ def test_comfy_layout_round_trips_through_comfy_kitchen(flux_file, tmp_path):
 # ---------------------------------------------------------------------------------------------- legacy
 
 
-@pytest.mark.parametrize("fp8_format", sorted(FP8))
-def test_legacy_layout_full_checkpoint(checkpoint_file, tmp_path, fp8_format):
+def test_legacy_layout_full_checkpoint(checkpoint_file, tmp_path):
     original = read_source(checkpoint_file)
-    tensors, _ = load_both(convert(checkpoint_file, tmp_path, format="legacy", fp8_format=fp8_format))
-    dtype = FP8[fp8_format]
+    tensors, _ = load_both(convert(checkpoint_file, tmp_path, format="legacy"))
+    dtype = torch.float8_e4m3fn
 
     markers = [k for k in tensors if k.endswith("scaled_fp8")]
     assert markers == [PREFIX + "scaled_fp8"]
@@ -210,6 +210,17 @@ def test_legacy_layout_full_checkpoint(checkpoint_file, tmp_path, fp8_format):
             assert tensors[name].dtype == tensor.dtype and raw(tensors[name]) == raw(tensor), name
     assert set(tensors) == set(original) | {f"{layer}.scale_weight" for layer in layers} | set(markers)
     assert not [k for k in tensors if k.endswith((".comfy_quant", ".weight_scale", ".weight_scale_u8"))]
+
+
+def test_legacy_refuses_e5m2_weights(flux_file, tmp_path):
+    """ComfyUI reads every legacy layer as e4m3: e5m2 weights would load wrongly, so none are written."""
+    with pytest.raises(ValueError, match="legacy holds float8_e4m3fn weights only"):
+        convert(flux_file, tmp_path, format="legacy", fp8_format="float8_e5m2")
+    assert not (tmp_path / "out.safetensors").exists()
+    ultra8 = convert(flux_file, tmp_path, format="ultra8", fp8_format="float8_e5m2")
+    with pytest.raises(ValueError, match="legacy holds float8_e4m3fn weights only"):
+        decode_file(ultra8, tmp_path / "decoded.safetensors", "legacy")
+    assert not (tmp_path / "decoded.safetensors").exists()
 
 
 def test_legacy_marker_of_a_bare_diffusion_model_has_no_prefix(flux_file, tmp_path):
