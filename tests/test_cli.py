@@ -209,6 +209,17 @@ def test_inspect_an_unconverted_file(flux_file, capsys):
     assert re.search(r"^format\s+none$", out, re.MULTILINE), out
 
 
+def test_the_error_column_is_shown_only_when_measured_against_the_original(checkpoint_file, tmp_path, capsys):
+    output = convert(checkpoint_file, tmp_path, capsys)
+    _, inspected, _ = run(["inspect", "--layers", output], capsys)
+    assert "rel.err" not in inspected and "%" not in inspected  # no original, no error to show
+    assert re.search(r"^\S+\.weight\s+\d+x\d+\s+[\d.e+-]+$", inspected, re.MULTILINE), inspected
+    _, verified, _ = run(["verify", checkpoint_file, output], capsys)
+    assert "rel.err" in verified
+    errors = [float(m) for m in re.findall(r"\s(\d+\.\d+)%$", verified, re.MULTILINE)]
+    assert errors and all(0 < e < 10 for e in errors), verified
+
+
 # ---------------------------------------------------------------------------------------------- verify
 
 
