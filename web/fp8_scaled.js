@@ -19,6 +19,7 @@ const NODE_TYPES = new Set(["FP8ScaledConvertModel", "FP8ScaledConvertFile"]);
 const REPORT_TYPES = new Set(["FP8ScaledInspect", "FP8ScaledSaveCalibration"]);
 const WIDGET = "fp8_status";
 const LINES = 14; // height of the status box in text lines (the final summary has 13 or 14)
+const REPORT_WIDTH = 640; // Inspect's per-layer lines are about 86 characters wide
 
 const pct = (x) => `${(100 * (Number(x) || 0)).toFixed(3)}%`;
 
@@ -137,7 +138,8 @@ function statusWidget(node) {
   widget.element = widget.element ?? box;
   // Make room for the box once; keep a size the user chose if it is larger.
   const wanted = node.computeSize?.();
-  if (wanted) node.setSize([Math.max(node.size[0], wanted[0], 360), Math.max(node.size[1], wanted[1])]);
+  const width = REPORT_TYPES.has(typeOf(node)) ? REPORT_WIDTH : 360;
+  if (wanted) node.setSize([Math.max(node.size[0], wanted[0], width), Math.max(node.size[1], wanted[1])]);
   return widget;
 }
 
@@ -151,7 +153,7 @@ function show(id, text, state) {
   const widget = statusWidget(node);
   widget.value = text;
   if (widget.element) {
-    widget.element.dataset.state = state; // running | cancelling | done | error
+    widget.element.dataset.state = state; // running | cancelling | cancelled | done | error
     widget.element.style.color = state === "error" ? "#ff8080" : state === "done" ? "#9fe09f" : "";
   }
   node.setDirtyCanvas?.(true, true);
@@ -171,7 +173,9 @@ app.registerExtension({
       converted.add(String(detail.node));
       show(detail.node, doneText(detail), "done");
     });
-    api.addEventListener("fp8_scaled.error", ({ detail }) => show(detail.node, errorText(detail), "error"));
+    api.addEventListener("fp8_scaled.error", ({ detail }) =>
+      show(detail.node, errorText(detail), detail.cancelled ? "cancelled" : "error"),
+    );
     // Errors raised before the conversion starts (a bad filename_prefix, a missing file) come
     // only as ComfyUI's own execution_error: show them on our nodes too.
     api.addEventListener("execution_error", ({ detail }) => {
