@@ -19,6 +19,7 @@ EVENT_PREFIX = "fp8_scaled"
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
 CALIBRATION_FOLDER = "fp8_calibration"  # models/fp8_calibration: files written by "Save FP8 Calibration"
 NO_CALIBRATION = "none"
+NO_SOURCE = "none"  # Inspect's source when the file comes from its 'path' input
 _SAFE_PREFIX = re.compile(r"^[\w\-. /%]+$")
 
 

@@ -153,6 +153,6 @@ def _named_models(templates: list[Path]) -> set[tuple[str, str]]:
             for name, value in zip(widgets, node.get("widgets_values", []), strict=False):
                 if name in folders:
                     named.add((folders[name], value))
-                elif name == "source":
+                elif name == "source" and "/" in value:  # "folder/file", or none
                     named.add(tuple(value.split("/", 1)))
     return named

@@ -63,7 +63,7 @@ WORKFLOWS = [
         "fp8_convert_diffusion_model_file",
         [
             Node(1, "FP8ScaledConvertFile", (420, 60), {"source": f"diffusion_models/{FLUX}"}),
-            Node(2, "FP8ScaledInspect", (880, 60), {"source": f"diffusion_models/{FLUX}"}, {"path": (1, 0)}),
+            Node(2, "FP8ScaledInspect", (880, 60), links={"path": (1, 0)}),
             _note(
                 3,
                 (40, 60),
@@ -90,13 +90,7 @@ WORKFLOWS = [
                 (420, 60),
                 {"source": "text_encoders/t5xxl_fp16.safetensors", "filename_prefix": "t5xxl_fp8_scaled"},
             ),
-            Node(
-                2,
-                "FP8ScaledInspect",
-                (880, 60),
-                {"source": "text_encoders/t5xxl_fp16.safetensors"},
-                {"path": (1, 0)},
-            ),
+            Node(2, "FP8ScaledInspect", (880, 60), links={"path": (1, 0)}),
             _note(
                 3,
                 (40, 60),
