@@ -39,6 +39,7 @@ FIT = """(margin) => {
 
 CANVAS_JPEG = """([width, quality]) => {
   const source = window.app.canvas.canvas;
+  window.app.canvas.show_info = false; // no frame statistics in the corner
   window.app.canvas.draw(true, true);
   const out = document.createElement("canvas");
   out.width = width;
