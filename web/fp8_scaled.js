@@ -19,7 +19,7 @@ const NODE_TYPES = new Set(["FP8ScaledConvertModel", "FP8ScaledConvertFile"]);
 const REPORT_TYPES = new Set(["FP8ScaledInspect", "FP8ScaledSaveCalibration"]);
 const WIDGET = "fp8_status";
 const LINES = 14; // height of the status box in text lines (the final summary has 13 or 14)
-const REPORT_WIDTH = 640; // Inspect's per-layer lines are about 86 characters wide
+const REPORT_WIDTH = 760; // Inspect's per-layer lines are up to about 100 characters wide
 
 const pct = (x) => `${(100 * (Number(x) || 0)).toFixed(3)}%`;
 
