@@ -41,6 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import comfy_fp8  # noqa: E402
 from bench_quality import batches, embed, paragraphs, record  # noqa: E402
 from minilm import MiniLM, WordPiece, model_dir  # noqa: E402
 
@@ -78,23 +79,23 @@ def paths(args: argparse.Namespace) -> dict[str, LinearPath]:
 
     def as_written(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         if layer.settings.full_precision:
-            return activation.full_precision_linear(x, layer.weight, layer.scale, layer.bias)
-        return activation.fp8_linear(x, layer.weight, layer.scale, layer.bias, layer.settings.input_scale)
+            return comfy_fp8.full_precision_linear(x, layer.weight, layer.scale, layer.bias)
+        return comfy_fp8.fp8_linear(x, layer.weight, layer.scale, layer.bias, layer.settings.input_scale)
 
     table: dict[str, LinearPath] = {
-        FULL: lambda layer, x: activation.full_precision_linear(x, layer.weight, layer.scale, layer.bias),
-        SCALE_ONE: lambda layer, x: activation.fp8_linear(x, layer.weight, layer.scale, layer.bias, None),
-        EXACT: lambda layer, x: activation.fp8_linear(
+        FULL: lambda layer, x: comfy_fp8.full_precision_linear(x, layer.weight, layer.scale, layer.bias),
+        SCALE_ONE: lambda layer, x: comfy_fp8.fp8_linear(x, layer.weight, layer.scale, layer.bias, None),
+        EXACT: lambda layer, x: comfy_fp8.fp8_linear(
             x, layer.weight, layer.scale, layer.bias, layer.absmax / fp8.fp8_max(E4M3)
         ),
-        POW2: lambda layer, x: activation.fp8_linear(
-            x, layer.weight, layer.scale, layer.bias, activation.power_of_two_scale(layer.absmax, E4M3)
+        POW2: lambda layer, x: comfy_fp8.fp8_linear(
+            x, layer.weight, layer.scale, layer.bias, comfy_fp8.power_of_two_scale(layer.absmax, E4M3)
         ),
-        CALIBRATED: lambda layer, x: activation.fp8_linear(
+        CALIBRATED: lambda layer, x: comfy_fp8.fp8_linear(
             x, layer.weight, layer.scale, layer.bias, layer.settings.input_scale
         ),
-        DYNAMIC: lambda layer, x: activation.fp8_linear(
-            x, layer.weight, layer.scale, layer.bias, activation.dynamic_scale(x, E4M3)
+        DYNAMIC: lambda layer, x: comfy_fp8.fp8_linear(
+            x, layer.weight, layer.scale, layer.bias, comfy_fp8.dynamic_scale(x, E4M3)
         ),
     }
     chosen = [f"--full_precision {p}" for p in args.full_precision]
@@ -122,11 +123,12 @@ def read_layers(path: Path, statistics: dict, gain: float) -> dict[str, Layer]:
     with SafetensorsReader(path) as reader:
         keys = list(reader.tensors)
         layers = {}
-        for name in formats.quantized_weights("comfy", keys):
+        comfy = formats.layout("comfy")
+        for name in comfy.quantized_weights(keys):
             base = name.removesuffix(".weight")
-            scale = formats.decode_stored_scale("comfy", reader.read(base + ".weight_scale"))
+            scale = comfy.layer_scale(reader.read, name)
             bias = reader.read(base + ".bias") if base + ".bias" in reader.tensors else None
-            settings = formats.read_activation("comfy", name, reader.read, set(keys))
+            settings = comfy.read_activation(name, reader.read, set(keys))
             if settings.input_scale is not None:
                 settings = replace(settings, input_scale=settings.input_scale * gain)
             absmax = statistics[name].input_absmax * gain if name in statistics else 0.0
@@ -214,7 +216,7 @@ def main() -> None:
     recorder.save(calibration)
     output = work / "converted.safetensors"
     options = ConvertOptions(
-        method="nearest",
+        rounding="nearest",
         calibration=str(calibration),
         input_scales=True,
         full_precision=args.full_precision,

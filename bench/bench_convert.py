@@ -279,8 +279,9 @@ def helper_optimiser(path: str, iterations: str, calib: str) -> dict:
     from quant_core import fp8, rounding
     from quant_core.calibration import RandomCalibration
     from quant_core.io import SafetensorsReader
+    from quant_core.options import LearnedOptions
 
-    options = rounding.RoundingOptions(num_iter=int(iterations), calib_samples=int(calib))
+    options = LearnedOptions(num_iter=int(iterations), calib_samples=int(calib))
     samples, seconds, flops, work, weights, shapes = int(calib), 0.0, 0, 0, 0, []
     with SafetensorsReader(path) as reader:
         for name, info in reader.tensors.items():

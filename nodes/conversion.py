@@ -25,7 +25,7 @@ def convert_model(
         device = host.torch_device()
         options.device = options.device or str(device)
         source = ModelSource(model, device, host.save_metadata(prompt, extra_pnginfo))
-        return _run(source, output, options, node_id, label="MODEL")
+        return _run(source, output, options, node_id)
 
 
 def convert_checkpoint(
@@ -38,7 +38,7 @@ def convert_checkpoint(
         options.device = options.device or str(host.torch_device())
         with SafetensorsReader(path) as reader:
             reader.metadata.update(host.save_metadata(prompt, extra_pnginfo))
-            return _run(reader, output, options, node_id, protect=(path,), label=str(path))
+            return _run(reader, output, options, node_id)
 
 
 def report_text(summary: Summary) -> str:
@@ -65,7 +65,7 @@ def _reported(node_id) -> Iterator[None]:
         host.free_memory()
 
 
-def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, protect=(), label: str = "") -> Summary:
+def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id) -> Summary:
     sizes = {name: info.nbytes for name, info in source.tensors.items()}
     progress = host.NodeProgress(node_id, len(sizes), sum(sizes.values()), sizes)
     summary = convert(
@@ -74,8 +74,6 @@ def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id, p
         options,
         progress=progress,
         check_interrupt=host.check_interrupt,
-        protect=tuple(protect),
-        source_label=label,
         activity=progress.activity,
     )
     _check_written(output)

@@ -15,7 +15,8 @@ def load_fp8_model(path: Path):
     import comfy.sd
 
     with SafetensorsReader(path) as reader:
-        if formats.detect_format(list(reader.tensors), reader.metadata) != "ultra8":
+        layout = formats.detect(list(reader.tensors), reader.metadata)
+        if layout is None or layout.loads_in_stock_comfyui:
             return comfy.sd.load_diffusion_model(str(path))
         state = dict(decoded_tensors(reader, "comfy"))
         metadata = dict(reader.metadata)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
-from ..quant_core.formats import FORMATS
-from ..quant_core.fp8 import FP8_DTYPES
 from ..quant_core.inspection import inspect_file
-from ..quant_core.policy import AUTO, PRESETS
+from ..quant_core.options import ADVANCED, OPTION, PATTERNS, Option
 from . import conversion, host
 from .loading import load_fp8_model
-from .options import ROUNDING_METHODS, convert_options
+from .options import FP8_COMPUTE, NODE_OPTIONS, convert_options
 from .recording import record_model, record_text_encoder, save_recording
 
 CATEGORY = "quantization/fp8"
@@ -22,6 +20,7 @@ ALIASES = ["fp8", "quantize", "scaled fp8", "compress model", "fp8 scaled", "con
 CALIBRATION_ALIASES = ["calibration", "record activations", "gptq", *ALIASES]
 Recording = io.Custom("FP8_CALIBRATION_RECORDING")
 RECORDED_LAYERS = ("quantized", "all")
+FLOAT_ROUND = 1e-5  # the precision float widgets keep
 
 
 def _calibration_inputs() -> list:
@@ -32,8 +31,7 @@ def _calibration_inputs() -> list:
             options=host.calibration_files(),
             default=host.NO_CALIBRATION,
             optional=True,
-            tooltip="a file from models/fp8_calibration written by 'Save FP8 Calibration': GPTQ rounding "
-            "for the layers it covers (needs rounding 'auto' or 'learned')",
+            tooltip=f"a file from models/{host.CALIBRATION_FOLDER}: {OPTION['calibration'].help}",
         ),
         io.String.Input(
             "calibration_path",
@@ -44,92 +42,28 @@ def _calibration_inputs() -> list:
     ]
 
 
-def _option_inputs() -> list:
-    """The engine's options as widgets; optimiser details are marked advanced."""
-    return [
-        io.Combo.Input(
-            "format",
-            options=list(FORMATS),
-            default="comfy",
-            tooltip="comfy: ComfyUI >= 0.4 layout; legacy: scaled_fp8, every ComfyUI since 2024; "
-            "ultra8: uint8 scale codec, load it with 'Load FP8 Scaled (8-bit scales)'",
-        ),
-        io.Combo.Input(
-            "rounding",
-            options=list(ROUNDING_METHODS),
-            default="auto",
-            tooltip="; ".join(f"{name}: {what}" for name, what in ROUNDING_METHODS.items()),
-        ),
-        io.Combo.Input(
-            "preset",
-            options=[AUTO, *PRESETS],
-            default=AUTO,
-            tooltip="model family whose sensitive layers stay in full precision (auto: detect)",
-        ),
-        io.Boolean.Input(
-            "shared_scales",
-            default=True,
-            tooltip="weights of one module (e.g. q/k/v/out of an attention) share one scale",
-        ),
-        io.Combo.Input("fp8_format", options=sorted(FP8_DTYPES), default="float8_e4m3fn", advanced=True),
-        io.Int.Input(
-            "num_iter",
-            default=200,
-            min=0,
-            max=10000,
-            advanced=True,
-            tooltip="maximum optimiser iterations per tensor (rounding: learned)",
-        ),
-        io.Int.Input(
-            "calib_samples", default=96, min=1, max=8192, advanced=True, tooltip="calibration input rows per tensor"
-        ),
-        io.Float.Input("lr", default=3e-2, min=1e-5, max=10.0, step=1e-3, round=1e-5, advanced=True),
-        io.Float.Input("reg_lambda", default=0.015, min=0.0, max=10.0, step=1e-3, round=1e-5, advanced=True),
-        io.Int.Input(
-            "min_tensor_size",
-            default=1024,
-            min=0,
-            max=2**31 - 1,
-            advanced=True,
-            tooltip="quantize only weights with at least this many elements",
-        ),
-        io.Boolean.Input(
-            "text_encoders",
-            default=False,
-            advanced=True,
-            tooltip="full checkpoints: also convert the T5 / LLM text encoders inside (CLIP stays whole); "
-            "off: the diffusion model only",
-        ),
-        io.Boolean.Input(
-            "keep_distillation",
-            default=False,
-            advanced=True,
-            tooltip="keep distilled_guidance_layer, final_layer, img_in, txt_in in full precision",
-        ),
-        io.String.Input(
-            "exclude",
-            default="",
-            multiline=True,
-            advanced=True,
-            tooltip="regexes, one per line: tensors matching any stay in full precision",
-        ),
-        io.String.Input(
-            "include",
-            default="",
-            multiline=True,
-            advanced=True,
-            tooltip="regexes, one per line: eligible weights matching any are always quantized",
-        ),
-        io.Int.Input(
-            "seed",
-            default=0,
-            control_after_generate=False,  # a conversion is reproducible, not re-rolled per run
-            min=0,
-            max=2**31 - 1,
-            advanced=True,
-            tooltip="the same seed and settings give the same file",
-        ),
-    ]
+def option_inputs() -> list:
+    """The engine's option table as widgets: its defaults, ranges and help; advanced rows folded."""
+    return [_widget(option) for option in NODE_OPTIONS]
+
+
+def _widget(option: Option) -> io.Input:
+    common = {"default": option.default, "tooltip": option.help, "advanced": option.group == ADVANCED or None}
+    common = {key: value for key, value in common.items() if value is not None}
+    if option.choices:
+        return io.Combo.Input(option.name, options=list(option.choices), **common)
+    if option.kind is bool:
+        return io.Boolean.Input(option.name, **common)
+    if option.kind is int:
+        extra = {"control_after_generate": False} if option.name == "seed" else {}  # reproducible, not re-rolled
+        return io.Int.Input(option.name, min=option.minimum, max=option.maximum, **extra, **common)
+    if option.kind is float:
+        return io.Float.Input(
+            option.name, min=option.minimum, max=option.maximum, step=option.step, round=FLOAT_ROUND, **common
+        )
+    if option.kind == PATTERNS:
+        return io.String.Input(option.name, multiline=True, **{**common, "default": ""})
+    raise TypeError(f"no node widget for the option {option.name} of kind {option.kind}")
 
 
 def _convert_schema(node_id: str, display_name: str, description: str, source: io.Input) -> io.Schema:
@@ -143,8 +77,15 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
         inputs=[
             source,
             io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
-            *_option_inputs(),
-            *_calibration_inputs(),  # last: saved UI workflows list widget values by position
+            *option_inputs(),
+            *_calibration_inputs(),  # after the options: saved UI workflows list widget values by position
+            io.Combo.Input(
+                "fp8_compute",
+                options=list(FP8_COMPUTE),
+                default="weight-only",
+                optional=True,  # prompts saved before it existed keep the safe default
+                tooltip="on GPUs with fp8 compute: " + "; ".join(f"{k}: {v}" for k, v in FP8_COMPUTE.items()),
+            ),
         ],
         outputs=[io.String.Output("path"), io.String.Output("report")],
         hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],

@@ -1,4 +1,4 @@
-"""Activation scales for ComfyUI's fp8 matrix multiply, and a CPU simulation of that path.
+"""Activation scales for ComfyUI's fp8 matrix multiply: the static input scale, and when to skip fp8.
 
 What ComfyUI v0.30 does with a layer of a ``comfy`` or ``legacy`` file (``legacy`` is rewritten to
 ``comfy_quant`` on load) when the GPU has fp8 compute (NVIDIA SM >= 8.9, or ``--supports-fp8-compute``)
@@ -6,8 +6,9 @@ and the layer has no ``full_precision_matrix_mult``: it quantizes the layer's in
 ``fp8(clamp(x * bf16(1 / input_scale), ±fp8_max))``, with ``input_scale = 1`` when the file has
 none, and multiplies with ``torch._scaled_mm(x_fp8, w_fp8ᵀ, input_scale, weight_scale)``. Without
 fp8 compute, or with ``full_precision_matrix_mult``, the weight is dequantized to the compute dtype
-and the input stays as it is. The functions here reproduce both paths in plain torch so that their
-error can be measured on a CPU; ``input_scale_for`` is the static scale this project writes.
+and the input stays as it is (``bench/comfy_fp8.py`` reproduces both paths on a CPU, for the
+benchmarks). ``input_scale_for`` is the static scale this project writes; ``predicted_input_error``
+decides ``full_precision_above``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .calibration import Gram, LowRankGram
 from .fp8 import fp8_max
@@ -41,68 +41,6 @@ def input_scale_for(absmax: float, dtype: torch.dtype) -> float:
     truncated = (wanted.view(torch.int32) & ~0xFFFF).view(torch.float32)  # bf16, rounded towards zero
     reciprocal = min(max(float(truncated), _MIN_RECIPROCAL), _MAX_RECIPROCAL)
     return float(torch.tensor(1.0 / reciprocal, dtype=torch.float32))
-
-
-def power_of_two_scale(absmax: float, dtype: torch.dtype) -> float:
-    """The smallest power of two at or above ``absmax / fp8_max``: the alternative rule the
-    benchmark compares against (fp8 values inside the range are then exactly those of scale 1)."""
-    return 2.0 ** math.ceil(math.log2(absmax / fp8_max(dtype))) if absmax > 0.0 else 1.0
-
-
-def quantize_input(
-    x: torch.Tensor, input_scale: float | None, dtype: torch.dtype, compute_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI's activation quantization: fp8 data and the float32 scale it is read back with.
-
-    ``comfy/quant_ops.py`` ``_TensorCoreFP8LayoutBase.quantize`` (scale ``None`` becomes 1, not
-    the tensor's amax) and comfy_kitchen's eager ``quantize_per_tensor_fp8`` (the product is
-    formed in the input's dtype, then clamped to the fp8 range and cast).
-    """
-    scale = torch.tensor(1.0 if input_scale is None else input_scale, dtype=torch.float32)
-    limit = fp8_max(dtype)
-    scaled = x.to(compute_dtype) * (1.0 / scale).to(compute_dtype)
-    return scaled.clamp(-limit, limit).to(dtype), scale
-
-
-def dynamic_scale(x: torch.Tensor, dtype: torch.dtype) -> float:
-    """Per-call scale ``amax(|x|) / fp8_max``: comfy_kitchen's own layout default, which ComfyUI
-    overrides with 1. Not a ComfyUI path; the benchmark shows it as the best a per-tensor scale
-    can do without calibration."""
-    amax = float(x.abs().max()) if x.numel() else 0.0
-    return amax / fp8_max(dtype) if amax > 0 else 1.0
-
-
-def fp8_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: float,
-    bias: torch.Tensor | None,
-    input_scale: float | None,
-    compute_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """``linear`` as ComfyUI runs it with fp8 compute: fp8 input times fp8 weight, float32
-    accumulation, both scales applied to the product, bias added, output in ``compute_dtype``."""
-    q, scale = quantize_input(x, input_scale, weight.dtype, compute_dtype)
-    shape = q.shape
-    product = q.reshape(-1, shape[-1]).float() @ weight.float().T
-    out = product * (scale * torch.tensor(weight_scale, dtype=torch.float32))
-    if bias is not None:
-        out = out + bias.to(compute_dtype).float()
-    return out.to(compute_dtype).reshape(*shape[:-1], weight.shape[0])
-
-
-def full_precision_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: float,
-    bias: torch.Tensor | None,
-    compute_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """``linear`` with ``full_precision_matrix_mult`` (or without fp8 compute): the weight is
-    dequantized to the compute dtype (comfy_kitchen ``dequantize_per_tensor_fp8``) and the input
-    is not quantized."""
-    dequantized = weight.to(compute_dtype) * torch.tensor(weight_scale).to(compute_dtype)
-    return F.linear(x.to(compute_dtype), dequantized, None if bias is None else bias.to(compute_dtype))
 
 
 def predicted_input_error(weight: torch.Tensor, moments: Gram | LowRankGram, dtype: torch.dtype) -> float:

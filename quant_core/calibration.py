@@ -132,7 +132,11 @@ class _ExactRecording:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.gram.numel() * 4
+        return self.bytes_for(self.gram.shape[0])
+
+    @staticmethod
+    def bytes_for(in_features: int) -> int:
+        return 2 * in_features * in_features * 4
 
     def finish(self) -> tuple[Gram, Gram]:
         return Gram(self.gram.clone()), Gram(self.gram_heldout.clone())
@@ -209,34 +213,63 @@ def linear_like(module: torch.nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
 
 
+EXACT_BYTES = 1 << 30  # the Recorder's default memory for exact statistics
+
+
+def exact_layers(widths: dict[str, int], limit: int, budget: int) -> set[str]:
+    """The layers (name -> inputs) whose exact statistics fit in ``budget`` bytes, narrowest first,
+    none wider than ``limit``: the most layers fitted on their exact ``H`` for the memory."""
+    chosen, used = set(), 0
+    for name, width in sorted(widths.items(), key=lambda item: item[1]):
+        cost = _ExactRecording.bytes_for(width)
+        if width > limit or used + cost > budget:
+            break
+        chosen.add(name)
+        used += cost
+    return chosen
+
+
 class Recorder:
     """Records the input statistics of every Linear-like layer of a torch model with forward hooks.
 
     ``with Recorder(model) as rec: model(batch)`` (any number of calls), then ``rec.save(path)``.
     Statistics are keyed ``<prefix><module path>.weight``, the weight's state-dict name. Layers
-    with at most ``exact_limit`` inputs keep their exact ``in x in`` second moments; wider ones a
-    rank-``rank`` sketch (``2 * rank * in`` floats, see ``_SketchedRecording``), so memory is
-    bounded by the model's shapes, not by how much data goes through: ``nbytes`` reports it.
-    Accumulators live in CPU memory; the model's device only does the per-call matrix products.
+    keep their exact ``in x in`` second moments (``2 in^2`` floats) narrowest first, as long as
+    those of all of them fit in ``exact_bytes`` and the layer has at most ``exact_limit`` inputs;
+    the others a rank-``rank`` sketch (``2 * rank * in`` floats, see ``_SketchedRecording``), so
+    memory is bounded by the model's shapes, not by how much data goes through: ``nbytes``
+    reports it. Exact statistics fit better (docs/calibration.md). Accumulators live in CPU
+    memory; the model's device only does the per-call matrix products.
     """
 
-    def __init__(self, model: torch.nn.Module, rank: int = 128, exact_limit: int = 1024, prefix: str = ""):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rank: int = 128,
+        exact_limit: int = 4096,
+        prefix: str = "",
+        exact_bytes: int = EXACT_BYTES,
+    ):
         if rank < 1:
             raise ValueError(f"the sketch rank must be positive, not {rank}")
         self.model = model
         self.prefix = prefix
         self.rank = rank
         self.exact_limit = max(exact_limit, rank)  # a sketch is only smaller when rank < in
+        self._exact: set[str] = set()
         self._recordings: dict[str, _ExactRecording | _SketchedRecording] = {}
         self._seen: dict[str, _Seen] = {}
         self._probes: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._generator = torch.Generator().manual_seed(0)
         self._handles: list = []
+        widths: dict[str, int] = {}
         for path, module in model.named_modules():
             if not linear_like(module):
                 continue
             name = f"{prefix}{path}.weight" if path else f"{prefix}weight"  # the model itself may be a Linear
             self._handles.append(module.register_forward_hook(self._hook(name, module.weight.shape[1])))
+            widths[name] = module.weight.shape[1]
+        self._exact = exact_layers(widths, self.exact_limit, exact_bytes)
 
     def _hook(self, name: str, in_features: int):
         def record(module, inputs, output) -> None:
@@ -258,7 +291,7 @@ class Recorder:
     def _add(self, name: str, rows: torch.Tensor) -> None:
         in_features = rows.shape[1]
         if name not in self._recordings:
-            sketched = in_features > self.exact_limit
+            sketched = name not in self._exact
             self._recordings[name] = (
                 _SketchedRecording(in_features, self.rank, self._generator)
                 if sketched
@@ -360,9 +393,16 @@ class RecordedStatistics:
         from .io import SafetensorsReader
 
         self._reader = SafetensorsReader(path)
-        if self._reader.metadata.get("format") != STATISTICS_FORMAT:
+        metadata = self._reader.metadata
+        if metadata.get("format") != STATISTICS_FORMAT:
             self._reader.close()
             raise ValueError(f"{path} is not a calibration file written by quant_core.calibration.Recorder")
+        if metadata.get("version") != STATISTICS_VERSION:
+            self._reader.close()
+            raise ValueError(
+                f"{path} is a calibration file of version {metadata.get('version')}; this converter reads "
+                f"version {STATISTICS_VERSION}: record it again"
+            )
         self.names = {k.removesuffix(".count") for k in self._reader.tensors if k.endswith(".count")}
         self.prefix = prefix
 

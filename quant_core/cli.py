@@ -1,7 +1,8 @@
 """Command line: ``python -m quant_core [convert] --input FILE …`` and the companion commands.
 
-The seed script's options are accepted under both spellings users type (``--use_amp`` and
-``--use-amp``); ``convert`` is the default command, so the seed's command lines work unchanged.
+The convert flags are generated from the engine's option table (``options.OPTIONS``). The original
+script's options are accepted under both spellings users type (``--use_amp`` and ``--use-amp``),
+and ``convert`` is the default command, so its command lines work unchanged.
 """
 
 from __future__ import annotations
@@ -11,27 +12,45 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, formats
-from .convert import ROUNDING_METHODS, ConvertOptions, convert_file, default_output_path
-from .decode import decode_file
+from . import __version__
+from .convert import convert_file, default_output_path
+from .decode import decode_file, targets
 from .example import flux_shapes, write_synthetic
-from .fp8 import FP8_DTYPES
 from .inspection import inspect_file, verify_files
-from .policy import AUTO, PRESETS
+from .options import CLI, OPTIONS, PATTERNS, ConvertOptions, Option
 from .progress import ProgressBar
-from .rounding import RoundingOptions
 from .shards import join_shards
 from .signals import Stopped, stop_on_signals
 
 COMMANDS = ("convert", "join", "inspect", "verify", "decode", "example")
 
 
-def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+def _option(parser: argparse.ArgumentParser, name: str, dest: str | None = None, **kwargs) -> None:
     """Register ``--name_with_underscores`` together with its dashed spelling."""
     spellings = [f"--{name}"]
     if "_" in name:
         spellings.append(f"--{name.replace('_', '-')}")
-    parser.add_argument(*spellings, dest=name, **kwargs)
+    parser.add_argument(*spellings, dest=dest or name, **kwargs)
+
+
+def _table_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    """One row of the option table as a flag; the engine checks ranges and combinations."""
+    kwargs: dict = {"help": option.help, "default": option.default}
+    if option.kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction if option.default else "store_true"
+    elif option.kind == PATTERNS:
+        kwargs.update(action="append", default=[], metavar="REGEX", help=option.help + " (repeatable)")
+    elif option.name == "shard":
+        kwargs.update(type=_parse_shard, metavar="K/N")
+    elif option.name == "calibration":
+        kwargs["metavar"] = "FILE"
+    else:
+        kwargs["type"] = option.kind
+        if option.kind in (int, float):
+            kwargs["metavar"] = "N" if option.kind is int else "X"
+    if option.choices:
+        kwargs["choices"] = option.choices
+    _option(parser, option.cli_name, dest=option.name, **kwargs)
 
 
 def convert_parser() -> argparse.ArgumentParser:
@@ -39,147 +58,17 @@ def convert_parser() -> argparse.ArgumentParser:
         prog="python -m quant_core [convert]",
         description="Convert a safetensors checkpoint to FP8-scaled weights: calibrated, nearest or learned rounding.",
     )
-    defaults = RoundingOptions()
     _option(parser, "input", required=True, help="input .safetensors file")
     _option(parser, "output", help="output file (default: a name derived from the input, beside it)")
-    _option(
-        parser,
-        "format",
-        choices=formats.FORMATS,
-        default="comfy",
-        help="output layout: comfy (ComfyUI >= 0.4), legacy (scaled_fp8), ultra8 (8-bit scales)",
-    )
-    _option(parser, "fp8_format", choices=sorted(FP8_DTYPES), default="float8_e4m3fn", help="fp8 weight type")
-    _option(
-        parser,
-        "rounding",
-        choices=list(ROUNDING_METHODS),
-        default="auto",
-        help="; ".join(f"{name}: {what}" for name, what in ROUNDING_METHODS.items()),
-    )
-    _option(parser, "simple", action="store_true", help="the seed's flag for --rounding nearest")
-    _option(parser, "t5xxl", action="store_true", help="T5XXL: keep layers named norm, bias, embed_tokens, shared")
-    _option(
-        parser,
-        "keep_distillation",
-        action="store_true",
-        help="keep distilled_guidance_layer, final_layer, img_in, txt_in in source precision",
-    )
-    _option(
-        parser,
-        "text_encoders",
-        action="store_true",
-        help="full checkpoints: also convert the T5 / LLM text encoders inside (default: the diffusion model only)",
-    )
-    _option(
-        parser,
-        "preset",
-        choices=[AUTO, *PRESETS],
-        default=AUTO,
-        help="model family whose sensitive layers stay in high precision (auto: detect from key names)",
-    )
-    _option(
-        parser,
-        "include",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="always quantize eligible weights matching REGEX (repeatable; beats every keep rule)",
-    )
-    _option(
-        parser,
-        "exclude",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="never quantize tensors matching REGEX (repeatable)",
-    )
-    _option(parser, "min_tensor_size", type=int, default=1024, help="quantize only weights with this many elements")
-    _option(
-        parser,
-        "calib_samples",
-        type=int,
-        default=defaults.calib_samples,
-        help="calibration input rows per tensor (a held-out batch of the same size checks the result)",
-    )
-    _option(parser, "num_iter", type=int, default=defaults.num_iter, help="maximum optimiser iterations per tensor")
-    _option(parser, "lr", type=float, default=defaults.lr, help="Adam learning rate (cosine schedule)")
-    _option(parser, "reg_lambda", type=float, default=defaults.reg_lambda, help="rounding regulariser strength")
-    _option(
-        parser,
-        "early_stop_threshold",
-        type=float,
-        default=defaults.early_stop_threshold,
-        help="stop when the loss improves less than this for 50 iterations with no decision changing",
-    )
-    _option(parser, "batch_size", type=int, default=None, help="calibration rows per matrix multiply (memory)")
-    _option(
-        parser,
-        "use_amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 autocast for the optimiser's matrix multiplies on CUDA",
-    )
-    _option(
-        parser,
-        "use_shared_scales",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="weights of one module (e.g. an attention's q/k/v/out) share one scale",
-    )
-    _option(
-        parser,
-        "calibration",
-        metavar="FILE",
-        help="input statistics recorded with quant_core.calibration.Recorder: GPTQ rounding for the weights "
-        "it covers (see --rounding for the others)",
-    )
-    _option(
-        parser,
-        "input_scales",
-        action="store_true",
-        help="write a static input_scale per quantized layer from the --calibration file's input absolute "
-        "maximum, for ComfyUI's fp8 matrix multiply (otherwise it uses scale 1 and clamps inputs to the fp8 range)",
-    )
-    _option(
-        parser,
-        "full_precision",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="mark quantized layers matching REGEX full_precision_matrix_mult: ComfyUI multiplies them in "
-        "bf16/fp16 instead of quantizing their inputs to fp8 (repeatable; not with --format legacy)",
-    )
-    _option(
-        parser,
-        "full_precision_above",
-        type=float,
-        metavar="X",
-        help="also mark full_precision_matrix_mult the layers whose recorded inputs (--calibration), rounded to "
-        "fp8, are predicted to add more than X relative output error (e.g. 0.025)",
-    )
-    _option(
-        parser,
-        "parallel",
-        action="store_true",
-        help="one worker per GPU, each taking whole tensors (reading, rounding and writing always overlap)",
-    )
-    _option(
-        parser,
-        "shard",
-        type=_shard,
-        metavar="K/N",
-        help="convert only every N-th tensor group from the K-th, into a file of its own (for several "
-        "machines); `join` puts the N shards together into the file one run would write",
-    )
-    _option(parser, "seed", type=int, default=0, help="random seed: the same seed gives the same file")
-    _option(parser, "device", help="compute device, e.g. cpu or cuda:1 (default: CUDA when available)")
-    _option(parser, "overwrite", action="store_true", help="replace an existing output file")
+    _option(parser, "simple", action="store_true", help="the original script's flag for --rounding nearest")
+    for option in OPTIONS:
+        if CLI in option.fronts:
+            _table_option(parser, option)
     _option(parser, "quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def _shard(text: str) -> tuple[int, int]:
+def _parse_shard(text: str) -> tuple[int, int]:
     """``K/N`` with 1 <= K <= N."""
     try:
         k, n = (int(part) for part in text.split("/"))
@@ -191,44 +80,13 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def options_from(args: argparse.Namespace) -> ConvertOptions:
-    for name in ("calib_samples", "num_iter", "min_tensor_size"):
-        if getattr(args, name) < (0 if name != "calib_samples" else 1):
-            raise SystemExit(f"error: --{name} must be {'positive' if name == 'calib_samples' else '>= 0'}")
-    rounding = RoundingOptions(
-        num_iter=args.num_iter,
-        lr=args.lr,
-        reg_lambda=args.reg_lambda,
-        calib_samples=args.calib_samples,
-        batch_size=args.batch_size,
-        early_stop_threshold=args.early_stop_threshold,
-        use_amp=args.use_amp,
-        seed=args.seed,
-    )
-    return ConvertOptions(
-        format=args.format,
-        fp8_format=args.fp8_format,
-        method=_rounding_method(args),
-        rounding=rounding,
-        shared_scales=args.use_shared_scales,
-        min_tensor_size=args.min_tensor_size,
-        preset=args.preset,
-        include=args.include,
-        exclude=args.exclude,
-        t5xxl=args.t5xxl,
-        keep_distillation=args.keep_distillation,
-        text_encoders=args.text_encoders,
-        calibration=args.calibration,
-        input_scales=args.input_scales,
-        full_precision=args.full_precision,
-        full_precision_above=args.full_precision_above,
-        parallel=args.parallel,
-        shard=getattr(args, "shard", None),
-        device=args.device,
-        overwrite=args.overwrite,
-    )
+    """The parsed flags as engine options (validated by the engine)."""
+    values = {option.name: getattr(args, option.name) for option in OPTIONS if CLI in option.fronts}
+    values["rounding"] = _rounding(args)
+    return ConvertOptions.from_values(values)
 
 
-def _rounding_method(args: argparse.Namespace) -> str:
+def _rounding(args: argparse.Namespace) -> str:
     if args.simple and args.rounding not in ("auto", "nearest"):
         raise ValueError(f"--simple (round-to-nearest) contradicts --rounding {args.rounding}")
     return "nearest" if args.simple else args.rounding
@@ -295,7 +153,7 @@ def run_decode(argv: Sequence[str]) -> int:
         description="Turn an ultra8 file into comfy or legacy layout for stock loaders.",
     )
     parser.add_argument("file")
-    parser.add_argument("--to", choices=("comfy", "legacy"), default="comfy")
+    parser.add_argument("--to", choices=targets(), default=targets()[0])
     parser.add_argument("--output")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

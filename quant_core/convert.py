@@ -8,15 +8,15 @@ scaled together. Peak memory is therefore a few of the largest tensors, never th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,7 @@ from .calibration import CalibrationSource, RandomCalibration, RecordedStatistic
 from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
 from .job import ActivityCallback, Job
+from .options import ConvertOptions
 from .pipeline import one_cpu_thread, run_pipeline
 from .policy import (
     AUTO,
@@ -42,53 +43,23 @@ from .policy import (
     scale_group,
     text_encoders_in_checkpoint,
 )
-from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
-
-ROUNDING_METHODS = {
-    "auto": "GPTQ where --calibration has statistics, round-to-nearest elsewhere",
-    "nearest": "round-to-nearest everywhere (the seed's --simple)",
-    "learned": "GPTQ where --calibration has statistics, the seed's learned rounding on random inputs elsewhere",
-}
+from .rounding import RoundingResult, release_tables, round_learned, round_nearest
 
 
 class TensorSource(Protocol):
     """What the engine reads from: tensor descriptions up front, tensors one at a time.
 
-    A source whose ``read`` returns tensors on a GPU says so with a ``device`` attribute (as the
-    nodes' loaded-MODEL source does): then only one item is in flight, so that beyond what the
-    host already holds, VRAM keeps one layer's working set.
+    Optional attributes: ``device``, where ``read`` returns tensors on a GPU (the nodes' loaded
+    MODEL): then only one item is in flight, so that beyond what the host already holds, VRAM
+    keeps one layer's working set. ``path``, the file read (a ``SafetensorsReader``): the output
+    may never replace it, and the summary names it. ``pool``, the reader's ``io.BufferPool``:
+    round-to-nearest's outputs then share it, so one high-water mark bounds inputs and outputs.
     """
 
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
 
     def read(self, name: str) -> torch.Tensor: ...
-
-
-@dataclass
-class ConvertOptions:
-    """Every conversion setting; the defaults are the seed script's."""
-
-    format: str = "comfy"
-    fp8_format: str = "float8_e4m3fn"
-    method: str = "auto"  # see ROUNDING_METHODS
-    rounding: RoundingOptions = field(default_factory=RoundingOptions)
-    shared_scales: bool = True
-    min_tensor_size: int = 1024
-    preset: str = AUTO
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    t5xxl: bool = False
-    keep_distillation: bool = False
-    text_encoders: bool = False  # full checkpoints: also the T5 / LLM text encoders inside (see policy)
-    calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
-    input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
-    full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
-    full_precision_above: float | None = None  # ... and layers whose fp8 inputs would add more output error
-    parallel: bool = False
-    shard: tuple[int, int] | None = None  # (k, n): only every n-th work item from the k-th (1-based); see join
-    device: str | None = None  # None: CUDA when available, else CPU
-    overwrite: bool = False
 
 
 @dataclass
@@ -148,65 +119,85 @@ ProgressCallback = Callable[[TensorReport], None]
 
 
 @dataclass
-class Plan:
-    """Every decision that fixes the output header, made before any tensor is read."""
+class Converted:
+    """One source tensor's outcome: the output tensors it becomes, ready to write, and its report."""
 
+    tensors: dict[str, torch.Tensor]
+    report: TensorReport
+
+
+@dataclass
+class Plan:
+    """Every decision, resolved once before any tensor is read: the settings turned into objects
+    (fp8 dtype, layout, devices, the opened calibration file) and what happens to each tensor,
+    which fixes the output header. ``close`` (or ``with``) closes the calibration file."""
+
+    options: ConvertOptions
+    dtype: torch.dtype
+    layout: formats.Layout
+    devices: list[torch.device]
     preset: Preset
     prefix: str
-    decisions: dict[str, tuple[bool, str]]
-    items: list[list[str]]  # work items: one kept tensor, or one scale group of weights
-    entries: list[TensorInfo]
-    markers: dict[str, torch.Tensor]  # file-level format markers, written first
-    activations: dict[str, formats.Activation]  # per quantized weight; an input_scale of 1.0 is a placeholder
-    outputs: dict[str, list[str]]  # the output tensors each source tensor becomes
+    statistics: RecordedStatistics | None
+    decisions: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    items: list[list[str]] = field(default_factory=list)  # work items: one kept tensor, or one scale group
+    entries: list[TensorInfo] = field(default_factory=list)
+    markers: dict[str, torch.Tensor] = field(default_factory=dict)  # file-level layout markers, written first
+    activations: dict[str, formats.Activation] = field(default_factory=dict)  # per quantized weight
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # the output tensors each source tensor becomes
 
     def digest(self, metadata: dict[str, str]) -> str:
         """A fingerprint of the output header (its tensors and ``metadata``): shards of one conversion share it."""
         layout = [(e.name, str(e.dtype), list(e.shape)) for e in self.entries]
         return hashlib.sha256(json.dumps([layout, metadata], sort_keys=True).encode()).hexdigest()
 
+    def gptq_statistics(self) -> RecordedStatistics | None:
+        """The recorded statistics that choose GPTQ, unless rounding is nearest everywhere."""
+        return self.statistics if self.options.rounding != "nearest" else None
+
+    def close(self) -> None:
+        if self.statistics is not None:
+            self.statistics.close()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @dataclass
 class Rounder:
-    """Chooses each weight's rounding (see ``ROUNDING_METHODS``).
+    """Chooses each weight's rounding (see ``options.ROUNDING``).
 
     Without recorded statistics the default is round-to-nearest: against random inputs learned
     rounding can only fit noise (their expected output error is minimised by round-to-nearest;
-    measured in bench/bench_quality.py), so it is opt-in (``learned``), as the seed ran it.
+    ``docs/calibration.md``), so it is opt-in (``learned``), as the original script ran it.
     """
 
-    dtype: torch.dtype
-    options: ConvertOptions
-    calibration: CalibrationSource
-    statistics: RecordedStatistics | None = None
-    pool: BufferPool = field(default_factory=BufferPool)  # memory for round-to-nearest's outputs
+    plan: Plan
+    learned_inputs: CalibrationSource  # where learned rounding draws its inputs
+    pool: BufferPool  # memory for round-to-nearest's outputs
 
     def round(self, name: str, weight: torch.Tensor, scale: float, job: Job) -> tuple[RoundingResult, str]:
         """The rounded weight and the method used; ``job`` sees its progress and may stop it."""
-        recorded = self.statistics is not None and self.options.method != "nearest"
-        stats = self.statistics.get(name, weight.shape[1]) if recorded else None
-        method = "gptq" if stats is not None else "learned" if self.options.method == "learned" else "nearest"
+        statistics, dtype, options = self.plan.gptq_statistics(), self.plan.dtype, self.plan.options
+        stats = statistics.get(name, weight.shape[1]) if statistics is not None else None
+        method = "gptq" if stats is not None else "learned" if options.rounding == "learned" else "nearest"
         with job.tensor(name, method) as step:
             if method == "gptq":
-                return round_gptq(weight, scale, self.dtype, stats, step=step), method
+                return round_gptq(weight, scale, dtype, stats, step=step), method
             if method == "learned":
-                with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-                    options = self.options.rounding
-                    return round_learned(name, weight, scale, self.dtype, self.calibration, options, step), method
+                return round_learned(name, weight, scale, dtype, self.learned_inputs, options.learned, step), method
             with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
-                return round_nearest(weight, scale, self.dtype, self.pool, step), method
+                return round_nearest(weight, scale, dtype, self.pool, step), method
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
-    """Decide what happens to each tensor and lay out the output, from names and shapes alone
-    (and, for ``--full_precision_above``, the weights: ``poll`` is called before each is read)."""
-    if options.format not in formats.FORMATS:
-        raise ValueError(f"unknown --format {options.format!r}; choose one of {formats.FORMATS}")
-    if options.method not in ROUNDING_METHODS:
-        raise ValueError(f"unknown rounding method {options.method!r}; choose one of {list(ROUNDING_METHODS)}")
-    if options.preset != AUTO and options.preset not in PRESETS:
-        raise ValueError(f"unknown --preset {options.preset!r}; choose one of {[AUTO, *PRESETS]}")
-    dtype = fp8.fp8_dtype(options.fp8_format)
+    """Resolve the settings and decide what happens to each tensor, from names and shapes (and,
+    for ``full_precision_above``, from the weights and their recorded statistics: ``poll`` is
+    called before each is read)."""
+    options.validate()
     keys = list(source.tensors)
     prefix = checkpoint_prefix(keys)
     preset = detect_family(keys) if options.preset == AUTO else PRESETS[options.preset]
@@ -215,67 +206,104 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
             "input scales: ComfyUI multiplies text encoders in full precision, so a text encoder gets none; "
             "turn 'input scales' off"
         )
+    statistics = RecordedStatistics(options.calibration, prefix) if options.calibration else None
+    try:
+        plan = Plan(
+            options,
+            fp8.fp8_dtype(options.fp8_format),
+            formats.layout(options.format),
+            pick_devices(options),
+            preset,
+            prefix,
+            statistics,
+        )
+        _plan_tensors(source, plan, poll or (lambda: None))
+        _check_statistics_match(plan)
+    except BaseException:
+        if statistics is not None:
+            statistics.close()
+        raise
+    return plan
+
+
+def _check_statistics_match(plan: Plan) -> None:
+    """Refuse a calibration file whose statistics name none of the weights to quantize (recorded
+    on another model): the conversion would silently go uncalibrated. A full checkpoint's
+    ``model.diffusion_model.`` weights match a recording of its diffusion model (``plan.prefix``)."""
+    statistics = plan.statistics
+    if statistics is not None and not any(statistics.key(name) for name in plan.activations):
+        raise ValueError(
+            f"the calibration file {Path(plan.options.calibration).name} has statistics for none of the weights "
+            "to quantize: was it recorded on another model?"
+        )
+
+
+def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> None:
+    options, keys = plan.options, list(source.tensors)
     blocks = block_prefixes(keys)
-    policy = LayerPolicy(preset, *_user_rules(options), prefix, blocks)
-    text_encoders = _text_encoder_policies(keys, options, prefix, blocks)
-    activations: dict[str, formats.Activation] = {}
-    decisions: dict[str, tuple[bool, str]] = {}
-    outputs: dict[str, list[str]] = {}
+    policy = LayerPolicy(plan.preset, *_user_rules(options), plan.prefix, blocks)
+    text_encoders = _text_encoder_policies(keys, options, plan.prefix, blocks)
+    activation_of = _activation_rule(source, plan, poll)
     groups: dict[str, list[str]] = {}
-    items: list[list[str]] = []
-    entries: list[TensorInfo] = []
-    with _activation_rule(source, options, prefix, poll or (lambda: None)) as planned:
-        for name, info in source.tensors.items():
-            owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
-            decision = owner.decide(name, info.dtype, info.shape)
-            decisions[name] = (decision.quantize, decision.reason)
-            if not decision.quantize:
-                items.append([name])
-                entries.append(TensorInfo(name, info.dtype, info.shape))
-                outputs[name] = [name]
-                continue
-            # ComfyUI multiplies text encoders in full precision: no input scale, no fp8 matmul marker.
-            activations[name] = planned(name) if owner is policy else formats.Activation(None, False)
-            layer = formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
-            entries += layer
-            outputs[name] = [entry.name for entry in layer]
-            group_key = scale_group(name) if options.shared_scales else name
-            if group_key not in groups:
-                groups[group_key] = []
-                items.append(groups[group_key])
-            groups[group_key].append(name)
-    quantized = sum(q for q, _ in decisions.values())
-    if not quantized:
+    for name, info in source.tensors.items():
+        owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
+        decision = owner.decide(name, info.dtype, info.shape)
+        plan.decisions[name] = (decision.quantize, decision.reason)
+        if not decision.quantize:
+            plan.items.append([name])
+            plan.entries.append(TensorInfo(name, info.dtype, info.shape))
+            plan.outputs[name] = [name]
+            continue
+        # ComfyUI multiplies text encoders in full precision: no input scale; weight-only, as the flag says.
+        plan.activations[name] = activation_of(name) if owner is policy else formats.Activation(None, True)
+        layer = plan.layout.layer_entries(name, info.shape, plan.dtype, plan.activations[name])
+        plan.entries += layer
+        plan.outputs[name] = [entry.name for entry in layer]
+        group_key = scale_group(name) if options.shared_scales else name
+        if group_key not in groups:
+            groups[group_key] = []
+            plan.items.append(groups[group_key])
+        groups[group_key].append(name)
+    if not plan.activations:
         raise ValueError(
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
-            f"(is the input already FP8-scaled? see --preset, --include, --min_tensor_size); family: {preset.family}"
+            "(is the input already FP8-scaled? see the settings preset, include and min_tensor_size); "
+            f"family: {plan.preset.family}"
         )
-    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales)
+    plan.markers = _markers(plan, plan.prefix)
     for owner in text_encoders:
-        if any(decisions[k][0] for k in keys if k.startswith(owner.prefix)):
-            markers.update(formats.marker_tensors(options.format, owner.prefix, dtype, options.shared_scales))
-    for key, tensor in markers.items():
+        if any(plan.decisions[k][0] for k in keys if k.startswith(owner.prefix)):
+            plan.markers.update(_markers(plan, owner.prefix))
+    for key, tensor in plan.markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
-        entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
-    return Plan(preset, prefix, decisions, items, entries, markers, activations, outputs)
+        plan.entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+
+
+def _markers(plan: Plan, prefix: str) -> dict[str, torch.Tensor]:
+    """The layout's file-level markers for the model under ``prefix``; a ``legacy`` marker says
+    whether that model's layers are weight-only (they must agree, ``formats.legacy_full_precision``)."""
+    under = {name: a for name, a in plan.activations.items() if name.startswith(prefix)}
+    full = plan.layout.marker_full_precision(under)
+    return plan.layout.markers(prefix, plan.dtype, plan.options.shared_scales, full)
 
 
 def _user_rules(options: ConvertOptions) -> tuple:
-    """The LayerPolicy arguments every part of a file shares: size threshold, regexes, seed flags."""
+    """The LayerPolicy arguments every part of a file shares: size threshold, regexes, the original
+    script's keep flags."""
     return options.min_tensor_size, options.include, options.exclude, options.t5xxl, options.keep_distillation
 
 
 def _text_encoder_policies(
     keys: list[str], options: ConvertOptions, prefix: str, blocks: frozenset[str]
 ) -> list[LayerPolicy]:
-    """With ``--text_encoders``, a policy per T5 / LLM text encoder inside a full checkpoint; by default
+    """With ``text_encoders``, a policy per T5 / LLM text encoder inside a full checkpoint; by default
     only the diffusion model of a full checkpoint is converted."""
     if not options.text_encoders:
         return []
     if not prefix:
         raise ValueError("'text encoders' applies to full checkpoints (model + VAE + text encoders) only")
-    if options.format == "ultra8":
+    if not formats.layout(options.format).loads_in_stock_comfyui:
         raise ValueError("'text encoders' needs format comfy or legacy: ComfyUI's checkpoint loader reads those")
     found = text_encoders_in_checkpoint(keys)
     if not found:
@@ -286,51 +314,44 @@ def _text_encoder_policies(
     return [LayerPolicy(preset, *_user_rules(options), te_prefix, blocks) for te_prefix, preset in found.items()]
 
 
-@contextlib.contextmanager
-def _activation_rule(
-    source: TensorSource, options: ConvertOptions, prefix: str, poll: Callable[[], None]
-) -> Iterator[Callable[[str], formats.Activation]]:
+def _activation_rule(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> Callable[[str], formats.Activation]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
-    written because both change the header. A weight gets an input scale when the calibration file
-    has its statistics (``_quantize_group`` fills in the value); it is full precision when it
-    matches ``--full_precision``, or when ``--full_precision_above`` is set and rounding its
-    recorded inputs to fp8 is predicted to add more relative output error than that (which reads
-    the weight and its statistics once more)."""
-    patterns = [compile_regex(p, "--full_precision") for p in options.full_precision]
+    written because both change the header.
+
+    A weight gets an input scale (from its recorded inputs' absolute maximum) with ``input_scales``
+    when the calibration file has its statistics. It is full precision (weight-only: ComfyUI
+    dequantizes it even on a GPU with fp8 compute) when it has no input scale, unless
+    ``uncalibrated_fp8_compute`` asks for ComfyUI's scale of 1; when it matches ``full_precision``;
+    or when ``full_precision_above`` is set and rounding its recorded inputs to fp8 is predicted to
+    add more relative output error than that (which reads the weight and its statistics once more)."""
+    options, statistics = plan.options, plan.statistics
+    patterns = [compile_regex(p, "full_precision") for p in options.full_precision]
     threshold = options.full_precision_above
-    if not options.input_scales and threshold is None:
-        yield lambda name: formats.Activation(None, any(p.search(name) for p in patterns))
-        return
-    if not options.calibration:
-        raise ValueError("--input_scales and --full_precision_above need --calibration: recorded input statistics")
-    device = pick_devices(options)[0]
-    dtype = fp8.fp8_dtype(options.fp8_format)
-    with RecordedStatistics(options.calibration, prefix) as statistics:
 
-        def hurts(name: str) -> bool:
-            poll()
-            weight = source.read(name).to(device)
-            stats = statistics.get(name, weight.shape[1])
-            return predicted_input_error(weight, stats.fit, dtype) > threshold
+    def flagged(name: str, input_scale: float | None) -> bool:
+        return (input_scale is None and not options.uncalibrated_fp8_compute) or any(p.search(name) for p in patterns)
 
-        def planned(name: str) -> formats.Activation:
-            recorded = statistics.key(name) is not None
-            full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
-            return formats.Activation(1.0 if recorded and options.input_scales else None, full)
+    def hurts(name: str) -> bool:
+        poll()
+        weight = source.read(name).to(plan.devices[0])
+        stats = statistics.get(name, weight.shape[1])
+        return predicted_input_error(weight, stats.fit, plan.dtype) > threshold
 
-        yield planned
+    def planned(name: str) -> formats.Activation:
+        recorded = statistics is not None and statistics.key(name) is not None
+        scaled = recorded and options.input_scales
+        input_scale = input_scale_for(statistics.input_absmax(name), plan.dtype) if scaled else None
+        full = flagged(name, input_scale) or (threshold is not None and recorded and hurts(name))
+        return formats.Activation(input_scale, full)
+
+    return planned
 
 
 def default_output_path(input_path: str | os.PathLike, options: ConvertOptions) -> Path:
     """``{base}_{fp8}_scaled…`` next to the input; ``ultra8`` follows the seed script's rule."""
     path = Path(input_path)
     distill = "_nodistill" if options.keep_distillation else ""
-    if options.format == "ultra8":
-        size = "_8bit_shared" if options.shared_scales else "_8bit"
-        name = f"{path.stem}_{options.fp8_format}_scaled_ultra{distill}{size}"
-    else:
-        layout = "_legacy" if options.format == "legacy" else ""
-        name = f"{path.stem}_{options.fp8_format}_scaled{layout}{distill}"
+    name = formats.layout(options.format).output_name(path.stem, options.fp8_format, distill, options.shared_scales)
     return path.with_name(name + ".safetensors")
 
 
@@ -350,76 +371,104 @@ def convert(
     options: ConvertOptions,
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
-    calibration: CalibrationSource | None = None,
-    protect: tuple[Path, ...] = (),
-    source_label: str = "",
-    pool: BufferPool | None = None,
+    learned_inputs: CalibrationSource | None = None,
     activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert ``source`` into the safetensors file ``output`` (written atomically).
 
-    ``pool`` holds the memory of round-to-nearest's outputs; pass the source's own pool (as
-    ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
     ``check_interrupt`` (raises to cancel), ``progress`` (each finished tensor) and ``activity``
     (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
+    ``learned_inputs``: where learned rounding draws its inputs (random, as the original script
+    did, unless given). However it ends, the conversion holds no tensor on a GPU afterwards: the
+    rounding's cached tables are dropped, and a failure's traceback keeps its lines but not the
+    local variables of its frames (a GPU weight in a failed stage would otherwise stay allocated
+    for as long as the caller keeps the exception, e.g. ComfyUI while it reports the error).
     """
+    try:
+        return _convert(source, output, options, progress, check_interrupt, learned_inputs, activity)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_tables()
+
+
+def _convert(
+    source: TensorSource,
+    output: str | os.PathLike,
+    options: ConvertOptions,
+    progress: ProgressCallback | None,
+    check_interrupt: Callable[[], None] | None,
+    learned_inputs: CalibrationSource | None,
+    activity: ActivityCallback | None,
+) -> Summary:
     started = time.perf_counter()
-    protect = run_inputs(options, *protect)
+    path = getattr(source, "path", None)
+    protect = run_inputs(options, *([path] if path else []))
     check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
     job = Job(check_interrupt, activity)
-    plan = plan_conversion(source, options, job.poll)
-    check_calibration(options, plan)
-    reports: list[TensorReport] = []
-    metadata = output_metadata(source, options, plan)
-    items, entries, markers = plan.items, plan.entries, plan.markers
-    if options.shard:  # a part of the output, to be joined with the others (``shards.join_shards``)
-        items, entries, markers, metadata = _shard(plan, options.shard, metadata)
-    total = sum(map(len, items))
+    with plan_conversion(source, options, job.poll) as plan:
+        metadata = output_metadata(source, plan)
+        items, entries, markers = plan.items, plan.entries, plan.markers
+        if options.shard:  # a part of the output, to be joined with the others (``shards.join_shards``)
+            items, entries, markers, metadata = _shard_part(plan, options.shard, metadata)
+        with atomic_output(output, overwrite=options.overwrite, protect=protect) as file:
+            writer = SafetensorsWriter(file, entries, metadata)
+            for key, tensor in markers.items():
+                writer.write(key, tensor)
+            pool = getattr(source, "pool", None) or BufferPool()
+            rounder = Rounder(plan, learned_inputs or RandomCalibration(), pool)
+            run = _Run(source, plan, rounder, writer, job, items, progress)
+            # two of the largest items (a shared-scale group) in flight: one read while the other is
+            # rounded or written (docs/benchmarks.md)
+            on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
+            budget = (1 if on_accelerator else 2) * max(map(run.cost, plan.items))
+            run_pipeline(items, run.read, run.compute, run.write, plan.devices, run.cost, run.held, budget, job)
+            writer.finish()
+    label = str(path) if path else "MODEL"
+    return _summarise(label, output, plan, run.reports, writer.total_bytes, time.perf_counter() - started)
 
-    def read(item: list[str]) -> dict[str, torch.Tensor]:
-        return {name: source.read(name) for name in item}
 
-    def compute(item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list:
-        if not plan.decisions[item[0]][0]:
+@dataclass
+class _Run:
+    """One conversion's three pipeline stages (``pipeline.run_pipeline``) and what they share."""
+
+    source: TensorSource
+    plan: Plan
+    rounder: Rounder
+    writer: SafetensorsWriter
+    job: Job
+    items: list[list[str]]
+    progress: ProgressCallback | None = None
+    reports: list[TensorReport] = field(default_factory=list)
+
+    def read(self, item: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self.source.read(name) for name in item}
+
+    def compute(self, item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list[Converted]:
+        if not self.plan.decisions[item[0]][0]:
             name = item[0]
-            return [(name, {name: tensors[name]}, _report(name, source, plan, 0.0))]
-        return _quantize_group(item, tensors, device, rounder, source, plan, job)
+            return [Converted({name: tensors[name]}, _report(name, self.source, self.plan, 0.0))]
+        return _quantize_group(item, tensors, device, self.rounder, self.source, self.job)
 
-    recorded = options.calibration and (options.input_scales or options.method != "nearest")  # GPTQ, input_scale
-    with (
-        RecordedStatistics(options.calibration, plan.prefix) if recorded else contextlib.nullcontext() as statistics,
-        atomic_output(output, overwrite=options.overwrite, protect=protect) as file,
-    ):
-        dtype = fp8.fp8_dtype(options.fp8_format)
-        rounder = Rounder(dtype, options, calibration or RandomCalibration(), statistics, pool or BufferPool())
-        writer = SafetensorsWriter(file, entries, metadata)
-        for key, tensor in markers.items():
-            writer.write(key, tensor)
+    def write(self, results: list[Converted]) -> None:
+        total = sum(map(len, self.items))
+        for result in results:
+            for key, tensor in result.tensors.items():
+                self.writer.write(key, tensor)
+            result.report.index, result.report.total = len(self.reports) + 1, total
+            self.reports.append(result.report)
+            if self.progress:
+                self.progress(result.report)
 
-        def write(results: list) -> None:
-            for _, tensors, report in results:
-                for key, tensor in tensors.items():
-                    writer.write(key, tensor)
-                report.index, report.total = len(reports) + 1, total
-                reports.append(report)
-                if progress:
-                    progress(report)
+    def cost(self, item: list[str]) -> int:
+        """An item's source bytes."""
+        return sum(self.source.tensors[name].nbytes for name in item)
 
-        def cost(item: list[str]) -> int:
-            return sum(source.tensors[name].nbytes for name in item)
-
-        def held(results: list) -> int:
-            return sum(t.nbytes for _, tensors, _ in results for t in tensors.values())
-
-        # two of the largest items (a shared-scale group) in flight: one read while the other is
-        # rounded or written. A 24 GB Flux took 49 s at 694 MB peak RSS, and 54 s at 629 MB with
-        # room for the largest item plus the largest tensor alone (bench/bench_convert.py)
-        on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
-        budget = (1 if on_accelerator else 2) * max(map(cost, plan.items))
-        run_pipeline(items, read, compute, write, pick_devices(options), cost, held, budget, job)
-        writer.finish()
-        bytes_out = writer.total_bytes
-    return _summarise(source, source_label, output, options, plan, reports, bytes_out, time.perf_counter() - started)
+    @staticmethod
+    def held(results: list[Converted]) -> int:
+        """The bytes a computed item holds until it is written."""
+        return sum(t.nbytes for result in results for t in result.tensors.values())
 
 
 def run_inputs(options: ConvertOptions, *paths: str | os.PathLike) -> tuple[str | os.PathLike, ...]:
@@ -428,44 +477,18 @@ def run_inputs(options: ConvertOptions, *paths: str | os.PathLike) -> tuple[str 
     return (*paths, *([options.calibration] if options.calibration else []))
 
 
-def check_calibration(options: ConvertOptions, plan: Plan) -> None:
-    """Refuse a calibration file that the run would not use, for every front end alike.
-
-    With round-to-nearest and no input scales the file is never opened; a file whose statistics
-    name none of the weights to quantize (recorded on another model) changes nothing. Either way
-    the user believes the output is calibrated when it is not. A full checkpoint's
-    ``model.diffusion_model.`` weights match a recording of its diffusion model (``plan.prefix``).
-    """
-    if not options.calibration:
-        return
-    if options.method == "nearest" and not options.input_scales and options.full_precision_above is None:
-        raise ValueError(
-            "a calibration file needs rounding 'auto' or 'learned' (GPTQ for the recorded layers): with rounding "
-            "'nearest' (--simple) it would be ignored"
-        )
-    with RecordedStatistics(options.calibration, plan.prefix) as statistics:
-        quantized = [name for name, (quantize, _) in plan.decisions.items() if quantize]
-        if not any(statistics.key(name) for name in quantized):
-            raise ValueError(
-                f"the calibration file {Path(options.calibration).name} has statistics for none of the weights "
-                "to quantize: was it recorded on another model?"
-            )
-
-
-def output_metadata(source: TensorSource, options: ConvertOptions, plan: Plan) -> dict[str, str]:
+def output_metadata(source: TensorSource, plan: Plan) -> dict[str, str]:
     """The output header's metadata: the source's own, plus the converter's description."""
-    return {**source.metadata, "quant_core": json.dumps(_describe(options, plan))}
+    return {**source.metadata, "quant_core": json.dumps(_describe(plan))}
 
 
 SHARD_METADATA = "quant_core_shard"
 
 
-def _shard(plan: Plan, shard: tuple[int, int], metadata: dict[str, str]) -> tuple:
+def _shard_part(plan: Plan, shard: tuple[int, int], metadata: dict[str, str]) -> tuple:
     """Items, output entries, markers and metadata of shard ``k`` of ``n``: every n-th work item
     from the k-th, in a file of its own that carries the whole output's fingerprint."""
     k, n = shard
-    if not 1 <= k <= n:
-        raise ValueError(f"shard {k}/{n}: k must be between 1 and n")
     items = plan.items[k - 1 :: n]
     names = {key for item in items for name in item for key in plan.outputs[name]}
     entries = [entry for entry in plan.entries if entry.name in names]
@@ -479,26 +502,14 @@ def convert_file(
     options: ConvertOptions | None = None,
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
-    calibration: CalibrationSource | None = None,
+    learned_inputs: CalibrationSource | None = None,
     activity: ActivityCallback | None = None,
 ) -> Summary:
     """Convert one safetensors file; the output name defaults to ``default_output_path``."""
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
-    pool = BufferPool()
-    with SafetensorsReader(input_path, pool) as reader:
-        return convert(
-            reader,
-            output,
-            options,
-            progress,
-            check_interrupt,
-            calibration,
-            protect=(Path(input_path),),
-            source_label=str(input_path),
-            pool=pool,
-            activity=activity,
-        )
+    with SafetensorsReader(input_path, BufferPool()) as reader:
+        return convert(reader, output, options, progress, check_interrupt, learned_inputs, activity)
 
 
 def _quantize_group(
@@ -507,50 +518,39 @@ def _quantize_group(
     device: torch.device,
     rounder: Rounder,
     source: TensorSource,
-    plan: Plan,
     job: Job,
-) -> list:
-    """Quantize a shared-scale group (or one weight) against one scale; returns write-ready results.
+) -> list[Converted]:
+    """Quantize a shared-scale group (or one weight) against one scale.
 
     The group's scale is found on the source dtype (its max is exact), and each member is widened
     to float32 only while it is being rounded, so the group costs its source bytes plus one
     float32 weight at a time.
     """
+    plan = rounder.plan
     for name in names:
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
         amaxes = [fp8.absmax(tensors[name]) for name in names]
-    for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's absolute maximum
+    for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's maximum
         if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
     amax = max(amaxes)  # all finite: Python's max would pass over a NaN that is not first
-    layout = rounder.options.format
     try:
-        scale = formats.stored_scale(layout, fp8.scale_for(amax, rounder.dtype))
+        scale = plan.layout.stored_scale(fp8.scale_for(amax, plan.dtype))
     except codec.ScaleOutOfRangeError as exc:
-        raise codec.ScaleOutOfRangeError(f"{', '.join(names)}: {exc}; exclude it or use --format comfy") from None
+        raise codec.ScaleOutOfRangeError(f"{', '.join(names)}: {exc}; exclude it or use format comfy") from None
     results = []
     for name in names:
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
         result, method = rounder.round(name, weight, scale, job)
-        activation = _activation(name, rounder, plan)
-        layer = formats.layer_tensors(layout, name, result.quantized.cpu(), scale, activation)
+        layer = plan.layout.layer_tensors(name, result.quantized.cpu(), scale, plan.activations[name])
         report = _report(name, source, plan, time.perf_counter() - started)
         report.method = method
         report.error_before, report.error_after, report.fell_back = result.error_rtn, result.error, result.fell_back
-        results.append((name, layer, report))
+        results.append(Converted(layer, report))
         del weight, result
     return results
-
-
-def _activation(name: str, rounder: Rounder, plan: Plan) -> formats.Activation:
-    """The planned activation settings, with the input scale calibrated on the recorded absolute maximum."""
-    activation = plan.activations[name]
-    if activation.input_scale is None:
-        return activation
-    absmax = rounder.statistics.input_absmax(name)
-    return replace(activation, input_scale=input_scale_for(absmax, rounder.dtype))
 
 
 def _report(name: str, source: TensorSource, plan: Plan, seconds: float) -> TensorReport:
@@ -558,14 +558,9 @@ def _report(name: str, source: TensorSource, plan: Plan, seconds: float) -> Tens
     return TensorReport(name, 0, 0, source.tensors[name].nbytes, quantize, reason, seconds=seconds)
 
 
-def _describe(options: ConvertOptions, plan: Plan) -> dict:
+def _describe(plan: Plan) -> dict:
     """The converter's own header metadata: version, settings, counts."""
     quantized = sum(q for q, _ in plan.decisions.values())
-    settings = asdict(options)
-    for how_not_what in ("overwrite", "parallel", "device", "shard"):  # they do not change the output
-        settings.pop(how_not_what)
-    if options.method != "learned":  # the learned-rounding settings are not used
-        settings.pop("rounding")
     return {
         "version": __version__,
         "preset": plan.preset.name,
@@ -573,17 +568,17 @@ def _describe(options: ConvertOptions, plan: Plan) -> dict:
         "kept": len(plan.decisions) - quantized,
         "input_scales": sum(a.input_scale is not None for a in plan.activations.values()),
         "full_precision": sum(a.full_precision for a in plan.activations.values()),
-        "settings": settings,
+        "settings": plan.options.described(),
     }
 
 
-def _summarise(source, label, output, options, plan, reports, bytes_out, seconds) -> Summary:
+def _summarise(label: str, output, plan: Plan, reports: list[TensorReport], bytes_out: int, seconds: float) -> Summary:
     quantized = [r for r in reports if r.quantized]
     worst = max(quantized, key=lambda r: r.error_after, default=None)
     return Summary(
         input=label,
         output=str(output),
-        format=options.format,
+        format=plan.options.format,
         preset=plan.preset.name,
         quantized=len(quantized),
         kept=len(reports) - len(quantized),

@@ -2,7 +2,8 @@
 
 The fp8 weights were rounded against the *decoded* scales, so decoding is exact: the weights are
 copied bit for bit, each code becomes the float32 scale it stands for, and a layer's input scale
-and ``full_precision_matrix_mult`` flag are carried over (``legacy`` refuses the flag). ``decoded_tensors``
+and ``full_precision_matrix_mult`` flag are carried over (into ``legacy``'s file-wide marker when the
+layers agree; a file whose layers differ can only become ``comfy``). ``decoded_tensors``
 yields the new layout one tensor at a time; ``decode_file`` streams it to disk atomically, and
 the ComfyUI loader node builds a state dict from it.
 """
@@ -20,61 +21,70 @@ import torch
 from . import formats
 from .io import SafetensorsReader, TensorInfo, write_stream
 
-TARGETS = ("comfy", "legacy")
+ULTRA8 = formats.Ultra8Layout()
+
+
+def targets() -> list[str]:
+    """The layouts a file can be decoded into: those stock ComfyUI loads."""
+    return [name for name, layout in formats.WRITABLE.items() if layout.loads_in_stock_comfyui]
 
 
 @dataclass
-class _Layout:
-    """What an ultra8 file holds: its quantized weights, the keys to drop, the new markers."""
+class _Decoding:
+    """What an ultra8 file holds and becomes: its quantized weights, the keys to drop, the target
+    layout and its markers."""
 
     weights: set[str]
     dropped: set[str]
+    target: formats.Layout
     markers: dict[str, torch.Tensor]
 
 
-def _layout(reader: SafetensorsReader, target: str) -> _Layout:
-    if target not in TARGETS:
-        raise ValueError(f"decode writes {' or '.join(TARGETS)}, not {target!r}")
+def _decoding(reader: SafetensorsReader, target: str) -> _Decoding:
+    layout = formats.layout(target)
+    if not layout.loads_in_stock_comfyui:
+        raise ValueError(f"decode writes {' or '.join(targets())}, not {target!r}")
     keys = list(reader.tensors)
-    if formats.detect_format(keys, reader.metadata) != "ultra8":
-        raise ValueError(f"{reader.path} is not an ultra8 file (no .weight_scale_u8 tensors)")
-    weights = formats.quantized_weights("ultra8", keys)
-    old_markers = [k for k in keys if k.endswith(formats.ULTRA8_MARKER)]
-    dropped = {k for w in weights for k in formats.sidecar_keys("ultra8", w)} | set(old_markers)
+    if not isinstance(formats.detect(keys, reader.metadata), formats.Ultra8Layout):
+        raise ValueError(f"{reader.path} is not an ultra8 file (no {ULTRA8.scale_suffix} tensors)")
+    weights = ULTRA8.quantized_weights(keys)
+    old_markers = [k for k in keys if ULTRA8.is_marker(k)]
+    dropped = {k for w in weights for k in ULTRA8.sidecar_keys(w)} | set(old_markers)
     descriptor = formats.read_json_tensor(reader.read(old_markers[0])) if old_markers else {}
-    prefix = old_markers[0].removesuffix(formats.ULTRA8_MARKER) if old_markers else ""
+    prefix = old_markers[0].removesuffix(ULTRA8.marker) if old_markers else ""
     dtype = reader.tensors[weights[0]].dtype if weights else torch.float8_e4m3fn
-    markers = formats.marker_tensors(target, prefix, dtype, descriptor.get("shared_scales", False))
-    return _Layout(set(weights), dropped, markers)
+    full = layout.marker_full_precision({w: _stored_activation(reader, w) for w in weights})
+    markers = layout.markers(prefix, dtype, descriptor.get("shared_scales", False), full)
+    return _Decoding(set(weights), dropped, layout, markers)
 
 
-def _activation(reader: SafetensorsReader, weight_key: str) -> formats.Activation:
+def _stored_activation(reader: SafetensorsReader, weight_key: str) -> formats.Activation:
     """The layer's input scale and full-precision flag, which decoding carries over unchanged."""
-    return formats.read_activation("ultra8", weight_key, reader.read, set(reader.tensors))
+    return ULTRA8.read_activation(weight_key, reader.read, set(reader.tensors))
 
 
 def decoded_entries(reader: SafetensorsReader, target: str = "comfy") -> list[TensorInfo]:
     """The decoded file's tensor names, dtypes and shapes (its header), without reading data."""
-    layout = _layout(reader, target)
-    entries = [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in layout.markers.items()]
+    decoding = _decoding(reader, target)
+    entries = [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in decoding.markers.items()]
     for key, info in reader.tensors.items():
-        if key in layout.weights:
-            entries += formats.layer_entries(target, key, info.shape, info.dtype, _activation(reader, key))
-        elif key not in layout.dropped:
+        if key in decoding.weights:
+            entries += decoding.target.layer_entries(key, info.shape, info.dtype, _stored_activation(reader, key))
+        elif key not in decoding.dropped:
             entries.append(TensorInfo(key, info.dtype, info.shape))
     return entries
 
 
 def decoded_tensors(reader: SafetensorsReader, target: str = "comfy") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the decoded layout, one at a time, in the order of ``decoded_entries``."""
-    layout = _layout(reader, target)
-    yield from layout.markers.items()
+    decoding = _decoding(reader, target)
+    yield from decoding.markers.items()
     for key in reader.tensors:
-        if key in layout.weights:
-            base = key.removesuffix(formats.WEIGHT_SUFFIX)
-            scale = formats.decode_stored_scale("ultra8", reader.read(base + formats.SCALE_SUFFIX["ultra8"]))
-            yield from formats.layer_tensors(target, key, reader.read(key), scale, _activation(reader, key)).items()
-        elif key not in layout.dropped:
+        if key in decoding.weights:
+            scale = ULTRA8.layer_scale(reader.read, key)
+            activation = _stored_activation(reader, key)
+            yield from decoding.target.layer_tensors(key, reader.read(key), scale, activation).items()
+        elif key not in decoding.dropped:
             yield key, reader.read(key)
 
 

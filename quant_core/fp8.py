@@ -46,7 +46,7 @@ def absmax(weight: torch.Tensor) -> float:
     """Largest absolute value, as a Python float; NaN if the weight has one, inf if it has an inf.
 
     ``aminmax`` reads the weight once and allocates nothing, where ``abs().max()`` first writes a
-    full-size absolute copy: 3x faster on a 21504 x 3072 bf16 weight.
+    full-size absolute copy.
     """
     if not weight.numel():
         return 0.0

@@ -18,6 +18,8 @@ and a layer costs ``O(out in r)``, never an ``in x in`` matrix (a 15360-wide lay
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import fp8
@@ -27,6 +29,7 @@ from .pipeline import one_cpu_thread
 from .rounding import RoundingResult, as_float, relative_error, round_nearest
 
 BLOCK = 128
+POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/calibration.md)
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _round_block)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 
@@ -37,27 +40,33 @@ def round_gptq(
     dtype: torch.dtype,
     stats: LayerStatistics,
     damp: float = 0.01,
+    passes: int = POLISH_PASSES,
     step: Step = no_step,
 ) -> RoundingResult:
-    """GPTQ-rounded fp8 weight; never worse than RTN on the held-out statistics.
+    """GPTQ-rounded fp8 weight, polished by ``passes`` of coordinate descent; never worse than RTN
+    on the held-out statistics.
 
     ``weight`` may stay in its source dtype: the only full-size float32 copy is GPTQ's working
-    matrix. Fresh full-size temporaries cost a page fault per 4 KB; with five of them per layer,
-    a calibrated 2 GB conversion spent half its time (18 s) in the kernel. ``step`` counts the
-    weight's columns, called per block of ``BLOCK`` (and per block of rows in the checks after).
+    matrix: fresh full-size temporaries cost a page fault per 4 KB each, which the kernel's time
+    for a calibrated conversion showed. ``step`` counts the weight's columns, called per block of
+    ``BLOCK`` (and per block of rows in the checks after).
     """
     order = torch.argsort(stats.fit.diagonal().to(weight.device), descending=True)
+    fit = _permuted(stats.fit, order)
     # One row per weight column, in act order and in units of the scale: every step below then
     # reads and writes contiguous rows, and rounding is a plain cast.
-    columns = weight.T.contiguous().index_select(0, order).float().div_(scale)  # copies in the source dtype
+    columns = _scaled_columns(weight, order, scale)
     with one_cpu_thread(weight.device):  # a long sequence of small steps
-        if isinstance(stats.fit, Gram):
-            rows = _gptq_dense(columns, _permuted(stats.fit, order), dtype, damp, step)
+        if isinstance(fit, Gram):
+            rows = _gptq_dense(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
         else:
-            rows = _gptq_low_rank(columns, _permuted(stats.fit, order), dtype, damp, step)
+            rows = _gptq_low_rank(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+        del columns
+        if passes > 0:
+            _polish(_scaled_columns(weight, order, scale), rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
     quantized = rows[torch.argsort(order)].T.contiguous()
-    del columns, rows
-    finished = weight.shape[1]
+    del rows, fit
+    finished = weight.shape[1] * (1 + passes)
 
     def checking(*_) -> None:
         step(finished, finished)
@@ -67,6 +76,18 @@ def round_gptq(
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
+
+
+def _phase(step: Step, first: int, columns: int, passes: int) -> Step:
+    """``step`` for one phase of a layer's rounding: GPTQ's pass over the columns is phase 0 and each
+    polishing pass one more, so the progress shown runs once over ``columns * (1 + passes)``."""
+    total = columns * (1 + passes)
+    return lambda done, _total: step(first * columns + done, total)
+
+
+def _scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float) -> torch.Tensor:
+    """The weight's columns as float32 rows, in ``order`` and in units of the scale."""
+    return weight.T.contiguous().index_select(0, order).float().div_(scale)  # copies in the source dtype
 
 
 def _heldout_errors(
@@ -84,11 +105,6 @@ def _heldout_errors(
         for k, candidate in enumerate(candidates):
             errors[k] += heldout.quadratic(as_float(candidate[rows]).mul_(scale).sub_(block))
     return [relative_error(error, reference) for error in errors]
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, moments: Moments) -> float:
-    """Relative output error ``sqrt(tr(D H D^T) / tr(W H W^T))`` for inputs with second moments ``H``."""
-    return relative_error(moments.quadratic(approx - weight), moments.quadratic(weight))
 
 
 def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:
@@ -160,8 +176,8 @@ def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dt
 
     Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
     per group rather than one rank-1 update per column: each pass over the block's rows then
-    does 16x the work. The rounded values are read back through ``rounding.as_float`` (4x faster
-    than ``.float()`` for an fp8 row). Together: a 21504 x 3072 layer (rank 128) 5.0 -> 3.2-4.1 s.
+    does 16x the work. The rounded values are read back through ``rounding.as_float`` (faster
+    than ``.float()`` for an fp8 row).
     """
     limit = fp8.fp8_max(dtype)
     errors = torch.empty_like(block)
@@ -176,3 +192,97 @@ def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dt
             block[i + 1 : end].addr_(upper[i, i + 1 : end], errors[i], alpha=-1)
         block[end:].addmm_(upper[start:end, end:].T, errors[start:end], alpha=-1)
     return errors
+
+
+def _polish(
+    scaled: torch.Tensor, quantized: torch.Tensor, moments: Gram | LowRankGram, passes: int, step: Step = no_step
+) -> None:
+    """Coordinate descent on ``tr(D H D^T)`` from GPTQ's rounding (``quantized``, changed in place),
+    with the scale fixed.
+
+    GPTQ decides each column once, knowing only the columns before it; here every weight may then
+    move to a grid neighbour (one fp8 step up or down) whenever that lowers its row's error,
+    column by column, all rows at once. With ``g = (H D)_i`` a row's change is ``d (2 g + d H_ii)``
+    for a step ``d``. Blocks of columns keep the products BLAS-3: ``g`` is formed for a block,
+    updated through the block's own ``H_JJ``, and the block's steps reach the rest afterwards
+    (``_Coupling``). ``scaled`` (the weight's columns in units of the scale) is reused as ``D``.
+    """
+    grid, ranks = _fp8_grid(quantized.dtype, quantized.device)
+    error = as_float(quantized).sub_(scaled)
+    del scaled
+    coupling = _Coupling(moments, error)
+    columns = error.shape[0]
+    for done in range(passes):
+        coupling.restart(error)
+        for start in range(0, columns, BLOCK):
+            step(done * columns + start, passes * columns)
+            end = min(start + BLOCK, columns)
+            local, gradient = coupling.block(start, end, error)
+            steps = torch.zeros_like(gradient)
+            for i in range(end - start):
+                column = start + i
+                change = _best_step(grid, ranks, quantized[column], gradient[i], float(local[i, i]))
+                quantized[column] = (as_float(quantized[column]) + change).to(quantized.dtype)
+                error[column] += change
+                steps[i] = change
+                gradient.addr_(local[:, i], change)
+            coupling.update(start, end, steps)
+
+
+def _best_step(
+    grid: torch.Tensor, ranks: torch.Tensor, codes: torch.Tensor, gradient: torch.Tensor, curvature: float
+) -> torch.Tensor:
+    """Per row, the move to the next fp8 value below or above (or none) that lowers the error most."""
+    rank = ranks.index_select(0, codes.view(torch.uint8).int())
+    current = grid.index_select(0, rank)
+    best_step, best_gain = torch.zeros_like(gradient), torch.zeros_like(gradient)
+    for offset in (-1, 1):
+        step = grid.index_select(0, (rank + offset).clamp_(0, grid.numel() - 1)).sub_(current)
+        gain = (gradient * 2).add_(step, alpha=curvature).mul_(step)
+        better = gain < best_gain
+        best_step = torch.where(better, step, best_step)
+        best_gain = torch.where(better, gain, best_gain)
+    return best_step
+
+
+@functools.cache
+def _fp8_grid(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The format's finite values in increasing order, and each fp8 code's place among them."""
+    values = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = torch.unique(values[torch.isfinite(values)])  # sorted; +0 and -0 are one value
+    ranks = torch.searchsorted(grid, values.nan_to_num(0.0)).clamp_(max=grid.numel() - 1)
+    return grid.to(device), ranks.to(device)
+
+
+class _Coupling:
+    """``H D`` for the polish, one block of columns at a time.
+
+    With an exact ``H`` the whole ``G = H D`` is kept (narrow layers: ``in x out`` floats) and a
+    block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D``
+    (``r x out``) is kept, and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass.
+    Recomputed from ``D`` at every pass so float32 rounding never accumulates across passes.
+    """
+
+    def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor):
+        if isinstance(moments, Gram):
+            self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
+        else:
+            self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
+        self.state = torch.empty(0)
+
+    def restart(self, error: torch.Tensor) -> None:
+        self.state = self.matrix @ error if self.factor is None else self.factor.T @ error
+
+    def block(self, start: int, end: int, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end``."""
+        if self.factor is None:
+            return self.matrix[start:end, start:end], self.state[start:end].clone()
+        factor = self.factor[start:end]
+        local = factor @ factor.T + torch.diag(self.residual[start:end])
+        return local, torch.addcmul(factor @ self.state, self.residual[start:end, None], error[start:end])
+
+    def update(self, start: int, end: int, steps: torch.Tensor) -> None:
+        if self.factor is None:
+            self.state.addmm_(self.matrix[:, start:end], steps)
+        else:
+            self.state.addmm_(self.factor[start:end].T, steps)

@@ -1,12 +1,13 @@
 """``inspect`` and ``verify``: read a converted file back and check it against the loader contract.
 
-The contract (see the README's "Formats"): a quantized weight is a 2-D fp8 tensor; its scale is
-float32 with shape ``[]`` or ``[1]`` (uint8 ``[]`` code for ``ultra8``), positive and finite;
-``comfy`` and ``ultra8`` layers carry a ``comfy_quant`` JSON whose ``format`` names the layout;
-``legacy`` files carry the ``scaled_fp8`` marker with the weights' fp8 dtype. An optional input
-scale (``input_scale``, ``scale_input`` in ``legacy``) is float32 ``[]`` or ``[1]``, positive and
-finite, and ``full_precision_matrix_mult`` in a ``comfy_quant`` is a JSON boolean. Against the
-original, every tensor that was not quantized must be bit-identical.
+The contract is in ``docs/formats.md``, and each layout checks its own part
+(``formats.Layout.check_layer``): a quantized weight is a 2-D fp8 tensor, its scale positive and
+finite, its optional input scale one positive float32. Against the original, every tensor that
+was not quantized must be bit-identical, and nothing else may be added.
+
+Both also say what each layer does on a GPU with fp8 compute (``formats.Activation``): weight-only,
+or an fp8 matrix multiply with its input scale. A layer that multiplies in fp8 without an input scale
+is legal but clips its inputs at the fp8 range: a warning, not a violation.
 """
 
 from __future__ import annotations
@@ -19,21 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import formats, fp8
+from .formats import LayerCheck
 from .io import SafetensorsReader
 from .policy import detect_family
-
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-@dataclass
-class LayerCheck:
-    """One quantized layer: its scale and, with an original, its relative error."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    scale: float
-    error: float | None = None
 
 
 @dataclass
@@ -50,6 +39,31 @@ class FileReport:
     metadata: dict[str, str] = field(default_factory=dict)
     family: str = ""  # the detected model family, see policy.detect_family
 
+    def unscaled_fp8_layers(self) -> list[str]:
+        """Layers ComfyUI multiplies in fp8 with its input scale of 1 on a GPU with fp8 compute."""
+        return [layer.name for layer in self.layers if layer.on_fp8_gpu() == "fp8 @1 (none)"]
+
+    def warnings(self) -> list[str]:
+        unscaled = self.unscaled_fp8_layers()
+        if not unscaled:
+            return []
+        return [
+            f"{len(unscaled)} layers would multiply in fp8 with no input scale on a GPU with fp8 compute (inputs "
+            f"clipped at the fp8 range), e.g. {', '.join(unscaled[:3])}: reconvert without uncalibrated fp8 "
+            "compute, or with calibrated input scales"
+        ]
+
+    def fp8_compute_line(self) -> str:
+        """One line: how many layers run fp8 compute on such a GPU, with and without an input scale."""
+        weight_only = sum(layer.activation.full_precision for layer in self.layers)
+        unscaled = len(self.unscaled_fp8_layers())
+        scaled = len(self.layers) - weight_only - unscaled
+        when = " once decoded" if self.format == "ultra8" else ""
+        return (
+            f"fp8 GPU   {weight_only} weight-only, {scaled} fp8 compute with an input scale, {unscaled} fp8 compute "
+            f"without one (on GPUs with fp8 compute{when}; elsewhere all are weight-only)"
+        )
+
     def text(self, errors: bool = False) -> str:
         scales = [layer.scale for layer in self.layers]
         lines = [
@@ -63,16 +77,20 @@ class FileReport:
             lines.append(
                 f"scales    min {min(scales):.4g}, median {statistics.median(scales):.4g}, max {max(scales):.4g}"
             )
+        if self.layers:
+            lines.append(self.fp8_compute_line())
         if "quant_core" in self.metadata:
             settings = json.loads(self.metadata["quant_core"])
             lines.append(f"converter quant_core {settings.get('version')} preset {settings.get('preset')}")
         if errors and self.layers:  # the per-layer list; its error column only where verify measured one
             measured = any(layer.error is not None for layer in self.layers)
-            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10}" + (f" {'rel.err':>9}" if measured else ""))
+            error_head = f" {'rel.err':>9}" if measured else ""
+            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10}{error_head} {'on an fp8 GPU':>14}")
             for layer in sorted(self.layers, key=lambda item: -(item.error or 0)):
                 shape = "x".join(map(str, layer.shape))
                 error = f" {layer.error or 0:9.4%}" if measured else ""
-                lines.append(f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g}{error}")
+                lines.append(f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g}{error} {layer.on_fp8_gpu():>14}")
+        lines += [f"WARNING {w}" for w in self.warnings()]
         lines += [f"VIOLATION {v}" for v in self.violations]
         return "\n".join(lines)
 
@@ -91,99 +109,46 @@ def verify_files(original: str, converted: str) -> FileReport:
 
 def _check(reader: SafetensorsReader, original: SafetensorsReader | None) -> FileReport:
     keys = list(reader.tensors)
-    fmt = formats.detect_format(keys, reader.metadata)
+    layout = formats.detect(keys, reader.metadata)
     report = FileReport(
         str(reader.path),
-        fmt,
+        layout.name if layout else "none",
         len(keys),
         sum(i.nbytes for i in reader.tensors.values()),
         Counter(i.dtype for i in reader.tensors.values()),
         metadata=reader.metadata,
         family=detect_family(keys).family,
     )
-    layer_fmt = "comfy" if fmt == "comfy-header" else fmt
-    quantized = formats.quantized_weights(layer_fmt, keys) if fmt != "none" else []
-    sidecars = {k for w in quantized for k in formats.sidecar_keys(layer_fmt, w) if k in reader.tensors}
+    quantized = layout.quantized_weights(keys) if layout else []
+    sidecars = {k for w in quantized for k in layout.sidecar_keys(w) if k in reader.tensors} if layout else set()
     for weight_key in quantized:
-        layer = _check_layer(reader, layer_fmt, weight_key, report.violations)
+        layer = layout.check_layer(reader, weight_key, report.violations)
+        if layer:
+            layer.activation = _activation(reader, layout, weight_key)
         if layer and original is not None:
             layer.error = _layer_error(reader, original, layer, report.violations)
         if layer:
             report.layers.append(layer)
-    if fmt == "legacy":
-        _check_legacy_marker(reader, quantized, report.violations)
+    if layout:
+        layout.check_file(reader, quantized, report.violations)
     if original is not None:
         _check_kept(reader, original, set(quantized) | sidecars, report.violations)
     return report
 
 
-def _check_layer(reader: SafetensorsReader, fmt: str, weight_key: str, violations: list[str]) -> LayerCheck | None:
-    info = reader.tensors[weight_key]
+def _activation(reader: SafetensorsReader, layout: formats.Layout, weight_key: str) -> formats.Activation:
+    """The layer's settings as ComfyUI reads them; the header variant keeps its flags in the metadata
+    (``_check`` inspects it with the ``comfy`` rules)."""
+    activation = layout.read_activation(weight_key, reader.read, set(reader.tensors))
     base = weight_key.removesuffix(formats.WEIGHT_SUFFIX)
-    if info.dtype not in _FP8 or len(info.shape) != 2:
-        violations.append(f"{weight_key}: expected a 2-D fp8 weight, found {info.dtype} {list(info.shape)}")
-        return None
-    scale_key = base + formats.SCALE_SUFFIX[fmt]
-    scale_info = reader.tensors[scale_key]
-    want = torch.uint8 if fmt == "ultra8" else torch.float32
-    if scale_info.dtype != want or scale_info.shape not in ((), (1,)):
-        violations.append(
-            f"{scale_key}: expected {want} of shape [] or [1], found {scale_info.dtype} "
-            f"{list(scale_info.shape)} (ComfyUI needs one scale per tensor)"
-        )
-        return None
-    scale = formats.decode_stored_scale(fmt, reader.read(scale_key))
-    if not (scale > 0 and scale < float("inf")):
-        violations.append(f"{scale_key}: scale {scale} is not positive and finite")
-    if fmt in ("comfy", "ultra8"):
-        _check_comfy_quant(reader, fmt, base, info.dtype, violations)
-    _check_input_scale(reader, base + formats.INPUT_SCALE_SUFFIX[fmt], violations)
-    return LayerCheck(weight_key, info.dtype, info.shape, scale)
-
-
-def _check_input_scale(reader: SafetensorsReader, key: str, violations: list[str]) -> None:
-    """ComfyUI casts the input scale to a device tensor and divides by it: one positive float32."""
-    if key not in reader.tensors:
-        return
-    info = reader.tensors[key]
-    if info.dtype != torch.float32 or info.shape not in ((), (1,)):
-        violations.append(f"{key}: expected float32 of shape [] or [1], found {info.dtype} {list(info.shape)}")
-        return
-    value = float(reader.read(key).reshape(-1)[0])
-    if not (value > 0 and value < float("inf")):
-        violations.append(f"{key}: input scale {value} is not positive and finite")
-
-
-def _check_comfy_quant(reader, fmt: str, base: str, dtype: torch.dtype, violations: list[str]) -> None:
-    key = base + ".comfy_quant"
-    if key not in reader.tensors:
-        violations.append(f"{key}: missing")
-        return
-    if reader.tensors[key].dtype != torch.uint8 or len(reader.tensors[key].shape) != 1:
-        violations.append(f"{key}: must be a 1-D uint8 tensor of UTF-8 JSON")
-        return
+    if "_quantization_metadata" not in reader.metadata or f"{base}{formats.COMFY_QUANT}" in reader.tensors:
+        return activation
     try:
-        conf = formats.read_json_tensor(reader.read(key))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        violations.append(f"{key}: not valid UTF-8 JSON")
-        return
-    expected = formats.ULTRA8_FORMAT if fmt == "ultra8" else str(dtype).removeprefix("torch.")
-    if conf.get("format") != expected:
-        violations.append(f"{key}: format {conf.get('format')!r}, expected {expected!r} for a {dtype} weight")
-    if not isinstance(conf.get(formats.FULL_PRECISION, False), bool):
-        violations.append(f"{key}: {formats.FULL_PRECISION} must be true or false")
-
-
-def _check_legacy_marker(reader: SafetensorsReader, quantized: list[str], violations: list[str]) -> None:
-    markers = [k for k in reader.tensors if k == formats.LEGACY_MARKER or k.endswith("." + formats.LEGACY_MARKER)]
-    dtypes = {reader.tensors[w].dtype for w in quantized}
-    for marker in markers:
-        info = reader.tensors[marker]
-        if info.dtype not in dtypes or info.numel > 2:
-            violations.append(f"{marker}: must be an empty tensor of the weights' fp8 dtype {sorted(map(str, dtypes))}")
-        prefix = marker.removesuffix(formats.LEGACY_MARKER)
-        if any(not w.startswith(prefix) for w in quantized):
-            violations.append(f"{marker}: some quantized weights lie outside its prefix {prefix!r}")
+        conf = json.loads(reader.metadata["_quantization_metadata"])["layers"][base]
+        full = conf.get(formats.FULL_PRECISION) is True
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        full = False  # ComfyUI's default
+    return formats.Activation(activation.input_scale, full)
 
 
 def _layer_error(reader, original, layer: LayerCheck, violations: list[str]) -> float | None:
@@ -226,9 +191,8 @@ def _check_kept(reader, original, converted_keys: set[str], violations: list[str
             )
         elif not torch.equal(_raw(original.read(name)), _raw(reader.read(name))):
             violations.append(f"{name}: kept tensor is not bit-identical to the original")
-    markers = (formats.LEGACY_MARKER, formats.ULTRA8_MARKER)
     extra = [
-        k for k in reader.tensors if k not in original.tensors and k not in converted_keys and not k.endswith(markers)
+        k for k in reader.tensors if k not in original.tensors and k not in converted_keys and not formats.is_marker(k)
     ]
     violations += [f"{k}: unexpected tensor not in the original" for k in extra]
 

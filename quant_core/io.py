@@ -32,7 +32,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -43,6 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7; older torch refuses such files by the dtype's name
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -94,13 +95,12 @@ class BufferPool:
     """Large byte buffers for tensor reads and outputs, reused once nothing else views them.
 
     Why: a fresh buffer of many MB is mapped anew, and the kernel then faults in and zeroes
-    each of its 4 KB pages on first write. Round-to-nearest of a 24 GB Flux-shaped model on 2
-    cores took 57 s (37 s of it system time) that way, and 48 s (25 s) with reuse.
+    each of its 4 KB pages on first write (a fifth of a large conversion's time; ``docs/benchmarks.md``).
     A buffer is reused only for a request of exactly its size: models repeat their shapes block
     after block, and an exact fit wastes no resident memory. The pool keeps at most as many
     bytes as were ever in use at once (its high-water mark). Buffers are anonymous memory maps
     of their own, so a dropped buffer goes back to the system at once rather than staying in
-    the allocator's heap (which grew by ~100 MB over a 4 GB conversion when they came from it).
+    the allocator's heap, which otherwise grows over a long conversion.
     Requests under 1 MiB go to the allocator, whose heap reuses them well.
     """
 
@@ -145,7 +145,7 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike, pool: BufferPool | None = None):
         """``pool``: reuse memory for tensors read (see ``BufferPool``); each read is fresh without it."""
         self.path = Path(path)
-        self._pool = pool
+        self.pool = pool
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._lock = threading.Lock()  # the file position, where there is no pread (Windows)
         try:
@@ -204,7 +204,7 @@ class SafetensorsReader:
         """
         info = self.tensors[name]
         # uninitialised: the read fills it
-        data = self._pool.empty(info.nbytes) if self._pool else torch.empty(info.nbytes, dtype=torch.uint8)
+        data = self.pool.empty(info.nbytes) if self.pool else torch.empty(info.nbytes, dtype=torch.uint8)
         view, done = _tensor_bytes(data), 0
         while done < info.nbytes:
             got = _read_at(self._file, view[done:], info.start + done, self._lock)
@@ -300,8 +300,8 @@ def _read_at(file: BinaryIO, view: memoryview, offset: int, lock: threading.Lock
 def _write_at(file: BinaryIO, data: memoryview, offset: int, lock: threading.Lock) -> None:
     """All of ``data`` at ``offset``, straight from the tensor's memory, then start writing it to disk.
 
-    ``os.pwrite`` from the tensor's memory: through a buffered file object the same bytes took
-    5-8x longer (measured: 1.3 GB in 2.5-4.0 s vs 0.46 s). ``_start_writeback`` then hands the
+    ``os.pwrite`` from the tensor's memory: a buffered file object copies the bytes once more and
+    was several times slower (``docs/benchmarks.md``). ``_start_writeback`` then hands the
     pages to the disk at once, so the closing ``fsync`` does not wait for the whole file.
     """
     if _POSITIONAL:
@@ -320,18 +320,13 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to write these bytes to disk now, and not to keep them cached afterwards.
 
     On Linux ``POSIX_FADV_DONTNEED`` starts writeback of the dirty range without waiting for
-    it. Without it nothing reached the disk before the final ``fsync`` for outputs under the
-    kernel's dirty threshold (10 % of RAM here), and that ``fsync`` took 0.7 s of a 2 GB
-    conversion; with it the ``fsync`` takes under 0.05 s. It also keeps a large output from
+    it. Without it nothing reaches the disk before the final ``fsync`` for outputs under the
+    kernel's dirty threshold, and that ``fsync`` then waits for the whole file. It also keeps a large output from
     crowding the page cache that the user's other programs (ComfyUI itself) are using. Where
     the call does not exist (Windows, macOS) the closing ``fsync`` does all of the work.
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-
-
-def _alignment(dtype: torch.dtype) -> int:
-    return dtype_nbytes(dtype)
 
 
 class SafetensorsWriter:
@@ -346,7 +341,7 @@ class SafetensorsWriter:
     def __init__(self, file: BinaryIO, entries: list[TensorInfo], metadata: dict[str, str]):
         """``file``: a real file opened for writing (tensor data goes out through its descriptor)."""
         self._file = file
-        ordered = sorted(enumerate(entries), key=lambda item: (-_alignment(item[1].dtype), item[0]))
+        ordered = sorted(enumerate(entries), key=lambda item: (-dtype_nbytes(item[1].dtype), item[0]))
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         self._slots: dict[str, tuple[int, TensorInfo]] = {}
         offset = 0

@@ -1,17 +1,19 @@
 """A bounded three-stage pipeline: read on one thread, compute on one thread per device, write here.
 
-Every conversion runs through it, so that disk reads, rounding and disk writes overlap (with
-``io.BufferPool``, round-to-nearest of a 24 GB model on two CPU cores went from 2.3-2.6x to 1.3x
-the time of copying the file), and so that with ``--parallel`` several GPUs each take whole work
-items. Memory is bounded by bytes, not by a count of items: the reader starts an item only while
-the bytes in flight (sources read but not yet computed, results computed but not yet written)
-stay within ``budget``; one item is always allowed, whatever its size. Torch kernels and file
-I/O release the GIL, so threads are enough. Results are written in completion order (the writer
-places each tensor by its header offset, so order does not matter), and an exception from any
-stage reaches the caller. Interrupts arrive in the caller's thread (Ctrl-C) or through its
-``Job.poll``; either way the workers stop at their next step (``job.Job``) and every thread is
-joined before the exception goes on: a thread still rounding at interpreter exit aborts Python
-("terminate called without an active exception").
+Every conversion runs through it, so that disk reads, rounding and disk writes overlap (the
+conversion then takes little more than copying the file; ``docs/benchmarks.md``), and so that with
+``parallel`` several GPUs each take whole work items. Memory is bounded by bytes, not by a count
+of items: the reader starts an item only while the bytes in flight (sources read but not yet
+computed, results computed but not yet written) stay within ``budget``; one item is always
+allowed, whatever its size. Torch kernels and file I/O release the GIL, so threads are enough.
+Results are written in completion order (the writer places each tensor by its header offset, so
+order does not matter), and an exception from any stage reaches the caller.
+Interrupts arrive in the caller's thread (Ctrl-C) or through its ``Job.poll``; either way the
+workers stop at their next step (``job.Job``) and every thread is joined before the exception
+goes on: a thread still rounding at interpreter exit aborts Python ("terminate called without an
+active exception"). Then the queues are emptied: a failed stage's frame in the exception's
+traceback refers to the stage's function, and through its closure to the queues, so what a
+failure left unprocessed (GPU tensors included) would live as long as the exception.
 """
 
 from __future__ import annotations
@@ -138,7 +140,12 @@ def run_pipeline(
         raise
     finally:
         job.stop()
-        _join(threads)
+        try:
+            _join(threads)
+        finally:
+            for pending in (loaded, done):
+                with pending.mutex:
+                    pending.queue.clear()
 
 
 def _join(threads: list[threading.Thread]) -> None:
@@ -161,10 +168,8 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 
     For work made of many small or memory-bound steps, handing each to the thread pool costs
     more than it saves: the pool's threads spin-wait between steps on the core that the
-    pipeline's reader and writer need. Round-to-nearest of a 2 GB model took 6.3 CPU-s of
-    user time with two threads and 3.6 s with one, and 5.0 s of wall time against 4.5 s; GPTQ's column
-    sequence on a 3072 x 15360 layer took 2.2 s on one thread and 11 s on two beside another
-    process. Large matrix products keep every thread.
+    pipeline's reader and writer need (measured in ``docs/benchmarks.md``). Large matrix
+    products keep every thread.
     """
     if device.type != "cpu":
         yield

@@ -239,8 +239,8 @@ class LayerPolicy:
     blocks: frozenset[str] | None = None  # block_prefixes() of the model; None: every layer counts as inside
 
     def __post_init__(self) -> None:
-        self._include = [compile_regex(p, "--include") for p in self.include]
-        self._exclude = [compile_regex(p, "--exclude") for p in self.exclude]
+        self._include = [compile_regex(p, "include") for p in self.include]
+        self._exclude = [compile_regex(p, "exclude") for p in self.exclude]
         self._keep = [re.compile(p) for p in self.preset.keep]
 
     def decide(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Decision:

@@ -28,33 +28,20 @@ from . import fp8
 from .calibration import CalibrationSource
 from .io import BufferPool
 from .job import Step, no_step
+from .options import LearnedOptions
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
 _BETA_START, _BETA_END = 20.0, 2.0
 _BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
 # rows optimised together: ~256 K weights, so that the ~20 float32 working copies (20 MB) stay in
-# the CPU's caches: 1.2-1.5x faster than 1 M on a 3072 x 3072 weight (2 cores; 128 K and 512 K slower)
+# the CPU's caches (the fastest block size measured; docs/benchmarks.md)
 _LEARNED_BLOCK_ELEMENTS = 1 << 18
 _PATIENCE = 50
 _GAMMA_TENSOR = torch.tensor(_GAMMA)
 _MINUS_ONE = torch.tensor(-1.0)
 # |logit| beyond which the rectified sigmoid is clamped: sigmoid(x) = -gamma / (zeta - gamma) = 1 / 12
 _CLAMP_LOGIT = math.log((_ZETA - _GAMMA) / -_GAMMA - 1)
-
-
-@dataclass
-class RoundingOptions:
-    """The seed's optimiser options, with its defaults."""
-
-    num_iter: int = 200
-    lr: float = 3e-2
-    reg_lambda: float = 0.015
-    calib_samples: int = 96
-    batch_size: int | None = None
-    early_stop_threshold: float = 5e-6
-    use_amp: bool = True
-    seed: int = 0
 
 
 @dataclass
@@ -102,8 +89,8 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tens
 
     The fp8 code of every 16-bit value is computed once; the weight is then mapped through that
     table by its bit patterns, and the error comes from a histogram of the patterns. That is
-    three integer passes instead of four float conversions: 3x faster on one CPU thread for a
-    21504 x 3072 weight (the conversions were RTN's main cost). Row blocks bound the index memory.
+    three integer passes instead of four float conversions, which were RTN's main cost. Row
+    blocks bound the index memory.
     """
     dtype = quantized.dtype
     values = _sixteen_bit_values(weight.dtype, weight.device)
@@ -136,8 +123,8 @@ def relative_error(squared_error: float, squared_reference: float) -> float:
 
 
 def as_float(quantized: torch.Tensor) -> torch.Tensor:
-    """float32 values of fp8 data by a 256-entry table lookup: exact, and on the CPU about 2.5x
-    faster than ``quantized.float()``, whose conversion was the most expensive pass of RTN."""
+    """float32 values of fp8 data by a 256-entry table lookup: exact, and on the CPU faster than
+    ``quantized.float()``, whose conversion was the most expensive pass of RTN."""
     table = _fp8_values(quantized.dtype, quantized.device)
     return table.index_select(0, quantized.view(torch.uint8).flatten().int()).view(quantized.shape)
 
@@ -145,6 +132,13 @@ def as_float(quantized: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _fp8_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8, device=device).view(dtype).float()
+
+
+def release_tables() -> None:
+    """Drop the cached value tables (on every device they were made for): a conversion ends by
+    freeing every tensor it put on a GPU."""
+    _sixteen_bit_values.cache_clear()
+    _fp8_values.cache_clear()
 
 
 def generator_for(name: str, seed: int, device: torch.device) -> torch.Generator:
@@ -160,7 +154,7 @@ def round_learned(
     scale: float,
     dtype: torch.dtype,
     calibration: CalibrationSource,
-    options: RoundingOptions,
+    options: LearnedOptions,
     step: Step = no_step,
 ) -> RoundingResult:
     """Learned rounding of a 2-D ``weight`` against ``scale``; never worse than RTN on held-out inputs.
@@ -216,7 +210,7 @@ def _optimise_block(
     rtn: torch.Tensor,
     inputs: torch.Tensor,
     dtype: torch.dtype,
-    options: RoundingOptions,
+    options: LearnedOptions,
     steps: tuple[Step, int, int] = (no_step, 0, 0),
 ) -> tuple[torch.Tensor, int]:
     """Optimise the rounding of a block of rows; returns its fp8 values and the iterations used.
@@ -324,7 +318,7 @@ def _chain_sigmoid(gradient: torch.Tensor, sigmoid: torch.Tensor, logits: torch.
 
 
 def _output_loss_and_gradient(
-    inputs: torch.Tensor, delta: torch.Tensor, options: RoundingOptions, gradient: bool = True
+    inputs: torch.Tensor, delta: torch.Tensor, options: LearnedOptions, gradient: bool = True
 ) -> tuple[float, torch.Tensor | None]:
     """``||X delta^T||^2`` and its gradient ``2 (X delta^T)^T X``, in batches of calibration rows.
 

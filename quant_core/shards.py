@@ -37,13 +37,16 @@ def join_shards(
     """Write the output of converting ``input_path`` with ``options`` from the shards that hold it.
 
     The options must be those the shards were made with (checked through the fingerprint); the
-    input is read for its header only (and for ``--full_precision_above``, which plans from data).
+    input is read for its header only (and for ``full_precision_above``, which plans from data).
     """
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)
-    with SafetensorsReader(input_path) as source, contextlib.ExitStack() as stack:
-        plan = plan_conversion(source, options)
-        metadata = output_metadata(source, options, plan)
+    with (
+        SafetensorsReader(input_path) as source,
+        plan_conversion(source, options) as plan,
+        contextlib.ExitStack() as stack,
+    ):
+        metadata = output_metadata(source, plan)
         digest = plan.digest(metadata)
         owners: dict[str, SafetensorsReader] = {}
         for path in shard_paths:

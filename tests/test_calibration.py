@@ -5,18 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.comfy_fp8 import output_error
 from quant_core import fp8, io
 from quant_core.calibration import (
+    STATISTICS_METADATA,
     Gram,
     LayerStatistics,
     LowRankGram,
     RecordedStatistics,
     Recorder,
     RowSample,
+    exact_layers,
     save_statistics,
+    statistics_tensors,
 )
 from quant_core.convert import ConvertOptions, convert_file
-from quant_core.gptq import output_error, round_gptq
+from quant_core.gptq import _polish, round_gptq
 
 E4M3 = torch.float8_e4m3fn
 
@@ -60,6 +64,18 @@ def test_recorder_removes_its_hooks():
         run(model, low_rank_inputs(4, 0))
     run(model, low_rank_inputs(4, 1))
     assert recorder.statistics()["0.weight"].count == 2, "no recording after the with-block"
+
+
+def test_exact_statistics_go_to_the_narrowest_layers_that_fit_the_memory():
+    widths = {"wide": 64, "narrow": 32, "widest": 128, "too wide": 4096}
+    assert exact_layers(widths, 4096, 2 * 4 * (32 * 32 + 64 * 64)) == {"narrow", "wide"}
+    assert exact_layers(widths, 48, 1 << 30) == {"narrow"}
+    model = small_model()
+    with Recorder(model, rank=8, exact_bytes=2 * 4 * 32 * 32) as recorder:
+        run(model, low_rank_inputs(40, 0))
+    statistics = recorder.statistics()
+    assert isinstance(statistics["0.weight"].fit, Gram) and isinstance(statistics["2.weight"].fit, LowRankGram)
+    assert recorder.nbytes < 2 * 4 * (32 * 32 + 64 * 64)
 
 
 def test_wide_layers_keep_a_bounded_sketch_with_an_exact_diagonal():
@@ -132,6 +148,19 @@ def test_a_checkpoint_is_not_a_calibration_file(tmp_path):
         RecordedStatistics(tmp_path / "model.safetensors")
 
 
+def test_a_calibration_file_of_another_version_is_refused(tmp_path):
+    """Version 1 files held other tensors: reading them as version 2 would fail obscurely or mislead."""
+    model = small_model()
+    with Recorder(model) as recorder:
+        run(model, low_rank_inputs(10, 0))
+    tensors = {
+        k: t for name, stats in recorder.statistics().items() for k, t in statistics_tensors(name, stats).items()
+    }
+    io.write_file(tmp_path / "old.safetensors", tensors, {**STATISTICS_METADATA, "version": "1"})
+    with pytest.raises(ValueError, match="version 1.*reads version 2: record it again"):
+        RecordedStatistics(tmp_path / "old.safetensors")
+
+
 def recorded(model: torch.nn.Module, name: str, count: int = 400):
     with Recorder(model) as recorder:
         run(model, low_rank_inputs(count, 1))
@@ -182,9 +211,9 @@ def test_convert_with_calibration_uses_gptq_where_statistics_exist(tmp_path):
     options = ConvertOptions(
         preset="none", min_tensor_size=0, exclude=[r"^3\."], calibration=str(tmp_path / "calibration.safetensors")
     )
-    options.rounding.num_iter = 5
+    options.learned.num_iter = 5
     for method, elsewhere in (("auto", "nearest"), ("learned", "learned")):
-        options.method, options.overwrite = method, True
+        options.rounding, options.overwrite = method, True
         summary = convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", options)
         methods = {r.name: r.method for r in summary.reports if r.quantized}
         assert methods == {"0.weight": "gptq", "2.weight": elsewhere}
@@ -216,6 +245,35 @@ def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact():
     same = (a.quantized.view(torch.uint8) == b.quantized.view(torch.uint8)).float().mean()
     assert float(same) > 0.995, "the same algorithm up to rounding ties"
     assert b.error == pytest.approx(a.error, rel=1e-3) and b.error < 0.5 * b.error_rtn
+
+
+def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factored_statistics():
+    inputs = low_rank_inputs(600, 2)
+    gram = (inputs.T @ inputs).double()
+    factor = torch.linalg.cholesky(gram + 1e-6 * torch.eye(32, dtype=torch.float64)).float()
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    fitted = Gram(gram.float())
+    dense = LayerStatistics(fitted, fitted, 300, 300, 1.0)
+    low_rank = LayerStatistics(LowRankGram(factor, torch.diagonal(gram).float()), fitted, 300, 300, 1.0)
+    errors = []
+    for passes in (0, 1, 3):
+        result = round_gptq(weight, scale, E4M3, dense, passes=passes)
+        errors.append(output_error(weight, result.quantized.float() * scale, fitted))
+        assert result.quantized.float().abs().max() <= fp8.fp8_max(E4M3)
+    assert errors[2] <= errors[1] <= errors[0] and errors[2] < 0.97 * errors[0], errors
+    polished = round_gptq(weight, scale, E4M3, low_rank, passes=3)
+    assert output_error(weight, polished.quantized.float() * scale, fitted) == pytest.approx(errors[2], rel=0.02)
+
+
+def test_polishing_moves_only_to_grid_neighbours_that_help():
+    """From round-to-nearest with an identity H (weight error only) no step can help: nothing moves."""
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(4))
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    rtn = fp8.quantize_nearest(weight, scale, E4M3)
+    quantized = rtn.T.contiguous()
+    _polish((weight / scale).T.contiguous(), quantized, Gram(torch.eye(32)), passes=2)
+    assert torch.equal(quantized.T.view(torch.uint8), rtn.view(torch.uint8))
 
 
 def test_gptq_on_a_sketch_beats_round_to_nearest_on_held_out_rows():

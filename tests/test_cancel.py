@@ -25,7 +25,7 @@ from quant_core.calibration import LayerStatistics, LowRankGram, RowSample, save
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.io import write_file
 from quant_core.job import Activity, Cancelled, Job
-from quant_core.rounding import RoundingOptions
+from quant_core.options import LearnedOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,8 +142,8 @@ def test_host_interrupt_stops_inside_a_tensor(tmp_path, parallel):
         if seen and seen[-1].done > 0 and not seen[-1].cancelling:
             raise Interrupted
 
-    rounding = RoundingOptions(num_iter=1_000_000, calib_samples=32)
-    options = ConvertOptions(method="learned", rounding=rounding, preset="none", parallel=parallel)
+    learned = LearnedOptions(num_iter=1_000_000, calib_samples=32)
+    options = ConvertOptions(rounding="learned", learned=learned, preset="none", parallel=parallel)
     with pytest.raises(Interrupted):
         convert_file(source, out_dir / "x.safetensors", options, check_interrupt=check_interrupt, activity=seen.append)
     assert list(out_dir.iterdir()) == []

@@ -18,7 +18,7 @@ from quant_core.cli import convert_parser, main, options_from
 from quant_core.convert import ConvertOptions, default_output_path
 from quant_core.inspection import verify_files
 from quant_core.io import SafetensorsReader, write_file
-from quant_core.rounding import RoundingOptions
+from quant_core.options import LearnedOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = "double_blocks.0.img_attn.qkv"  # quantized by the flux preset
@@ -73,32 +73,32 @@ def convert(source: Path, tmp_path: Path, capsys, *extra: str, name: str = "out.
 
 # (underscore spelling, dashed spelling, what it sets, the value it must get)
 BOTH_SPELLINGS = [
-    (["--use_amp"], ["--use-amp"], lambda o: o.rounding.use_amp, True),
-    (["--no-use_amp"], ["--no-use-amp"], lambda o: o.rounding.use_amp, False),
+    (["--use_amp"], ["--use-amp"], lambda o: o.learned.use_amp, True),
+    (["--no-use_amp"], ["--no-use-amp"], lambda o: o.learned.use_amp, False),
     (["--use_shared_scales"], ["--use-shared-scales"], lambda o: o.shared_scales, True),
     (["--no-use_shared_scales"], ["--no-use-shared-scales"], lambda o: o.shared_scales, False),
-    (["--calib_samples", "7"], ["--calib-samples", "7"], lambda o: o.rounding.calib_samples, 7),
-    (["--num_iter", "11"], ["--num-iter", "11"], lambda o: o.rounding.num_iter, 11),
-    (["--reg_lambda", "0.25"], ["--reg-lambda", "0.25"], lambda o: o.rounding.reg_lambda, 0.25),
+    (["--calib_samples", "7"], ["--calib-samples", "7"], lambda o: o.learned.calib_samples, 7),
+    (["--num_iter", "11"], ["--num-iter", "11"], lambda o: o.learned.num_iter, 11),
+    (["--reg_lambda", "0.25"], ["--reg-lambda", "0.25"], lambda o: o.learned.reg_lambda, 0.25),
     (
         ["--early_stop_threshold", "0.001"],
         ["--early-stop-threshold", "0.001"],
-        lambda o: o.rounding.early_stop_threshold,
+        lambda o: o.learned.early_stop_threshold,
         0.001,
     ),
-    (["--batch_size", "4"], ["--batch-size", "4"], lambda o: o.rounding.batch_size, 4),
+    (["--batch_size", "4"], ["--batch-size", "4"], lambda o: o.learned.batch_size, 4),
     (["--min_tensor_size", "17"], ["--min-tensor-size", "17"], lambda o: o.min_tensor_size, 17),
     (["--keep_distillation"], ["--keep-distillation"], lambda o: o.keep_distillation, True),
     (["--fp8_format", "float8_e5m2"], ["--fp8-format", "float8_e5m2"], lambda o: o.fp8_format, "float8_e5m2"),
 ]
 ONE_SPELLING = [
-    (["--lr", "0.5"], lambda o: o.rounding.lr, 0.5),
+    (["--lr", "0.5"], lambda o: o.learned.lr, 0.5),
     (["--t5xxl"], lambda o: o.t5xxl, True),
     (["--text_encoders"], lambda o: o.text_encoders, True),
     (["--parallel"], lambda o: o.parallel, True),
-    (["--simple"], lambda o: o.method, "nearest"),
-    (["--rounding", "learned"], lambda o: o.method, "learned"),
-    (["--seed", "5"], lambda o: o.rounding.seed, 5),
+    (["--simple"], lambda o: o.rounding, "nearest"),
+    (["--rounding", "learned"], lambda o: o.rounding, "learned"),
+    (["--seed", "5"], lambda o: o.learned.seed, 5),
     (["--format", "ultra8"], lambda o: o.format, "ultra8"),
     (["--preset", "t5"], lambda o: o.preset, "t5"),
     (["--exclude", "a", "--exclude", "b"], lambda o: o.exclude, ["a", "b"]),
@@ -123,7 +123,7 @@ def test_single_spelling_options(argv, get, value):
 def test_defaults_are_the_seed_scripts():
     options = parse([])
     assert options == ConvertOptions()
-    assert options.rounding == RoundingOptions(
+    assert options.learned == LearnedOptions(
         num_iter=200,
         lr=3e-2,
         reg_lambda=0.015,
@@ -136,7 +136,7 @@ def test_defaults_are_the_seed_scripts():
     assert options.shared_scales is True
     assert options.min_tensor_size == 1024
     assert (options.t5xxl, options.keep_distillation, options.parallel) == (False,) * 3
-    assert options.method == "auto"
+    assert options.rounding == "auto"
     assert options.format == "comfy" and options.fp8_format == "float8_e4m3fn"
 
 
@@ -149,7 +149,7 @@ def test_input_and_output_options():
 def test_seed_command_line_parses_to_the_same_options_either_way():
     seed = parse(["--use-amp", "--parallel", "--use_shared_scales"])
     assert seed == parse(["--use_amp", "--parallel", "--use-shared-scales"])
-    assert seed.parallel and seed.shared_scales and seed.rounding.use_amp
+    assert seed.parallel and seed.shared_scales and seed.learned.use_amp
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -165,7 +165,7 @@ def test_seed_command_line_converts(small_file, tmp_path, capsys):
     assert report.violations == []
     assert len(report.layers) == 2
     described = json.loads(read_all(output)[1]["quant_core"])
-    assert described["settings"]["method"] == "auto"
+    assert described["settings"]["rounding"] == "auto"
     assert "parallel" not in described["settings"], "how a file was made must not change its bytes"
 
 
@@ -316,12 +316,14 @@ def test_decode_ultra8_is_exact(checkpoint_file, tmp_path, capsys, target):
         assert float(scale) == codec.decode_scale(int(source[f"{layer}.weight_scale_u8"]))
         if target == "comfy":
             conf = json.loads(bytes(result[f"{layer}.comfy_quant"].tolist()))
-            assert conf == {"format": "float8_e4m3fn"}
+            assert conf == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}, "still weight-only"
         else:
             assert f"{layer}.comfy_quant" not in result
     assert not [k for k in result if k.endswith(("weight_scale_u8", "ultra8_codec"))]
     markers = [k for k in result if k.endswith("scaled_fp8")]
     assert markers == (["model.diffusion_model.scaled_fp8"] if target == "legacy" else [])
+    if target == "legacy":
+        assert result["model.diffusion_model.scaled_fp8"].shape == (2,), "the weight-only marker"
 
     code, out, _ = run(["verify", checkpoint_file, decoded], capsys)
     assert code == 0, out

@@ -175,8 +175,11 @@ def test_text_encoders_option_converts_them_with_their_own_preset(encoder, prefi
         alone = decide_all(layouts.load(encoder).tensors, policy.detect_preset(t.name for t in te).name)
         assert {t.name.removeprefix(te_prefix): plan.decisions[t.name][0] for t in te} == alone
         assert not any(plan.decisions[t.name][0] for t in clip)  # CLIP stays whole
-        assert all(plan.activations[t.name] == formats.Activation(None, False) for t in te if plan.decisions[t.name][0])
-        assert (te_prefix + formats.LEGACY_MARKER in plan.markers) == (fmt == "legacy")
+        # weight-only, as ComfyUI runs text encoders anyway; in legacy the text encoder's own 2-element marker
+        assert all(plan.activations[t.name] == formats.Activation(None, True) for t in te if plan.decisions[t.name][0])
+        assert (te_prefix + formats.LegacyLayout.marker in plan.markers) == (fmt == "legacy")
+        if fmt == "legacy":
+            assert plan.markers[te_prefix + formats.LegacyLayout.marker].shape == (2,)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +202,11 @@ def test_text_encoders_option_converts_them_with_their_own_preset(encoder, prefi
             ConvertOptions(text_encoders=True, format="ultra8"),
             "comfy or legacy",
         ),
-        (lambda: layouts.load("umt5_xxl").tensors, ConvertOptions(input_scales=True), "full precision"),
+        (
+            lambda: layouts.load("umt5_xxl").tensors,
+            ConvertOptions(input_scales=True, calibration="never_opened.safetensors"),
+            "full precision",
+        ),
         (lambda: layouts.load("clip_l").tensors, ConvertOptions(), "nothing to quantize.*without fp8 scales"),
     ],
     ids=["not-a-checkpoint", "sdxl-clip-only", "ultra8", "te-input-scales", "clip"],
@@ -217,6 +224,6 @@ def test_inspect_and_the_summary_name_the_family(flux_file, checkpoint_file, tmp
     assert flux.startswith("Flux.1") and flux.endswith("(preset flux)")
     for source in (flux_file, checkpoint_file):  # a full checkpoint: the family of its diffusion model
         assert f"family    {flux}" in inspect_file(str(source)).text().splitlines()
-    summary = convert_file(flux_file, tmp_path / "out.safetensors", ConvertOptions(method="nearest"))
+    summary = convert_file(flux_file, tmp_path / "out.safetensors", ConvertOptions(rounding="nearest"))
     assert f"family    {flux}" in summary.text().splitlines()
     assert f"family    {flux}" in inspect_file(str(tmp_path / "out.safetensors")).text().splitlines()

@@ -19,7 +19,7 @@ from quant_core.cli import main
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.io import SafetensorsReader, write_file
 
-NEAREST = ConvertOptions(method="nearest")
+NEAREST = ConvertOptions(rounding="nearest")
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -175,7 +175,7 @@ def test_with_overwrite_the_last_run_wins(flux_file, tmp_path):
         if report.index == 3:
             output.write_bytes(b"the other run's result")
 
-    convert_file(flux_file, output, ConvertOptions(method="nearest", overwrite=True), progress=other_run_finishes)
+    convert_file(flux_file, output, ConvertOptions(rounding="nearest", overwrite=True), progress=other_run_finishes)
     with SafetensorsReader(output) as reader:
         assert reader.tensors
     assert leftovers(tmp_path) == []
@@ -190,7 +190,7 @@ def test_output_naming_a_folder_is_refused_before_the_work(flux_file, tmp_path, 
     folder.mkdir()
     calls = []
     with pytest.raises(IsADirectoryError):
-        convert_file(flux_file, folder, ConvertOptions(method="nearest", overwrite=overwrite), progress=calls.append)
+        convert_file(flux_file, folder, ConvertOptions(rounding="nearest", overwrite=overwrite), progress=calls.append)
     assert calls == []
     assert folder.is_dir() and list(folder.iterdir()) == []
 
@@ -225,7 +225,7 @@ def test_a_replaced_output_keeps_its_mode(flux_file, tmp_path):
     output = tmp_path / "out.safetensors"
     output.write_bytes(b"old")
     output.chmod(0o640)
-    convert_file(flux_file, output, ConvertOptions(method="nearest", overwrite=True))
+    convert_file(flux_file, output, ConvertOptions(rounding="nearest", overwrite=True))
     assert stat.S_IMODE(output.stat().st_mode) == 0o640
 
 

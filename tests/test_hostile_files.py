@@ -33,7 +33,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("QUANT_CORE_FUZZ", "ci"))
 
 GROUP = ("blocks.0.attn.q.weight", "blocks.0.attn.k.weight", "blocks.0.attn.v.weight")  # one shared scale
-OPTIONS = {"preset": "none", "min_tensor_size": 0, "method": "nearest"}
+OPTIONS = {"preset": "none", "min_tensor_size": 0, "rounding": "nearest"}
 
 
 def leftovers(folder: Path) -> list[str]:

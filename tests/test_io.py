@@ -28,9 +28,9 @@ from quant_core.io import (
     dtype_nbytes,
     write_file,
 )
-from quant_core.rounding import RoundingOptions
+from quant_core.options import LearnedOptions
 
-QUICK_LEARNED = RoundingOptions(num_iter=10, calib_samples=16, seed=7)
+QUICK_LEARNED = LearnedOptions(num_iter=10, calib_samples=16, seed=7)
 QUANTIZED_NAME = "double_blocks.0.img_attn.qkv.weight"  # quantized by the flux preset
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -219,19 +219,19 @@ def test_failure_midway_leaves_no_output_and_no_temp_file(flux_file, tmp_path, h
 
     kwargs = {}
     options = ConvertOptions(
-        method="nearest" if hook != "calibration" else "learned", rounding=QUICK_LEARNED, parallel=parallel
+        rounding="nearest" if hook != "calibration" else "learned", learned=QUICK_LEARNED, parallel=parallel
     )
     if hook == "progress":
         kwargs["progress"] = fail_on_fifth
     elif hook == "check_interrupt":
         kwargs["check_interrupt"] = fail_on_fifth
     else:
-        kwargs["calibration"] = FailingCalibration(fail_at=5, exc=exc)
+        kwargs["learned_inputs"] = FailingCalibration(fail_at=5, exc=exc)
 
     with pytest.raises(exc):
         convert_file(flux_file, output, options, **kwargs)
     # the hook raised on its fifth call (with --parallel, another thread may have made a sixth meanwhile)
-    assert (kwargs["calibration"].calls if hook == "calibration" else len(calls)) >= 5
+    assert (kwargs["learned_inputs"].calls if hook == "calibration" else len(calls)) >= 5
     assert not output.exists()
     assert list(out_dir.iterdir()) == []
     assert leftovers(tmp_path) == []
@@ -246,7 +246,7 @@ def test_failure_keeps_an_existing_output_intact(flux_file, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert_file(flux_file, output, ConvertOptions(method="nearest", overwrite=True), progress=interrupt)
+        convert_file(flux_file, output, ConvertOptions(rounding="nearest", overwrite=True), progress=interrupt)
     assert output.read_bytes() == b"previous result"
     assert leftovers(tmp_path) == []
 
@@ -267,7 +267,7 @@ def test_refuses_to_overwrite_the_input(flux_file, tmp_path, monkeypatch, spelli
         "symlink": "link.safetensors",
     }[spelling]
     with pytest.raises(ValueError, match="input"):
-        convert_file(flux_file.name, output, ConvertOptions(method="nearest", overwrite=overwrite))
+        convert_file(flux_file.name, output, ConvertOptions(rounding="nearest", overwrite=overwrite))
     assert flux_file.read_bytes() == before
     assert leftovers(tmp_path) == []
 
@@ -276,10 +276,10 @@ def test_existing_output_needs_overwrite(flux_file, tmp_path):
     output = tmp_path / "converted.safetensors"
     output.write_bytes(b"previous result")
     with pytest.raises(FileExistsError):
-        convert_file(flux_file, output, ConvertOptions(method="nearest"))
+        convert_file(flux_file, output, ConvertOptions(rounding="nearest"))
     assert output.read_bytes() == b"previous result"
 
-    convert_file(flux_file, output, ConvertOptions(method="nearest", overwrite=True))
+    convert_file(flux_file, output, ConvertOptions(rounding="nearest", overwrite=True))
     converted = load_file(str(output))
     assert converted[QUANTIZED_NAME].dtype == torch.float8_e4m3fn
     assert leftovers(tmp_path) == []
@@ -295,7 +295,7 @@ def test_non_finite_weight_is_a_clear_error(flux_file, tmp_path, bad, parallel):
     write_file(source, tensors, metadata)
     output = tmp_path / "converted.safetensors"
     with pytest.raises(ValueError, match=re.escape(QUANTIZED_NAME)):
-        convert_file(source, output, ConvertOptions(method="nearest", parallel=parallel))
+        convert_file(source, output, ConvertOptions(rounding="nearest", parallel=parallel))
     assert not output.exists()
     assert leftovers(tmp_path) == []
 
@@ -344,7 +344,7 @@ def test_unreadable_input_is_a_format_error(flux_file, tmp_path, how):
         SafetensorsReader(source)
     output = tmp_path / "converted.safetensors"
     with pytest.raises(SafetensorsFormatError):
-        convert_file(source, output, ConvertOptions(method="nearest"))
+        convert_file(source, output, ConvertOptions(rounding="nearest"))
     assert not output.exists()
     assert leftovers(tmp_path) == []
 
@@ -380,7 +380,7 @@ def convert_twice(source: Path, tmp_path: Path, method: str) -> tuple[Path, Path
     outputs = []
     for parallel in (False, True):
         output = tmp_path / f"parallel_{parallel}.safetensors"
-        options = ConvertOptions(method=method, parallel=parallel, rounding=QUICK_LEARNED)
+        options = ConvertOptions(rounding=method, parallel=parallel, learned=QUICK_LEARNED)
         convert_file(source, output, options)
         outputs.append(output)
     return outputs[0], outputs[1]
@@ -396,13 +396,13 @@ def test_without_positional_io_the_output_is_byte_identical(flux_file, tmp_path,
     """Windows has neither ``os.preadv`` nor ``os.pwrite``: the locked seek-and-read fallback must
     give the same file, with reading and writing on different threads."""
     positional = tmp_path / "positional.safetensors"
-    convert_file(flux_file, positional, ConvertOptions(method="nearest"))
+    convert_file(flux_file, positional, ConvertOptions(rounding="nearest"))
     monkeypatch.setattr(quant_io, "_POSITIONAL", False)
     monkeypatch.delattr(quant_io.os, "preadv")
     monkeypatch.delattr(quant_io.os, "pwrite")
     monkeypatch.delattr(quant_io.os, "posix_fadvise")
     fallback = tmp_path / "fallback.safetensors"
-    convert_file(flux_file, fallback, ConvertOptions(method="nearest"))
+    convert_file(flux_file, fallback, ConvertOptions(rounding="nearest"))
     assert fallback.read_bytes() == positional.read_bytes()
 
 
@@ -412,7 +412,7 @@ def test_same_input_and_options_same_file(flux_file, tmp_path, method):
     outputs = []
     for attempt in range(2):
         output = tmp_path / f"run{attempt}.safetensors"
-        convert_file(flux_file, output, ConvertOptions(method=method, rounding=QUICK_LEARNED))
+        convert_file(flux_file, output, ConvertOptions(rounding=method, learned=QUICK_LEARNED))
         outputs.append(output.read_bytes())
     assert outputs[0] == outputs[1]
     assert os.path.getsize(tmp_path / "run0.safetensors") > 0
@@ -423,7 +423,7 @@ def test_nothing_to_quantize_is_refused(tmp_path):
     source = tmp_path / "norms_only.safetensors"
     write_file(source, {"norm.weight": torch.ones(64), "tiny.weight": torch.ones(4, 4)})
     with pytest.raises(ValueError, match="nothing to quantize"):
-        convert_file(source, tmp_path / "out.safetensors", ConvertOptions(method="nearest"))
+        convert_file(source, tmp_path / "out.safetensors", ConvertOptions(rounding="nearest"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["norms_only.safetensors"]
 
 
@@ -484,9 +484,9 @@ def test_reads_through_a_pool_are_correct_and_independent(tmp_path):
 
 def test_conversion_without_a_pool_gives_the_same_file(flux_file, tmp_path):
     pooled, fresh = tmp_path / "pooled.safetensors", tmp_path / "fresh.safetensors"
-    convert_file(flux_file, pooled, ConvertOptions(method="nearest"))
+    convert_file(flux_file, pooled, ConvertOptions(rounding="nearest"))
     with SafetensorsReader(flux_file) as reader:
-        convert(reader, fresh, ConvertOptions(method="nearest"))
+        convert(reader, fresh, ConvertOptions(rounding="nearest"))
     assert pooled.read_bytes() == fresh.read_bytes()
 
 

@@ -148,8 +148,8 @@ class CountingSource:
 def test_a_source_on_a_gpu_has_one_item_in_flight(flux_file, tmp_path, device, items):
     with SafetensorsReader(flux_file) as reader:
         source = CountingSource(reader, device)
-        plan = plan_conversion(source, ConvertOptions(method="nearest"))
+        plan = plan_conversion(source, ConvertOptions(rounding="nearest"))
         largest = max(sum(source.tensors[name].nbytes for name in item) for item in plan.items)
-        convert(source, tmp_path / "out.safetensors", ConvertOptions(method="nearest", device="cpu"))
+        convert(source, tmp_path / "out.safetensors", ConvertOptions(rounding="nearest", device="cpu"))
     assert source.alive == 0
     assert source.peak <= items * largest  # on a GPU: one item's sources, however the threads interleave

@@ -297,7 +297,7 @@ def test_include_does_not_override_eligibility():
 
 @pytest.mark.parametrize("option", ["include", "exclude"])
 def test_invalid_regex_is_a_value_error_naming_the_option(option):
-    with pytest.raises(ValueError, match=f"--{option}"):
+    with pytest.raises(ValueError, match=f"invalid {option} regex"):
         make("none", **{option: ["blocks.(0"]})
 
 

@@ -7,7 +7,8 @@ import torch
 
 from quant_core import fp8, rounding
 from quant_core.calibration import RandomCalibration
-from quant_core.rounding import RoundingOptions, round_nearest
+from quant_core.options import LearnedOptions
+from quant_core.rounding import round_nearest
 
 E4M3 = torch.float8_e4m3fn
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -102,7 +103,7 @@ def low_rank_case():
     weight = make_weight(64, 128)
     scale = scale_of(weight, E4M3)
     calibration = LowRankCalibration(128)
-    options = RoundingOptions(num_iter=300, calib_samples=256)
+    options = LearnedOptions(num_iter=300, calib_samples=256)
     result = rounding.round_learned(name, weight, scale, E4M3, calibration, options)
     return name, weight, scale, calibration, options, result
 
@@ -124,7 +125,7 @@ def test_aggressive_optimiser_still_uses_grid_neighbours_only(dtype):
     """A large learning rate flips many decisions; every flip must still be to the other neighbour."""
     weight = make_weight(32, 64, seed=5) * torch.linspace(0.01, 3, 64)  # magnitudes across many binades
     scale = scale_of(weight, dtype)
-    options = RoundingOptions(num_iter=150, calib_samples=128, lr=1.0)
+    options = LearnedOptions(num_iter=150, calib_samples=128, lr=1.0)
     result = rounding.round_learned("mlp.fc1.weight", weight, scale, dtype, LowRankCalibration(64), options)
     changed = as_bits(result.quantized) != as_bits(fp8.quantize_nearest(weight, scale, dtype))
     assert changed.sum() > 10
@@ -136,7 +137,7 @@ def test_zero_elements_stay_on_their_neighbours():
     weight = make_weight(32, 64)
     weight[:, ::2] = 0  # pruned / structurally zero weights
     scale = scale_of(weight, E4M3)
-    options = RoundingOptions(num_iter=200, calib_samples=128, lr=1.0)
+    options = LearnedOptions(num_iter=200, calib_samples=128, lr=1.0)
     result = rounding.round_learned("z.weight", weight, scale, E4M3, LowRankCalibration(64), options)
     assert_rtn_or_other_side(result, weight, scale, E4M3)
 
@@ -163,7 +164,7 @@ def test_held_out_error_never_worse_than_rtn_and_fallback_is_exact_rtn():
     calibration = RandomCalibration()
     outcomes = []
     for seed in range(6):
-        options = RoundingOptions(num_iter=60, calib_samples=12, lr=0.3, seed=seed)
+        options = LearnedOptions(num_iter=60, calib_samples=12, lr=0.3, seed=seed)
         result = rounding.round_learned("w.weight", weight, scale, E4M3, calibration, options)
         assert result.error <= result.error_rtn
         error, error_rtn = held_out_errors("w.weight", weight, scale, E4M3, calibration, options, result.quantized)
@@ -187,7 +188,7 @@ def test_same_seed_is_bit_identical_and_seed_changes_the_draws():
     calibration = LowRankCalibration(32, rank=4)
 
     def run(seed):
-        options = RoundingOptions(num_iter=80, calib_samples=64, lr=0.3, seed=seed)
+        options = LearnedOptions(num_iter=80, calib_samples=64, lr=0.3, seed=seed)
         return rounding.round_learned("a.weight", weight, scale, E4M3, calibration, options)
 
     first, again, other = run(0), run(0), run(1)
@@ -209,7 +210,7 @@ def test_generator_depends_on_name_and_seed_only():
 
 def test_batching_gives_the_same_decisions(low_rank_case):
     name, weight, scale, calibration, options, result = low_rank_case
-    batched = RoundingOptions(num_iter=options.num_iter, calib_samples=options.calib_samples, batch_size=48)
+    batched = LearnedOptions(num_iter=options.num_iter, calib_samples=options.calib_samples, batch_size=48)
     other = rounding.round_learned(name, weight, scale, E4M3, calibration, batched)
     same = (as_bits(other.quantized) == as_bits(result.quantized)).float().mean()
     assert same >= 0.995
@@ -225,7 +226,7 @@ def test_all_zero_weight_is_exact(dtype):
     weight = torch.zeros(8, 32)
     scale = scale_of(weight, dtype)
     assert scale == 1.0
-    result = rounding.round_learned("zero.weight", weight, scale, dtype, RandomCalibration(), RoundingOptions())
+    result = rounding.round_learned("zero.weight", weight, scale, dtype, RandomCalibration(), LearnedOptions())
     assert torch.equal(result.quantized.float(), weight)
     assert result.error == 0.0 and result.error_rtn == 0.0
     assert result.fell_back is False
@@ -239,7 +240,7 @@ def test_weight_already_on_the_grid_is_exact(dtype):
     q[0, 0] = fp8.fp8_max(dtype)
     scale = 2.0**-7  # a power of two keeps q * scale exact in float32
     weight = q * scale
-    result = rounding.round_learned("grid.weight", weight, scale, dtype, LowRankCalibration(32), RoundingOptions())
+    result = rounding.round_learned("grid.weight", weight, scale, dtype, LowRankCalibration(32), LearnedOptions())
     assert torch.equal(result.quantized.float(), q)
     assert torch.equal(fp8.dequantize(result.quantized, scale), weight)
     assert result.error == 0.0 and result.error_rtn == 0.0
@@ -257,16 +258,16 @@ def test_round_nearest_matches_quantize_nearest():
 # ------------------------------------------------------------------------------------------ inference mode
 
 
-def test_works_under_inference_mode_as_convert_calls_it():
-    """ComfyUI runs nodes under inference_mode; convert.py re-enables autograd around round_learned."""
+def test_works_under_inference_mode():
+    """ComfyUI runs nodes under inference_mode: the optimiser computes its gradients by hand, so it
+    needs no autograd and gives the same file there."""
     calibration = LowRankCalibration(32, rank=4)
-    options = RoundingOptions(num_iter=40, calib_samples=64, lr=0.3)
+    options = LearnedOptions(num_iter=40, calib_samples=64, lr=0.3)
     with torch.inference_mode():
         weight = make_weight(16, 32, seed=4)
         assert weight.is_inference()
         scale = scale_of(weight, E4M3)
-        with torch.inference_mode(False), torch.enable_grad():
-            result = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
+        result = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
     assert result.error <= result.error_rtn
     assert_grid_neighbour_choices(result, weight, scale, E4M3)
     reference = rounding.round_learned("inf.weight", weight.clone(), scale, E4M3, calibration, options)
@@ -319,7 +320,7 @@ def test_adam_matches_torch_optim_with_cosine_schedule():
 def test_work_counts_weight_iterations():
     weight = make_weight(40, 64, seed=7)
     scale = scale_of(weight, E4M3)
-    options = RoundingOptions(num_iter=12, calib_samples=32, early_stop_threshold=-1.0)  # never stale
+    options = LearnedOptions(num_iter=12, calib_samples=32, early_stop_threshold=-1.0)  # never stale
     result = rounding.round_learned("w.weight", weight, scale, E4M3, LowRankCalibration(64), options)
     assert result.iterations == 12
     assert result.work == weight.numel() * 12

@@ -8,10 +8,10 @@ import pytest
 from quant_core.cli import main
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.io import SafetensorsReader
-from quant_core.rounding import RoundingOptions
+from quant_core.options import LearnedOptions
 from quant_core.shards import join_shards
 
-QUICK_LEARNED = RoundingOptions(num_iter=5, calib_samples=16, seed=3)
+QUICK_LEARNED = LearnedOptions(num_iter=5, calib_samples=16, seed=3)
 
 
 def shards_of(source, tmp_path, options: ConvertOptions, count: int) -> list:
@@ -28,7 +28,7 @@ def shards_of(source, tmp_path, options: ConvertOptions, count: int) -> list:
 @pytest.mark.parametrize("format_", ["comfy", "legacy", "ultra8"])
 @pytest.mark.parametrize("count", [1, 3])
 def test_joined_shards_equal_a_single_run(flux_file, tmp_path, format_, count):
-    options = ConvertOptions(format=format_, method="nearest")
+    options = ConvertOptions(format=format_, rounding="nearest")
     single = tmp_path / "single.safetensors"
     convert_file(flux_file, single, options)
     joined = join_shards(
@@ -38,7 +38,7 @@ def test_joined_shards_equal_a_single_run(flux_file, tmp_path, format_, count):
 
 
 def test_learned_rounding_in_shards_gives_the_same_file(flux_file, tmp_path):
-    options = ConvertOptions(method="learned", rounding=QUICK_LEARNED)
+    options = ConvertOptions(rounding="learned", learned=QUICK_LEARNED)
     single = tmp_path / "single.safetensors"
     convert_file(flux_file, single, options)
     joined = join_shards(
@@ -48,7 +48,7 @@ def test_learned_rounding_in_shards_gives_the_same_file(flux_file, tmp_path):
 
 
 def test_shards_split_the_work(flux_file, tmp_path):
-    options = ConvertOptions(method="nearest")
+    options = ConvertOptions(rounding="nearest")
     parts = shards_of(flux_file, tmp_path, options, 3)
     names = []
     for part in parts:
@@ -60,26 +60,26 @@ def test_shards_split_the_work(flux_file, tmp_path):
 
 
 def test_join_refuses_shards_made_with_other_options(flux_file, tmp_path):
-    parts = shards_of(flux_file, tmp_path, ConvertOptions(method="nearest"), 2)
+    parts = shards_of(flux_file, tmp_path, ConvertOptions(rounding="nearest"), 2)
     with pytest.raises(ValueError, match="other options"):
         join_shards(
-            flux_file, parts, tmp_path / "joined.safetensors", ConvertOptions(method="nearest", format="legacy")
+            flux_file, parts, tmp_path / "joined.safetensors", ConvertOptions(rounding="nearest", format="legacy")
         )
     assert not (tmp_path / "joined.safetensors").exists()
 
 
 def test_join_names_what_is_missing(flux_file, tmp_path):
-    parts = shards_of(flux_file, tmp_path, ConvertOptions(method="nearest"), 3)
+    parts = shards_of(flux_file, tmp_path, ConvertOptions(rounding="nearest"), 3)
     with pytest.raises(ValueError, match="in none of the shards"):
-        join_shards(flux_file, parts[:2], tmp_path / "joined.safetensors", ConvertOptions(method="nearest"))
+        join_shards(flux_file, parts[:2], tmp_path / "joined.safetensors", ConvertOptions(rounding="nearest"))
     assert not (tmp_path / "joined.safetensors").exists()
 
 
 def test_join_refuses_a_file_that_is_no_shard(flux_file, tmp_path):
     converted = tmp_path / "whole.safetensors"
-    convert_file(flux_file, converted, ConvertOptions(method="nearest"))
+    convert_file(flux_file, converted, ConvertOptions(rounding="nearest"))
     with pytest.raises(ValueError, match="not a shard"):
-        join_shards(flux_file, [converted], tmp_path / "joined.safetensors", ConvertOptions(method="nearest"))
+        join_shards(flux_file, [converted], tmp_path / "joined.safetensors", ConvertOptions(rounding="nearest"))
 
 
 def test_command_line_shards_and_join(flux_file, tmp_path, capsys):

@@ -47,7 +47,7 @@ def paused(report):
 
 worker = threading.Thread(
     target=convert_file,
-    args=(sys.argv[2], sys.argv[3], ConvertOptions(method="nearest")),
+    args=(sys.argv[2], sys.argv[3], ConvertOptions(rounding="nearest")),
     kwargs={"progress": paused},
     daemon=True,
 )
@@ -130,7 +130,7 @@ def test_a_killed_runs_temp_file_is_removed_and_a_running_ones_is_kept(flux_file
         killed.kill()
         killed.communicate(timeout=60)
         with caplog.at_level(logging.WARNING, logger="quant_core"):
-            convert_file(flux_file, out / "next.safetensors", ConvertOptions(method="nearest"))
+            convert_file(flux_file, out / "next.safetensors", ConvertOptions(rounding="nearest"))
         in_progress = [name for name in temps if name.startswith(".running")]
         assert hidden(out) == in_progress  # the killed run's file went, the running one's stayed
         assert "removed 1 temp file" in caplog.text
@@ -162,7 +162,7 @@ def test_signals_are_exceptions_only_inside_the_cli(flux_file, tmp_path):
     """The engine installs no handler of its own (a host application keeps its signal handling),
     and the command line puts back the handlers it found."""
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    convert_file(flux_file, tmp_path / "x.safetensors", ConvertOptions(method="nearest"))
+    convert_file(flux_file, tmp_path / "x.safetensors", ConvertOptions(rounding="nearest"))
     assert {s: signal.getsignal(s) for s in before} == before
     assert main(["inspect", str(tmp_path / "x.safetensors")]) == 0
     assert {s: signal.getsignal(s) for s in before} == before

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from quant_core.options import NODE, OPTIONS, PATTERNS
+
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,24 +44,15 @@ def comfy():
     return _import_comfy()
 
 
-# Every widget of the convert nodes, at its default, for prompts and direct execute() calls.
-NODE_OPTIONS = dict(
-    format="comfy",
-    rounding="nearest",
-    preset="auto",
-    shared_scales=True,
-    fp8_format="float8_e4m3fn",
-    num_iter=200,
-    calib_samples=96,
-    lr=3e-2,
-    reg_lambda=0.015,
-    min_tensor_size=1024,
-    keep_distillation=False,
-    text_encoders=False,
-    exclude="",
-    include="",
-    seed=0,
-)
+# Every widget of the convert nodes, at its default (the engine's table), for prompts and direct
+# execute() calls; round-to-nearest, the fastest.
+NODE_OPTIONS = {
+    option.name: "" if option.kind == PATTERNS else option.default
+    for option in OPTIONS
+    if NODE in option.fronts and option.name != "calibration"
+}
+NODE_OPTIONS["rounding"] = "nearest"
+NODE_OPTIONS["fp8_compute"] = "weight-only"
 
 FLUX_CONFIG = dict(
     in_channels=16,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant_core import activation, formats
+from bench import comfy_fp8
+from quant_core import formats
 from quant_core.calibration import Recorder
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.io import SafetensorsReader
@@ -26,7 +27,7 @@ def calibrated(comfy, tiny_flux, tmp_path_factory):
     recorder.save(calibration)
     output = folder / "flux_input_scales.safetensors"
     options = ConvertOptions(
-        method="nearest", calibration=str(calibration), input_scales=True, full_precision=[FULL_PRECISION]
+        rounding="nearest", calibration=str(calibration), input_scales=True, full_precision=[FULL_PRECISION]
     )
     convert_file(path, output, options)
     return output
@@ -34,7 +35,7 @@ def calibrated(comfy, tiny_flux, tmp_path_factory):
 
 def file_activation(path, weight: str) -> formats.Activation:
     with SafetensorsReader(path) as reader:
-        return formats.read_activation("comfy", weight, reader.read, set(reader.tensors))
+        return formats.layout("comfy").read_activation(weight, reader.read, set(reader.tensors))
 
 
 def test_layers_get_their_input_scale_and_full_precision(comfy, tiny_flux, calibrated):
@@ -53,7 +54,7 @@ def test_layers_get_their_input_scale_and_full_precision(comfy, tiny_flux, calib
 @pytest.mark.parametrize("scaled", [True, False], ids=["input_scale", "no_input_scale"])
 def test_simulation_matches_comfyui_fp8_matmul(comfy, calibrated, monkeypatch, scaled):
     """With fp8 compute forced on (``--supports-fp8-compute``; torch runs ``_scaled_mm`` on a CPU),
-    ComfyUI's own Linear and ``activation.fp8_linear`` give the same outputs."""
+    ComfyUI's own Linear and ``comfy_fp8.fp8_linear`` give the same outputs."""
     monkeypatch.setattr(comfy.model_management, "SUPPORT_FP8_OPS", True)
     patcher = comfy.sd.load_diffusion_model(str(calibrated))
     layer = patcher.model.diffusion_model.double_blocks[0].img_attn.qkv
@@ -64,7 +65,7 @@ def test_simulation_matches_comfyui_fp8_matmul(comfy, calibrated, monkeypatch, s
     x = 150.0 * torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     assert float(x.abs().max()) > 448, "the unscaled path must clamp"
     with torch.no_grad():
-        ours = activation.fp8_linear(
+        ours = comfy_fp8.fp8_linear(
             x,
             weight._qdata,
             float(weight._params.scale),

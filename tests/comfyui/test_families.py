@@ -234,7 +234,7 @@ def test_converted_family_loads_into_comfyui_mixed_precision_ops(comfy, family, 
     }
     write_file(tmp_path / "source.safetensors", state)
     summary = convert_file(
-        tmp_path / "source.safetensors", tmp_path / "fp8.safetensors", ConvertOptions(method="nearest")
+        tmp_path / "source.safetensors", tmp_path / "fp8.safetensors", ConvertOptions(rounding="nearest")
     )
     assert summary.preset == FAMILY.get(family, family)
     with SafetensorsReader(tmp_path / "fp8.safetensors") as reader:

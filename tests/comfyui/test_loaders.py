@@ -6,7 +6,7 @@ import pytest
 
 from quant_core.convert import ConvertOptions, convert_file
 from quant_core.decode import decode_file
-from quant_core.rounding import RoundingOptions
+from quant_core.options import LearnedOptions
 
 from .conftest import forward, relative_error
 
@@ -22,7 +22,7 @@ def test_converted_file_loads_and_matches_the_original(comfy, tiny_flux, tmp_pat
     path, model, inputs = tiny_flux
     reference = forward(model, inputs)
     output = tmp_path / f"flux_{layout}.safetensors"
-    options = ConvertOptions(format=layout, method=method, rounding=RoundingOptions(num_iter=20, calib_samples=32))
+    options = ConvertOptions(format=layout, rounding=method, learned=LearnedOptions(num_iter=20, calib_samples=32))
     summary = convert_file(path, output, options)
     assert summary.quantized > 0
     patcher, result = load_and_run(comfy, output, inputs)
@@ -41,7 +41,7 @@ def test_unquantized_reference_path_is_exact(comfy, tiny_flux):
 def test_ultra8_is_refused_by_stock_comfyui_and_decodes_to_a_loadable_file(comfy, tiny_flux, tmp_path):
     path, model, inputs = tiny_flux
     ultra8 = tmp_path / "flux_ultra8.safetensors"
-    convert_file(path, ultra8, ConvertOptions(format="ultra8", method="nearest"))
+    convert_file(path, ultra8, ConvertOptions(format="ultra8", rounding="nearest"))
     with pytest.raises(Exception):  # noqa: B017 - any loud failure beats silently unscaled weights
         load_and_run(comfy, ultra8, inputs)
     decoded = decode_file(ultra8, tmp_path / "flux_decoded.safetensors", "comfy")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from quant_core import options as table
 from quant_core.io import SafetensorsReader
 
 from .conftest import NODE_OPTIONS as OPTIONS
@@ -30,6 +31,27 @@ def test_pack_registers_its_nodes(pack):
         "FP8ScaledSaveCalibration",
     ):
         assert classes[node_id].GET_SCHEMA().category == "quantization/fp8"
+
+
+def test_convert_widgets_are_the_engines_option_table(pack):
+    """Names, order, defaults, ranges, choices and tooltips of the widgets come from ``options.OPTIONS``."""
+    classes, _, _ = pack
+    rows = [o for o in table.OPTIONS if table.NODE in o.fronts and o.name != "calibration"]
+    for node_id in ("FP8ScaledConvertModel", "FP8ScaledConvertFile"):
+        inputs = classes[node_id].GET_SCHEMA().inputs
+        widgets = {i.id: i for i in inputs}
+        names = [i.id for i in inputs if i.id in {o.name for o in rows}]
+        assert names == [o.name for o in rows]
+        for option in rows:
+            widget = widgets[option.name]
+            assert widget.tooltip == option.help
+            assert widget.default == ("" if option.kind == table.PATTERNS else option.default)
+            assert bool(widget.advanced) == (option.group == "advanced")
+            if option.choices:
+                assert list(widget.options) == list(option.choices)
+            if option.minimum is not None:
+                assert (widget.min, widget.max) == (option.minimum, option.maximum)
+        assert table.OPTION["calibration"].help in widgets["calibration"].tooltip
 
 
 def test_convert_model_bakes_patches_in_and_loads_back(comfy, pack, tiny_flux):

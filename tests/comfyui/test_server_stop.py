@@ -49,5 +49,5 @@ def test_stopping_the_server_mid_conversion(tiny_flux, tmp_path_factory, signum)
             assert temp_files(base) == []
         else:  # killed outright: the temp file stays until the next conversion into its folder
             (left,) = temp_files(base)
-            convert_file(tiny_flux[0], left.parent / "next.safetensors", ConvertOptions(method="nearest"))
+            convert_file(tiny_flux[0], left.parent / "next.safetensors", ConvertOptions(rounding="nearest"))
             assert temp_files(base) == []

@@ -58,7 +58,7 @@ def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
         assert reader.metadata["prompt"] == json.dumps(PROMPT)
         assert reader.metadata["workflow"] == json.dumps(EXTRA["workflow"])
         assert json.loads(reader.metadata["quant_core"])["quantized"] == 4
-        assert pack.formats.detect_format(list(reader.tensors), reader.metadata) == "comfy"
+        assert pack.formats.detect(list(reader.tensors), reader.metadata).name == "comfy"
         weight = _dequantized(pack, reader, Q)
         assert _relative(weight, patched) < 0.05  # the LoRA-style patch is baked in
         assert _relative(weight, original) > 0.3
@@ -128,8 +128,8 @@ def test_learned_rounding_inside_inference_mode(pack, comfy, tiny_model):
     assert all(0 < r.error_after < 0.1 and r.error_before > 0 for r in learned)
     with pack.io.SafetensorsReader(summary.output) as reader:
         settings = json.loads(reader.metadata["quant_core"])["settings"]
-        assert settings["method"] == "learned"
-        assert settings["rounding"]["num_iter"] == 5 and settings["rounding"]["calib_samples"] == 8
+        assert settings["rounding"] == "learned"
+        assert settings["learned"]["num_iter"] == 5 and settings["learned"]["calib_samples"] == 8
         assert _relative(_dequantized(pack, reader, Q), patched) < 0.06
     assert len(comfy.server.events("fp8_scaled.done")) == 1
 
@@ -150,7 +150,7 @@ def test_convert_checkpoint_saves_into_the_same_folder(pack, comfy, tiny_model, 
         assert reader.metadata["modelspec.title"] == "tiny"  # the input's metadata is kept
         assert reader.metadata["prompt"] == json.dumps(PROMPT)
         assert reader.metadata["workflow"] == json.dumps(EXTRA["workflow"])
-        assert pack.formats.detect_format(list(reader.tensors), reader.metadata) == "legacy"
+        assert pack.formats.detect(list(reader.tensors), reader.metadata).name == "legacy"
         assert reader.tensors["blocks.0.attn.q.weight"].dtype == torch.float8_e4m3fn
     assert options.device == "cpu"
     assert comfy.utils.bars[-1].current == len(state)
@@ -213,8 +213,9 @@ def test_cancel_seen_by_the_progress_hook_also_leaves_nothing(pack, comfy, tiny_
 
 def test_an_engine_error_is_reported_and_not_a_cancel(pack, comfy, tiny_model, files_below):
     patcher, _, _ = _patched_model(comfy, tiny_model)
-    options = pack.options.convert_options(rounding="nearest", preset="no-such-preset")
-    with pytest.raises(ValueError, match="unknown --preset"):
+    options = pack.options.convert_options(rounding="nearest")
+    options.preset = "no-such-preset"  # the engine checks again what a Python caller changed
+    with pytest.raises(ValueError, match="preset must be one of"):
         pack.conversion.convert_model(patcher, options, "bad", node_id="2")
     errors = comfy.server.events("fp8_scaled.error")
     assert len(errors) == 1 and errors[0]["cancelled"] is False and "no-such-preset" in errors[0]["message"]

@@ -46,7 +46,7 @@ def test_progress_bar_clamps_and_throttles_like_comfyui(comfy):
     assert len(values) < 50  # the rest is throttled to one call per 0.1 s
     comfy.utils.set_progress_bar_global_hook(None)
     silent = comfy.utils.ProgressBar(3)
-    silent.update(2)
+    silent.update_absolute(2)
     assert silent.current == 2 and len(comfy.hook_calls) == len(values)
 
 
@@ -74,7 +74,7 @@ def test_model_patcher_diff_patches_like_comfyui(comfy, tiny_model):
         patcher.patch_weight_to_device(bias, return_weight=True) is patcher.model.diffusion_model.blocks[0].attn.q.bias
     )
     patcher.patch_weight_to_device(key, torch.device("cpu"))  # set on the model, original backed up
-    assert torch.equal(patcher.model.state_dict()[key], out) and torch.equal(patcher.backup[key], weight)
+    assert torch.equal(patcher.model.state_dict()[key], out) and torch.equal(patcher.backup[key].weight, weight)
 
 
 def test_model_patcher_clone_keeps_wrappers_apart_like_comfyui(comfy, tiny_model):
@@ -154,13 +154,13 @@ PARITY = textwrap.dedent(
             for existing in ("m_00003_.safetensors", "m_00009_.png", "m_x.safetensors", "mm_00050_.safetensors",
                              "M_00070_.safetensors", "m_00011.safetensors", ".m_00020_.safetensors.tmp"):
                 open(os.path.join(out, existing), "wb").close()
-            for folder in ("diffusion_models", "text_encoders", "checkpoints", "unet", "clip"):
+            for folder in ("diffusion_models", "text_encoders", "checkpoints"):  # the names the pack uses
                 record.append(outcome(module.get_folder_paths, folder))
                 record.append(outcome(module.get_filename_list, folder))
             calibration = os.path.join(models, "fp8_calibration")
             module.add_model_folder_path("fp8_calibration", calibration)
             module.add_model_folder_path("fp8_calibration", calibration)  # a second call changes nothing
-            module.add_model_folder_path("unet", os.path.join(base, "first"), is_default=True)
+            module.add_model_folder_path("diffusion_models", os.path.join(base, "first"), is_default=True)
             module.add_model_folder_path("diffusion_models", os.path.join(base, "last"))
             os.makedirs(os.path.join(calibration, "sub"))
             for rel in ("c.safetensors", "sub/d.txt", ".c.safetensors.x.tmp"):

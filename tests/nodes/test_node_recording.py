@@ -192,8 +192,8 @@ def test_convert_with_the_recording_uses_gptq(pack, comfy, tiny_model):
 def test_calibration_is_refused_with_round_to_nearest(pack, comfy, tiny_model, tmp_path, files_below):
     """The engine's rule (the same for the command line): the file would be ignored."""
     patcher = comfy.ModelPatcher(tiny_model(blocks=1))
-    options = pack.options.convert_options(rounding="nearest", calibration=str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="needs rounding 'auto' or 'learned'"):
+        options = pack.options.convert_options(rounding="nearest", calibration=str(tmp_path / "x.safetensors"))
         pack.conversion.convert_model(patcher, options, "nearest", node_id="9")
     assert files_below(comfy.models) == []
     assert pack.options.convert_options(rounding="nearest").calibration is None

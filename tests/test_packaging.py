@@ -1,0 +1,40 @@
+"""What the declared dependencies promise: the engine needs torch alone, and no dtype newer than its floor."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE = "import quant_core.cli, quant_core.convert, quant_core.decode, quant_core.inspection, quant_core.shards"
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_the_engine_never_imports_safetensors():
+    """So the package does not declare it (tests use it as the reference implementation)."""
+    result = _python(f"import sys; {ENGINE}; print('safetensors' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_the_engine_imports_without_dtypes_newer_than_its_torch_floor():
+    """torch.float8_e8m0fnu arrived in 2.7, after the declared floor (2.3): without it the engine
+    still imports, and refuses such a tensor by its dtype name."""
+    code = (
+        "import torch; del torch.float8_e8m0fnu; "
+        f"{ENGINE}; from quant_core.io import DTYPES; print('F8_E8M0' in DTYPES)"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_the_torch_floor_is_declared_once_per_file_and_agrees():
+    pyproject = re.findall(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    requirements = re.findall(r"^torch>=([\d.]+)$", (REPO / "requirements.txt").read_text(), re.MULTILINE)
+    assert pyproject == requirements == ["2.3"]
