@@ -19,7 +19,7 @@ CHECKED = "checked   the written file read back and meets ComfyUI's loader contr
 def convert_model(
     model, options: ConvertOptions, filename_prefix: str, prompt=None, extra_pnginfo=None, node_id=None
 ) -> Summary:
-    """Convert a MODEL (patches baked in) into the diffusion-models folder."""
+    """Convert a MODEL (patches baked in) into the diffusion-models folder (``host.save_folder``)."""
     with _reported(node_id):
         output = host.save_path(filename_prefix, "diffusion_models")
         device = host.torch_device()
@@ -31,10 +31,10 @@ def convert_model(
 def convert_checkpoint(
     entry: str, options: ConvertOptions, filename_prefix: str, prompt=None, extra_pnginfo=None, node_id=None
 ) -> Summary:
-    """Convert a file picked as ``folder/name``, streamed from disk, into the same kind of folder."""
+    """Convert a file picked as ``folder/name``, streamed from disk, into the model folder it was found in."""
     with _reported(node_id):
         folder, path = host.resolve_source(entry)
-        output = host.save_path(filename_prefix, folder)
+        output = host.save_path(filename_prefix, folder, source=path)
         options.device = options.device or str(host.torch_device())
         with SafetensorsReader(path) as reader:
             reader.metadata.update(host.save_metadata(prompt, extra_pnginfo))

@@ -21,6 +21,7 @@ EVENT_PREFIX = "fp8_scaled"
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
 CALIBRATION_FOLDER = "fp8_calibration"  # models/fp8_calibration: files written by "Save FP8 Calibration"
 NO_CALIBRATION = "none"
+NO_SOURCE = "none"  # Inspect's source when the file comes from its 'path' input
 _SAFE_PREFIX = re.compile(r"^[\w\-. /%]+$")
 
 
@@ -204,8 +205,24 @@ def resolve_calibration(choice: str, path: str | None = None) -> Path | None:
         raise UserError(str(exc)) from None
 
 
-def save_path(filename_prefix: str, folder: str) -> Path:
-    """``<folder>/<prefix>_NNNNN_.safetensors`` with ComfyUI's numbering, refusing to leave the folder."""
+def save_folder(folder: str, source: Path | None = None) -> str:
+    """The model folder a converted file goes into: the one ``source`` was found in, if any; else
+    the first one named like ``folder`` (``models/diffusion_models``, the name the user knows; ComfyUI
+    lists ``models/unet`` first for diffusion models), else ComfyUI's first."""
+    import folder_paths
+
+    roots = folder_paths.get_folder_paths(folder)
+    if source is not None:
+        resolved = Path(source).resolve()
+        for root in roots:
+            if resolved.is_relative_to(Path(root).resolve()):
+                return root
+    return next((root for root in roots if Path(root).name == folder), roots[0])
+
+
+def save_path(filename_prefix: str, folder: str, source: Path | None = None) -> Path:
+    """``<folder>/<prefix>_NNNNN_.safetensors`` with ComfyUI's numbering, refusing to leave the folder;
+    the folder is picked by ``save_folder``."""
     import folder_paths
 
     prefix = filename_prefix.strip()
@@ -215,7 +232,7 @@ def save_path(filename_prefix: str, folder: str) -> Path:
             f"filename_prefix {filename_prefix!r} must be a relative name made of letters, digits, "
             "'_', '-', '.', '/' and spaces, with no part starting with '.' (no '..', no hidden files)"
         )
-    output_dir = folder_paths.get_folder_paths(folder)[0]
+    output_dir = save_folder(folder, source)
     try:
         full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
     except OSError as exc:

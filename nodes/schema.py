@@ -173,7 +173,12 @@ class InspectFP8Scaled(io.ComfyNode):
             description="Format, tensor counts, dtypes, sizes and scale statistics of a model file, and any "
             "violation of ComfyUI's loader contract.",
             inputs=[
-                io.Combo.Input("source", options=host.source_files()),
+                io.Combo.Input(
+                    "source",
+                    options=[host.NO_SOURCE, *host.source_files()],
+                    default=host.NO_SOURCE,
+                    tooltip="the model file to inspect; none: the file connected to 'path'",
+                ),
                 io.String.Input(
                     "path",
                     optional=True,
@@ -187,6 +192,8 @@ class InspectFP8Scaled(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, path=None) -> io.NodeOutput:
+        if not path and source == host.NO_SOURCE:
+            raise host.UserError("pick a file in 'source' or connect a convert node's 'path' output")
         file = host.resolve_model_file(path) if path else host.resolve_source(source)[1]
         text = inspect_file(str(file)).text(errors=True)
         return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -82,14 +82,14 @@ class FileReport:
         if "quant_core" in self.metadata:
             settings = json.loads(self.metadata["quant_core"])
             lines.append(f"converter quant_core {settings.get('version')} preset {settings.get('preset')}")
-        if errors and self.layers:
-            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10} {'rel.err':>9} {'on an fp8 GPU':>14}")
+        if errors and self.layers:  # the per-layer list; its error column only where verify measured one
+            measured = any(layer.error is not None for layer in self.layers)
+            error_head = f" {'rel.err':>9}" if measured else ""
+            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10}{error_head} {'on an fp8 GPU':>14}")
             for layer in sorted(self.layers, key=lambda item: -(item.error or 0)):
                 shape = "x".join(map(str, layer.shape))
-                lines.append(
-                    f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g} {layer.error or 0:9.4%} "
-                    f"{layer.on_fp8_gpu():>14}"
-                )
+                error = f" {layer.error or 0:9.4%}" if measured else ""
+                lines.append(f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g}{error} {layer.on_fp8_gpu():>14}")
         lines += [f"WARNING {w}" for w in self.warnings()]
         lines += [f"VIOLATION {v}" for v in self.violations]
         return "\n".join(lines)

@@ -209,6 +209,18 @@ def test_inspect_an_unconverted_file(flux_file, capsys):
     assert re.search(r"^format\s+none$", out, re.MULTILINE), out
 
 
+def test_the_error_column_is_shown_only_when_measured_against_the_original(checkpoint_file, tmp_path, capsys):
+    output = convert(checkpoint_file, tmp_path, capsys)
+    _, inspected, _ = run(["inspect", "--layers", output], capsys)
+    rows = re.findall(r"^\S+\.weight\s+\d+x\d+\s.*$", inspected, re.MULTILINE)
+    assert rows and "rel.err" not in inspected  # no original, no error to show
+    assert not [row for row in rows if "%" in row], inspected
+    _, verified, _ = run(["verify", checkpoint_file, output], capsys)
+    assert "rel.err" in verified
+    errors = [float(m) for m in re.findall(r"\s(\d+\.\d+)%", verified)]
+    assert errors and all(0 < e < 10 for e in errors), verified
+
+
 # ---------------------------------------------------------------------------------------------- verify
 
 

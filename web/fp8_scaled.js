@@ -8,15 +8,18 @@
 //   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, worst,
 //                        fallbacks, seconds, preset}
 //   fp8_scaled.error    {node, cancelled, message}
-// Each is written into a read-only text box that this extension adds to the converting node.
+// Each is written into a read-only text box that this extension adds to the converting node. The
+// report nodes (Inspect, Save FP8 Calibration) show their text output in the same kind of box.
 // Plain ES module, no build step: ComfyUI serves it from WEB_DIRECTORY.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_TYPES = new Set(["FP8ScaledConvertModel", "FP8ScaledConvertFile"]);
+const REPORT_TYPES = new Set(["FP8ScaledInspect", "FP8ScaledSaveCalibration"]);
 const WIDGET = "fp8_status";
 const LINES = 14; // height of the status box in text lines (the final summary has 13 or 14)
+const REPORT_WIDTH = 760; // Inspect's per-layer lines are up to about 100 characters wide
 
 const pct = (x) => `${(100 * (Number(x) || 0)).toFixed(3)}%`;
 
@@ -135,20 +138,22 @@ function statusWidget(node) {
   widget.element = widget.element ?? box;
   // Make room for the box once; keep a size the user chose if it is larger.
   const wanted = node.computeSize?.();
-  if (wanted) node.setSize([Math.max(node.size[0], wanted[0], 360), Math.max(node.size[1], wanted[1])]);
+  const width = REPORT_TYPES.has(typeOf(node)) ? REPORT_WIDTH : 360;
+  if (wanted) node.setSize([Math.max(node.size[0], wanted[0], width), Math.max(node.size[1], wanted[1])]);
   return widget;
 }
 
-const isConverter = (node) => NODE_TYPES.has(node?.comfyClass ?? node?.type);
+const typeOf = (node) => node?.comfyClass ?? node?.type;
+const isConverter = (node) => NODE_TYPES.has(typeOf(node));
 
 function show(id, text, state) {
   const node = findNode(id);
   // Not ours: e.g. another workflow tab is open, where the id names another node.
-  if (!isConverter(node) || typeof node.addDOMWidget !== "function") return;
+  if (!(isConverter(node) || REPORT_TYPES.has(typeOf(node))) || typeof node.addDOMWidget !== "function") return;
   const widget = statusWidget(node);
   widget.value = text;
   if (widget.element) {
-    widget.element.dataset.state = state; // running | cancelling | done | error
+    widget.element.dataset.state = state; // running | cancelling | cancelled | done | error
     widget.element.style.color = state === "error" ? "#ff8080" : state === "done" ? "#9fe09f" : "";
   }
   node.setDirtyCanvas?.(true, true);
@@ -168,19 +173,23 @@ app.registerExtension({
       converted.add(String(detail.node));
       show(detail.node, doneText(detail), "done");
     });
-    api.addEventListener("fp8_scaled.error", ({ detail }) => show(detail.node, errorText(detail), "error"));
+    api.addEventListener("fp8_scaled.error", ({ detail }) =>
+      show(detail.node, errorText(detail), detail.cancelled ? "cancelled" : "error"),
+    );
     // Errors raised before the conversion starts (a bad filename_prefix, a missing file) come
     // only as ComfyUI's own execution_error: show them on our nodes too.
-    api.addEventListener("execution_error", ({ detail }) =>
-      show(detail?.node_id, errorText({ cancelled: false, message: detail?.exception_message }), "error"),
-    );
-    // A cached result (same inputs as a previous run) sends no conversion events, only the node's
-    // text output: show that report instead.
+    api.addEventListener("execution_error", ({ detail }) => {
+      if (!isConverter(findNode(detail?.node_id))) return; // the report nodes: ComfyUI's own error dialog
+      show(detail.node_id, errorText({ cancelled: false, message: detail.exception_message }), "error");
+    });
+    // The report nodes' text output, and a converter's cached result (same inputs as a previous
+    // run), which sends no conversion events, only the node's text output.
     api.addEventListener("executed", ({ detail }) => {
       const text = detail?.output?.text;
       if (!text?.length || converted.has(String(detail.node))) return;
       const report = [].concat(text).join("\n");
-      show(detail.node, `Cached result (inputs unchanged, nothing converted again):\n${report}`, "done");
+      const cached = isConverter(findNode(detail.node)) ? "Cached result (inputs unchanged, nothing converted again):\n" : "";
+      show(detail.node, cached + report, "done");
     });
   },
 });

@@ -1,4 +1,4 @@
-"""The example workflows in examples/ fit the pack's node schemas as registered in a real ComfyUI."""
+"""The API-format workflows in api_workflows/ fit the pack's node schemas as registered in a real ComfyUI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from .conftest import REPO
 
-EXAMPLES = sorted((REPO / "examples").glob("*_api.json"))
+EXAMPLES = sorted((REPO / "api_workflows").glob("*_api.json"))
 FILE_CHOICES = {"source", "unet_name", "calibration"}  # dropdowns of the user's model files
 
 

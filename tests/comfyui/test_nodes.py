@@ -109,6 +109,9 @@ def test_inspect_node_reports_the_format(pack):
     assert "format    comfy" in by_path.args[0] and "VIOLATION" not in by_path.args[0]
     with pytest.raises(ValueError, match="not a file inside"):
         run_node(classes["FP8ScaledInspect"], source=source, path=__file__)
+    assert run_node(classes["FP8ScaledInspect"], source="none", path=converted.args[0]).args[0] == by_path.args[0]
+    with pytest.raises(ValueError, match="pick a file in 'source' or connect"):
+        run_node(classes["FP8ScaledInspect"], source="none")
 
 
 def test_cancel_stops_and_leaves_no_file(comfy, pack, monkeypatch):

@@ -13,7 +13,7 @@ CONVERT = dict(NODE_OPTIONS, rounding="auto")
 
 
 def recording_prompt(seed: int, keep: bool = False) -> dict:
-    """The shape of examples/record_calibration_api.json, on the tiny Flux."""
+    """The shape of api_workflows/fp8_calibrate_on_your_prompts_api.json, on the tiny Flux."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX, "weight_dtype": "default"}},
         "2": {"class_type": "FP8TestConditioning", "inputs": {"seed": 1}},

@@ -47,10 +47,10 @@ def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
     options = pack.options.convert_options(rounding="nearest")
     summary = pack.conversion.convert_model(patcher, options, "fp8/tiny", PROMPT, EXTRA, node_id="5")
 
-    folder = comfy.models / "unet"
+    folder = comfy.models / "diffusion_models"
     output = folder / "fp8" / "tiny_00001_.safetensors"
     assert summary.output == str(output)
-    assert files_below(comfy.models) == ["unet/fp8/tiny_00001_.safetensors"]  # no temporary file left
+    assert files_below(comfy.models) == ["diffusion_models/fp8/tiny_00001_.safetensors"]  # no temporary file left
     assert "fp8/tiny_00001_.safetensors" in comfy.folder_paths.get_filename_list("diffusion_models")
 
     state = patcher.model.diffusion_model.state_dict()
@@ -156,6 +156,17 @@ def test_convert_checkpoint_saves_into_the_same_folder(pack, comfy, tiny_model, 
     assert comfy.utils.bars[-1].current == len(state)
     assert len(_finished(comfy)) == len(state)
     assert len(comfy.server.events("fp8_scaled.done")) == 1
+
+
+@pytest.mark.parametrize("root", ["unet", "diffusion_models"])
+def test_convert_checkpoint_saves_next_to_its_source(pack, comfy, tiny_model, files_below, root):
+    """ComfyUI lists both folders for diffusion models: the file goes into the one the source is in."""
+    state = {k: v.contiguous() for k, v in tiny_model(blocks=1).diffusion_model.state_dict().items()}
+    pack.io.write_file(comfy.models / root / "tiny.safetensors", state)
+    options = pack.options.convert_options(rounding="nearest")
+    summary = pack.conversion.convert_checkpoint("diffusion_models/tiny.safetensors", options, "fp8/t")
+    assert summary.output == str(comfy.models / root / "fp8" / "t_00001_.safetensors")
+    assert files_below(comfy.models) == [f"{root}/fp8/t_00001_.safetensors", f"{root}/tiny.safetensors"]
 
 
 def test_convert_checkpoint_refuses_a_missing_file(pack, comfy):
@@ -308,4 +319,4 @@ def test_convert_a_model_that_is_already_fp8(pack, comfy, tiny_model, files_belo
         assert reader.tensors[Q.removesuffix(".weight") + ".weight_scale"].dtype == torch.float32
         assert _relative(_dequantized(pack, reader, Q), original) < 0.08  # fp8 twice
     assert summary.quantized == 2
-    assert files_below(comfy.models) == ["unet/requant_00001_.safetensors"]
+    assert files_below(comfy.models) == ["diffusion_models/requant_00001_.safetensors"]

@@ -12,7 +12,7 @@ import pytest
 
 
 def _diffusion_dir(comfy):
-    return comfy.models / "unet"  # ComfyUI's first diffusion_models folder: where files are saved
+    return comfy.models / "diffusion_models"  # the folder named like the kind (ComfyUI lists models/unet first)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,6 +39,23 @@ def test_save_path_without_subfolder_and_with_nested_ones(pack, comfy):
     nested = pack.host.save_path("  a/b c/d-e.f/name  ", "text_encoders")  # surrounding spaces are dropped
     assert nested == comfy.models / "text_encoders" / "a" / "b c" / "d-e.f" / "name_00001_.safetensors"
     assert nested.parent.is_dir()
+
+
+def test_save_folder_is_the_one_the_source_came_from_else_the_one_named_like_the_kind(pack, comfy):
+    models = comfy.models
+    assert comfy.folder_paths.get_folder_paths("diffusion_models")[0] == str(models / "unet")  # ComfyUI's order
+    assert pack.host.save_folder("diffusion_models") == str(models / "diffusion_models")
+    assert pack.host.save_folder("text_encoders") == str(models / "text_encoders")
+    from_unet = _touch(models / "unet" / "sub" / "flux.safetensors")
+    assert pack.host.save_folder("diffusion_models", from_unet) == str(models / "unet")
+    saved = pack.host.save_path("fp8/x", "diffusion_models", from_unet)
+    assert saved == models / "unet" / "fp8" / "x_00001_.safetensors"
+    from_clip = _touch(models / "clip" / "t5.safetensors")
+    assert pack.host.save_folder("text_encoders", from_clip) == str(models / "clip")
+    elsewhere = _touch(models / "loras" / "l.safetensors")  # not one of the kind's folders: the named one
+    assert pack.host.save_folder("diffusion_models", elsewhere) == str(models / "diffusion_models")
+    comfy.folder_paths.folder_names_and_paths["fp8_calibration"] = ([str(models / "calib_a")], set())
+    assert pack.host.save_folder("fp8_calibration") == str(models / "calib_a")  # none named so: the first
 
 
 def test_save_path_expands_comfyui_date_variables(pack, comfy):
