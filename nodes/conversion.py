@@ -47,8 +47,8 @@ def report_text(summary: Summary) -> str:
     worst = _worst(summary)
     lines = [summary.text(), CHECKED]
     if worst:
-        lines.append("worst layers:")
-        lines += [f"  {r.error_after:.3%}  {r.name}" for r in worst]
+        lines.append("worst layers (weight: relative weight error; output: on held-out inputs):")
+        lines += [f"  {r.error_after:.3%} {r.measure:6}  {r.name}" for r in worst]
     return "\n".join(lines)
 
 
@@ -107,7 +107,8 @@ def _done_event(summary: Summary, node_id) -> dict:
         "quantized": summary.quantized,
         "kept": summary.kept,
         "mean_error": summary.mean_error,
-        "worst": [[r.name, r.error_after] for r in _worst(summary)],
+        "errors": summary.errors(),
+        "worst": [[r.name, r.error_after, r.measure] for r in _worst(summary)],
         "fallbacks": summary.fallbacks,
         "seconds": round(summary.seconds, 2),
         "preset": summary.preset,

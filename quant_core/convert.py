@@ -73,10 +73,24 @@ class TensorReport:
     quantized: bool
     reason: str
     method: str = ""  # how a quantized weight was rounded: nearest, learned or gptq
-    error_before: float = 0.0  # round-to-nearest's relative error
-    error_after: float = 0.0  # the written result's relative error
+    error_before: float = 0.0  # round-to-nearest's relative error (of the same measure)
+    error_after: float = 0.0  # the written result's relative error (see ``measure``)
     seconds: float = 0.0
     fell_back: bool = False
+
+    @property
+    def measure(self) -> str:
+        """What the errors measure: learned and calibrated rounding are judged by the layer's output
+        on held-out inputs (the guard that may keep round-to-nearest compares those), round-to-nearest
+        by the weight's own error. The two are not comparable, so reports never mix them."""
+        return "output" if self.method in OUTPUT_MEASURED else "weight"
+
+
+OUTPUT_MEASURED = ("learned", "gptq")
+MEASURES = {
+    "weight": "relative weight error",
+    "output": "relative output error on held-out inputs",
+}
 
 
 @dataclass
@@ -105,14 +119,43 @@ class Summary:
             f"family    {PRESETS[self.preset].family}",
             f"tensors   {self.quantized} quantized, {self.kept} kept",
             f"size      {_gib(self.bytes_in)} -> {_gib(self.bytes_out)} ({ratio:.1%})",
-            f"error     mean {self.mean_error:.4%}, worst {self.worst_error:.4%} ({self.worst_tensor or '-'})",
+            *(f"error     {line}" for line in self.error_lines()),
             f"time      {self.seconds:.1f} s",
         ]
         if self.methods:
             used = ", ".join(f"{count} {method}" for method, count in sorted(self.methods.items()))
-            kept = f"; {self.fallbacks} kept round-to-nearest, which won on held-out inputs" if self.fallbacks else ""
+            kept = (
+                f"; {self.fallbacks} kept round-to-nearest, which had the lower output error on held-out inputs"
+                if self.fallbacks
+                else ""
+            )
             lines.insert(3, f"rounding  {used}{kept}")
         return "\n".join(lines)
+
+    def errors(self) -> list[dict]:
+        """Mean and worst error of the quantized tensors, one entry per measure used (``TensorReport.measure``)."""
+        entries = []
+        for measure, label in MEASURES.items():
+            reports = [r for r in self.reports if r.quantized and r.measure == measure]
+            if reports:
+                worst = max(reports, key=lambda r: r.error_after)
+                mean = sum(r.error_after for r in reports) / len(reports)
+                entries.append(
+                    {
+                        "measure": label,
+                        "layers": len(reports),
+                        "mean": mean,
+                        "worst": worst.error_after,
+                        "worst_tensor": worst.name,
+                    }
+                )
+        return entries
+
+    def error_lines(self) -> list[str]:
+        return [
+            f"{e['measure']} ({e['layers']} layers): mean {e['mean']:.4%}, worst {e['worst']:.4%} ({e['worst_tensor']})"
+            for e in self.errors()
+        ] or ["-"]
 
 
 ProgressCallback = Callable[[TensorReport], None]

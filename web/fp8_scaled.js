@@ -5,7 +5,7 @@
 //                        cancelling} after each finished tensor, and every half second while one
 //                        is rounded (working: true, with method, step, steps, unit, tensor_seconds);
 //                        once with cancelling: true as soon as a Cancel reaches the conversion
-//   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, worst,
+//   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, errors, worst,
 //                        fallbacks, seconds, preset}
 //   fp8_scaled.error    {node, cancelled, message}
 // Each is written into a read-only text box that this extension adds to the converting node. The
@@ -79,12 +79,15 @@ export function doneText(d) {
     `in        ${folder}`,
     `size      ${size(d.bytes_in)} -> ${size(d.bytes_out)}${ratio}`,
     `layers    ${d.quantized} quantized, ${d.kept} kept`,
-    `error     ${d.quantized ? `mean ${pct(d.mean_error)}` : "-"}`,
   ];
-  if (d.fallbacks) lines.push(`learned   ${d.fallbacks}/${d.quantized} kept round-to-nearest (it won)`);
+  // Learned and calibrated layers are measured on their outputs, round-to-nearest on the weight:
+  // one line per measure, never one mixed mean.
+  for (const e of d.errors ?? []) lines.push(`error     ${e.measure} (${e.layers} layers): mean ${pct(e.mean)}`);
+  if (d.fallbacks)
+    lines.push(`rounding  ${d.fallbacks} kept round-to-nearest (lower output error on held-out inputs)`);
   if (d.worst?.length) {
     lines.push("worst layers:");
-    for (const [name, error] of d.worst) lines.push(`  ${pct(error)}  ${name}`);
+    for (const [name, error, measure] of d.worst) lines.push(`  ${pct(error)} ${measure ?? ""}  ${name}`);
   }
   return lines.join("\n");
 }

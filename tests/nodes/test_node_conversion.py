@@ -246,14 +246,36 @@ def test_report_text_lists_the_worst_layers(pack, comfy, tiny_model):
     text = pack.conversion.report_text(summary)
     assert text.startswith(summary.text())
     lines = text.splitlines()
-    worst = lines[lines.index("worst layers:") + 1 :]
+    worst = lines[lines.index("worst layers (weight: relative weight error; output: on held-out inputs):") + 1 :]
     assert worst == [
-        "  7.800%  layer3.weight",
-        "  6.400%  layer5.weight",
-        "  5.200%  layer1.weight",
-        "  4.000%  layer6.weight",
-        "  2.000%  layer4.weight",
+        "  7.800% weight  layer3.weight",
+        "  6.400% weight  layer5.weight",
+        "  5.200% weight  layer1.weight",
+        "  4.000% weight  layer6.weight",
+        "  2.000% weight  layer4.weight",
     ]  # the five largest errors of quantized layers, largest first; kept tensors never listed
+
+
+def test_errors_of_different_measures_are_never_mixed(pack, comfy, tiny_model):
+    """Calibrated and learned layers are judged on their outputs, round-to-nearest on the weight:
+    the summary gives each measure its own line, and the worst layers say which one they show."""
+    reports = [
+        pack.convert.TensorReport("a.weight", 1, 3, 100, True, "", method="nearest", error_after=0.02),
+        pack.convert.TensorReport("b.weight", 2, 3, 100, True, "", method="gptq", error_after=0.01),
+        pack.convert.TensorReport("c.weight", 3, 3, 100, True, "", method="gptq", error_after=0.03),
+    ]
+    summary = dataclasses.replace(_summary(pack, comfy, tiny_model), reports=reports)
+    errors = [line for line in summary.text().splitlines() if line.startswith("error")]
+    assert errors == [
+        "error     relative weight error (1 layers): mean 2.0000%, worst 2.0000% (a.weight)",
+        "error     relative output error on held-out inputs (2 layers): mean 2.0000%, worst 3.0000% (c.weight)",
+    ]
+    assert [e["measure"] for e in summary.errors()] == [
+        "relative weight error",
+        "relative output error on held-out inputs",
+    ]
+    text = pack.conversion.report_text(summary)
+    assert "  3.000% output  c.weight" in text and "  2.000% weight  a.weight" in text
 
 
 def test_report_text_without_quantized_layers(pack, comfy, tiny_model):
@@ -265,7 +287,7 @@ def test_report_text_without_quantized_layers(pack, comfy, tiny_model):
 def test_report_text_of_a_real_run(pack, comfy, tiny_model):
     summary = _summary(pack, comfy, tiny_model)
     text = pack.conversion.report_text(summary)
-    listed = re.findall(r"^ +\d+\.\d{3}% +(\S+)$", text, flags=re.M)
+    listed = re.findall(r"^ +\d+\.\d{3}% (?:weight|output) +(\S+)$", text, flags=re.M)
     assert len(listed) == 4 and set(listed) == {r.name for r in summary.reports if r.quantized}
     assert pack.conversion.CHECKED in text
 
