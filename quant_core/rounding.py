@@ -44,6 +44,7 @@ _BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
 # the CPU's caches: 1.2-1.5x faster than 1 M on a 3072 x 3072 weight (2 cores; 128 K and 512 K slower)
 _LEARNED_BLOCK_ELEMENTS = 1 << 18
 _PATIENCE = 50
+_HELD_OUT_EVERY = 25  # iterations between early looks at the held-out inputs (one product each)
 _DECISION_EVERY = 10  # iterations between comparisons of the hard decisions (a block-sized pass each)
 _TINY = 1e-30  # floor of |2 soft - 1| under the regulariser's logarithm
 _GAMMA_TENSOR = torch.tensor(_GAMMA)
@@ -186,24 +187,26 @@ def round_learned(
     total = len(blocks) * options.num_iter
     progress = _Progress(step, total)
 
-    def learn(rows: slice) -> tuple[int, int, float, float, float]:
-        """Optimises one block into ``learned``; its iterations, its work and its held-out sums
-        (reference, RTN, learned)."""
+    def learn(rows: slice) -> tuple[int, int, float, float, float, bool]:
+        """Optimises one block into ``learned``; its iterations, its work, its held-out sums
+        (reference, RTN, learned) and whether it stopped early for losing to RTN there."""
         block = weight[rows].float()
         scaled = (block / scale).clamp_(-fp8.fp8_max(dtype), fp8.fp8_max(dtype))
         rtn = scaled.to(dtype)
-        learned[rows], used = _optimise_block(scaled, rtn, inputs, dtype, options, (progress, 0, total))
+        learned[rows], used, lost = _optimise_block(scaled, rtn, inputs, dtype, options, (progress, 0, total), held_out)
         del scaled
         reference = _squared_norm(held_out @ block.T)
         error_rtn = _squared_norm(held_out @ (rtn.float().mul_(scale).sub_(block)).T)
         error = _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
-        return used, used * block.numel(), reference, error_rtn, error
+        return used, used * block.numel(), reference, error_rtn, error, lost
 
     outcomes = _map_blocks(learn, blocks, device)
     iterations = max(outcome[0] for outcome in outcomes)
     work, reference, error_rtn, error = (sum(outcome[i] for outcome in outcomes) for i in (1, 2, 3, 4))
 
     error_rtn, error = relative_error(error_rtn, reference), relative_error(error, reference)
+    if all(outcome[5] for outcome in outcomes):  # every block stopped early and kept RTN
+        return RoundingResult(learned, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
         del learned
         rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
@@ -267,9 +270,16 @@ def _optimise_block(
     dtype: torch.dtype,
     options: RoundingOptions,
     steps: tuple[Step, int, int] = (no_step, 0, 0),
-) -> tuple[torch.Tensor, int]:
-    """Optimise the rounding of a block of rows; returns its fp8 values and the iterations used.
+    held_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, bool]:
+    """Optimise the rounding of a block of rows; returns its fp8 values, the iterations used and
+    whether it stopped early because it lost to RTN on ``held_out`` (see below).
     With ``steps = (step, first, total)``, ``step(first + i, total)`` is called before iteration ``i``.
+
+    With ``held_out`` inputs, the hard decisions are scored on them every ``_HELD_OUT_EVERY``
+    iterations after the warm-up; where they lose to RTN there, the block stops and returns RTN:
+    the held-out guard would most likely reject it at the end, and the rest of the budget would
+    be spent on overfitting (with isotropic random inputs, nearly always).
 
     The loss, the gradient through the rectified sigmoid and the Adam update are written out by
     hand, in place, rather than by autograd and ``torch.optim``: the matrix work per weight is
@@ -285,10 +295,15 @@ def _optimise_block(
     fraction = torch.where(step != 0, -offset / step.where(step != 0, 1.0), 0.0)
     batch = options.batch_size or inputs.shape[0]
     inputs = inputs.to(_matmul_dtype(options, inputs.device))
-    rtn_loss = _output_loss_and_gradient(inputs, (rtn.float() - scaled).to(inputs.dtype), batch)
+    rtn_delta = (rtn.float() - scaled).to(inputs.dtype)
+    rtn_loss = _output_loss_and_gradient(inputs, rtn_delta, batch)
     if rtn_loss == 0.0 or options.num_iter <= 0:  # RTN is exact: nothing to learn
-        return rtn, 0
+        return rtn, 0, False
 
+    if held_out is not None:
+        held_out = held_out.to(inputs.dtype)
+        rtn_held_out = _output_loss_and_gradient(held_out, rtn_delta, batch)
+    del rtn_delta
     logits = _inverse_rectified_sigmoid(fraction)
     del fraction
     adam = _Adam(logits, options.lr, options.num_iter)
@@ -321,8 +336,12 @@ def _optimise_block(
             best = min(best, loss)
         if iteration > warmup and stale >= _PATIENCE:
             break
+        if held_out is not None and iteration > warmup and (iteration - warmup) % _HELD_OUT_EVERY == 0:
+            torch.addcmul(offset, logits >= 0, step, out=work.delta)
+            if _output_loss_and_gradient(held_out, work.delta, batch) >= rtn_held_out:
+                return rtn, iteration, True
     values = torch.addcmul(base, logits >= 0, step).to(dtype)
-    return values, iteration
+    return values, iteration, False
 
 
 def _matmul_dtype(options: RoundingOptions, device: torch.device) -> torch.dtype:
