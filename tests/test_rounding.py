@@ -347,3 +347,49 @@ def test_sixteen_bit_round_to_nearest_is_the_float_path(source, dtype):
     assert torch.equal(result.quantized.view(torch.uint8), expected.view(torch.uint8))
     error = float((expected.float() * scale - weight.float()).norm() / weight.float().norm())
     assert result.error == pytest.approx(error, rel=1e-5) and result.error_rtn == result.error
+
+
+def test_block_losing_on_held_out_stops_early_and_keeps_rtn():
+    """Overfitting to 12 isotropic samples loses to RTN on fresh ones: the block stops at an early
+    look instead of using its whole budget, and returns RTN exactly."""
+    weight = make_weight(24, 48, seed=7)
+    scale = scale_of(weight, E4M3)
+    scaled = scaled_weight(weight, scale, E4M3)
+    rtn = scaled.to(E4M3)
+    options = RoundingOptions(num_iter=200, calib_samples=12, lr=0.3)
+    lost = []
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        inputs, held_out = torch.randn(12, 48, generator=generator), torch.randn(12, 48, generator=generator)
+        values, used, stopped = rounding._optimise_block(scaled, rtn, inputs, E4M3, options, held_out=held_out)
+        if stopped:
+            assert used < options.num_iter
+            assert torch.equal(as_bits(values), as_bits(rtn))
+        lost.append(stopped)
+    assert any(lost), "no block lost on held-out inputs: the early stop went untested"
+
+
+def test_blocks_on_several_threads_give_one_threads_result(monkeypatch):
+    weight = make_weight(40, 64, seed=8)
+    scale = scale_of(weight, E4M3)
+    monkeypatch.setattr(rounding, "_LEARNED_BLOCK_ELEMENTS", 8 * 64)  # five blocks of 8 rows
+    options = RoundingOptions(num_iter=30, calib_samples=32, early_stop_threshold=-1.0)
+    threads = torch.get_num_threads()
+    results, steps = [], []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            seen = []
+            calibration = LowRankCalibration(64)
+            step = lambda done, total, seen=seen: seen.append((done, total))  # noqa: E731
+            results.append(rounding.round_learned("w.weight", weight, scale, E4M3, calibration, options, step))
+            steps.append(seen)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(as_bits(results[0].quantized), as_bits(results[1].quantized))
+    assert (results[0].error, results[0].error_rtn, results[0].work) == (
+        results[1].error,
+        results[1].error_rtn,
+        results[1].work,
+    )
+    assert steps[0] == steps[1] == [(done, 5 * 30) for done in range(5 * 30)]
