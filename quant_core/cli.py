@@ -118,7 +118,7 @@ def convert_parser() -> argparse.ArgumentParser:
         "use_amp",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="bf16 autocast for the optimiser's matrix multiplies on CUDA",
+        help="bf16 matrix multiplies in the optimiser on CUDA and on CPUs with native bf16 (AMX, AVX-512 BF16)",
     )
     _option(
         parser,

@@ -311,7 +311,7 @@ def _optimise_block(
     factor = step * ((_ZETA - _GAMMA) / rtn_loss)
     warmup = int(_WARMUP * options.num_iter)
     work = _Workspace(logits, inputs.dtype)
-    best, stale, decisions = math.inf, 0, logits >= 0
+    best, stale, decisions, last_held_out = math.inf, 0, logits >= 0, math.inf
     iteration = 0
     for iteration in range(1, options.num_iter + 1):
         report(first + iteration - 1, total)
@@ -338,8 +338,10 @@ def _optimise_block(
             break
         if held_out is not None and iteration > warmup and (iteration - warmup) % _HELD_OUT_EVERY == 0:
             torch.addcmul(offset, logits >= 0, step, out=work.delta)
-            if _output_loss_and_gradient(held_out, work.delta, batch) >= rtn_held_out:
+            held_out_loss = _output_loss_and_gradient(held_out, work.delta, batch)
+            if held_out_loss >= rtn_held_out and held_out_loss >= last_held_out:  # losing, and not recovering
                 return rtn, iteration, True
+            last_held_out = held_out_loss
     values = torch.addcmul(base, logits >= 0, step).to(dtype)
     return values, iteration, False
 

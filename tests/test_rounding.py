@@ -393,3 +393,16 @@ def test_blocks_on_several_threads_give_one_threads_result(monkeypatch):
         results[1].work,
     )
     assert steps[0] == steps[1] == [(done, 5 * 30) for done in range(5 * 30)]
+
+
+@pytest.mark.parametrize("use_amp", [False, True], ids=["float32", "amp"])
+def test_float32_and_amp_products_both_beat_rtn(use_amp):
+    """``use_amp`` picks bf16 products only where the device has them natively; both paths learn."""
+    weight = make_weight(64, 128)
+    scale = scale_of(weight, E4M3)
+    options = RoundingOptions(num_iter=300, calib_samples=256, use_amp=use_amp)
+    expected = torch.bfloat16 if use_amp and rounding._cpu_has_bfloat16() else torch.float32
+    assert rounding._matmul_dtype(options, CPU) == expected
+    result = rounding.round_learned("amp.weight", weight, scale, E4M3, LowRankCalibration(128), options)
+    assert result.error < result.error_rtn
+    assert_grid_neighbour_choices(result, weight, scale, E4M3)
