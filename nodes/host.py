@@ -1,7 +1,7 @@
 """Everything the nodes ask of the running ComfyUI, in one place.
 
-ComfyUI's runtime modules (``comfy.utils``, ``comfy.model_management``, ``folder_paths``,
-``server``) are imported lazily inside each function: the pack must import without them, and
+ComfyUI's runtime modules (``comfy.utils``, ``comfy.model_management``, ``comfy.lora``,
+``folder_paths``, ``server``) are imported lazily inside each function: the pack must import without them, and
 the unit tests replace exactly these modules with doubles that behave like ComfyUI's own.
 """
 
@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 EVENT_PREFIX = "fp8_scaled"
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
@@ -37,6 +39,14 @@ def free_memory() -> None:
     import comfy.model_management
 
     comfy.model_management.soft_empty_cache()
+
+
+def calculate_weight(patches: list, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` (float32, modified in place) with a ModelPatcher's ``patches`` for ``key`` applied,
+    by ComfyUI's own patch arithmetic (LoRA, LoHa, diff, set…)."""
+    import comfy.lora
+
+    return comfy.lora.calculate_weight(patches, weight, key)
 
 
 def check_interrupt() -> None:

@@ -14,7 +14,7 @@ from ..quant_core.inspection import inspect_file
 from ..quant_core.policy import AUTO, PRESETS
 from . import conversion, host
 from .loading import load_fp8_model
-from .options import ROUNDING_METHODS, convert_options
+from .options import FP8_COMPUTE, ROUNDING_METHODS, convert_options
 from .recording import record_model, record_text_encoder, save_recording
 
 CATEGORY = "quantization/fp8"
@@ -144,7 +144,14 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
             source,
             io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
             *_option_inputs(),
-            *_calibration_inputs(),  # last: saved UI workflows list widget values by position
+            *_calibration_inputs(),  # after the options: saved UI workflows list widget values by position
+            io.Combo.Input(
+                "fp8_compute",
+                options=list(FP8_COMPUTE),
+                default="weight-only",
+                optional=True,  # prompts saved before it existed keep the safe default
+                tooltip="on GPUs with fp8 compute: " + "; ".join(f"{k}: {v}" for k, v in FP8_COMPUTE.items()),
+            ),
         ],
         outputs=[io.String.Output("path"), io.String.Output("report")],
         hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],

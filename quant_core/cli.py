@@ -139,7 +139,17 @@ def convert_parser() -> argparse.ArgumentParser:
         "input_scales",
         action="store_true",
         help="write a static input_scale per quantized layer from the --calibration file's input absolute "
-        "maximum, for ComfyUI's fp8 matrix multiply (otherwise it uses scale 1 and clamps inputs to the fp8 range)",
+        "maximum and let ComfyUI multiply those layers in fp8 on GPUs with fp8 compute (RTX 40xx+, H100); "
+        "every other layer stays weight-only (full_precision_matrix_mult). --format legacy needs statistics "
+        "for every quantized layer",
+    )
+    _option(
+        parser,
+        "uncalibrated_fp8_compute",
+        action="store_true",
+        help="WARNING, loses quality: let ComfyUI multiply layers without an input scale in fp8 too, at its "
+        "input scale of 1 (inputs beyond ±448 are clipped, small ones lose precision); by default they are "
+        "weight-only",
     )
     _option(
         parser,
@@ -147,16 +157,16 @@ def convert_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="REGEX",
-        help="mark quantized layers matching REGEX full_precision_matrix_mult: ComfyUI multiplies them in "
-        "bf16/fp16 instead of quantizing their inputs to fp8 (repeatable; not with --format legacy)",
+        help="keep quantized layers matching REGEX weight-only (full_precision_matrix_mult) even with an input "
+        "scale: ComfyUI multiplies them in bf16/fp16 (repeatable)",
     )
     _option(
         parser,
         "full_precision_above",
         type=float,
         metavar="X",
-        help="also mark full_precision_matrix_mult the layers whose recorded inputs (--calibration), rounded to "
-        "fp8, are predicted to add more than X relative output error (e.g. 0.025)",
+        help="also keep weight-only the layers whose recorded inputs (--calibration), rounded to fp8, are "
+        "predicted to add more than X relative output error (e.g. 0.025)",
     )
     _option(
         parser,
@@ -219,6 +229,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         text_encoders=args.text_encoders,
         calibration=args.calibration,
         input_scales=args.input_scales,
+        uncalibrated_fp8_compute=args.uncalibrated_fp8_compute,
         full_precision=args.full_precision,
         full_precision_above=args.full_precision_above,
         parallel=args.parallel,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -42,7 +43,7 @@ from .policy import (
     scale_group,
     text_encoders_in_checkpoint,
 )
-from .rounding import RoundingOptions, RoundingResult, round_learned, round_nearest
+from .rounding import RoundingOptions, RoundingResult, release_tables, round_learned, round_nearest
 
 ROUNDING_METHODS = {
     "auto": "GPTQ where --calibration has statistics, round-to-nearest elsewhere",
@@ -83,6 +84,7 @@ class ConvertOptions:
     text_encoders: bool = False  # full checkpoints: also the T5 / LLM text encoders inside (see policy)
     calibration: str | None = None  # a Recorder file: GPTQ for the weights it has statistics for
     input_scales: bool = False  # a static input_scale per layer from the calibration file's input_absmax
+    uncalibrated_fp8_compute: bool = False  # layers without an input_scale run fp8 compute at scale 1 too
     full_precision: list[str] = field(default_factory=list)  # regexes: full_precision_matrix_mult layers
     full_precision_above: float | None = None  # ... and layers whose fp8 inputs would add more output error
     parallel: bool = False
@@ -234,8 +236,8 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
                 entries.append(TensorInfo(name, info.dtype, info.shape))
                 outputs[name] = [name]
                 continue
-            # ComfyUI multiplies text encoders in full precision: no input scale, no fp8 matmul marker.
-            activations[name] = planned(name) if owner is policy else formats.Activation(None, False)
+            # ComfyUI multiplies text encoders in full precision: no input scale; weight-only, as the flag says.
+            activations[name] = planned(name) if owner is policy else formats.Activation(None, True)
             layer = formats.layer_entries(options.format, name, info.shape, dtype, activations[name])
             entries += layer
             outputs[name] = [entry.name for entry in layer]
@@ -250,15 +252,26 @@ def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callabl
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
             f"(is the input already FP8-scaled? see --preset, --include, --min_tensor_size); family: {preset.family}"
         )
-    markers = formats.marker_tensors(options.format, prefix, dtype, options.shared_scales)
+    markers = _markers(options, dtype, activations, prefix)
     for owner in text_encoders:
         if any(decisions[k][0] for k in keys if k.startswith(owner.prefix)):
-            markers.update(formats.marker_tensors(options.format, owner.prefix, dtype, options.shared_scales))
+            markers.update(_markers(options, dtype, activations, owner.prefix))
     for key, tensor in markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
     return Plan(preset, prefix, decisions, items, entries, markers, activations, outputs)
+
+
+def _markers(
+    options: ConvertOptions, dtype: torch.dtype, activations: dict[str, formats.Activation], prefix: str
+) -> dict[str, torch.Tensor]:
+    """The layout's file-level markers for the model under ``prefix``; a ``legacy`` marker says
+    whether that model's layers are weight-only (they must agree, ``formats.legacy_full_precision``)."""
+    full = True
+    if options.format == "legacy":
+        full = formats.legacy_full_precision({k: a for k, a in activations.items() if k.startswith(prefix)})
+    return formats.marker_tensors(options.format, prefix, dtype, options.shared_scales, full)
 
 
 def _user_rules(options: ConvertOptions) -> tuple:
@@ -291,15 +304,24 @@ def _activation_rule(
     source: TensorSource, options: ConvertOptions, prefix: str, poll: Callable[[], None]
 ) -> Iterator[Callable[[str], formats.Activation]]:
     """Which quantized weights get an input scale or full precision, decided before any tensor is
-    written because both change the header. A weight gets an input scale when the calibration file
-    has its statistics (``_quantize_group`` fills in the value); it is full precision when it
-    matches ``--full_precision``, or when ``--full_precision_above`` is set and rounding its
-    recorded inputs to fp8 is predicted to add more relative output error than that (which reads
-    the weight and its statistics once more)."""
+    written because both change the header.
+
+    A weight gets an input scale with ``--input_scales`` when the calibration file has its
+    statistics (``_quantize_group`` fills in the value). It is full precision (weight-only: ComfyUI
+    dequantizes it even on a GPU with fp8 compute) when it has no input scale, unless
+    ``--uncalibrated_fp8_compute`` asks for ComfyUI's scale of 1; when it matches
+    ``--full_precision``; or when ``--full_precision_above`` is set and rounding its recorded inputs
+    to fp8 is predicted to add more relative output error than that (which reads the weight and
+    its statistics once more)."""
     patterns = [compile_regex(p, "--full_precision") for p in options.full_precision]
     threshold = options.full_precision_above
+    uncalibrated = options.uncalibrated_fp8_compute
+
+    def flagged(name: str, input_scale: float | None) -> bool:
+        return (input_scale is None and not uncalibrated) or any(p.search(name) for p in patterns)
+
     if not options.input_scales and threshold is None:
-        yield lambda name: formats.Activation(None, any(p.search(name) for p in patterns))
+        yield lambda name: formats.Activation(None, flagged(name, None))
         return
     if not options.calibration:
         raise ValueError("--input_scales and --full_precision_above need --calibration: recorded input statistics")
@@ -315,8 +337,9 @@ def _activation_rule(
 
         def planned(name: str) -> formats.Activation:
             recorded = statistics.key(name) is not None
-            full = any(p.search(name) for p in patterns) or (threshold is not None and recorded and hurts(name))
-            return formats.Activation(1.0 if recorded and options.input_scales else None, full)
+            input_scale = 1.0 if recorded and options.input_scales else None
+            full = flagged(name, input_scale) or (threshold is not None and recorded and hurts(name))
+            return formats.Activation(input_scale, full)
 
         yield planned
 
@@ -362,7 +385,25 @@ def convert(
     ``convert_file`` does) so that one high-water mark bounds inputs and outputs together.
     ``check_interrupt`` (raises to cancel), ``progress`` (each finished tensor) and ``activity``
     (the tensor being rounded, every half second) are called in this thread only (``job.Job``).
+    However it ends, the conversion holds no tensor on a GPU afterwards: the rounding's cached
+    tables are dropped, and a failure's traceback keeps its lines but not the local variables of
+    its frames (a GPU weight in a failed stage would otherwise stay allocated for as long as the
+    caller keeps the exception, e.g. ComfyUI while it reports the error).
     """
+    try:
+        return _convert(
+            source, output, options, progress, check_interrupt, calibration, protect, source_label, pool, activity
+        )
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_tables()
+
+
+def _convert(
+    source, output, options, progress, check_interrupt, calibration, protect, source_label, pool, activity
+) -> Summary:
     started = time.perf_counter()
     protect = run_inputs(options, *protect)
     check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing

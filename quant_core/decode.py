@@ -2,7 +2,8 @@
 
 The fp8 weights were rounded against the *decoded* scales, so decoding is exact: the weights are
 copied bit for bit, each code becomes the float32 scale it stands for, and a layer's input scale
-and ``full_precision_matrix_mult`` flag are carried over (``legacy`` refuses the flag). ``decoded_tensors``
+and ``full_precision_matrix_mult`` flag are carried over (into ``legacy``'s file-wide marker when the
+layers agree; a file whose layers differ can only become ``comfy``). ``decoded_tensors``
 yields the new layout one tensor at a time; ``decode_file`` streams it to disk atomically, and
 the ComfyUI loader node builds a state dict from it.
 """
@@ -44,7 +45,10 @@ def _layout(reader: SafetensorsReader, target: str) -> _Layout:
     descriptor = formats.read_json_tensor(reader.read(old_markers[0])) if old_markers else {}
     prefix = old_markers[0].removesuffix(formats.ULTRA8_MARKER) if old_markers else ""
     dtype = reader.tensors[weights[0]].dtype if weights else torch.float8_e4m3fn
-    markers = formats.marker_tensors(target, prefix, dtype, descriptor.get("shared_scales", False))
+    full = True
+    if target == "legacy":
+        full = formats.legacy_full_precision({w: _activation(reader, w) for w in weights})
+    markers = formats.marker_tensors(target, prefix, dtype, descriptor.get("shared_scales", False), full)
     return _Layout(set(weights), dropped, markers)
 
 

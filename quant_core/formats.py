@@ -3,19 +3,23 @@
 ``comfy``  (ComfyUI >= 0.4): ``L.weight`` fp8, ``L.weight_scale`` float32 0-dim, ``L.comfy_quant``
            uint8 UTF-8 JSON ``{"format": "float8_e4m3fn"}``.
 ``legacy`` (every ComfyUI since Oct 2024): ``L.weight`` fp8, ``L.scale_weight`` float32 0-dim, and
-           one empty marker tensor ``<prefix>scaled_fp8`` whose dtype is the weights' fp8 dtype.
+           one marker tensor ``<prefix>scaled_fp8`` whose dtype is the weights' fp8 dtype: 2 elements
+           for a weight-only file, empty for one whose layers run fp8 compute.
 ``ultra8`` (this project's, from the seed script): ``L.weight`` fp8, ``L.weight_scale_u8`` uint8
            0-dim code of the log-uniform codec (``codec.py``), ``L.comfy_quant`` JSON
            ``{"format": "ultra8", ...}`` so stock ComfyUI refuses the file instead of loading
            unscaled weights, and a marker ``<prefix>ultra8_codec`` (uint8 JSON) with the codec's
            parameters. ``decode`` turns it into ``comfy`` or ``legacy``.
 
-A layer may also carry activation settings for ComfyUI's fp8 matrix multiply (``Activation``): a
+A layer also carries its activation settings for ComfyUI's fp8 matrix multiply (``Activation``): a
 static ``input_scale`` (float32 0-dim ``L.input_scale``; ``L.scale_input`` in ``legacy``, which
-ComfyUI renames on load) and ``"full_precision_matrix_mult": true`` in its ``comfy_quant``. The
-``legacy`` layout can only mark a whole file full precision (a 2-element marker), so it refuses
-per-layer flags. ``ultra8`` stores the scale as float32 too: it is a ComfyUI tensor, not a weight
-scale the codec was made for, and ``decode`` copies both settings into the target layout.
+ComfyUI renames on load) and ``"full_precision_matrix_mult": true`` in its ``comfy_quant`` for a
+weight-only layer, which is what a conversion writes unless the layer has a calibrated input scale.
+The ``legacy`` layout marks the whole file at once: ComfyUI's ``convert_old_quants`` gives every
+layer ``full_precision_matrix_mult`` when the ``scaled_fp8`` marker has 2 elements and none when it
+is empty, so ``legacy_full_precision`` refuses a file whose layers disagree. ``ultra8`` stores the
+input scale as float32 too: it is a ComfyUI tensor, not a weight scale the codec was made for, and
+``decode`` copies both settings into the target layout.
 """
 
 from __future__ import annotations
@@ -67,16 +71,12 @@ def layer_tensors(
 ) -> dict[str, torch.Tensor]:
     """Every tensor a quantized Linear weight becomes in ``fmt``, keyed by output name.
 
-    ``scale`` must already be the stored scale (for ``ultra8`` a decoded codec value).
+    ``scale`` must already be the stored scale (for ``ultra8`` a decoded codec value). In ``legacy``
+    the full-precision flag is the file's marker (``marker_tensors``), not a per-layer tensor.
     Works with ``quantized`` on the meta device, which is how the output header is planned.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
-    if fmt == "legacy" and activation.full_precision:
-        raise ValueError(
-            f"{weight_key}: the legacy layout cannot mark one layer full_precision_matrix_mult "
-            "(its marker switches the whole file); use --format comfy"
-        )
     base = weight_key.removesuffix(WEIGHT_SUFFIX)
     dtype_name = str(quantized.dtype).removeprefix("torch.")
     tensors = {weight_key: quantized}
@@ -108,10 +108,30 @@ def layer_entries(
     return [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
 
-def marker_tensors(fmt: str, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool) -> dict[str, torch.Tensor]:
-    """File-level marker tensors of a layout (none for ``comfy``)."""
+def legacy_full_precision(activations: dict[str, Activation]) -> bool:
+    """Whether a ``legacy`` file's marker makes every layer weight-only (``full_precision_matrix_mult``).
+
+    The marker switches the whole file, so its layers must agree; a mixed file needs ``comfy``.
+    """
+    weight_only = sorted(name for name, a in activations.items() if a.full_precision)
+    fp8_compute = sorted(name for name, a in activations.items() if not a.full_precision)
+    if weight_only and fp8_compute:
+        raise ValueError(
+            f"the legacy layout makes every layer either weight-only or fp8 compute, but {len(weight_only)} "
+            f"layers would be weight-only (e.g. {weight_only[0]}) and {len(fp8_compute)} fp8 compute (e.g. "
+            f"{fp8_compute[0]}): with input scales every quantized layer needs calibration statistics and no "
+            "full precision layers; otherwise use format comfy"
+        )
+    return not fp8_compute
+
+
+def marker_tensors(
+    fmt: str, prefix: str, fp8_dtype: torch.dtype, shared_scales: bool, full_precision: bool = True
+) -> dict[str, torch.Tensor]:
+    """File-level marker tensors of a layout (none for ``comfy``). ``full_precision``: the ``legacy``
+    marker makes every layer weight-only (2 elements) rather than fp8 compute (empty)."""
     if fmt == "legacy":
-        return {prefix + LEGACY_MARKER: torch.empty(0, dtype=fp8_dtype)}
+        return {prefix + LEGACY_MARKER: torch.zeros(2 if full_precision else 0, dtype=fp8_dtype)}
     if fmt == "ultra8":
         descriptor = {
             "format": ULTRA8_FORMAT,
@@ -155,12 +175,21 @@ def sidecar_keys(fmt: str, weight_key: str) -> list[str]:
 
 
 def read_activation(fmt: str, weight_key: str, read, keys: set[str]) -> Activation:
-    """A stored layer's ``Activation``: ``read(name)`` returns a tensor of the file, ``keys`` its names."""
+    """A stored layer's ``Activation``: ``read(name)`` returns a tensor of the file, ``keys`` its names.
+
+    In ``legacy`` the flag is the file's marker (2 elements: weight-only), and an input scale of 1
+    is none, as ComfyUI's ``convert_old_quants`` reads them.
+    """
     base = weight_key.removesuffix(WEIGHT_SUFFIX)
     scale_key = base + INPUT_SCALE_SUFFIX[fmt]
     input_scale = float(read(scale_key).float().reshape(-1)[0]) if scale_key in keys else None
+    if fmt == "legacy":
+        markers = [k for k in keys if k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER)]
+        owner = max((m for m in markers if weight_key.startswith(m.removesuffix(LEGACY_MARKER))), key=len, default=None)
+        full = owner is not None and read(owner).numel() == 2
+        return Activation(None if input_scale == 1.0 else input_scale, full)
     conf_key = base + ".comfy_quant"
-    full = fmt != "legacy" and conf_key in keys and read_json_tensor(read(conf_key)).get(FULL_PRECISION) is True
+    full = conf_key in keys and read_json_tensor(read(conf_key)).get(FULL_PRECISION) is True
     return Activation(input_scale, full)
 
 

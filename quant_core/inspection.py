@@ -7,6 +7,10 @@ float32 with shape ``[]`` or ``[1]`` (uint8 ``[]`` code for ``ultra8``), positiv
 scale (``input_scale``, ``scale_input`` in ``legacy``) is float32 ``[]`` or ``[1]``, positive and
 finite, and ``full_precision_matrix_mult`` in a ``comfy_quant`` is a JSON boolean. Against the
 original, every tensor that was not quantized must be bit-identical.
+
+Both also say what each layer does on a GPU with fp8 compute (``formats.Activation``): weight-only,
+or an fp8 matrix multiply with its input scale. A layer that multiplies in fp8 without an input scale
+is legal but clips its inputs at the fp8 range: a warning, not a violation.
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ class LayerCheck:
     dtype: torch.dtype
     shape: tuple[int, ...]
     scale: float
+    activation: formats.Activation = formats.PLAIN
     error: float | None = None
+
+    def on_fp8_gpu(self) -> str:
+        """What ComfyUI does with the layer on a GPU with fp8 compute."""
+        if self.activation.full_precision:
+            return "weight-only"
+        if self.activation.input_scale is None:
+            return "fp8 @1 (none)"
+        return f"fp8 @{self.activation.input_scale:.4g}"
 
 
 @dataclass
@@ -50,6 +63,31 @@ class FileReport:
     metadata: dict[str, str] = field(default_factory=dict)
     family: str = ""  # the detected model family, see policy.detect_family
 
+    def unscaled_fp8_layers(self) -> list[str]:
+        """Layers ComfyUI multiplies in fp8 with its input scale of 1 on a GPU with fp8 compute."""
+        return [layer.name for layer in self.layers if layer.on_fp8_gpu() == "fp8 @1 (none)"]
+
+    def warnings(self) -> list[str]:
+        unscaled = self.unscaled_fp8_layers()
+        if not unscaled:
+            return []
+        return [
+            f"{len(unscaled)} layers would multiply in fp8 with no input scale on a GPU with fp8 compute (inputs "
+            f"clipped at the fp8 range), e.g. {', '.join(unscaled[:3])}: reconvert without uncalibrated fp8 "
+            "compute, or with calibrated input scales"
+        ]
+
+    def fp8_compute_line(self) -> str:
+        """One line: how many layers run fp8 compute on such a GPU, with and without an input scale."""
+        weight_only = sum(layer.activation.full_precision for layer in self.layers)
+        unscaled = len(self.unscaled_fp8_layers())
+        scaled = len(self.layers) - weight_only - unscaled
+        when = " once decoded" if self.format == "ultra8" else ""
+        return (
+            f"fp8 GPU   {weight_only} weight-only, {scaled} fp8 compute with an input scale, {unscaled} fp8 compute "
+            f"without one (on GPUs with fp8 compute{when}; elsewhere all are weight-only)"
+        )
+
     def text(self, errors: bool = False) -> str:
         scales = [layer.scale for layer in self.layers]
         lines = [
@@ -63,14 +101,20 @@ class FileReport:
             lines.append(
                 f"scales    min {min(scales):.4g}, median {statistics.median(scales):.4g}, max {max(scales):.4g}"
             )
+        if self.layers:
+            lines.append(self.fp8_compute_line())
         if "quant_core" in self.metadata:
             settings = json.loads(self.metadata["quant_core"])
             lines.append(f"converter quant_core {settings.get('version')} preset {settings.get('preset')}")
         if errors and self.layers:
-            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10} {'rel.err':>9}")
+            lines.append(f"{'layer':60} {'shape':>14} {'scale':>10} {'rel.err':>9} {'on an fp8 GPU':>14}")
             for layer in sorted(self.layers, key=lambda item: -(item.error or 0)):
                 shape = "x".join(map(str, layer.shape))
-                lines.append(f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g} {layer.error or 0:9.4%}")
+                lines.append(
+                    f"{layer.name[:60]:60} {shape:>14} {layer.scale:10.4g} {layer.error or 0:9.4%} "
+                    f"{layer.on_fp8_gpu():>14}"
+                )
+        lines += [f"WARNING {w}" for w in self.warnings()]
         lines += [f"VIOLATION {v}" for v in self.violations]
         return "\n".join(lines)
 
@@ -136,7 +180,22 @@ def _check_layer(reader: SafetensorsReader, fmt: str, weight_key: str, violation
     if fmt in ("comfy", "ultra8"):
         _check_comfy_quant(reader, fmt, base, info.dtype, violations)
     _check_input_scale(reader, base + formats.INPUT_SCALE_SUFFIX[fmt], violations)
-    return LayerCheck(weight_key, info.dtype, info.shape, scale)
+    return LayerCheck(weight_key, info.dtype, info.shape, scale, _activation(reader, fmt, weight_key))
+
+
+def _activation(reader: SafetensorsReader, fmt: str, weight_key: str) -> formats.Activation:
+    """The layer's settings as ComfyUI reads them; the header variant keeps its flags in the metadata
+    (``_check`` inspects it with the ``comfy`` rules)."""
+    activation = formats.read_activation(fmt, weight_key, reader.read, set(reader.tensors))
+    base = weight_key.removesuffix(formats.WEIGHT_SUFFIX)
+    if "_quantization_metadata" not in reader.metadata or f"{base}.comfy_quant" in reader.tensors:
+        return activation
+    try:
+        conf = json.loads(reader.metadata["_quantization_metadata"])["layers"][base]
+        full = conf.get(formats.FULL_PRECISION) is True
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        full = False  # ComfyUI's default
+    return formats.Activation(activation.input_scale, full)
 
 
 def _check_input_scale(reader: SafetensorsReader, key: str, violations: list[str]) -> None:

@@ -11,7 +11,9 @@ places each tensor by its header offset, so order does not matter), and an excep
 stage reaches the caller. Interrupts arrive in the caller's thread (Ctrl-C) or through its
 ``Job.poll``; either way the workers stop at their next step (``job.Job``) and every thread is
 joined before the exception goes on: a thread still rounding at interpreter exit aborts Python
-("terminate called without an active exception").
+("terminate called without an active exception"). Then the queues are emptied: a failed stage's
+frame in the exception's traceback refers to the stage's function, and through its closure to the
+queues, so what a failure left unprocessed (GPU tensors included) would live as long as the exception.
 """
 
 from __future__ import annotations
@@ -138,7 +140,12 @@ def run_pipeline(
         raise
     finally:
         job.stop()
-        _join(threads)
+        try:
+            _join(threads)
+        finally:
+            for pending in (loaded, done):
+                with pending.mutex:
+                    pending.queue.clear()
 
 
 def _join(threads: list[threading.Thread]) -> None:

@@ -155,6 +155,13 @@ def _fp8_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8, device=device).view(dtype).float()
 
 
+def release_tables() -> None:
+    """Drop the cached value tables (on every device they were made for): a conversion ends by
+    freeing every tensor it put on a GPU."""
+    _sixteen_bit_values.cache_clear()
+    _fp8_values.cache_clear()
+
+
 def generator_for(name: str, seed: int, device: torch.device) -> torch.Generator:
     """A generator seeded from the run seed and the tensor name: the same output in any order."""
     generator = torch.Generator(device=device if device.type == "cuda" else "cpu")

@@ -304,12 +304,14 @@ def test_decode_ultra8_is_exact(checkpoint_file, tmp_path, capsys, target):
         assert float(scale) == codec.decode_scale(int(source[f"{layer}.weight_scale_u8"]))
         if target == "comfy":
             conf = json.loads(bytes(result[f"{layer}.comfy_quant"].tolist()))
-            assert conf == {"format": "float8_e4m3fn"}
+            assert conf == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}, "still weight-only"
         else:
             assert f"{layer}.comfy_quant" not in result
     assert not [k for k in result if k.endswith(("weight_scale_u8", "ultra8_codec"))]
     markers = [k for k in result if k.endswith("scaled_fp8")]
     assert markers == (["model.diffusion_model.scaled_fp8"] if target == "legacy" else [])
+    if target == "legacy":
+        assert result["model.diffusion_model.scaled_fp8"].shape == (2,), "the weight-only marker"
 
     code, out, _ = run(["verify", checkpoint_file, decoded], capsys)
     assert code == 0, out

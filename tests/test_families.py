@@ -175,8 +175,11 @@ def test_text_encoders_option_converts_them_with_their_own_preset(encoder, prefi
         alone = decide_all(layouts.load(encoder).tensors, policy.detect_preset(t.name for t in te).name)
         assert {t.name.removeprefix(te_prefix): plan.decisions[t.name][0] for t in te} == alone
         assert not any(plan.decisions[t.name][0] for t in clip)  # CLIP stays whole
-        assert all(plan.activations[t.name] == formats.Activation(None, False) for t in te if plan.decisions[t.name][0])
+        # weight-only, as ComfyUI runs text encoders anyway; in legacy the text encoder's own 2-element marker
+        assert all(plan.activations[t.name] == formats.Activation(None, True) for t in te if plan.decisions[t.name][0])
         assert (te_prefix + formats.LEGACY_MARKER in plan.markers) == (fmt == "legacy")
+        if fmt == "legacy":
+            assert plan.markers[te_prefix + formats.LEGACY_MARKER].shape == (2,)
 
 
 @pytest.mark.parametrize(

@@ -133,9 +133,11 @@ def test_comfy_layout_matches_contract(flux_file, tmp_path, fp8_format):
         assert scale.dtype == torch.float32 and scale.shape == ()
         assert math.isfinite(float(scale)) and float(scale) > 0
         assert conf.dtype == torch.uint8 and conf.dim() == 1
-        assert json_of(conf) == {"format": fp8_format}
+        # weight-only by default: ComfyUI dequantizes even on a GPU with fp8 compute
+        expected = {"format": fp8_format, "full_precision_matrix_mult": True}
+        assert json_of(conf) == expected
         # byte-for-byte what ComfyUI's own writer produces for this config
-        assert bytes(conf.tolist()) == json.dumps({"format": fp8_format}).encode()
+        assert bytes(conf.tolist()) == json.dumps(expected).encode()
         assert_within_fp8_error(weight, float(scale), original[f"{layer}.weight"])
 
     sidecars = {f"{layer}{suffix}" for layer in layers for suffix in (".weight_scale", ".comfy_quant")}
@@ -192,7 +194,7 @@ def test_legacy_layout_full_checkpoint(checkpoint_file, tmp_path, fp8_format):
     markers = [k for k in tensors if k.endswith("scaled_fp8")]
     assert markers == [PREFIX + "scaled_fp8"]
     marker = tensors[PREFIX + "scaled_fp8"]
-    assert marker.dtype == dtype and marker.numel() == 0
+    assert marker.dtype == dtype and marker.shape == (2,), "2 elements: every layer weight-only"
 
     layers = layers_with(tensors, ".scale_weight")
     assert layers == {PREFIX + layer for layer in FLUX_QUANTIZED}
@@ -213,7 +215,7 @@ def test_legacy_layout_full_checkpoint(checkpoint_file, tmp_path, fp8_format):
 def test_legacy_marker_of_a_bare_diffusion_model_has_no_prefix(flux_file, tmp_path):
     tensors, _ = load_both(convert(flux_file, tmp_path, format="legacy"))
     assert [k for k in tensors if k.endswith("scaled_fp8")] == ["scaled_fp8"]
-    assert tensors["scaled_fp8"].dtype == torch.float8_e4m3fn and tensors["scaled_fp8"].numel() == 0
+    assert tensors["scaled_fp8"].dtype == torch.float8_e4m3fn and tensors["scaled_fp8"].shape == (2,)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +252,8 @@ def test_ultra8_layout(flux_file, tmp_path, shared):
         assert code.dtype == torch.uint8 and code.shape == ()
         scale = codec.decode_scale(int(code))
         assert_within_fp8_error(weight, scale, source)
-        assert json_of(tensors[f"{layer}.comfy_quant"])["format"] == "ultra8"
+        conf = {"format": "ultra8", "weight_dtype": "float8_e4m3fn", "full_precision_matrix_mult": True}
+        assert bytes(tensors[f"{layer}.comfy_quant"].tolist()) == json.dumps(conf).encode()
         exact = float(source.float().abs().max()) / FP8_MAX[torch.float8_e4m3fn]
         assert scale >= exact
         if not shared:  # its own scale: the smallest code that does not overflow

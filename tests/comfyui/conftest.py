@@ -59,6 +59,7 @@ NODE_OPTIONS = dict(
     exclude="",
     include="",
     seed=0,
+    fp8_compute="weight-only",
 )
 
 FLUX_CONFIG = dict(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from quant_core import formats
 from quant_core.calibration import RecordedStatistics
 from quant_core.io import SafetensorsReader
 
@@ -78,6 +79,14 @@ def test_sampling_records_what_both_convert_nodes_use(comfy, pack, model, tiny_f
     convert_file = classes["FP8ScaledConvertFile"]
     by_name = run_node(convert_file, source=SOURCE, filename_prefix="cal_file", calibration=path.name, **CALIBRATED)
     assert _rounding(by_name.args[1]) == _rounding(by_path.args[1])
+
+    # fp8_compute 'calibrated': the recorded layers get their input scale and stay on fp8 compute
+    options = dict(CALIBRATED, fp8_compute="calibrated")
+    scaled = run_node(convert_file, source=SOURCE, filename_prefix="cal_fp8", calibration=path.name, **options)
+    with SafetensorsReader(scaled.args[0]) as converted:
+        layers = [k for k, info in converted.tensors.items() if info.dtype == torch.float8_e4m3fn]
+        settings = [formats.read_activation("comfy", k, converted.read, set(converted.tensors)) for k in layers]
+    assert settings and all(a.input_scale is not None and not a.full_precision for a in settings)
 
 
 def test_the_input_model_is_not_recorded(comfy, pack, model):

@@ -9,7 +9,7 @@ records) for the assertions. ``test_node_doubles.py`` compares the ``folder_path
 real module when ``COMFYUI_PATH`` points at a ComfyUI checkout.
 
 ``build(models_dir)`` makes a fresh set of modules (``comfy``, ``comfy.utils``,
-``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``comfy.patcher_extension``,
+``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``comfy.patcher_extension``, ``comfy.lora``,
 ``folder_paths``, ``server``); the
 ``comfy`` fixture in ``conftest.py`` puts them into ``sys.modules`` for one test and takes them out
 again afterwards.
@@ -18,6 +18,7 @@ again afterwards.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import threading
@@ -185,6 +186,44 @@ def _model_management_module() -> types.ModuleType:
         setattr(mm, function.__name__, function)
     mm.InterruptProcessingException = InterruptProcessingException
     return mm
+
+
+# --------------------------------------------------------------------------------------------------
+# comfy.lora
+# --------------------------------------------------------------------------------------------------
+
+
+def _lora_module() -> types.ModuleType:
+    lora = types.ModuleType("comfy.lora")
+
+    def calculate_weight(patches: list, weight: torch.Tensor, key: str, intermediate_dtype=torch.float32):
+        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests use):
+        per patch ``(strength, (diff,), strength_model, offset, function)``, ``weight *= strength_model``
+        then ``weight += function(strength * diff)``, in place."""
+        import comfy.model_management
+
+        for strength, patch, strength_model, offset, function in patches:
+            function = function or (lambda a: a)
+            whole = weight
+            if offset is not None:
+                weight = weight.narrow(offset[0], offset[1], offset[2])
+            if strength_model != 1.0:
+                weight *= strength_model
+            if len(patch) == 2:
+                kind, patch = patch
+            else:
+                kind = "diff"
+            if kind != "diff":
+                raise NotImplementedError(f"the comfy.lora double only applies 'diff' patches, not {kind!r}")
+            diff = patch[0]
+            if strength != 0.0 and diff.shape == weight.shape:  # ComfyUI warns and skips on a mismatch
+                weight += function(strength * comfy.model_management.cast_to_device(diff, weight.device, weight.dtype))
+            if offset is not None:
+                weight = whole
+        return weight
+
+    lora.calculate_weight = calculate_weight
+    return lora
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,8 +599,10 @@ class ModelPatcher:
       strength * diff``, after ``weight *= strength_model``) and rounds back to the weight's dtype
       (``comfy.float.stochastic_rounding``, which for bf16/fp16/fp32 is a plain cast). Without
       ``return_weight`` it backs the weight up and sets the patched one on the model.
-    * ``load()`` mirrors the full-load path of ``ModelPatcher.load``: each module's weights are
-      patched in place and the module is marked ``comfy_patched_weights = True``.
+      The backup is ComfyUI's ``(weight, inplace_update)`` named tuple.
+    * ``load()`` and ``partially_unload()`` mirror the load states of ``ModelPatcher.load`` (full, lowvram,
+      lowvram with ``force_patch_weights``) and of a partial unload; ``add_weight_wrapper`` a training
+      adapter's weight wrapper.
 
     ``calls`` records the keys given to ``patch_weight_to_device`` (instrumentation).
     """
@@ -571,7 +612,9 @@ class ModelPatcher:
         self.load_device = load_device or torch.device("cpu")
         self.offload_device = offload_device or torch.device("cpu")
         self.patches: dict[str, list] = {}
-        self.backup: dict[str, torch.Tensor] = {}
+        self.backup: dict[str, Backup] = {}
+        self.hook_backup: dict[str, tuple[torch.Tensor, torch.device]] = {}
+        self.weight_wrapper_patches: dict[str, list] = {}
         self.weight_inplace_update = False
         self.wrappers: dict[str, dict[str, list]] = {}
         self.calls: list[str] = []
@@ -620,34 +663,10 @@ class ModelPatcher:
         weight = getattr(module, param)
         return weight, set_func, convert_func
 
-    @staticmethod
-    def _calculate_weight(patches: list, weight: torch.Tensor, key: str) -> torch.Tensor:
-        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests use)."""
-        import comfy.model_management
-
-        for strength, patch, strength_model, offset, function in patches:
-            function = function or (lambda a: a)
-            whole = weight
-            if offset is not None:
-                weight = weight.narrow(offset[0], offset[1], offset[2])
-            if strength_model != 1.0:
-                weight *= strength_model
-            if len(patch) == 2:
-                kind, patch = patch
-            else:
-                kind = "diff"
-            if kind != "diff":
-                raise NotImplementedError(f"the ModelPatcher double only applies 'diff' patches, not {kind!r}")
-            diff = patch[0]
-            if strength != 0.0 and diff.shape == weight.shape:  # ComfyUI warns and skips on a mismatch
-                weight += function(strength * comfy.model_management.cast_to_device(diff, weight.device, weight.dtype))
-            if offset is not None:
-                weight = whole
-        return weight
-
     def patch_weight_to_device(
         self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False
     ) -> torch.Tensor | None:
+        import comfy.lora
         import comfy.model_management
         import comfy.utils
 
@@ -657,7 +676,7 @@ class ModelPatcher:
             return weight
         inplace_update = self.weight_inplace_update or inplace_update
         if key not in self.backup and not return_weight:
-            self.backup[key] = weight.to(device=self.offload_device, copy=inplace_update)
+            self.backup[key] = Backup(weight.to(device=self.offload_device, copy=inplace_update), inplace_update)
         temp_dtype = comfy.model_management.lora_compute_dtype(device_to) if key in self.patches else None
         if device_to is not None:
             temp = comfy.model_management.cast_to_device(weight, device_to, temp_dtype, copy=True)
@@ -665,7 +684,7 @@ class ModelPatcher:
             temp = weight.to(temp_dtype, copy=True)
         if convert_func is not None:
             temp = convert_func(temp, inplace=True)
-        out = self._calculate_weight(self.patches[key], temp, key) if key in self.patches else temp
+        out = comfy.lora.calculate_weight(self.patches[key], temp, key) if key in self.patches else temp
         if set_func is not None:
             return set_func(out, inplace_update=inplace_update, return_weight=return_weight)
         if key in self.patches:
@@ -680,14 +699,64 @@ class ModelPatcher:
             comfy.utils.set_attr_param(self.model, key, out)
         return None
 
-    def load(self, device_to=None) -> None:
+    def add_weight_wrapper(self, name: str, function) -> None:
+        """Mirrors ``ModelPatcher.add_weight_wrapper``: ``function(weight)`` runs at every forward."""
+        self.weight_wrapper_patches.setdefault(name, []).append(function)
+
+    def _modules(self):
         for name, module in self.model.named_modules():
             params = [p for p, _ in module.named_parameters(recurse=False)]
-            if not params or getattr(module, "comfy_patched_weights", False):
+            if params:
+                yield module, [f"{name}.{param}" if name else param for param in params]
+
+    def load(self, device_to=None, offloaded=(), force_patch_weights=False) -> None:
+        """Mirrors ``ModelPatcher.load``: modules named in ``offloaded`` stay lowvram (their patches go
+        into ``weight_function`` as ``LowVramPatch``es, applied at forward time), unless
+        ``force_patch_weights``, which patches them in place *without* marking them; every other
+        module is patched in place and marked ``comfy_patched_weights = True``."""
+        for module, keys in self._modules():
+            name = keys[0].rpartition(".")[0]
+            if name in offloaded:
+                module.weight_function = [] if force_patch_weights else [LowVramPatch(k, self.patches) for k in keys]
+                if force_patch_weights:
+                    for key in keys:
+                        if key in self.patches:
+                            self.patch_weight_to_device(key)
                 continue
-            for param in params:
-                self.patch_weight_to_device(f"{name}.{param}" if name else param, device_to=device_to)
+            if getattr(module, "comfy_patched_weights", False):
+                continue
+            for key in keys:
+                self.patch_weight_to_device(key, device_to=device_to)
             module.comfy_patched_weights = True
+
+    def partially_unload(self, device_to=None, names=()) -> None:
+        """Mirrors ``ModelPatcher.partially_unload`` for the modules named: the backup goes back onto a
+        patched module, which becomes lowvram (``LowVramPatch``) with ``comfy_patched_weights = False``."""
+        import comfy.utils
+
+        for module, keys in self._modules():
+            if keys[0].rpartition(".")[0] not in names or not getattr(module, "comfy_patched_weights", False):
+                continue
+            for key in keys:
+                if key in self.backup:
+                    comfy.utils.set_attr_param(self.model, key, self.backup.pop(key).weight)
+            module.weight_function = [LowVramPatch(k, self.patches) for k in keys if k in self.patches]
+            module.comfy_patched_weights = False
+
+
+Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ComfyUI's backup entry
+
+
+class LowVramPatch:
+    """Mirrors ``comfy.model_patcher.LowVramPatch``: applies ``patches[key]`` to a weight at forward time."""
+
+    def __init__(self, key: str, patches: dict):
+        self.key, self.patches = key, patches
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.lora
+
+        return comfy.lora.calculate_weight(self.patches[self.key], weight, self.key, intermediate_dtype=weight.dtype)
 
 
 def apply_model(patcher: ModelPatcher, forward, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -736,7 +805,9 @@ def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNames
     cli_args = _cli_args_module()
     sd = _sd_module()
     patcher_extension = _patcher_extension_module()
+    lora = _lora_module()
     comfy.utils, comfy.model_management, comfy.cli_args, comfy.sd = utils, model_management, cli_args, sd
+    comfy.lora = lora
     comfy.patcher_extension = patcher_extension
     folder_paths = _folder_paths_module(models_dir, output_dir)
     server = _server_module()
@@ -752,6 +823,7 @@ def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNames
             "comfy.cli_args": cli_args,
             "comfy.sd": sd,
             "comfy.patcher_extension": patcher_extension,
+            "comfy.lora": lora,
             "folder_paths": folder_paths,
             "server": server,
         },

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PACK_SUBMODULES = ("host", "options", "model_source", "conversion", "loading", "recording")
 DOUBLED_MODULES = ("comfy", "comfy.utils", "comfy.model_management", "comfy.cli_args", "comfy.sd")
-DOUBLED_MODULES += ("comfy.patcher_extension",)
+DOUBLED_MODULES += ("comfy.patcher_extension", "comfy.lora")
 DOUBLED_MODULES += ("folder_paths", "server")
 
 

@@ -74,7 +74,7 @@ def test_model_patcher_diff_patches_like_comfyui(comfy, tiny_model):
         patcher.patch_weight_to_device(bias, return_weight=True) is patcher.model.diffusion_model.blocks[0].attn.q.bias
     )
     patcher.patch_weight_to_device(key, torch.device("cpu"))  # set on the model, original backed up
-    assert torch.equal(patcher.model.state_dict()[key], out) and torch.equal(patcher.backup[key], weight)
+    assert torch.equal(patcher.model.state_dict()[key], out) and torch.equal(patcher.backup[key].weight, weight)
 
 
 def test_model_patcher_clone_keeps_wrappers_apart_like_comfyui(comfy, tiny_model):

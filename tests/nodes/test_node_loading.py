@@ -47,7 +47,8 @@ def test_ultra8_file_becomes_a_comfy_state_dict(pack, comfy, source_file):
         assert scale.dtype == torch.float32 and scale.shape == ()
         code = int(ultra8[layer + ".weight_scale_u8"])
         assert float(scale) == pack.codec.decode_scale(code)
-        assert json.loads(bytes(state[layer + ".comfy_quant"].tolist())) == {"format": "float8_e4m3fn"}
+        conf = json.loads(bytes(state[layer + ".comfy_quant"].tolist()))
+        assert conf == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
     kept = [k for k in ultra8 if not k.startswith(tuple(layers)) and not k.endswith("ultra8_codec")]
     kept += [layer + ".bias" for layer in layers]
     for name in kept:

@@ -41,7 +41,7 @@ def test_a_model_without_diffusion_weights_is_refused(pack, comfy):
         pack.model_source.ModelSource(comfy.ModelPatcher(empty), torch.device("cpu"))
 
 
-def test_patched_keys_come_through_patch_weight_to_device(pack, comfy, tiny_model):
+def test_patched_keys_are_the_original_plus_the_patches(pack, comfy, tiny_model):
     patcher, expected = _patched(comfy, tiny_model, strength=0.5, keys=(Q, FC))
     source = pack.model_source.ModelSource(patcher, torch.device("cpu"))
     for name in source.tensors:
@@ -52,19 +52,53 @@ def test_patched_keys_come_through_patch_weight_to_device(pack, comfy, tiny_mode
             assert torch.equal(tensor, patcher.model.diffusion_model.state_dict()[name])  # unpatched: as stored
         assert tensor.dtype == source.tensors[name].dtype and tuple(tensor.shape) == source.tensors[name].shape
         assert not tensor.requires_grad
-    assert patcher.calls == ["diffusion_model." + Q, "diffusion_model." + FC]  # the others are read directly
     stored = patcher.model.diffusion_model.blocks[0].attn.q.weight
     assert not torch.equal(stored, expected[Q])  # the model itself was not modified
+    assert patcher.backup == {} and patcher.calls == []
 
 
-def test_modules_with_patched_weights_are_read_directly(pack, comfy, tiny_model):
-    patcher, expected = _patched(comfy, tiny_model)
-    patcher.load()  # ComfyUI's full load patches the weights in place and marks each module
-    assert patcher.model.diffusion_model.blocks[0].attn.q.comfy_patched_weights is True
-    patcher.calls.clear()
+# Every load state of ComfyUI's ModelPatcher: (modules lowvram-offloaded, force_patch_weights, partially unloaded).
+LOAD_STATES = {
+    "not_loaded": None,
+    "full": ((), False, ()),
+    "lowvram": (("diffusion_model.blocks.0.attn.q",), False, ()),
+    "lowvram_forced": (("diffusion_model.blocks.0.attn.q", "diffusion_model.blocks.1.mlp.fc"), True, ()),
+    "partially_unloaded": ((), False, ("diffusion_model.blocks.0.attn.q",)),
+}
+
+
+@pytest.mark.parametrize("state", LOAD_STATES)
+def test_every_load_state_reads_the_same_patched_weights(pack, comfy, tiny_model, state):
+    """Patched once, never twice, whether the patch is applied in place (with or without the
+    ``comfy_patched_weights`` mark), at forward time (lowvram) or not at all yet."""
+    patcher, expected = _patched(comfy, tiny_model, strength=0.5, keys=(Q, FC))
+    if LOAD_STATES[state] is not None:
+        offloaded, forced, unloaded = LOAD_STATES[state]
+        patcher.load(offloaded=offloaded, force_patch_weights=forced)
+        patcher.partially_unload(names=unloaded)
+    in_place = set(patcher.backup)
+    assert bool(in_place) == (state != "not_loaded"), "the state really patched some weights in place"
+    q = patcher.model.diffusion_model.blocks[0].attn.q
+    if state == "lowvram_forced":  # patched in place, yet not marked: what read the live weight twice patched
+        assert "diffusion_model." + Q in in_place and not getattr(q, "comfy_patched_weights", False)
+    if state in ("lowvram", "partially_unloaded"):  # the patch waits for the forward pass
+        assert "diffusion_model." + Q not in in_place and q.weight_function
     source = pack.model_source.ModelSource(patcher, torch.device("cpu"))
-    assert torch.equal(source.read(Q), expected[Q])  # patched once, not twice
-    assert patcher.calls == []
+    for name, weight in expected.items():
+        assert torch.equal(source.read(name), weight), name
+    assert set(patcher.backup) == in_place, "the model is left in its state"
+
+
+def test_weight_wrappers_apply_after_the_patches(pack, comfy, tiny_model):
+    """A training adapter (``add_weight_wrapper``) changes the weight at every forward: it is baked in."""
+    patcher, expected = _patched(comfy, tiny_model)
+    patcher.add_weight_wrapper("diffusion_model." + Q, lambda weight: weight * 2.0)
+    patcher.add_weight_wrapper("diffusion_model." + FC, lambda weight: weight + 1.0)
+    patcher.load()
+    source = pack.model_source.ModelSource(patcher, torch.device("cpu"))
+    assert torch.equal(source.read(Q), (expected[Q].float() * 2.0).to(torch.bfloat16))
+    original = patcher.model.diffusion_model.blocks[1].mlp.fc.weight
+    assert torch.equal(source.read(FC), (original.float() + 1.0).to(torch.bfloat16))
 
 
 def _quantize_layer(comfy, model, make_tensor):

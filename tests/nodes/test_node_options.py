@@ -66,3 +66,20 @@ def test_regex_widgets_hold_one_pattern_per_line(pack):
 def test_unknown_rounding_mode_is_refused(pack, mode):
     with pytest.raises(ValueError, match="rounding must be one of"):
         pack.options.convert_options(rounding=mode)
+
+
+def test_fp8_compute_widget_is_weight_only_by_default(pack):
+    default = pack.options.convert_options()
+    assert (default.input_scales, default.uncalibrated_fp8_compute) == (False, False)
+    calibrated = pack.options.convert_options(fp8_compute="calibrated", calibration="c.safetensors", rounding="nearest")
+    assert (calibrated.input_scales, calibrated.uncalibrated_fp8_compute) == (True, False)
+    assert calibrated.calibration == "c.safetensors" and calibrated.method == "nearest"
+    unsafe = pack.options.convert_options(fp8_compute="uncalibrated")
+    assert (unsafe.input_scales, unsafe.uncalibrated_fp8_compute) == (False, True)
+
+
+def test_fp8_compute_calibrated_needs_a_calibration_file(pack):
+    with pytest.raises(ValueError, match="fp8_compute 'calibrated' needs a calibration file"):
+        pack.options.convert_options(fp8_compute="calibrated")
+    with pytest.raises(ValueError, match="fp8_compute must be one of"):
+        pack.options.convert_options(fp8_compute="fast")
