@@ -138,7 +138,8 @@ OPTIONS: tuple[Option, ...] = (
         "use_amp",
         bool,
         True,
-        "bf16 autocast for the optimiser's matrix multiplies on CUDA" + _LEARNED_ONLY,
+        "bf16 matrix multiplies in the optimiser (float32 accumulation) on CUDA and on CPUs with native bf16 "
+        "(AMX, AVX-512 BF16); float32 elsewhere" + _LEARNED_ONLY,
         fronts=(CLI,),
         learned=True,
     ),

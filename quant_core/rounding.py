@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +33,9 @@ from .calibration import CalibrationSource
 from .io import BufferPool
 from .job import Step, no_step
 from .options import LearnedOptions
+from .pipeline import one_cpu_thread
+
+T = TypeVar("T")
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 _WARMUP = 0.2  # fraction of iterations without the rounding regulariser
@@ -38,10 +45,11 @@ _BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
 # the CPU's caches (the fastest block size measured; docs/benchmarks.md)
 _LEARNED_BLOCK_ELEMENTS = 1 << 18
 _PATIENCE = 50
+_HELD_OUT_EVERY = 25  # iterations between early looks at the held-out inputs (one product each)
+_DECISION_EVERY = 10  # iterations between comparisons of the hard decisions (a block-sized pass each)
+_TINY = 1e-30  # floor of |2 soft - 1| under the regulariser's logarithm
 _GAMMA_TENSOR = torch.tensor(_GAMMA)
 _MINUS_ONE = torch.tensor(-1.0)
-# |logit| beyond which the rectified sigmoid is clamped: sigmoid(x) = -gamma / (zeta - gamma) = 1 / 12
-_CLAMP_LOGIT = math.log((_ZETA - _GAMMA) / -_GAMMA - 1)
 
 
 @dataclass
@@ -168,30 +176,74 @@ def round_learned(
     inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
     held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
 
-    limit = fp8.fp8_max(dtype)
     learned = torch.empty(weight.shape, dtype=dtype, device=device)
-    iterations, work, error_rtn, error, reference = 0, 0, 0.0, 0.0, 0.0
     blocks = _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS)
     total = len(blocks) * options.num_iter
-    for index, rows in enumerate(blocks):
+    progress = _Progress(step, total)
+
+    def learn(rows: slice) -> tuple[int, int, float, float, float, bool]:
+        """Optimises one block into ``learned``; its iterations, its work, its held-out sums
+        (reference, RTN, learned) and whether it stopped early for losing to RTN there."""
         block = weight[rows].float()
-        scaled = (block / scale).clamp_(-limit, limit)
+        scaled = (block / scale).clamp_(-fp8.fp8_max(dtype), fp8.fp8_max(dtype))
         rtn = scaled.to(dtype)
-        steps = (step, index * options.num_iter, total)
-        learned[rows], used = _optimise_block(scaled, rtn, inputs, dtype, options, steps)
-        iterations = max(iterations, used)
-        work += used * block.numel()
+        learned[rows], used, lost = _optimise_block(scaled, rtn, inputs, dtype, options, (progress, 0, total), held_out)
         del scaled
-        reference += _squared_norm(held_out @ block.T)
-        error_rtn += _squared_norm(held_out @ (rtn.float().mul_(scale).sub_(block)).T)
-        error += _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
+        reference = _squared_norm(held_out @ block.T)
+        error_rtn = _squared_norm(held_out @ (rtn.float().mul_(scale).sub_(block)).T)
+        error = _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
+        return used, used * block.numel(), reference, error_rtn, error, lost
+
+    outcomes = _map_blocks(learn, blocks, device)
+    iterations = max(outcome[0] for outcome in outcomes)
+    work, reference, error_rtn, error = (sum(outcome[i] for outcome in outcomes) for i in (1, 2, 3, 4))
 
     error_rtn, error = relative_error(error_rtn, reference), relative_error(error, reference)
+    if all(outcome[5] for outcome in outcomes):  # every block stopped early and kept RTN
+        return RoundingResult(learned, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
         del learned
         rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
         return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     return RoundingResult(learned, error_rtn, error, iterations, work=work)
+
+
+class _Progress:
+    """A ``Step`` for blocks optimised on several threads: counts iterations over all of them, so
+    the caller's ``step`` sees one rising count (under a lock, from whichever thread)."""
+
+    def __init__(self, step: Step, total: int) -> None:
+        self.step, self.total, self.done, self.lock = step, total, 0, threading.Lock()
+
+    def __call__(self, _position: int, _total: int) -> None:
+        with self.lock:
+            self.step(self.done, self.total)
+            self.done += 1
+
+
+def _map_blocks(function: Callable[[slice], T], blocks: list[slice], device: torch.device) -> list[T]:
+    """``[function(rows) for rows in blocks]``; on a CPU with several torch threads, one block per
+    thread, each running torch's kernels on one thread.
+
+    A block's step is ~30 small kernels: with torch's thread pool each of them ends in a barrier,
+    and on a busy machine a barrier waits for a descheduled thread's next time slice. Beside five
+    other processes on 2 cores that made a block-iteration take 70-500 ms instead of 4-7 ms on one
+    thread; blocks are independent (output rows are), so the cores share blocks instead.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(blocks) == 1:
+        return [function(rows) for rows in blocks]
+
+    def run(rows: slice) -> T:
+        torch.set_num_threads(1)  # this thread's own setting (OpenMP's is per thread)
+        return function(rows)
+
+    pool = ThreadPoolExecutor(min(threads, len(blocks)), thread_name_prefix="learned-rounding")
+    try:
+        with one_cpu_thread(device):
+            return list(pool.map(run, blocks))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error (e.g. a cancel), start no further block
 
 
 def _row_blocks(weight: torch.Tensor, max_elements: int) -> list[slice]:
@@ -212,58 +264,107 @@ def _optimise_block(
     dtype: torch.dtype,
     options: LearnedOptions,
     steps: tuple[Step, int, int] = (no_step, 0, 0),
-) -> tuple[torch.Tensor, int]:
-    """Optimise the rounding of a block of rows; returns its fp8 values and the iterations used.
+    held_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, bool]:
+    """Optimise the rounding of a block of rows; returns its fp8 values, the iterations used and
+    whether it stopped early because it lost to RTN on ``held_out`` (see below).
     With ``steps = (step, first, total)``, ``step(first + i, total)`` is called before iteration ``i``.
+
+    With ``held_out`` inputs, the hard decisions are scored on them every ``_HELD_OUT_EVERY``
+    iterations after the warm-up; where they lose to RTN there, the block stops and returns RTN:
+    the held-out guard would most likely reject it at the end, and the rest of the budget would
+    be spent on overfitting (with isotropic random inputs, nearly always).
 
     The loss, the gradient through the rectified sigmoid and the Adam update are written out by
     hand, in place, rather than by autograd and ``torch.optim``: the matrix work per weight is
     only ``4 * calib_samples`` flops an iteration, so the element-wise passes around it set the
     speed, and autograd's graph, its saved copies and its second pass over them were most of
     the time. What is fixed across iterations (grid neighbours, the gradient's per-element
-    factor) is computed once per block.
+    factor) is computed once per block, and every per-iteration tensor lives in a buffer
+    allocated once (see ``_Workspace``).
     """
     report, first, total = steps
     base, step = fp8.grid_neighbours(scaled, dtype)
     offset = base - scaled  # the error when rounding towards zero, in fp8 units
     fraction = torch.where(step != 0, -offset / step.where(step != 0, 1.0), 0.0)
-    rtn_loss, _ = _output_loss_and_gradient(inputs, rtn.float() - scaled, options, gradient=False)
+    batch = options.batch_size or inputs.shape[0]
+    inputs = inputs.to(_matmul_dtype(options, inputs.device))
+    rtn_delta = (rtn.float() - scaled).to(inputs.dtype)
+    rtn_loss = _output_loss_and_gradient(inputs, rtn_delta, batch)
     if rtn_loss == 0.0 or options.num_iter <= 0:  # RTN is exact: nothing to learn
-        return rtn, 0
+        return rtn, 0, False
 
+    if held_out is not None:
+        held_out = held_out.to(inputs.dtype)
+        rtn_held_out = _output_loss_and_gradient(held_out, rtn_delta, batch)
+    del rtn_delta
     logits = _inverse_rectified_sigmoid(fraction)
+    del fraction
     adam = _Adam(logits, options.lr, options.num_iter)
     # d(loss)/d(logits) = (dL/d(delta) * step / rtn_loss + d(reg)/d(soft)) * (zeta - gamma) * s (1 - s)
     factor = step * ((_ZETA - _GAMMA) / rtn_loss)
     warmup = int(_WARMUP * options.num_iter)
-    best, stale, decisions = math.inf, 0, fraction >= 0.5
-    sigmoid, soft = _soften(logits)
+    work = _Workspace(logits, inputs.dtype)
+    best, stale, decisions, last_held_out = math.inf, 0, logits >= 0, math.inf
     iteration = 0
     for iteration in range(1, options.num_iter + 1):
         report(first + iteration - 1, total)
-        error, gradient = _output_loss_and_gradient(inputs, torch.addcmul(offset, soft, step), options)
-        loss = error / rtn_loss
-        gradient.mul_(factor)
+        torch.addcmul(offset, work.soft, step, out=work.delta)
+        loss = _output_loss_and_gradient(inputs, work.delta, batch, work.gradient, factor) / rtn_loss
         if iteration > warmup:
             progress = (iteration - warmup) / max(1, options.num_iter - warmup)
             beta = _BETA_END + 0.5 * (_BETA_START - _BETA_END) * (1 + math.cos(math.pi * progress))
-            loss += _add_regulariser(soft, beta, options.reg_lambda * (_ZETA - _GAMMA), gradient) / (_ZETA - _GAMMA)
-        _chain_sigmoid(gradient, sigmoid, logits)
-        adam.step(gradient)
-        del gradient
-        sigmoid, soft = _soften(logits)
+            weight = options.reg_lambda * (_ZETA - _GAMMA)
+            loss += _add_regulariser(work.soft, beta, weight, work.gradient, work.scratch) / (_ZETA - _GAMMA)
+        _chain_sigmoid(work.gradient, work.sigmoid, work.soft)
+        adam.step(work.gradient)
+        _soften(logits, work.sigmoid, work.soft)
 
-        current = soft >= 0.5
-        changed = not torch.equal(current, decisions)
-        decisions = current
-        if loss < best - options.early_stop_threshold or changed:
-            best, stale = min(best, loss), 0
-        else:
-            stale += 1
+        improved = loss < best - options.early_stop_threshold
+        stale = 0 if improved else stale + 1
+        if iteration % _DECISION_EVERY == 0 or stale >= _PATIENCE:
+            current = torch.ge(logits, 0, out=work.decisions)
+            if not torch.equal(current, decisions):  # a decision changed since the last look
+                work.decisions, decisions, stale = decisions, current, 0
+        if improved or stale == 0:
+            best = min(best, loss)
         if iteration > warmup and stale >= _PATIENCE:
             break
-    values = (base + decisions * step).to(dtype)
-    return values, iteration
+        if held_out is not None and iteration > warmup and (iteration - warmup) % _HELD_OUT_EVERY == 0:
+            torch.addcmul(offset, logits >= 0, step, out=work.delta)
+            held_out_loss = _output_loss_and_gradient(held_out, work.delta, batch)
+            if held_out_loss >= rtn_held_out and held_out_loss >= last_held_out:  # losing, and not recovering
+                return rtn, iteration, True
+            last_held_out = held_out_loss
+    values = torch.addcmul(base, logits >= 0, step).to(dtype)
+    return values, iteration, False
+
+
+def _matmul_dtype(options: LearnedOptions, device: torch.device) -> torch.dtype:
+    """bfloat16 under ``use_amp`` where the device multiplies it natively (CUDA; CPUs with AMX or
+    AVX-512 BF16, through oneDNN), else float32. The products accumulate in float32 either way."""
+    if not options.use_amp:
+        return torch.float32
+    native = device.type == "cuda" or (device.type == "cpu" and _cpu_has_bfloat16())
+    return torch.bfloat16 if native else torch.float32
+
+
+@functools.cache
+def _cpu_has_bfloat16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+class _Workspace:
+    """The per-iteration tensors of one block, allocated once: the optimiser's step reads and
+    writes them in place instead of allocating ~10 block-sized temporaries an iteration."""
+
+    def __init__(self, logits: torch.Tensor, matmul_dtype: torch.dtype) -> None:
+        self.sigmoid, self.soft = _soften(logits)
+        self.delta = torch.empty_like(logits, dtype=matmul_dtype)
+        self.gradient = torch.empty_like(logits)
+        self.scratch = (torch.empty_like(logits), torch.empty_like(logits))
+        self.decisions = torch.empty_like(logits, dtype=torch.bool)
 
 
 class _Adam:
@@ -288,57 +389,70 @@ class _Adam:
         self.param.addcdiv_(self.exp_avg, denominator, value=-lr * correction / (1 - beta1**self.steps))
 
 
-def _soften(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sigmoid(logits), rectified_sigmoid(logits))``; the first is kept for the chain rule."""
-    sigmoid = torch.sigmoid(logits)
-    soft = torch.add(_GAMMA_TENSOR, sigmoid, alpha=_ZETA - _GAMMA).clamp_(0, 1)
+def _soften(
+    logits: torch.Tensor, sigmoid: torch.Tensor | None = None, soft: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmoid(logits), rectified_sigmoid(logits))``, into ``sigmoid`` and ``soft`` when given;
+    the first is kept for the chain rule."""
+    sigmoid = torch.sigmoid(logits, out=sigmoid)
+    soft = torch.add(_GAMMA_TENSOR, sigmoid, alpha=_ZETA - _GAMMA, out=soft).clamp_(0, 1)
     return sigmoid, soft
 
 
-def _add_regulariser(soft: torch.Tensor, beta: float, weight: float, gradient: torch.Tensor) -> float:
+def _add_regulariser(
+    soft: torch.Tensor, beta: float, weight: float, gradient: torch.Tensor, scratch: tuple[torch.Tensor, ...] = ()
+) -> float:
     """Adds d/d(soft) of ``weight * mean(1 - |2 soft - 1|^beta)`` to ``gradient``; returns that term.
 
     With ``t = 2 soft - 1`` the derivative is ``-2 beta weight / n * t |t|^(beta - 2)``; ``beta >= 2``
-    throughout the anneal, so the power is finite at ``t = 0``.
+    throughout the anneal, so the power is finite at ``t = 0``. The power is ``exp((beta - 2) log |t|)``
+    with ``|t|`` kept above 0 (the factor ``t`` makes those elements 0 again): on the CPU that is
+    3x faster than ``pow``. ``scratch``, when given, is two block-sized buffers for ``t`` and the power.
     """
-    centred = torch.add(_MINUS_ONE, soft, alpha=2)
-    signed_power = centred.abs().pow_(beta - 2).mul_(centred)  # t |t|^(beta - 2)
+    centred_out, power_out = scratch or (None, None)
+    centred = torch.add(_MINUS_ONE, soft, alpha=2, out=centred_out)
+    power = torch.abs(centred, out=power_out).clamp_(min=_TINY).log_().mul_(beta - 2).exp_()
+    signed_power = power.mul_(centred)  # t |t|^(beta - 2)
     count = soft.numel()
     total = float(torch.dot(signed_power.view(-1), centred.view(-1)))  # sum |t|^beta
     gradient.add_(signed_power, alpha=-2 * beta * weight / count)
     return weight * (1 - total / count)
 
 
-def _chain_sigmoid(gradient: torch.Tensor, sigmoid: torch.Tensor, logits: torch.Tensor) -> None:
-    """Multiplies ``gradient`` in place by ``sigmoid (1 - sigmoid)``, and by 0 where the rectified
-    sigmoid's clamp is active: ``(zeta - gamma) sigmoid(x) + gamma`` leaves [0, 1] exactly where
-    ``|x| > ln((zeta - gamma) / -gamma - 1)`` (= ln 11)."""
-    slope = torch.addcmul(sigmoid, sigmoid, sigmoid, value=-1)
-    gradient.mul_(slope.masked_fill_(logits.abs() > _CLAMP_LOGIT, 0.0))
+def _chain_sigmoid(gradient: torch.Tensor, sigmoid: torch.Tensor, soft: torch.Tensor) -> None:
+    """Turns d/d(soft) into d/d(logits) in place: 0 where the rectified sigmoid's clamp holds ``soft``
+    at 0 or 1, else times ``sigmoid (1 - sigmoid)`` (the factor ``zeta - gamma`` is the caller's).
+    ATen's own backward kernels do each in one pass; the masked version took five."""
+    torch.ops.aten.hardtanh_backward.grad_input(gradient, soft, 0.0, 1.0, grad_input=gradient)
+    torch.ops.aten.sigmoid_backward.grad_input(gradient, sigmoid, grad_input=gradient)
 
 
 def _output_loss_and_gradient(
-    inputs: torch.Tensor, delta: torch.Tensor, options: LearnedOptions, gradient: bool = True
-) -> tuple[float, torch.Tensor | None]:
-    """``||X delta^T||^2`` and its gradient ``2 (X delta^T)^T X``, in batches of calibration rows.
+    inputs: torch.Tensor,
+    delta: torch.Tensor,
+    batch: int,
+    gradient: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
+) -> float:
+    """``||X delta^T||^2``; with ``gradient``, writes ``factor * 2 (X delta^T)^T X`` into it.
 
-    Computed by hand rather than by autograd so that only one batch of outputs is alive at a
-    time (``--batch_size`` bounds memory) and nothing is kept for a backward pass. The factor 2
-    goes on the small output batch, not the block-sized gradient.
+    In batches of ``batch`` calibration rows, so that only one batch of outputs is alive at a time
+    (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``inputs`` and
+    ``delta`` share the matmul dtype (see ``_matmul_dtype``); the gradient is float32. The
+    factor 2 goes on the small output batch, not the block-sized gradient.
     """
-    batch = options.batch_size or inputs.shape[0]
-    amp = options.use_amp and inputs.is_cuda
     total = 0.0
-    grad = None
     for start in range(0, inputs.shape[0], batch):
         chunk = inputs[start : start + batch]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = chunk @ delta.T
-            if gradient:
-                part = ((2 * out).T @ chunk).float()
-                grad = part if grad is None else grad.add_(part)
+        out = chunk @ delta.T
         total += float(out.float().pow(2).sum())
-    return total, grad
+        if gradient is not None:
+            part = out.mul_(2).T @ chunk
+            if start == 0:
+                torch.mul(part, factor, out=gradient)
+            else:
+                gradient.addcmul_(part, factor)
+    return total
 
 
 def _inverse_rectified_sigmoid(fraction: torch.Tensor) -> torch.Tensor:

@@ -279,7 +279,7 @@ def test_works_under_inference_mode():
 
 def test_hand_written_gradient_matches_autograd():
     """The chain rule written out in rounding.py equals autograd's on the seed's surrogate loss,
-    clamped logits (|x| > ln 11) included."""
+    clamped elements (soft held at 0 or 1) included."""
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(64, 48, generator=generator) * 4
     output_gradient = torch.randn(64, 48, generator=generator)  # d(output loss)/d(soft)
@@ -294,8 +294,8 @@ def test_hand_written_gradient_matches_autograd():
     sigmoid, soft = rounding._soften(logits)
     gradient = output_gradient * zeta_gamma
     value = rounding._add_regulariser(soft, beta, reg_lambda * zeta_gamma, gradient) / zeta_gamma
-    rounding._chain_sigmoid(gradient, sigmoid, logits)
-    assert (logits.abs() > rounding._CLAMP_LOGIT).any()
+    rounding._chain_sigmoid(gradient, sigmoid, soft)
+    assert ((soft == 0) | (soft == 1)).any()
     torch.testing.assert_close(gradient, leaf.grad, rtol=1e-5, atol=1e-8)
     assert value == pytest.approx(float(regulariser.detach()), rel=1e-5)
 
@@ -348,3 +348,62 @@ def test_sixteen_bit_round_to_nearest_is_the_float_path(source, dtype):
     assert torch.equal(result.quantized.view(torch.uint8), expected.view(torch.uint8))
     error = float((expected.float() * scale - weight.float()).norm() / weight.float().norm())
     assert result.error == pytest.approx(error, rel=1e-5) and result.error_rtn == result.error
+
+
+def test_block_losing_on_held_out_stops_early_and_keeps_rtn():
+    """Overfitting to 12 isotropic samples loses to RTN on fresh ones: the block stops at an early
+    look instead of using its whole budget, and returns RTN exactly."""
+    weight = make_weight(24, 48, seed=7)
+    scale = scale_of(weight, E4M3)
+    scaled = scaled_weight(weight, scale, E4M3)
+    rtn = scaled.to(E4M3)
+    options = LearnedOptions(num_iter=200, calib_samples=12, lr=0.3)
+    lost = []
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        inputs, held_out = torch.randn(12, 48, generator=generator), torch.randn(12, 48, generator=generator)
+        values, used, stopped = rounding._optimise_block(scaled, rtn, inputs, E4M3, options, held_out=held_out)
+        if stopped:
+            assert used < options.num_iter
+            assert torch.equal(as_bits(values), as_bits(rtn))
+        lost.append(stopped)
+    assert any(lost), "no block lost on held-out inputs: the early stop went untested"
+
+
+def test_blocks_on_several_threads_give_one_threads_result(monkeypatch):
+    weight = make_weight(40, 64, seed=8)
+    scale = scale_of(weight, E4M3)
+    monkeypatch.setattr(rounding, "_LEARNED_BLOCK_ELEMENTS", 8 * 64)  # five blocks of 8 rows
+    options = LearnedOptions(num_iter=30, calib_samples=32, early_stop_threshold=-1.0)
+    threads = torch.get_num_threads()
+    results, steps = [], []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            seen = []
+            calibration = LowRankCalibration(64)
+            step = lambda done, total, seen=seen: seen.append((done, total))  # noqa: E731
+            results.append(rounding.round_learned("w.weight", weight, scale, E4M3, calibration, options, step))
+            steps.append(seen)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(as_bits(results[0].quantized), as_bits(results[1].quantized))
+    assert (results[0].error, results[0].error_rtn, results[0].work) == (
+        results[1].error,
+        results[1].error_rtn,
+        results[1].work,
+    )
+    assert steps[0] == steps[1] == [(done, 5 * 30) for done in range(5 * 30)]
+
+
+@pytest.mark.parametrize("use_amp", [False, True], ids=["float32", "amp"])
+def test_float32_and_amp_products_both_beat_rtn(use_amp):
+    """``use_amp`` picks bf16 products only where the device has them natively; both paths learn."""
+    weight = make_weight(64, 128)
+    scale = scale_of(weight, E4M3)
+    options = LearnedOptions(num_iter=300, calib_samples=256, use_amp=use_amp)
+    expected = torch.bfloat16 if use_amp and rounding._cpu_has_bfloat16() else torch.float32
+    assert rounding._matmul_dtype(options, CPU) == expected
+    result = rounding.round_learned("amp.weight", weight, scale, E4M3, LowRankCalibration(128), options)
+    assert result.error < result.error_rtn
+    assert_grid_neighbour_choices(result, weight, scale, E4M3)
