@@ -50,6 +50,7 @@ DONE_FIELDS = {
     "quantized",
     "kept",
     "mean_error",
+    "errors",
     "worst",
     "fallbacks",
     "seconds",
@@ -249,7 +250,11 @@ def test_progress_and_done_events_arrive_over_the_websocket(server):
     assert set(done) >= DONE_FIELDS and done["node"] == "1"
     assert done["quantized"] == progress[-1]["quantized"] and done["quantized"] + done["kept"] == total
     assert 0 < done["bytes_out"] < done["bytes_in"] and done["preset"] == "flux"
-    assert done["worst"] and all(isinstance(name, str) and 0 <= error < 1 for name, error in done["worst"])
+    assert done["worst"] and all(
+        isinstance(name, str) and 0 <= error < 1 and measure in ("weight", "output")
+        for name, error, measure in done["worst"]
+    )
+    assert [e["measure"] for e in done["errors"]] == ["relative output error on held-out inputs"]  # learned
     output = Path(done["output"])
     assert output.is_file() and base in output.parents
     assert not _of(messages, "fp8_scaled.error")
