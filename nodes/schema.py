@@ -212,13 +212,7 @@ class RecordFP8Calibration(io.ComfyNode):
             "Save the recording with 'Save FP8 Calibration'.",
             inputs=[
                 io.Model.Input("model"),
-                io.Int.Input(
-                    "max_memory_mib",
-                    default=4096,
-                    min=16,
-                    max=2**20,
-                    tooltip="memory the recording may hold (CPU); layers first seen after the cap are not recorded",
-                ),
+                _recording_memory_input(),
                 io.Combo.Input(
                     "layers",
                     options=list(RECORDED_LAYERS),
@@ -237,6 +231,17 @@ class RecordFP8Calibration(io.ComfyNode):
         return io.NodeOutput(*record_model(model, max_memory_mib, cls.hidden.unique_id, layers == "all"))
 
 
+def _recording_memory_input():
+    """The recording nodes' memory cap (diffusion model and text encoders alike)."""
+    return io.Int.Input(
+        "max_memory_mib",
+        default=4096,
+        min=16,
+        max=2**20,
+        tooltip="memory the recording may hold (CPU); layers first seen after the cap are not recorded",
+    )
+
+
 class RecordFP8TextEncoderCalibration(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -252,13 +257,7 @@ class RecordFP8TextEncoderCalibration(io.ComfyNode):
             "scales: ComfyUI multiplies them in full precision.",
             inputs=[
                 io.Clip.Input("clip"),
-                io.Int.Input(
-                    "max_memory_mib",
-                    default=4096,
-                    min=16,
-                    max=2**20,
-                    tooltip="memory the recording may hold (CPU); layers first seen after the cap are not recorded",
-                ),
+                _recording_memory_input(),
                 io.Combo.Input(
                     "layers",
                     options=list(RECORDED_LAYERS),
