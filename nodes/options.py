@@ -13,10 +13,9 @@ NODE_OPTIONS = tuple(option for option in OPTIONS if NODE in option.fronts and o
 # What ComfyUI does with the quantized layers on a GPU with fp8 compute (RTX 40xx+, H100): the choice
 # the CLI makes with --input_scales and --uncalibrated_fp8_compute. The first is the default.
 FP8_COMPUTE = {
-    "weight-only": "every layer is dequantized and multiplied in bf16/fp16: the quality measured here, on any GPU",
-    "calibrated": "layers the calibration file covers get an input scale and multiply in fp8 (faster); the "
-    "others stay weight-only",
-    "uncalibrated": "WARNING, loses quality: every layer multiplies in fp8 with input scale 1, inputs clipped at ±448",
+    "weight-only": "dequantize and multiply in bf16/fp16, the quality measured here (safe default)",
+    "calibrated": "layers with recorded statistics get an input scale and multiply in fp8 (faster)",
+    "uncalibrated": "every layer multiplies in fp8 at input scale 1, inputs clipped at ±448 (loses quality)",
 }
 
 

@@ -62,7 +62,8 @@ def _widget(option: Option) -> io.Input:
             option.name, min=option.minimum, max=option.maximum, step=option.step, round=FLOAT_ROUND, **common
         )
     if option.kind == PATTERNS:
-        return io.String.Input(option.name, multiline=True, **{**common, "default": ""})
+        tooltip = f"{option.help} (one per line)"
+        return io.String.Input(option.name, multiline=True, **{**common, "default": "", "tooltip": tooltip})
     raise TypeError(f"no node widget for the option {option.name} of kind {option.kind}")
 
 
@@ -76,7 +77,12 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
         description=description,
         inputs=[
             source,
-            io.String.Input("filename_prefix", default="fp8_scaled/ComfyUI"),
+            io.String.Input(
+                "filename_prefix",
+                default="fp8_scaled/ComfyUI",
+                tooltip="name of the saved file in the model folder ('/' makes subfolders, _00001_ is added); a "
+                "converted file goes next to its source when that lies in a model folder",
+            ),
             *option_inputs(),
             *_calibration_inputs(),  # after the options: saved UI workflows list widget values by position
             io.Combo.Input(
@@ -84,7 +90,8 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
                 options=list(FP8_COMPUTE),
                 default="weight-only",
                 optional=True,  # prompts saved before it existed keep the safe default
-                tooltip="on GPUs with fp8 compute: " + "; ".join(f"{k}: {v}" for k, v in FP8_COMPUTE.items()),
+                tooltip="what GPUs with fp8 compute (RTX 40xx and later, H100) do with the quantized layers. "
+                + "; ".join(f"{k}: {v}" for k, v in FP8_COMPUTE.items()),
             ),
         ],
         outputs=[io.String.Output("path"), io.String.Output("report")],
@@ -293,7 +300,12 @@ class SaveFP8Calibration(io.ComfyNode):
                     tooltip="the sampler's LATENT or the CONDITIONING (or anything made from them): the file is "
                     "written after they are computed",
                 ),
-                io.String.Input("filename_prefix", default="calibration"),
+                io.String.Input(
+                    "filename_prefix",
+                    default="calibration",
+                    tooltip=f"name of the saved file in models/{host.CALIBRATION_FOLDER} ('/' makes subfolders, "
+                    "_00001_ is added)",
+                ),
                 io.Boolean.Input(
                     "keep_recording",
                     default=False,

@@ -196,9 +196,8 @@ OPTIONS: tuple[Option, ...] = (
         "calibration",
         str,
         None,
-        "input statistics recorded by 'Record FP8 Calibration' (or quant_core.calibration.Recorder): GPTQ "
-        "rounding for the layers it covers (needs rounding auto or learned), and the data for input_scales "
-        "and full_precision_above",
+        "input statistics recorded by 'Record FP8 Calibration' (or by a Recorder in Python): GPTQ rounding "
+        "for the layers it covers (needs rounding auto or learned), and the data for calibrated input scales",
         BASIC,
     ),
     Option(

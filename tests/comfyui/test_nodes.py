@@ -44,7 +44,7 @@ def test_convert_widgets_are_the_engines_option_table(pack):
         assert names == [o.name for o in rows]
         for option in rows:
             widget = widgets[option.name]
-            assert widget.tooltip == option.help
+            assert widget.tooltip == option.help + (" (one per line)" if option.kind == table.PATTERNS else "")
             assert widget.default == ("" if option.kind == table.PATTERNS else option.default)
             assert bool(widget.advanced) == (option.group == "advanced")
             if option.choices:
