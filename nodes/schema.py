@@ -220,14 +220,7 @@ class RecordFP8Calibration(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 _recording_memory_input(),
-                io.Combo.Input(
-                    "layers",
-                    options=list(RECORDED_LAYERS),
-                    default="quantized",
-                    tooltip="quantized: the layers the converter quantizes at its default settings (the model's "
-                    "preset keeps e.g. embedders and final layers); all: every Linear layer, for conversions with "
-                    "include regexes or another preset",
-                ),
+                _recorded_layers_input(" (the model's preset keeps e.g. embedders and final layers)"),
             ],
             outputs=[io.Model.Output(), Recording.Output("recording")],
             hidden=[io.Hidden.unique_id],
@@ -249,6 +242,17 @@ def _recording_memory_input():
     )
 
 
+def _recorded_layers_input(kept: str = ""):
+    """Which layers the recording nodes record; ``kept`` says what the family's preset keeps."""
+    return io.Combo.Input(
+        "layers",
+        options=list(RECORDED_LAYERS),
+        default="quantized",
+        tooltip=f"quantized: the layers the converter quantizes at its default settings{kept}; all: every Linear "
+        "layer, for conversions with include regexes or another preset",
+    )
+
+
 class RecordFP8TextEncoderCalibration(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -265,13 +269,7 @@ class RecordFP8TextEncoderCalibration(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip"),
                 _recording_memory_input(),
-                io.Combo.Input(
-                    "layers",
-                    options=list(RECORDED_LAYERS),
-                    default="quantized",
-                    tooltip="quantized: the layers the converter quantizes at its default settings; all: every "
-                    "Linear layer, for conversions with include regexes or another preset",
-                ),
+                _recorded_layers_input(),
             ],
             outputs=[io.Clip.Output(), Recording.Output("recording")],
             hidden=[io.Hidden.unique_id],

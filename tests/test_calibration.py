@@ -233,21 +233,9 @@ def test_statistics_of_another_model_are_refused(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact():
-    inputs = low_rank_inputs(600, 2)
-    gram = (inputs.T @ inputs).double()
-    factor = torch.linalg.cholesky(gram + 1e-6 * torch.eye(32, dtype=torch.float64)).float()
-    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
-    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
-    dense = LayerStatistics(Gram(gram.float()), Gram(gram.float()), 300, 300, 1.0)
-    low_rank = LayerStatistics(LowRankGram(factor, torch.diagonal(gram).float()), Gram(gram.float()), 300, 300, 1.0)
-    a, b = round_gptq(weight, scale, E4M3, dense), round_gptq(weight, scale, E4M3, low_rank)
-    same = (a.quantized.view(torch.uint8) == b.quantized.view(torch.uint8)).float().mean()
-    assert float(same) > 0.995, "the same algorithm up to rounding ties"
-    assert b.error == pytest.approx(a.error, rel=1e-3) and b.error < 0.5 * b.error_rtn
-
-
-def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factored_statistics():
+def exact_and_factored_statistics() -> tuple[torch.Tensor, float, LayerStatistics, LayerStatistics]:
+    """A weight, its scale, and the same inputs' statistics held exactly and as an exact factor
+    (both judged on the exact held-out Gram)."""
     inputs = low_rank_inputs(600, 2)
     gram = (inputs.T @ inputs).double()
     factor = torch.linalg.cholesky(gram + 1e-6 * torch.eye(32, dtype=torch.float64)).float()
@@ -256,6 +244,20 @@ def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factore
     fitted = Gram(gram.float())
     dense = LayerStatistics(fitted, fitted, 300, 300, 1.0)
     low_rank = LayerStatistics(LowRankGram(factor, torch.diagonal(gram).float()), fitted, 300, 300, 1.0)
+    return weight, scale, dense, low_rank
+
+
+def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact():
+    weight, scale, dense, low_rank = exact_and_factored_statistics()
+    a, b = round_gptq(weight, scale, E4M3, dense), round_gptq(weight, scale, E4M3, low_rank)
+    same = (a.quantized.view(torch.uint8) == b.quantized.view(torch.uint8)).float().mean()
+    assert float(same) > 0.995, "the same algorithm up to rounding ties"
+    assert b.error == pytest.approx(a.error, rel=1e-3) and b.error < 0.5 * b.error_rtn
+
+
+def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factored_statistics():
+    weight, scale, dense, low_rank = exact_and_factored_statistics()
+    fitted = dense.fit
     errors = []
     for passes in (0, 1, 3):
         result = round_gptq(weight, scale, E4M3, dense, passes=passes)
