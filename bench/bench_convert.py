@@ -313,12 +313,68 @@ def helper_optimiser(path: str, iterations: str, calib: str) -> dict:
     }
 
 
+def helper_stages(source: str, output: str) -> dict:
+    """One round-to-nearest conversion in this process, its time split by stage.
+
+    Each stage's calls are wrapped to sum their wall time and the CPU time of the thread that made
+    them (reads and the bit-pattern counts inside them on the reader thread, rounding on the
+    compute thread, writes on the calling thread), so the figures say which thread bounds the run.
+    """
+    started = time.perf_counter()
+    import torch  # noqa: F401 - timed: the start-up every run pays
+
+    imported_torch = time.perf_counter() - started
+    from quant_core import atomic, convert, io, rounding
+    from quant_core.options import ConvertOptions
+
+    imported = time.perf_counter() - started
+    stages: dict[str, list[float]] = {}
+
+    def timed(owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                entry = stages.setdefault(label, [0, 0.0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - wall
+                entry[2] += time.thread_time() - cpu
+
+        setattr(owner, name, wrapper)
+
+    timed(convert, "plan_conversion", "plan (header, policy)")
+    timed(io.SafetensorsReader, "read", "read (preadv, counts included)")
+    timed(rounding.PatternCounts, "add", "  count bit patterns (in read)")
+    timed(convert.fp8, "absmax", "absmax (tensors not counted)")
+    timed(convert.Rounder, "round", "round to fp8 (table lookup)")
+    timed(io.SafetensorsWriter, "write", "write (pwrite + writeback)")
+    timed(atomic.os, "fsync", "fsync")
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter()
+    convert.convert_file(source, output, ConvertOptions(rounding="nearest", overwrite=True))
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    Path(output).unlink()
+    return {
+        "import_torch": imported_torch,
+        "import_quant_core": imported - imported_torch,
+        "convert": wall,
+        "user": after.ru_utime - before.ru_utime,
+        "sys": after.ru_stime - before.ru_stime,
+        "stages": stages,
+    }
+
+
 HELPERS = {
     "generate": helper_generate,
     "subset": helper_subset,
     "describe": helper_describe,
     "quality": helper_quality,
     "optimiser": helper_optimiser,
+    "stages": helper_stages,
 }
 
 
@@ -540,6 +596,141 @@ def print_optimiser(report: dict, iterations: int, peer: Result | None) -> None:
         )
 
 
+# --- round-to-nearest against an fsync'd copy (``--rtn-copy``; issue 15 target 3) -----------------
+
+RTN_COPY_TARGET = 1.2  # round-to-nearest's whole command, start-up included, at most this x the copy
+
+
+def dd_command(source: Path, target: Path, limit: int) -> list[str]:
+    """``dd conv=fsync`` of ``source`` in 16 MiB blocks; only the first ``limit`` bytes (whole blocks) if positive."""
+    block = 16 * 2**20
+    count = [f"count={-(-limit // block)}"] if 0 < limit < source.stat().st_size else []
+    return ["dd", f"if={source}", f"of={target}", f"bs={block}", *count, "conv=fsync", "status=none"]
+
+
+def dd_copy(source: Path, workdir: Path, limit: int) -> float:
+    """Seconds ``dd conv=fsync`` takes to copy ``source`` (scaled up to the whole file when only
+    ``limit`` bytes were copied); the copy is deleted afterwards."""
+    target = workdir / "copy_baseline.tmp"
+    target.unlink(missing_ok=True)
+    started = time.perf_counter()
+    subprocess.run(dd_command(source, target, limit), check=True)
+    seconds = time.perf_counter() - started
+    copied = target.stat().st_size
+    target.unlink()
+    return seconds * source.stat().st_size / copied
+
+
+@dataclass
+class RtnCopy:
+    """Interleaved rounds on one checkpoint: the copy, the round-to-nearest command, the start-up alone."""
+
+    source: Path
+    copies: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    converts: list[float] = field(default_factory=list)  # the conversion's own time (its summary)
+    torch_imports: list[float] = field(default_factory=list)
+    rss: int = 0
+    stages: dict = field(default_factory=dict)
+
+
+def rtn_command(source: Path, output: Path) -> list[str]:
+    return [sys.executable, "-m", "quant_core", "--input", str(source), "--output", str(output), "--overwrite"] + [
+        "--quiet",
+        "--simple",
+    ]
+
+
+def measure_rtn_copy(source: Path, workdir: Path, repeat: int, limit: int) -> RtnCopy:
+    """``repeat`` rounds of: the copy, the round-to-nearest command, ``import torch`` alone; then
+    one conversion timed by stage (``helper_stages``)."""
+    run = RtnCopy(source)
+    output = workdir / f"out_rtn-copy_{source.stem}.safetensors"
+    for round_ in range(repeat):
+        run.copies.append(dd_copy(source, workdir, limit))
+        wall, rss, code, text = run_child(rtn_command(source, output), dict(os.environ), workdir / "log_rtn.txt")
+        if code != 0:
+            raise SystemExit(f"round-to-nearest failed:\n{text}")
+        output.unlink()
+        run.walls.append(wall)
+        run.rss = max(run.rss, rss)
+        run.converts.append(float(re.search(r"^time\s+([0-9.]+) s", text, re.MULTILINE).group(1)))
+        floor = run_child([sys.executable, "-c", "import torch"], dict(os.environ), workdir / "log_torch.txt")
+        run.torch_imports.append(floor[0])
+        print(
+            f"round {round_ + 1}/{repeat}, {source.name}: copy {run.copies[-1]:.2f} s, round-to-nearest "
+            f"{wall:.2f} s (conversion {run.converts[-1]:.2f} s), import torch {floor[0]:.2f} s",
+            flush=True,
+        )
+    run.stages = helper(workdir, "stages", str(source), str(output))
+    return run
+
+
+def print_rtn_copy(runs: list[RtnCopy], workdir: Path, limit: int, load: str) -> None:
+    """The table of ``--rtn-copy``, the commands it timed, and where each conversion's time went."""
+    rows = []
+    for run in runs:
+        copy, wall, conversion, imported = min(run.copies), min(run.walls), min(run.converts), min(run.torch_imports)
+        rows.append(
+            [
+                f"{run.source.stat().st_size / GB:.2f}",
+                f"{copy:.2f}",
+                f"{wall:.2f}",
+                f"{wall / copy:.2f}",
+                "yes" if wall <= RTN_COPY_TARGET * copy else "NO",
+                f"{imported:.2f}",
+                f"{imported / copy:.2f}",
+                f"{wall - conversion:.2f}",
+                f"{conversion:.2f}",
+                f"{conversion / copy:.2f}",
+                f"{run.rss / MB:.0f}",
+            ]
+        )
+    header = ["GB", "copy s", "RTN s", "x copy", f"<= {RTN_COPY_TARGET}x", "import torch s", "x copy"]
+    print(table(rows, [*header, "start+exit s", "conversion s", "x copy", "peak RSS MB"]))
+    print(f"load: {load}")
+    print("x copy = wall time / the copy's, fastest of the rounds each; start+exit = RTN wall - its conversion time")
+    example = runs[0].source
+    print(f"  copy: {shlex.join(dd_command(example, workdir / 'copy_baseline.tmp', limit))}")
+    print(f"  RTN:  {shlex.join(rtn_command(example, workdir / 'out.safetensors'))}")
+    print("  import torch: " + shlex.join([sys.executable, "-c", "import torch"]))
+    for run in runs:
+        stages = run.stages
+        print(
+            f"where the time goes, {run.source.name} (one conversion in process): import torch "
+            f"{stages['import_torch']:.2f} s + quant_core {stages['import_quant_core']:.2f} s; convert_file "
+            f"{stages['convert']:.2f} s wall, {stages['user']:.2f} s user + {stages['sys']:.2f} s system CPU"
+        )
+        for label, (calls, wall, cpu) in stages["stages"].items():
+            print(f"  {label:32s} {calls:5d} calls  {wall:6.2f} s wall  {cpu:6.2f} s CPU of its thread")
+
+
+def rtn_copy_main(args: argparse.Namespace) -> int:
+    """``--rtn-copy``: round-to-nearest's whole command against ``dd conv=fsync`` of the same file,
+    at every ``--size-gb``, in interleaved rounds, with the machine's load."""
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    limit = int(args.copy_gb * GB)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    busy_before, started = busy_seconds(), time.perf_counter()
+    runs = []
+    for size in (float(s) for s in args.size_gb.split(",")):
+        made = helper(workdir, "generate", str(workdir), str(size))
+        source = Path(made["path"])
+        print(f"{'reused' if made['cached'] else 'made'} {source.name}; pre-reading it: {read_through(source):.1f} s")
+        runs.append(measure_rtn_copy(source, workdir, max(1, args.repeat), limit))
+    busy_after, elapsed = busy_seconds(), time.perf_counter() - started
+    others = max(0.0, (busy_after[0] - busy_before[0]) - (busy_after[1] - busy_before[1]))
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    load = (
+        f"other processes used {others:.0f} CPU-s in {elapsed:.0f} s ({others / elapsed / (os.cpu_count() or 1):.0%} "
+        f"of {os.cpu_count()} CPUs); load average {' '.join(load_before)} before, {' '.join(load_after)} after"
+    )
+    print()
+    print_rtn_copy(runs, workdir, limit, load)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--helper"]:  # internal: runs in a child process
@@ -572,7 +763,14 @@ def main(argv: list[str] | None = None) -> int:
         help="a Python with convert-to-quant installed (default: $CONVERT_TO_QUANT_PYTHON); peer configs are "
         "skipped without it",
     )
+    parser.add_argument(
+        "--rtn-copy",
+        action="store_true",
+        help="only round-to-nearest's whole command against `dd conv=fsync` of the same file, at each --size-gb",
+    )
     args = parser.parse_args(argv)
+    if args.rtn_copy:
+        return rtn_copy_main(args)
 
     configs = build_configs(args)
     chosen = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -43,7 +43,7 @@ from .policy import (
     scale_group,
     text_encoders_in_checkpoint,
 )
-from .rounding import RoundingResult, release_tables, round_learned, round_nearest
+from .rounding import PatternCounts, RoundingResult, release_tables, round_learned, round_nearest
 
 
 class TensorSource(Protocol):
@@ -222,18 +222,40 @@ class Rounder:
     learned_inputs: CalibrationSource  # where learned rounding draws its inputs
     pool: BufferPool  # memory for round-to-nearest's outputs
 
-    def round(self, name: str, weight: torch.Tensor, scale: float, job: Job) -> tuple[RoundingResult, str]:
-        """The rounded weight and the method used; ``job`` sees its progress and may stop it."""
-        statistics, dtype, options = self.plan.gptq_statistics(), self.plan.dtype, self.plan.options
-        stats = statistics.get(name, weight.shape[1]) if statistics is not None else None
-        method = "gptq" if stats is not None else "learned" if options.rounding == "learned" else "nearest"
+    def round(
+        self, name: str, weight: torch.Tensor, scale: float, job: Job, counts: PatternCounts | None = None
+    ) -> tuple[RoundingResult, str]:
+        """The rounded weight and the method used; ``job`` sees its progress and may stop it.
+        ``counts``: the weight's bit patterns, counted as it was read (``counted``)."""
+        dtype, options, method = self.plan.dtype, self.plan.options, self.method(name)
         with job.tensor(name, method) as step:
             if method == "gptq":
+                stats = self.plan.gptq_statistics().get(name, weight.shape[1])
                 return round_gptq(weight, scale, dtype, stats, step=step), method
             if method == "learned":
                 return round_learned(name, weight, scale, dtype, self.learned_inputs, options.learned, step), method
             with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
-                return round_nearest(weight, scale, dtype, self.pool, step), method
+                return round_nearest(weight, scale, dtype, self.pool, step, counts), method
+
+    def method(self, name: str) -> str:
+        """How the weight ``name`` is rounded: gptq where the calibration file has its statistics."""
+        statistics = self.plan.gptq_statistics()
+        if statistics is not None and statistics.key(name) is not None:
+            return "gptq"
+        return "learned" if self.plan.options.rounding == "learned" else "nearest"
+
+    def counted(self, name: str, info: TensorInfo) -> bool:
+        """Whether the reader should count this weight's bit patterns (``rounding.PatternCounts``):
+        a 16-bit matrix rounded to nearest on the CPU, which then needs no other look at it for
+        its scale and error."""
+        plan = self.plan
+        return (
+            plan.decisions[name][0]
+            and self.method(name) == "nearest"
+            and plan.devices[0].type == "cpu"
+            and info.dtype in (torch.bfloat16, torch.float16)
+            and len(info.shape) == 2
+        )
 
 
 def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
@@ -485,14 +507,27 @@ class _Run:
     progress: ProgressCallback | None = None
     reports: list[TensorReport] = field(default_factory=list)
 
-    def read(self, item: list[str]) -> dict[str, torch.Tensor]:
-        return {name: self.source.read(name) for name in item}
+    def read(self, item: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, PatternCounts]]:
+        """The item's tensors, and the bit patterns of those the reader counted (``Rounder.counted``)."""
+        tensors, counts = {}, {}
+        for name in item:
+            info = self.source.tensors[name]
+            if isinstance(self.source, SafetensorsReader) and self.rounder.counted(name, info):
+                counts[name] = PatternCounts(info.dtype)
+                with one_cpu_thread(torch.device("cpu")):  # small steps, as round-to-nearest's
+                    tensors[name] = self.source.read(name, counts[name].add)
+            else:
+                tensors[name] = self.source.read(name)
+        return tensors, counts
 
-    def compute(self, item: list[str], tensors: dict[str, torch.Tensor], device: torch.device) -> list[Converted]:
+    def compute(
+        self, item: list[str], loaded: tuple[dict[str, torch.Tensor], dict[str, PatternCounts]], device: torch.device
+    ) -> list[Converted]:
+        tensors, counts = loaded
         if not self.plan.decisions[item[0]][0]:
             name = item[0]
             return [Converted({name: tensors[name]}, _report(name, self.source, self.plan, 0.0))]
-        return _quantize_group(item, tensors, device, self.rounder, self.source, self.job)
+        return _quantize_group(item, tensors, counts, device, self.rounder, self.source, self.job)
 
     def write(self, results: list[Converted]) -> None:
         total = sum(map(len, self.items))
@@ -558,6 +593,7 @@ def convert_file(
 def _quantize_group(
     names: list[str],
     tensors: dict[str, torch.Tensor],
+    counts: dict[str, PatternCounts],
     device: torch.device,
     rounder: Rounder,
     source: TensorSource,
@@ -565,15 +601,15 @@ def _quantize_group(
 ) -> list[Converted]:
     """Quantize a shared-scale group (or one weight) against one scale.
 
-    The group's scale is found on the source dtype (its max is exact), and each member is widened
-    to float32 only while it is being rounded, so the group costs its source bytes plus one
-    float32 weight at a time.
+    The group's scale is found on the source dtype (its max is exact; from ``counts``, the bit
+    patterns the reader counted, where it has them), and each member is widened to float32 only
+    while it is being rounded, so the group costs its source bytes plus one float32 weight at a time.
     """
     plan = rounder.plan
     for name in names:
         tensors[name] = tensors[name].to(device)
     with one_cpu_thread(device):
-        amaxes = [fp8.absmax(tensors[name]) for name in names]
+        amaxes = [counts[name].absmax() if name in counts else fp8.absmax(tensors[name]) for name in names]
     for name, member_amax in zip(names, amaxes, strict=True):  # NaN and Inf both surface in a member's maximum
         if not math.isfinite(member_amax):
             fp8.check_finite(name, tensors[name])
@@ -586,7 +622,7 @@ def _quantize_group(
     for name in names:
         started = time.perf_counter()
         weight = tensors.pop(name)  # in its source dtype: the rounding widens one block at a time
-        result, method = rounder.round(name, weight, scale, job)
+        result, method = rounder.round(name, weight, scale, job, counts.get(name))
         layer = plan.layout.layer_tensors(name, result.quantized.cpu(), scale, plan.activations[name])
         report = _report(name, source, plan, time.perf_counter() - started)
         report.method = method

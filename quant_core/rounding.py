@@ -63,17 +63,23 @@ class RoundingResult:
 
 
 def round_nearest(
-    weight: torch.Tensor, scale: float, dtype: torch.dtype, pool: BufferPool | None = None, step: Step = no_step
+    weight: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    pool: BufferPool | None = None,
+    step: Step = no_step,
+    counts: PatternCounts | None = None,
 ) -> RoundingResult:
     """RTN, reporting the relative weight error (no inputs are involved).
 
     Works through blocks of rows so that float32 copies never exceed one block, whatever the
     weight's size: the weight itself may stay in its source dtype. ``pool`` supplies the fp8
     output's memory on the CPU (see ``io.BufferPool``); ``step`` is called per block of rows.
+    ``counts``: the weight's bit patterns, counted while it was read (16-bit weights only).
     """
     quantized = _empty_like(weight, dtype, pool)
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.ndim == 2:
-        return _round_sixteen_bit(weight, scale, quantized, step)
+        return _round_sixteen_bit(weight, scale, quantized, step, counts)
     error = reference = 0.0
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
         step(rows.start, weight.shape[0])
@@ -92,24 +98,27 @@ def _empty_like(weight: torch.Tensor, dtype: torch.dtype, pool: BufferPool | Non
     return pool.empty(weight.numel()).view(dtype).view(weight.shape)
 
 
-def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tensor, step: Step) -> RoundingResult:
+def _round_sixteen_bit(
+    weight: torch.Tensor, scale: float, quantized: torch.Tensor, step: Step, counted: PatternCounts | None
+) -> RoundingResult:
     """RTN of a bf16/fp16 weight through its 65536 possible values, bit-identical to the float path.
 
     The fp8 code of every 16-bit value is computed once; the weight is then mapped through that
-    table by its bit patterns, and the error comes from a histogram of the patterns. That is
-    three integer passes instead of four float conversions, which were RTN's main cost. Row
-    blocks bound the index memory.
+    table by its bit patterns, and the error comes from a histogram of the patterns (``counted``
+    if the reader made it, else made here). That is three integer passes instead of four float
+    conversions, which were RTN's main cost. Row blocks bound the index memory.
     """
     dtype = quantized.dtype
     values = _sixteen_bit_values(weight.dtype, weight.device)
     codes = fp8.quantize_nearest(values, scale, dtype).view(torch.uint8)
     out = quantized.view(torch.uint8)
-    counts = torch.zeros(values.numel(), dtype=torch.int64, device=weight.device)
+    counts = counted.counts if counted else torch.zeros(values.numel(), dtype=torch.int64, device=weight.device)
     for rows in _row_blocks(weight, _BLOCK_ELEMENTS):
         step(rows.start, weight.shape[0])
-        index = weight[rows].view(torch.uint16).flatten().int()  # the bit pattern, 0 to 65535
+        index = _patterns(weight[rows])
         torch.index_select(codes, 0, index, out=out[rows].view(-1))
-        counts += torch.bincount(index, minlength=values.numel())
+        if counted is None:
+            counts += torch.bincount(index, minlength=counts.numel())
     exact = values.double()
     finite = torch.isfinite(exact)
     squared = (as_float(codes.view(dtype)).double() * scale - exact).square()
@@ -117,6 +126,36 @@ def _round_sixteen_bit(weight: torch.Tensor, scale: float, quantized: torch.Tens
     reference = float((counts * exact.square())[finite].sum())
     relative = relative_error(error, reference)
     return RoundingResult(quantized, relative, relative)
+
+
+class PatternCounts:
+    """How often each of the 65536 bit patterns occurs in a bf16/fp16 weight.
+
+    They give the weight's largest magnitude (its scale) and, once rounded, its exact error,
+    without another look at the weight. The reader counts each piece of a weight right after
+    reading it (``io.SafetensorsReader.read``'s ``visit``), while the piece is still in the CPU's
+    cache and on the reading thread: that spares the rounding thread two passes over the whole
+    weight in memory, its largest cost (``docs/benchmarks.md``).
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.dtype = dtype
+        self.counts = torch.zeros(65536, dtype=torch.int64, device=device)
+        self._one = torch.ones((), dtype=torch.int64, device=device)
+
+    def add(self, piece: torch.Tensor) -> None:
+        """Count the patterns of ``piece`` (any shape, this dtype)."""
+        index = _patterns(piece)
+        self.counts.index_add_(0, index, self._one.expand(index.numel()))  # no temporary, unlike bincount
+
+    def absmax(self) -> float:
+        """``fp8.absmax`` of the counted weight: NaN if it has one, inf if it has an inf."""
+        return fp8.absmax(_sixteen_bit_values(self.dtype, self.counts.device)[self.counts > 0])
+
+
+def _patterns(weight: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of each element of a 16-bit weight, 0 to 65535, flat, as indices."""
+    return weight.view(torch.uint16).flatten().int()
 
 
 @functools.cache
