@@ -328,7 +328,16 @@ def helper_stages(source: str, output: str) -> dict:
     from quant_core.options import ConvertOptions
 
     imported = time.perf_counter() - started
-    stages: dict[str, list[float]] = {}
+    labels = {
+        "plan": "plan (header, policy)",
+        "read": "read (preadv, counts included)",
+        "count": "  count bit patterns (in read)",
+        "absmax": "absmax (tensors not counted)",
+        "round": "round to fp8 (table lookup)",
+        "write": "write (pwrite + writeback)",
+        "fsync": "fsync",
+    }
+    stages: dict[str, list[float]] = {label: [0, 0.0, 0.0] for label in labels.values()}
 
     def timed(owner: object, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -338,19 +347,19 @@ def helper_stages(source: str, output: str) -> dict:
             try:
                 return original(*args, **kwargs)
             finally:
-                entry = stages.setdefault(label, [0, 0.0, 0.0])
+                entry = stages[labels[label]]
                 entry[0] += 1
                 entry[1] += time.perf_counter() - wall
                 entry[2] += time.thread_time() - cpu
 
         setattr(owner, name, wrapper)
 
-    timed(convert, "plan_conversion", "plan (header, policy)")
-    timed(io.SafetensorsReader, "read", "read (preadv, counts included)")
-    timed(rounding.PatternCounts, "add", "  count bit patterns (in read)")
-    timed(convert.fp8, "absmax", "absmax (tensors not counted)")
-    timed(convert.Rounder, "round", "round to fp8 (table lookup)")
-    timed(io.SafetensorsWriter, "write", "write (pwrite + writeback)")
+    timed(convert, "plan_conversion", "plan")
+    timed(io.SafetensorsReader, "read", "read")
+    timed(rounding.PatternCounts, "add", "count")
+    timed(convert.fp8, "absmax", "absmax")
+    timed(convert.Rounder, "round", "round")
+    timed(io.SafetensorsWriter, "write", "write")
     timed(atomic.os, "fsync", "fsync")
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
@@ -641,11 +650,15 @@ def rtn_command(source: Path, output: Path) -> list[str]:
     ]
 
 
+def rtn_output(workdir: Path, source: Path) -> Path:
+    return workdir / f"out_rtn-copy_{source.stem}.safetensors"
+
+
 def measure_rtn_copy(source: Path, workdir: Path, repeat: int, limit: int) -> RtnCopy:
     """``repeat`` rounds of: the copy, the round-to-nearest command, ``import torch`` alone; then
     one conversion timed by stage (``helper_stages``)."""
     run = RtnCopy(source)
-    output = workdir / f"out_rtn-copy_{source.stem}.safetensors"
+    output = rtn_output(workdir, source)
     for round_ in range(repeat):
         run.copies.append(dd_copy(source, workdir, limit))
         wall, rss, code, text = run_child(rtn_command(source, output), dict(os.environ), workdir / "log_rtn.txt")
@@ -692,7 +705,7 @@ def print_rtn_copy(runs: list[RtnCopy], workdir: Path, limit: int, load: str) ->
     print("x copy = wall time / the copy's, fastest of the rounds each; start+exit = RTN wall - its conversion time")
     example = runs[0].source
     print(f"  copy: {shlex.join(dd_command(example, workdir / 'copy_baseline.tmp', limit))}")
-    print(f"  RTN:  {shlex.join(rtn_command(example, workdir / 'out.safetensors'))}")
+    print(f"  RTN:  {shlex.join(rtn_command(example, rtn_output(workdir, example)))}")
     print("  import torch: " + shlex.join([sys.executable, "-c", "import torch"]))
     for run in runs:
         stages = run.stages

@@ -439,3 +439,16 @@ def test_help_in_a_subprocess():
     assert result.returncode == 0, result.stderr
     for spelling in ("--use_amp", "--use-amp", "--no-use_amp", "--use_shared_scales", "--calib-samples"):
         assert spelling in result.stdout
+
+
+def test_a_conversion_in_a_subprocess_reports_and_exits_with_its_code(flux_file, tmp_path):
+    """The command leaves without the interpreter's teardown: its summary and errors must still arrive."""
+    output = tmp_path / "out" / "converted.safetensors"
+    command = [sys.executable, "-m", "quant_core", "--input", str(flux_file), "--output", str(output), "--quiet"]
+    done = subprocess.run([*command, "--simple"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"output    {output}" in done.stdout and re.search(r"^time\s+[0-9.]+ s$", done.stdout, re.MULTILINE)
+    assert sorted(p.name for p in output.parent.iterdir()) == [output.name]
+    assert verify_files(flux_file, output).violations == []
+    failed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)  # exists: no --overwrite
+    assert failed.returncode == 1 and "exists" in failed.stderr

@@ -29,6 +29,7 @@ from quant_core.io import (
     write_file,
 )
 from quant_core.options import LearnedOptions
+from quant_core.rounding import PatternCounts
 
 QUICK_LEARNED = LearnedOptions(num_iter=10, calib_samples=16, seed=7)
 QUANTIZED_NAME = "double_blocks.0.img_attn.qkv.weight"  # quantized by the flux preset
@@ -496,3 +497,55 @@ def test_pool_hands_out_fresh_memory_where_torch_cannot_count_views(monkeypatch)
     for _ in range(3):
         assert pool.empty(2 * MIB).numel() == 2 * MIB
     assert pool.nbytes == 0, "nothing is kept that could never be known to be free"
+
+
+def test_visited_pieces_are_the_tensor_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(quant_io, "VISIT_BYTES", 16)
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        "bf16": torch.randn(3, 50, generator=generator).bfloat16(),
+        "f32": torch.randn(7, generator=generator),
+        "i64": torch.arange(5),
+        "empty": torch.zeros(0, 4, dtype=torch.float16),
+    }
+    path = tmp_path / "pieces.safetensors"
+    write_file(path, tensors)
+    with SafetensorsReader(path) as reader:
+        for name, expected in tensors.items():
+            pieces = []
+            read = reader.read(name, pieces.append)
+            assert torch.equal(read, expected)
+            assert all(p.dtype == expected.dtype and p.ndim == 1 and p.nbytes <= 16 for p in pieces)
+            assert len(pieces) == -(-expected.nbytes // 16)
+            if pieces:
+                assert torch.equal(torch.cat(pieces), expected.flatten())
+
+
+class _PlainSource:
+    """A tensor source that is not a file reader (as the nodes' loaded models are): nothing is counted."""
+
+    def __init__(self, reader: SafetensorsReader) -> None:
+        self.tensors, self.metadata, self.path = reader.tensors, reader.metadata, reader.path
+        self._reader = reader
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._reader.read(name)
+
+
+@pytest.mark.parametrize("shared_scales", [True, False])
+def test_weights_counted_while_read_give_the_same_file(flux_file, tmp_path, monkeypatch, shared_scales):
+    monkeypatch.setattr(quant_io, "VISIT_BYTES", 4096)  # many pieces per weight
+    options = ConvertOptions(rounding="nearest", shared_scales=shared_scales)
+    counted, plain = tmp_path / "counted.safetensors", tmp_path / "plain.safetensors"
+    pieces = []
+    add = PatternCounts.add
+    monkeypatch.setattr(PatternCounts, "add", lambda counts, piece: (pieces.append(piece.numel()), add(counts, piece)))
+    summary = convert_file(flux_file, counted, options)
+    quantized = [r for r in summary.reports if r.quantized]
+    assert sum(pieces) == sum(r.nbytes for r in quantized) // 2 and len(pieces) > len(quantized), "counted as read"
+    pieces.clear()
+    with SafetensorsReader(flux_file) as reader:
+        expected = convert(_PlainSource(reader), plain, options)
+    assert not pieces, "a source that is not a file reader is not counted"
+    assert counted.read_bytes() == plain.read_bytes()
+    assert [r.error_after for r in summary.reports] == [r.error_after for r in expected.reports]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -407,3 +409,27 @@ def test_float32_and_amp_products_both_beat_rtn(use_amp):
     result = rounding.round_learned("amp.weight", weight, scale, E4M3, LowRankCalibration(128), options)
     assert result.error < result.error_rtn
     assert_grid_neighbour_choices(result, weight, scale, E4M3)
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("special", [None, 0.0, float("nan"), float("inf"), -float("inf")])
+def test_counted_bit_patterns_give_the_scale_and_the_same_rounding(source, special):
+    generator = torch.Generator().manual_seed(5)
+    weight = (torch.randn(64, 48, generator=generator) * 0.05).to(source)
+    weight[1, :3] = torch.tensor([-0.0, 1e-8, -0.2])
+    if special is not None:
+        weight[5, 7] = special
+    counts = rounding.PatternCounts(source)
+    for piece in weight.flatten().split(500):  # pieces as a reader hands them over
+        counts.add(piece)
+    expected = fp8.absmax(weight)
+    assert counts.absmax() == expected or (math.isnan(expected) and math.isnan(counts.absmax()))
+    if math.isfinite(expected):
+        scale = fp8.scale_for(expected, E4M3)
+        counted, plain = round_nearest(weight, scale, E4M3, counts=counts), round_nearest(weight, scale, E4M3)
+        assert torch.equal(counted.quantized.view(torch.uint8), plain.quantized.view(torch.uint8))
+        assert counted.error == plain.error
+
+
+def test_counts_of_nothing_give_zero():
+    assert rounding.PatternCounts(torch.bfloat16).absmax() == 0.0
