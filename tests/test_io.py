@@ -549,3 +549,59 @@ def test_weights_counted_while_read_give_the_same_file(flux_file, tmp_path, monk
     assert not pieces, "a source that is not a file reader is not counted"
     assert counted.read_bytes() == plain.read_bytes()
     assert [r.error_after for r in summary.reports] == [r.error_after for r in expected.reports]
+
+
+def _large_tensors() -> dict[str, torch.Tensor]:
+    """Tensors of at least a MiB at offsets off the disk's blocks, one not of whole blocks, one after a
+    2-byte tensor (so 4-byte data may start off its own alignment within a block), the file's end off a block."""
+    generator = torch.Generator().manual_seed(11)
+    return {
+        "a_small": torch.randn(3, generator=generator).bfloat16(),
+        "b_blocks": torch.randn(1024, 1024, generator=generator).bfloat16(),
+        "c_odd": torch.randn(1000, 1001, generator=generator).bfloat16(),
+        "d_float": torch.randn(512, 700, generator=generator),
+        "e_bytes": torch.randint(0, 255, (1 << 20,), generator=generator, dtype=torch.uint8),
+        "f_tail": torch.randn(1, 5, generator=generator).half(),
+    }
+
+
+@pytest.mark.parametrize("visit", [False, True])
+def test_direct_reads_give_the_same_tensors(tmp_path, monkeypatch, visit):
+    tensors = _large_tensors()
+    path = tmp_path / "large.safetensors"
+    save_file(tensors, str(path))  # the reference writer: offsets as safetensors lays them out
+    monkeypatch.setattr(quant_io, "_uncacheable", lambda _: True)
+    with SafetensorsReader(path, BufferPool()) as reader:
+        if reader._direct is None:
+            pytest.skip("this file system has no direct I/O")
+        for name, expected in tensors.items():
+            pieces = []
+            read = reader.read(name, pieces.append if visit else None)
+            assert torch.equal(read, expected), name
+            if visit:
+                assert torch.equal(torch.cat(pieces), expected.flatten())
+        assert not reader._direct_refused
+
+
+def test_direct_writes_give_the_same_file_contents(tmp_path, monkeypatch):
+    tensors = _large_tensors()
+    pool = BufferPool()
+    for name in ("b_blocks", "e_bytes"):  # in page-aligned memory, as round-to-nearest's outputs are
+        aligned = pool.empty(tensors[name].nbytes).view(tensors[name].dtype).view(tensors[name].shape)
+        tensors[name] = aligned.copy_(tensors[name])
+    direct = []
+    write = quant_io._DirectWrites.write
+    monkeypatch.setattr(quant_io._DirectWrites, "write", lambda self, *a: direct.append(write(self, *a)) or direct[-1])
+    path = tmp_path / "written.safetensors"
+    write_file(path, tensors)
+    assert load_file(str(path)).keys() == tensors.keys()
+    for name, loaded in load_file(str(path)).items():
+        assert torch.equal(loaded, tensors[name]), name
+    length, entries = header(path)
+    starts = {name: 8 + length + entry["data_offsets"][0] for name, entry in entries.items() if name != "__metadata__"}
+    assert starts["b_blocks"] % 4096 == 0 and starts["e_bytes"] % 4096 == 0, "whole-block tensors start on a block"
+    descriptor = quant_io._open_direct(path)
+    if descriptor is None:
+        pytest.skip("this file system has no direct I/O")
+    os.close(descriptor)
+    assert sum(written for _, written in direct) == tensors["b_blocks"].nbytes + tensors["e_bytes"].nbytes
