@@ -454,6 +454,7 @@ class SafetensorsWriter:
 
 DIRECT_BLOCK = 4096  # what direct I/O must align to: the disk's logical block (512 or 4096 bytes)
 DIRECT_MIN = 1 << 20  # smaller writes go through the page cache
+_DIRECT_STEP = 16 << 20  # bytes per direct write call
 
 
 def _whole_blocks(info: TensorInfo) -> bool:
@@ -493,8 +494,9 @@ class _DirectWrites:
             return 0, 0
         done = 0
         try:
-            while done < body:
-                done += os.pwrite(self._fd, data[head + done : head + body], position + head + done)
+            while done < body:  # in steps, so that Ctrl-C is seen between them even on a slow disk
+                step = data[head + done : head + min(done + _DIRECT_STEP, body)]
+                done += os.pwrite(self._fd, step, position + head + done)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
