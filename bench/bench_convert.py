@@ -610,20 +610,22 @@ def print_optimiser(report: dict, iterations: int, peer: Result | None) -> None:
 RTN_COPY_TARGET = 1.2  # round-to-nearest's whole command, start-up included, at most this x the copy
 
 
-def dd_command(source: Path, target: Path, limit: int) -> list[str]:
-    """``dd conv=fsync`` of ``source`` in 16 MiB blocks; only the first ``limit`` bytes (whole blocks) if positive."""
+def dd_command(source: Path, target: Path, limit: int, direct: bool = False) -> list[str]:
+    """``dd conv=fsync`` of ``source`` in 16 MiB blocks; only the first ``limit`` bytes (whole blocks) if positive.
+    ``direct``: both sides around the page cache, what the disk itself can do."""
     block = 16 * 2**20
     count = [f"count={-(-limit // block)}"] if 0 < limit < source.stat().st_size else []
-    return ["dd", f"if={source}", f"of={target}", f"bs={block}", *count, "conv=fsync", "status=none"]
+    flags = ["iflag=direct", "oflag=direct"] if direct else []
+    return ["dd", f"if={source}", f"of={target}", f"bs={block}", *count, *flags, "conv=fsync", "status=none"]
 
 
-def dd_copy(source: Path, workdir: Path, limit: int) -> float:
+def dd_copy(source: Path, workdir: Path, limit: int, direct: bool = False) -> float:
     """Seconds ``dd conv=fsync`` takes to copy ``source`` (scaled up to the whole file when only
     ``limit`` bytes were copied); the copy is deleted afterwards."""
     target = workdir / "copy_baseline.tmp"
     target.unlink(missing_ok=True)
     started = time.perf_counter()
-    subprocess.run(dd_command(source, target, limit), check=True)
+    subprocess.run(dd_command(source, target, limit, direct), check=True)
     seconds = time.perf_counter() - started
     copied = target.stat().st_size
     target.unlink()
@@ -636,6 +638,7 @@ class RtnCopy:
 
     source: Path
     copies: list[float] = field(default_factory=list)
+    direct_copies: list[float] = field(default_factory=list)  # the disk's own speed
     walls: list[float] = field(default_factory=list)
     converts: list[float] = field(default_factory=list)  # the conversion's own time (its summary)
     torch_imports: list[float] = field(default_factory=list)
@@ -661,6 +664,7 @@ def measure_rtn_copy(source: Path, workdir: Path, repeat: int, limit: int) -> Rt
     output = rtn_output(workdir, source)
     for round_ in range(repeat):
         run.copies.append(dd_copy(source, workdir, limit))
+        run.direct_copies.append(dd_copy(source, workdir, limit, direct=True))
         wall, rss, code, text = run_child(rtn_command(source, output), dict(os.environ), workdir / "log_rtn.txt")
         if code != 0:
             raise SystemExit(f"round-to-nearest failed:\n{text}")
@@ -671,7 +675,8 @@ def measure_rtn_copy(source: Path, workdir: Path, repeat: int, limit: int) -> Rt
         floor = run_child([sys.executable, "-c", "import torch"], dict(os.environ), workdir / "log_torch.txt")
         run.torch_imports.append(floor[0])
         print(
-            f"round {round_ + 1}/{repeat}, {source.name}: copy {run.copies[-1]:.2f} s, round-to-nearest "
+            f"round {round_ + 1}/{repeat}, {source.name}: copy {run.copies[-1]:.2f} s (direct "
+            f"{run.direct_copies[-1]:.2f} s), round-to-nearest "
             f"{wall:.2f} s (conversion {run.converts[-1]:.2f} s), import torch {floor[0]:.2f} s",
             flush=True,
         )
@@ -697,14 +702,17 @@ def print_rtn_copy(runs: list[RtnCopy], workdir: Path, limit: int, load: str) ->
                 f"{conversion:.2f}",
                 f"{conversion / copy:.2f}",
                 f"{run.rss / MB:.0f}",
+                f"{min(run.direct_copies):.2f}",
             ]
         )
     header = ["GB", "copy s", "RTN s", "x copy", f"<= {RTN_COPY_TARGET}x", "import torch s", "x copy"]
-    print(table(rows, [*header, "start+exit s", "conversion s", "x copy", "peak RSS MB"]))
+    print(table(rows, [*header, "start+exit s", "conversion s", "x copy", "peak RSS MB", "direct copy s"]))
     print(f"load: {load}")
     print("x copy = wall time / the copy's, fastest of the rounds each; start+exit = RTN wall - its conversion time")
     example = runs[0].source
-    print(f"  copy: {shlex.join(dd_command(example, workdir / 'copy_baseline.tmp', limit))}")
+    copy = workdir / "copy_baseline.tmp"
+    print(f"  copy: {shlex.join(dd_command(example, copy, limit))}")
+    print(f"  direct copy (the disk alone): {shlex.join(dd_command(example, copy, limit, direct=True))}")
     print(f"  RTN:  {shlex.join(rtn_command(example, rtn_output(workdir, example)))}")
     print("  import torch: " + shlex.join([sys.executable, "-c", "import torch"]))
     for run in runs:
