@@ -1,8 +1,8 @@
 // Live progress and the final summary of the FP8 Scaled convert nodes, shown on the node itself.
 //
 // The Python side (nodes/host.py, nodes/conversion.py) sends three namespaced events:
-//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta, error, working,
-//                        cancelling} after each finished tensor, and every half second while one
+//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta (null: no basis
+//                        yet), error, working, cancelling} after each finished tensor, and every half second while one
 //                        is rounded (working: true, with method, step, steps, unit, tensor_seconds);
 //                        once with cancelling: true as soon as a Cancel reaches the conversion
 //   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, errors, worst,
@@ -62,8 +62,8 @@ export function progressText(d) {
     `Converting to FP8 scaled… ${bar(index, total)} ${percent}%`,
     `tensors   ${index} / ${total}  (${d.quantized} quantized, ${d.kept} kept)`,
     tensorLine(d),
-    // The ETA averages over all tensors; before the first quantized one (or the first share of it) it means nothing.
-    `elapsed   ${duration(d.elapsed)}   ETA ${d.quantized || d.step || index >= total ? duration(d.eta) : "estimating…"}`,
+    // The engine's ETA, from the quantized work done so far; null until some is done.
+    `elapsed   ${duration(d.elapsed)}   ETA ${d.eta == null ? "estimating…" : duration(d.eta)}`,
     `error     ${d.quantized ? `${pct(d.error)} running mean (relative)` : "-"}`,
   ].join("\n");
 }
