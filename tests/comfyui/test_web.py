@@ -129,7 +129,8 @@ def comfyui_server(flux_file: Path, base: Path):
     io.write_file(models / "huge_weights.safetensors", {"blocks.0.attn.q.weight": torch.full((64, 64), 1e5)})
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no templates dialog on first load
+    # no templates dialog on first load, no minimap over the graph
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
