@@ -104,8 +104,9 @@ def test_convert_cancel_and_inspect_from_the_page(server, tmp_path):  # noqa: F8
         open_template(page, CONVERT)
         fit(page)
         page.evaluate(WATCH)
+        # many optimiser steps, each long enough (large batches) that "Cancelling…" stays up for a screenshot
         slow = {"source": SOURCE, "filename_prefix": "first_use/slow", "rounding": "learned", "num_iter": 10000}
-        page.evaluate(SET_WIDGETS, ["FP8ScaledConvertFile", {**slow, "calib_samples": 512}])
+        page.evaluate(SET_WIDGETS, ["FP8ScaledConvertFile", {**slow, "calib_samples": 4096}])
         page.get_by_role("button", name="Run", exact=True).first.click()
 
         # progress inside one slow tensor: the same tensor named while its share and time move on
