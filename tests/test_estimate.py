@@ -3,14 +3,17 @@ share of the weight being rounded now (a fake clock: no timing in unit tests).""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
-from quant_core.convert import convert_file
+from quant_core.convert import TensorReport, convert_file
 from quant_core.estimate import Estimate
 from quant_core.io import write_file
 from quant_core.job import Activity, Job
 from quant_core.options import ConvertOptions
+from quant_core.progress import ProgressBar
 
 
 class Clock:
@@ -85,3 +88,18 @@ def test_a_conversion_reports_no_eta_until_a_weight_is_rounded_and_zero_at_the_e
     assert all(r.eta is None for r in reports[:first])
     assert all(r.eta is not None and r.eta >= 0 for r in reports[first:])
     assert reports[-1].eta == 0.0
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:  # the bar redraws every call on a terminal
+        return True
+
+
+def test_the_command_lines_bar_shows_the_engines_eta_or_estimating():
+    stream = Terminal()
+    bar = ProgressBar("convert", stream)
+    bar.activity(Activity("a.weight", "learned", 0, 200, 1.0))
+    bar.activity(Activity("a.weight", "learned", 50, 200, 5.0, eta=75.0))
+    bar(TensorReport("a.weight", 1, 2, 100, True, "", eta=None))
+    lines = stream.getvalue().lstrip("\r").split("\r")
+    assert "ETA estimating…" in lines[0] and "ETA 01:15" in lines[1] and "ETA estimating…" in lines[2]
