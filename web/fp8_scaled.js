@@ -164,21 +164,44 @@ function show(id, text, state) {
 }
 
 const converted = new Set(); // nodes that sent "done" in the running prompt
+// A cancelled run often stops within a tenth of a second: "Cancelling…" stays up at least this long,
+// so that it can be read before "Cancelled" replaces it.
+const CANCELLING_MS = 700;
+const cancelling = new Map(); // node id -> when "Cancelling…" was first shown
+const pending = new Map(); // node id -> the timer that will show "Cancelled"
+
+function showProgress(detail) {
+  const id = String(detail.node);
+  clearTimeout(pending.get(id)); // a new run's progress: the old run's "Cancelled" is stale
+  pending.delete(id);
+  if (detail.cancelling && !cancelling.has(id)) cancelling.set(id, performance.now());
+  show(detail.node, progressText(detail), detail.cancelling ? "cancelling" : "running");
+}
+
+function showError(detail) {
+  const id = String(detail.node);
+  const since = cancelling.get(id);
+  cancelling.delete(id);
+  const state = detail.cancelled ? "cancelled" : "error";
+  const wait = since === undefined ? 0 : Math.max(0, since + CANCELLING_MS - performance.now());
+  const shown = () => {
+    pending.delete(id);
+    show(detail.node, errorText(detail), state);
+  };
+  if (wait > 0) pending.set(id, setTimeout(shown, wait));
+  else shown();
+}
 
 app.registerExtension({
   name: "fp8_scaled.status",
   setup() {
     api.addEventListener("execution_start", () => converted.clear());
-    api.addEventListener("fp8_scaled.progress", ({ detail }) =>
-      show(detail.node, progressText(detail), detail.cancelling ? "cancelling" : "running"),
-    );
+    api.addEventListener("fp8_scaled.progress", ({ detail }) => showProgress(detail));
     api.addEventListener("fp8_scaled.done", ({ detail }) => {
       converted.add(String(detail.node));
       show(detail.node, doneText(detail), "done");
     });
-    api.addEventListener("fp8_scaled.error", ({ detail }) =>
-      show(detail.node, errorText(detail), detail.cancelled ? "cancelled" : "error"),
-    );
+    api.addEventListener("fp8_scaled.error", ({ detail }) => showError(detail));
     // Errors raised before the conversion starts (a bad filename_prefix, a missing file) come
     // only as ComfyUI's own execution_error: show them on our nodes too.
     api.addEventListener("execution_error", ({ detail }) => {

@@ -104,9 +104,8 @@ def test_convert_cancel_and_inspect_from_the_page(server, tmp_path):  # noqa: F8
         open_template(page, CONVERT)
         fit(page)
         page.evaluate(WATCH)
-        # many optimiser steps, each long enough (large batches) that "Cancelling…" stays up for a screenshot
         slow = {"source": SOURCE, "filename_prefix": "first_use/slow", "rounding": "learned", "num_iter": 10000}
-        page.evaluate(SET_WIDGETS, ["FP8ScaledConvertFile", {**slow, "calib_samples": 4096}])
+        page.evaluate(SET_WIDGETS, ["FP8ScaledConvertFile", {**slow, "calib_samples": 512}])
         page.get_by_role("button", name="Run", exact=True).first.click()
 
         # progress inside one slow tensor: the same tensor named while its share and time move on
@@ -158,7 +157,8 @@ def test_convert_cancel_and_inspect_from_the_page(server, tmp_path):  # noqa: F8
     cancelled = next(e for e in log if e["state"] == "cancelled")
     assert states.index("cancelling") < states.index("cancelled")
     assert cancelling["text"].startswith("Cancelling…") and cancelled["text"].startswith("Cancelled")
-    assert cancelled["at"] - cancelling["at"] < 2000 and cancelled_after < 3  # milliseconds, seconds
+    # milliseconds, seconds: "Cancelling…" stays up long enough to be read (700 ms), "Cancelled" follows at once
+    assert 500 < cancelled["at"] - cancelling["at"] < 2000 and cancelled_after < 3
     folder = base / "models" / "diffusion_models" / "first_use"
     assert not list(folder.glob("slow_*"))  # nothing saved by the cancelled run
     assert done["state"] == "done" and f"in        {folder}" in done["text"], done["text"]
