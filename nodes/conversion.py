@@ -66,8 +66,7 @@ def _reported(node_id) -> Iterator[None]:
 
 
 def _run(source: TensorSource, output: Path, options: ConvertOptions, node_id) -> Summary:
-    sizes = {name: info.nbytes for name, info in source.tensors.items()}
-    progress = host.NodeProgress(node_id, len(sizes), sum(sizes.values()), sizes)
+    progress = host.NodeProgress(node_id, len(source.tensors))
     summary = convert(
         source,
         output,

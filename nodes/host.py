@@ -263,14 +263,12 @@ def save_metadata(prompt: object, extra_pnginfo: object) -> dict[str, str]:
 class NodeProgress:
     """Drives ComfyUI's progress bar and the web extension's live panel from the engine's reports:
     each finished tensor (``__call__``) and, every half second, the tensor being rounded
-    (``activity``), so that a long tensor moves the bar, names itself and ticks elapsed and ETA."""
+    (``activity``), so that a long tensor moves the bar, names itself and ticks elapsed time. The
+    ETA is the engine's (``quant_core.estimate``): null until it has a basis."""
 
     node_id: str | None
     total: int
-    total_bytes: int  # the ETA follows bytes, since kept tensors cost almost nothing
-    sizes: dict[str, int] = field(default_factory=dict)  # source bytes per tensor, for the ETA inside one
     started: float = field(default_factory=time.perf_counter)
-    done_bytes: int = 0
     index: int = 0
     errors: list[float] = field(default_factory=list)
     quantized: int = 0
@@ -286,15 +284,13 @@ class NodeProgress:
         if report.quantized:
             self.quantized += 1
             self.errors.append(report.error_after)
-        self.done_bytes += report.nbytes
-        self._send(report.name, self.done_bytes)
+        self._send(report.name, report.eta)
 
     def activity(self, activity) -> None:
         """A ``quant_core.job.Activity``: the tensor being rounded, or ``cancelling`` once the user cancelled."""
         fraction = activity.done / activity.total if activity.total else 0.0
         if not activity.cancelling:  # ComfyUI's bar hook checks for interrupts: not while stopping
             self.bar.update_absolute(round(self.index + fraction, 3), self.total)
-        done = self.done_bytes + fraction * self.sizes.get(activity.name, 0)
         working = {
             "working": not activity.cancelling,
             "cancelling": activity.cancelling,
@@ -304,11 +300,9 @@ class NodeProgress:
             "unit": activity.unit,
             "tensor_seconds": round(activity.seconds, 2),
         }
-        self._send(activity.name, done, working)
+        self._send(activity.name, activity.eta, working)
 
-    def _send(self, tensor: str, done_bytes: float, working: dict | None = None) -> None:
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done_bytes * (self.total_bytes - done_bytes) if done_bytes else 0.0
+    def _send(self, tensor: str, eta: float | None, working: dict | None = None) -> None:
         send(
             "progress",
             {
@@ -318,8 +312,8 @@ class NodeProgress:
                 "total": self.total,
                 "quantized": self.quantized,
                 "kept": self.index - self.quantized,
-                "elapsed": round(elapsed, 2),
-                "eta": round(max(eta, 0.0), 2),
+                "elapsed": round(time.perf_counter() - self.started, 2),
+                "eta": None if eta is None else round(eta, 2),  # null: no basis yet ("estimating…")
                 "error": sum(self.errors) / len(self.errors) if self.errors else 0.0,
                 **(working or {"working": False, "cancelling": False}),
             },

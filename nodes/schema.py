@@ -120,7 +120,10 @@ class ConvertModelToFP8(io.ComfyNode):
             "Convert to FP8 Scaled",
             "Bakes the MODEL's patches (LoRAs…) in, one weight at a time, and saves FP8-scaled weights into the "
             "diffusion_models folder, where 'Load Diffusion Model' lists them.",
-            io.Model.Input("model"),
+            io.Model.Input(
+                "model",
+                tooltip="the MODEL to convert, with the patches applied to it (e.g. by 'LoraLoaderModelOnly')",
+            ),
         )
 
     @classmethod
@@ -158,7 +161,13 @@ class LoadFP8Scaled(io.ComfyNode):
             search_aliases=["load fp8", "ultra8", *ALIASES],
             description="Loads an ultra8 file (uint8 scales are decoded for ComfyUI's own fp8 ops), or a "
             "comfy / legacy FP8-scaled file, as a MODEL.",
-            inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"))],
+            inputs=[
+                io.Combo.Input(
+                    "unet_name",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="an FP8-scaled file in the diffusion_models folder (ultra8, comfy or legacy layout)",
+                )
+            ],
             outputs=[io.Model.Output()],
         )
 
@@ -218,7 +227,10 @@ class RecordFP8Calibration(io.ComfyNode):
             "the diffusion model sees, for GPTQ rounding on your own prompts. The input MODEL is not recorded. "
             "Save the recording with 'Save FP8 Calibration'.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input(
+                    "model",
+                    tooltip="the MODEL to sample with; sample with this node's MODEL output to record",
+                ),
                 _recording_memory_input(),
                 _recorded_layers_input(" (the model's preset keeps e.g. embedders and final layers)"),
             ],
@@ -267,7 +279,10 @@ class RecordFP8TextEncoderCalibration(io.ComfyNode):
             "converter and have nothing to record. Save with 'Save FP8 Calibration'. Text encoders get no input "
             "scales: ComfyUI multiplies them in full precision.",
             inputs=[
-                io.Clip.Input("clip"),
+                io.Clip.Input(
+                    "clip",
+                    tooltip="the CLIP to encode your prompts with; encode with this node's CLIP output to record",
+                ),
                 _recording_memory_input(),
                 _recorded_layers_input(),
             ],
@@ -292,7 +307,11 @@ class SaveFP8Calibration(io.ComfyNode):
             "models/fp8_calibration and frees it "
             "(unless keep_recording); connect 'path' to a convert node's calibration_path.",
             inputs=[
-                Recording.Input("recording"),
+                Recording.Input(
+                    "recording",
+                    tooltip="the 'recording' output of 'Record FP8 Calibration' or 'Record FP8 Text Encoder "
+                    "Calibration'",
+                ),
                 io.AnyType.Input(
                     "after",
                     tooltip="the sampler's LATENT or the CONDITIONING (or anything made from them): the file is "

@@ -26,6 +26,7 @@ from . import __version__, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
 from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
+from .estimate import Estimate
 from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
 from .job import ActivityCallback, Job
@@ -77,6 +78,7 @@ class TensorReport:
     error_after: float = 0.0  # the written result's relative error (see ``measure``)
     seconds: float = 0.0
     fell_back: bool = False
+    eta: float | None = None  # seconds left in the conversion once this tensor is written; None: no basis yet
 
     @property
     def measure(self) -> str:
@@ -488,6 +490,9 @@ def _convert(
             # rounded or written (docs/benchmarks.md)
             on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
             budget = (1 if on_accelerator else 2) * max(map(run.cost, plan.items))
+            job.estimate = Estimate(
+                {name: source.tensors[name].numel for item in items for name in item if plan.decisions[name][0]}
+            )
             run_pipeline(items, run.read, run.compute, run.write, plan.devices, run.cost, run.held, budget, job)
             writer.finish()
     label = str(path) if path else "MODEL"
@@ -535,6 +540,7 @@ class _Run:
             for key, tensor in result.tensors.items():
                 self.writer.write(key, tensor)
             result.report.index, result.report.total = len(self.reports) + 1, total
+            result.report.eta = self.job.finished(result.report.name)
             self.reports.append(result.report)
             if self.progress:
                 self.progress(result.report)

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from .estimate import Estimate
+
 # what one step of each rounding method is, for progress displays
 UNITS = {"learned": "optimiser steps", "gptq": "columns", "nearest": "rows"}
 
@@ -37,6 +39,7 @@ class Activity:
     total: int
     seconds: float  # since the tensor's rounding started
     cancelling: bool = False  # the user interrupted: the run is stopping
+    eta: float | None = None  # seconds left in the whole conversion; None: no basis yet (``estimate``)
 
     @property
     def unit(self) -> str:
@@ -66,9 +69,9 @@ class _Work:
             raise Cancelled(f"{self.name}: stopped after {done} of {total} {UNITS.get(self.method, 'steps')}")
         self.done, self.total = done, total
 
-    def activity(self, cancelling: bool = False) -> Activity:
+    def activity(self, cancelling: bool = False, eta: float | None = None) -> Activity:
         seconds = time.perf_counter() - self.started
-        return Activity(self.name, self.method, self.done, self.total, seconds, cancelling)
+        return Activity(self.name, self.method, self.done, self.total, seconds, cancelling, eta)
 
 
 class Job:
@@ -77,6 +80,7 @@ class Job:
     ``check_interrupt`` (the host's: it raises to cancel) and ``activity`` are only ever called in
     the caller's thread, from ``poll``; ``activity`` at most every ``interval`` seconds while a
     tensor is being rounded, and once more with ``cancelling`` set when an interrupt stops the run.
+    ``estimate``, once the conversion knows its work, gives each activity and finished tensor an ETA.
     """
 
     def __init__(
@@ -90,6 +94,21 @@ class Job:
         self._working: dict[int, _Work] = {}
         self._lock = threading.Lock()
         self._shown = time.perf_counter()
+        self.estimate: Estimate | None = None
+
+    def finished(self, name: str) -> float | None:
+        """Count a written tensor; the seconds left after it (``Estimate.eta``)."""
+        if self.estimate is not None:
+            self.estimate.finished(name)
+        return self.eta()
+
+    def eta(self) -> float | None:
+        """The seconds left, counting the share of every tensor being rounded now; None without a basis."""
+        if self.estimate is None:
+            return None
+        with self._lock:
+            shares = {w.name: w.done / w.total for w in self._working.values() if w.total}
+        return self.estimate.eta(shares)
 
     @property
     def stopped(self) -> bool:
@@ -122,7 +141,7 @@ class Job:
             work = self._oldest()
             if work is not None:
                 self._shown = now
-                self.activity(work.activity())
+                self.activity(work.activity(eta=self.eta()))
 
     def stop(self, cancelling: bool = False) -> None:
         """Tell the workers to stop at their next step; with ``cancelling`` (an interrupt, not an

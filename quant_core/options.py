@@ -61,7 +61,8 @@ OPTIONS: tuple[Option, ...] = (
         "format",
         str,
         "comfy",
-        "output layout: comfy (ComfyUI >= 0.4); legacy (scaled_fp8, every ComfyUI since 2024); ultra8 (8-bit "
+        "output layout: comfy (ComfyUI >= 0.4); legacy (the older FP8-scaled layout, every ComfyUI since 2024); "
+        "ultra8 (8-bit "
         "scales, smaller; load it with 'Load FP8 Scaled (8-bit scales)' or decode it)",
         BASIC,
         choices=FORMATS,
@@ -162,7 +163,8 @@ OPTIONS: tuple[Option, ...] = (
         "keep_distillation",
         bool,
         False,
-        "keep distilled_guidance_layer, final_layer, img_in and txt_in in full precision",
+        "Flux-style models: keep the image and text input layers, the final output layer and the distilled "
+        "guidance layers (Chroma) in full precision",
     ),
     Option(
         "t5xxl",

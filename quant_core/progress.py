@@ -1,4 +1,8 @@
-"""A dependency-free terminal progress bar for the command line: tensors/s, ETA, current tensor."""
+"""A dependency-free terminal progress bar for the command line: tensors/s, ETA, current tensor.
+
+The ETA is the engine's (``estimate.Estimate``, carried by each report and activity): "estimating…"
+until the engine has measured some of the work that costs.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ class ProgressBar:
         self.tty = self.stream.isatty()
         self._last_line = 0.0
         self._index, self._total = 0, 0
+        self._eta: float | None = None
 
     def __call__(self, report: TensorReport) -> None:
-        self._index, self._total = report.index, report.total
+        self._index, self._total, self._eta = report.index, report.total, report.eta
         error = f" err {report.error_after:.3%}" if report.quantized else ""
         self._show(f"{error} {report.name}", done=report.index == report.total)
 
@@ -37,17 +42,18 @@ class ProgressBar:
         if activity.cancelling:
             self._show(" cancelling…" + (where if activity.name else ""), done=True)
         else:
+            self._eta = activity.eta
             self._show(f"{where} {activity.seconds:.0f} s", done=False)
 
     def _show(self, detail: str, done: bool) -> None:
         elapsed = time.perf_counter() - self.started
         rate = self._index / elapsed if elapsed > 0 else 0.0
-        eta = (self._total - self._index) / rate if rate > 0 else 0.0
+        eta = "estimating…" if self._eta is None else _clock(self._eta)
         filled = int(self.width * self._index / max(1, self._total))
         bar = "#" * filled + "." * (self.width - filled)
-        line = f"{self.label} [{bar}] {self._index}/{self._total} {rate:.1f} t/s ETA {_clock(eta)}{detail}"
-        if not self._total:  # inside the first tensor: nothing to count yet
-            line = f"{self.label}{detail}"
+        line = f"{self.label} [{bar}] {self._index}/{self._total} {rate:.1f} t/s ETA {eta}{detail}"
+        if not self._total:  # inside the first tensor: no tensor to count yet
+            line = f"{self.label} ETA {eta}{detail}"
         if self.tty:
             self.stream.write("\r" + line[:160].ljust(160) + ("\n" if done else ""))
             self.stream.flush()

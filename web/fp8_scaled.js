@@ -1,8 +1,8 @@
 // Live progress and the final summary of the FP8 Scaled convert nodes, shown on the node itself.
 //
 // The Python side (nodes/host.py, nodes/conversion.py) sends three namespaced events:
-//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta, error, working,
-//                        cancelling} after each finished tensor, and every half second while one
+//   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta (null: no basis
+//                        yet), error, working, cancelling} after each finished tensor, and every half second while one
 //                        is rounded (working: true, with method, step, steps, unit, tensor_seconds);
 //                        once with cancelling: true as soon as a Cancel reaches the conversion
 //   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, errors, worst,
@@ -62,8 +62,8 @@ export function progressText(d) {
     `Converting to FP8 scaled… ${bar(index, total)} ${percent}%`,
     `tensors   ${index} / ${total}  (${d.quantized} quantized, ${d.kept} kept)`,
     tensorLine(d),
-    // The ETA averages over all tensors; before the first quantized one (or the first share of it) it means nothing.
-    `elapsed   ${duration(d.elapsed)}   ETA ${d.quantized || d.step || index >= total ? duration(d.eta) : "estimating…"}`,
+    // The engine's ETA, from the quantized work done so far; null until some is done.
+    `elapsed   ${duration(d.elapsed)}   ETA ${d.eta == null ? "estimating…" : duration(d.eta)}`,
     `error     ${d.quantized ? `${pct(d.error)} running mean (relative)` : "-"}`,
   ].join("\n");
 }
@@ -164,21 +164,44 @@ function show(id, text, state) {
 }
 
 const converted = new Set(); // nodes that sent "done" in the running prompt
+// A cancelled run often stops within a tenth of a second: "Cancelling…" stays up at least this long,
+// so that it can be read before "Cancelled" replaces it.
+const CANCELLING_MS = 700;
+const cancelling = new Map(); // node id -> when "Cancelling…" was first shown
+const pending = new Map(); // node id -> the timer that will show "Cancelled"
+
+function showProgress(detail) {
+  const id = String(detail.node);
+  clearTimeout(pending.get(id)); // a new run's progress: the old run's "Cancelled" is stale
+  pending.delete(id);
+  if (detail.cancelling && !cancelling.has(id)) cancelling.set(id, performance.now());
+  show(detail.node, progressText(detail), detail.cancelling ? "cancelling" : "running");
+}
+
+function showError(detail) {
+  const id = String(detail.node);
+  const since = cancelling.get(id);
+  cancelling.delete(id);
+  const state = detail.cancelled ? "cancelled" : "error";
+  const wait = since === undefined ? 0 : Math.max(0, since + CANCELLING_MS - performance.now());
+  const shown = () => {
+    pending.delete(id);
+    show(detail.node, errorText(detail), state);
+  };
+  if (wait > 0) pending.set(id, setTimeout(shown, wait));
+  else shown();
+}
 
 app.registerExtension({
   name: "fp8_scaled.status",
   setup() {
     api.addEventListener("execution_start", () => converted.clear());
-    api.addEventListener("fp8_scaled.progress", ({ detail }) =>
-      show(detail.node, progressText(detail), detail.cancelling ? "cancelling" : "running"),
-    );
+    api.addEventListener("fp8_scaled.progress", ({ detail }) => showProgress(detail));
     api.addEventListener("fp8_scaled.done", ({ detail }) => {
       converted.add(String(detail.node));
       show(detail.node, doneText(detail), "done");
     });
-    api.addEventListener("fp8_scaled.error", ({ detail }) =>
-      show(detail.node, errorText(detail), detail.cancelled ? "cancelled" : "error"),
-    );
+    api.addEventListener("fp8_scaled.error", ({ detail }) => showError(detail));
     // Errors raised before the conversion starts (a bad filename_prefix, a missing file) come
     // only as ComfyUI's own execution_error: show them on our nodes too.
     api.addEventListener("execution_error", ({ detail }) => {

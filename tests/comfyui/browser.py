@@ -20,21 +20,25 @@ import torch
 from .test_web import CHROMIUM_FLAGS, PACK, _chromium, comfyui_server
 from .workflows import TEMPLATES, THUMBNAIL
 
-# The graph's bounding box fitted into the visible canvas (LiteGraph: screen = (pos + offset) * scale).
-FIT = """(margin) => {
+# The graph's bounding box fitted into the canvas less ``[left, top, right, bottom]`` insets (LiteGraph:
+# screen = (pos + offset) * scale).
+FIT = """([left, top, right, bottom]) => {
   const app = window.app;
   const canvas = app.canvas;
   const nodes = app.graph.nodes;
-  const left = Math.min(...nodes.map((n) => n.pos[0]));
-  const top = Math.min(...nodes.map((n) => n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT));
-  const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-  const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-  const [width, height] = [canvas.canvas.clientWidth, canvas.canvas.clientHeight];
-  const scale = Math.min((width - 2 * margin) / (right - left), (height - 2 * margin) / (bottom - top), 1.2);
+  const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+  const y0 = Math.min(...nodes.map((n) => n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT));
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  const [width, height] = [canvas.canvas.clientWidth - left - right, canvas.canvas.clientHeight - top - bottom];
+  const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1.2);
   canvas.ds.scale = scale;
-  canvas.ds.offset = [(width / scale - (right - left)) / 2 - left, (height / scale - (bottom - top)) / 2 - top];
+  const centre = (inset, room, extent, origin) => (inset + (room - scale * extent) / 2) / scale - origin;
+  canvas.ds.offset = [centre(left, width, x1 - x0, x0), centre(top, height, y1 - y0, y0)];
   app.graph.setDirtyCanvas(true, true);
 }"""
+# What the page draws over the canvas: the side bar on the left, the tabs and the Run bar on top.
+PAGE_INSETS = (64, 100, 0, 0)
 
 
 CANVAS_JPEG = """([width, quality]) => {
@@ -105,9 +109,10 @@ def open_template(page, name: str) -> None:
     )
 
 
-def fit(page, margin: int = 24) -> None:
+def fit(page, margin: int = 24, insets: tuple[int, int, int, int] = PAGE_INSETS) -> None:
+    """The whole graph in view: the canvas less the page's bars (``insets``) and ``margin`` around."""
     page.wait_for_timeout(500)  # the frontend settles the loaded workflow's view first
-    page.evaluate(FIT, margin)
+    page.evaluate(FIT, [inset + margin for inset in insets])
     page.wait_for_timeout(300)  # one frame drawn
 
 
@@ -136,7 +141,7 @@ def thumbnails(templates: list[Path], width: int = 800, quality: float = 0.8) ->
                 for template in templates:
                     open_templates_dialog(page)
                     open_template(page, template.stem)
-                    fit(page)
+                    fit(page, insets=(0, 0, 0, 0))  # the canvas alone is drawn
                     thumbnail = template.with_suffix(THUMBNAIL)
                     thumbnail.write_bytes(canvas_image(page, width, quality))
                     written.append(thumbnail)

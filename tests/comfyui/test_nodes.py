@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from .conftest import NODE_OPTIONS as OPTIONS
 from .conftest import forward, relative_error, run_node
 
 QUICK = dict(num_iter=10, calib_samples=16)
+# snake_case words a ComfyUI user meets by name: model folders, the status box's own widget
+USERS_WORDS = {"diffusion_models", "text_encoders", "fp8_calibration", "fp8_status"}
 
 
 def test_pack_registers_its_nodes(pack):
@@ -163,3 +166,20 @@ def test_convert_model_that_is_already_fp8(comfy, pack, tiny_flux):
     again = run_node(classes["FP8ScaledConvertModel"], model=loaded, filename_prefix="fp8_twice", **OPTIONS)
     reloaded = comfy.sd.load_diffusion_model(again.args[0])
     assert relative_error(forward(reloaded.model.diffusion_model, inputs), forward(model, inputs)) < 0.08
+
+
+def test_every_input_of_every_node_has_a_tooltip_in_the_users_words(pack):
+    """Hovering any input says what it is; no command-line flags, no tensor or code names (snake_case
+    words other than the node's own input and output names)."""
+    classes, _, _ = pack
+    ours = {node_id: cls for node_id, cls in classes.items() if node_id.startswith("FP8Scaled")}
+    assert len(ours) >= 7
+    for node_id, cls in ours.items():
+        schema = cls.GET_SCHEMA()
+        names = {i.id for i in schema.inputs} | {o.display_name or o.io_type.lower() for o in schema.outputs}
+        for widget in schema.inputs:
+            where = f"{node_id}.{widget.id}"
+            assert widget.tooltip and widget.tooltip.strip(), f"{where} has no tooltip"
+            assert "--" not in widget.tooltip, f"{where}: a command-line flag in {widget.tooltip!r}"
+            code = set(re.findall(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b", widget.tooltip)) - names - USERS_WORDS
+            assert not code, f"{where}: {sorted(code)} in {widget.tooltip!r}"

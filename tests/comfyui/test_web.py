@@ -1,7 +1,10 @@
 """The web extension against a real ComfyUI server: served, fed by the websocket, drawn on the node.
 
 Opt-in like the other tests here: skipped unless ``COMFYUI_PATH`` points at a ComfyUI checkout whose
-frontend (``comfyui-frontend-package``) is installed in the running Python. The server runs in a
+frontend (``comfyui-frontend-package``) is installed in the running Python, or ``FP8_FRONTEND_ROOT``
+names another frontend's ``static`` folder (served with ``--front-end-root``: e.g. a second version
+installed with ``pip install --target DIR --no-deps comfyui-frontend-package==1.58.1``, then
+``FP8_FRONTEND_ROOT=DIR/comfyui_frontend_package/static``). The server runs in a
 subprocess on a free loopback port, with a temporary base directory whose ``custom_nodes`` links to
 this repository. The browser test also needs a Chromium binary (``CHROMIUM`` or ``chromium`` on
 PATH) and the ``playwright`` Python package (no browser download: it drives the system Chromium).
@@ -31,6 +34,7 @@ from .conftest import COMFYUI_PATH, NODE_OPTIONS
 REPO = Path(__file__).resolve().parents[2]
 PACK = "ComfyUI-FP8-Scaled-Learned"
 SOURCE = "diffusion_models/tiny_flux_bf16.safetensors"
+FRONTEND_ROOT = os.environ.get("FP8_FRONTEND_ROOT")  # a frontend's static folder; unset: the installed package
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -111,8 +115,8 @@ def server(tiny_flux, tmp_path_factory):
 @contextlib.contextmanager
 def comfyui_server(flux_file: Path, base: Path):
     """Start ComfyUI with ``base`` as its base directory; yields (URL, base, process), stops it at the end."""
-    if importlib.util.find_spec("comfyui_frontend_package") is None:
-        pytest.skip("comfyui-frontend-package is not installed in this Python")
+    if FRONTEND_ROOT is None and importlib.util.find_spec("comfyui_frontend_package") is None:
+        pytest.skip("comfyui-frontend-package is not installed in this Python (or set FP8_FRONTEND_ROOT)")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "fp8_test_conditioning.py").write_text(TEST_CONDITIONING_NODE)
@@ -125,7 +129,8 @@ def comfyui_server(flux_file: Path, base: Path):
     io.write_file(models / "huge_weights.safetensors", {"blocks.0.attn.q.weight": torch.full((64, 64), 1e5)})
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no templates dialog on first load
+    # no templates dialog on first load, no minimap over the graph
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -143,6 +148,7 @@ def comfyui_server(flux_file: Path, base: Path):
         "--disable-auto-launch",
         "--database-url",
         "sqlite:///:memory:",
+        *(["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else []),
     ]
     process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -243,7 +249,7 @@ def test_progress_and_done_events_arrive_over_the_websocket(server):
     total = progress[0]["total"]
     assert [p["index"] for p in progress] == list(range(1, total + 1))
     assert all(p["node"] == "1" and p["quantized"] + p["kept"] == p["index"] for p in progress)
-    assert all(p["eta"] >= 0 and p["elapsed"] >= 0 and 0 <= p["error"] < 1 for p in progress)
+    assert all((p["eta"] is None or p["eta"] >= 0) and p["elapsed"] >= 0 and 0 <= p["error"] < 1 for p in progress)
     assert progress[-1]["quantized"] > 0
 
     (done,) = _of(messages, "fp8_scaled.done")

@@ -264,13 +264,13 @@ WORKING_FIELDS = {"method", "step", "steps", "unit", "tensor_seconds"}
 
 
 def test_node_progress_drives_the_bar_and_the_panel(pack, comfy):
-    progress = pack.host.NodeProgress("12", 3, total_bytes=210)
+    progress = pack.host.NodeProgress("12", 3)
     bar = comfy.utils.bars[-1]
     assert (bar.total, bar.node_id) == (3, "12")
     reports = [
-        SimpleNamespace(name="a.weight", index=1, total=3, nbytes=100, quantized=True, error_after=0.02),
-        SimpleNamespace(name="a.bias", index=2, total=3, nbytes=10, quantized=False, error_after=0.0),
-        SimpleNamespace(name="b.weight", index=3, total=3, nbytes=100, quantized=True, error_after=0.04),
+        SimpleNamespace(name="a.bias", index=1, total=3, quantized=False, error_after=0.0, eta=None),
+        SimpleNamespace(name="a.weight", index=2, total=3, quantized=True, error_after=0.02, eta=12.3456),
+        SimpleNamespace(name="b.weight", index=3, total=3, quantized=True, error_after=0.04, eta=0.0),
     ]
     for report in reports:
         progress(report)
@@ -280,10 +280,11 @@ def test_node_progress_drives_the_bar_and_the_panel(pack, comfy):
     events = comfy.server.events("fp8_scaled.progress")
     assert set(events[0]) == PROGRESS_FIELDS
     assert not any(e["working"] or e["cancelling"] for e in events)
-    assert [e["tensor"] for e in events] == ["a.weight", "a.bias", "b.weight"]
-    assert [(e["quantized"], e["kept"]) for e in events] == [(1, 0), (1, 1), (2, 1)]
-    assert [e["error"] for e in events] == pytest.approx([0.02, 0.02, 0.03])
-    assert events[-1]["eta"] == 0 and all(e["elapsed"] >= 0 and e["eta"] >= 0 for e in events)
+    assert [e["tensor"] for e in events] == ["a.bias", "a.weight", "b.weight"]
+    assert [(e["quantized"], e["kept"]) for e in events] == [(0, 1), (1, 1), (2, 1)]
+    assert [e["error"] for e in events] == pytest.approx([0.0, 0.02, 0.03])
+    assert [e["eta"] for e in events] == [None, 12.35, 0.0]  # the engine's; null: no basis yet
+    assert all(e["elapsed"] >= 0 for e in events)
     assert all(e["node"] == "12" and e["total"] == 3 for e in events)
 
 
@@ -320,19 +321,19 @@ def test_resolve_model_file_refuses_anything_else(pack, comfy, tmp_path):
 
 def test_node_progress_moves_inside_a_tensor_and_says_cancelling(pack, comfy):
     """Between finished tensors the bar moves by the share of the tensor being rounded, the panel
-    names that tensor with its steps and an ETA that counts it; "cancelling" leaves the bar alone."""
+    names that tensor with its steps and the engine's ETA; "cancelling" leaves the bar alone."""
     Activity = pack.job.Activity
-    progress = pack.host.NodeProgress("12", 2, total_bytes=200, sizes={"a.weight": 100, "b.weight": 100})
+    progress = pack.host.NodeProgress("12", 2)
     bar = comfy.utils.bars[-1]
-    progress(SimpleNamespace(name="a.weight", index=1, total=2, nbytes=100, quantized=True, error_after=0.02))
-    progress.activity(Activity("b.weight", "learned", 250, 1000, 3.0))
+    progress(SimpleNamespace(name="a.weight", index=1, total=2, quantized=True, error_after=0.02, eta=40.0))
+    progress.activity(Activity("b.weight", "learned", 250, 1000, 3.0, eta=31.5))
     assert bar.updates[-1] == (1.25, 2)
     event = comfy.server.events("fp8_scaled.progress")[-1]
     assert set(event) == PROGRESS_FIELDS | WORKING_FIELDS
     assert event["tensor"] == "b.weight" and event["working"] is True and event["cancelling"] is False
     assert (event["step"], event["steps"], event["tensor_seconds"]) == (250, 1000, 3.0)
     assert event["method"] == "learned" and event["unit"] == "optimiser steps"
-    assert event["index"] == 1 and event["eta"] == pytest.approx(event["elapsed"] * 75 / 125, abs=0.02)
+    assert event["index"] == 1 and event["eta"] == 31.5
 
     progress.activity(Activity("b.weight", "learned", 300, 1000, 3.5, cancelling=True))
     assert bar.updates[-1] == (1.25, 2)  # the bar's hook would check for the interrupt again
