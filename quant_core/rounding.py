@@ -45,6 +45,9 @@ _BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
 # rows optimised together: ~256 K weights, so that the ~20 float32 working copies (20 MB) stay in
 # the CPU's caches (the fastest block size measured; docs/benchmarks.md)
 _LEARNED_BLOCK_ELEMENTS = 1 << 18
+# on a GPU: ~16 M weights (~1 GB of working copies), so that each of the step's ~15 kernels has work
+# enough to hide its launch; 256 K-weight blocks would leave the device idle between launches
+_LEARNED_BLOCK_ELEMENTS_CUDA = 1 << 24
 _PATIENCE = 50  # iterations without a changed decision or a better loss before the optimiser stops
 _CHECK_EVERY = 10  # iterations between looks at the losses and the decisions (a block-sized pass each)
 _HELD_OUT_EVERY = 20  # iterations between looks at the held-out inputs (one product each)
@@ -176,15 +179,16 @@ def round_learned(
     """
     device = weight.device
     generator = generator_for(name, options.seed, device)
-    inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
-    held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
-    matmul = _matmul_dtype(options, device)
-    fitted, checked = inputs.to(matmul), held_out.to(matmul)
-    del inputs
-    grid = _Grid(weight, scale, dtype)
+    with one_cpu_thread(device):  # small passes: the thread pool's barriers would cost more than they save
+        inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+        held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+        matmul = _matmul_dtype(options, device)
+        fitted, checked = inputs.to(matmul), held_out.to(matmul)
+        del inputs
+        grid = _Grid(weight, scale, dtype)
 
     learned = torch.empty(weight.shape, dtype=dtype, device=device)
-    blocks = _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS)
+    blocks = _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS_CUDA if device.type == "cuda" else _LEARNED_BLOCK_ELEMENTS)
     total = len(blocks) * options.num_iter
     progress = _Progress(step, total)
 
@@ -210,7 +214,8 @@ def round_learned(
         return RoundingResult(learned, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
         del learned
-        rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
+        with one_cpu_thread(device):
+            rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
         return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     return RoundingResult(learned, error_rtn, error, iterations, work=work)
 
@@ -428,15 +433,20 @@ class _Workspace:
         self.middle = choices.offset + self.half
         self.sigmoid, self.centred = torch.empty_like(logits), torch.empty_like(logits)
         self.delta = torch.empty_like(logits, dtype=matmul_dtype)
-        self.soften(logits)
         self.gradient, self.power = torch.empty_like(logits), torch.empty_like(logits)
+        self.soften(logits)
         self.decisions = torch.empty_like(logits, dtype=torch.bool)
         self.losses = torch.zeros(iterations, dtype=torch.float64, device=logits.device)
 
     def soften(self, logits: torch.Tensor) -> None:
-        """``sigmoid(logits)``, ``u = 1 - 2 rectified_sigmoid(logits)`` and the delta they give."""
+        """``sigmoid(logits)``, ``u = 1 - 2 rectified_sigmoid(logits)`` and the delta they give. A bf16
+        delta is computed in float32 first (into ``gradient``, free until the next step): written to
+        bf16 directly, ATen allocated a block-sized float32 temporary every iteration."""
         _soften(logits, self.sigmoid, self.centred)
-        torch.addcmul(self.middle, self.centred, self.half, value=-1, out=self.delta)
+        exact = self.delta if self.delta.dtype == torch.float32 else self.gradient
+        torch.addcmul(self.middle, self.centred, self.half, value=-1, out=exact)
+        if exact is not self.delta:
+            self.delta.copy_(exact)
 
 
 class _Adam:
