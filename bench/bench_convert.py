@@ -664,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
 
     subset_configs = [configs[c] for c in chosen if configs[c].subset and c != "optimiser"]
     subset_configs = learned_sweep(subset_configs, learned_counts(args))
+    python_of.update({c.name: args.peer_python if c.peer else sys.executable for c in subset_configs})
     subset_results: dict[str, Result] = {}
     optimiser = None
     if subset_configs or "optimiser" in chosen:

@@ -408,3 +408,34 @@ def test_float32_and_amp_products_both_beat_rtn(use_amp):
     result = rounding.round_learned("amp.weight", weight, scale, E4M3, LowRankCalibration(128), options)
     assert result.error < result.error_rtn
     assert_grid_neighbour_choices(result, weight, scale, E4M3)
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sixteen_bit_table_gives_the_float_paths_choices(source, dtype):
+    """A 16-bit weight's choices are gathered from a table of all 65536 values: the same bits as
+    computing them from the weight itself (zeros, subnormals and the largest values included)."""
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(40, 96, generator=generator) * 0.05).to(source)
+    weight[0, :4] = torch.tensor([0.0, -0.0, 1e-7, -1e-7])
+    scale = scale_of(weight, dtype)
+    gathered = rounding._Grid(weight, scale, dtype).block(slice(3, 29))
+    direct = rounding._choices(scaled_weight(weight[3:29], scale, dtype), dtype)
+    for field in ("offset", "step", "logits", "up", "low", "high"):
+        assert torch.equal(getattr(gathered, field), getattr(direct, field)), field
+
+
+def test_flushing_subnormals_stays_in_the_optimisers_threads():
+    """The optimiser's threads flush float32 subnormals to zero (they made its kernels several times
+    slower); the caller's thread keeps them, whatever the thread count."""
+    tiny = torch.tensor([1e-39])  # a float32 subnormal
+    weight = make_weight(40, 64, seed=12)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            options = LearnedOptions(num_iter=5, calib_samples=16)
+            rounding.round_learned("w.weight", weight, scale_of(weight, E4M3), E4M3, LowRankCalibration(64), options)
+            assert float(tiny * 2) > 0
+    finally:
+        torch.set_num_threads(threads)
