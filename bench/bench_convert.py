@@ -143,6 +143,25 @@ def build_configs(args: argparse.Namespace) -> dict[str, Config]:
     }
 
 
+def learned_counts(args: argparse.Namespace) -> list[int]:
+    """The iteration counts of the learned comparison: ``--learned-iters``, else ``--learned-iter``."""
+    return [int(n) for n in args.learned_iters.split(",") if n.strip()] if args.learned_iters else [args.learned_iter]
+
+
+def learned_sweep(configs: list[Config], counts: list[int]) -> list[Config]:
+    """Each learned config once per iteration count (named ``NAME@N``), the others unchanged."""
+    swept = []
+    for config in configs:
+        if "--num_iter" not in config.args or config.name == "learned-mem":
+            swept.append(config)
+            continue
+        at = config.args.index("--num_iter") + 1
+        for count in counts:
+            args = [*config.args[:at], str(count), *config.args[at + 1 :]]
+            swept.append(Config(f"{config.name}@{count}", args, config.note, config.env, config.peer, config.subset))
+    return swept
+
+
 # --- helpers that run in child processes (they import torch; the parent must not) -----------------
 
 
@@ -582,6 +601,30 @@ def peer_rows(pairs: list[tuple[str, Result | None, Result | None]]) -> list[lis
     return rows
 
 
+def print_learned(results: dict[str, Result], counts: list[int], subset: str) -> None:
+    """The learned table: ours against the peer at each iteration count, on the same subset file."""
+    rows = []
+    for count in counts:
+        ours, theirs = results.get(f"learned-matched@{count}"), results.get(f"peer-learned@{count}")
+        row = [str(count)]
+        for result in (ours, theirs):
+            ok = result is not None and not result.returncode
+            row.append(f"{result.wall:.1f}" if ok else "-")
+        both = all(r is not None and not r.returncode for r in (ours, theirs))
+        row.append(ratio(ours.wall, theirs.wall) if both else "-")
+        row.append(f"{ours.convert:.1f}" if ours is not None and ours.convert < float("inf") else "-")
+        for result in (ours, theirs):
+            quality = result.quality if result is not None else None
+            row.append(f"{quality['mean']:.4%}" if quality else "-")
+        rows.append(row)
+    header = ["iterations", "ours s", "peer s", "faster", "ours convert s", "ours err", "peer err"]
+    print(f"learned rounding, ours vs convert-to-quant, subset {subset!r} (the same file for both)")
+    print(table(rows, header))
+    print("faster = peer wall / ours wall (start-up included); err = mean relative output error on held-out inputs")
+    for name in sorted(results):
+        print(f"  {name}: {results[name].config.settings()}")
+
+
 def print_optimiser(report: dict, iterations: int, peer: Result | None) -> None:
     achieved = report["flops"] / report["seconds"]
     matmul_s = report["flops"] / report["rate_shapes"]
@@ -775,6 +818,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (fastest time is kept)")
     parser.add_argument("--learned-iter", type=int, default=20, help="--num_iter of both learned configs (default 20)")
     parser.add_argument(
+        "--learned-iters",
+        default="",
+        help="comma-separated --num_iter values: the learned comparison runs once per value, e.g. 10,40,200 "
+        "(default: --learned-iter)",
+    )
+    parser.add_argument(
         "--subset",
         default=r"double_blocks\.0\.img_attn\.proj\.",
         help=r"regex (matched at the key start) of the tensors copied into the subset file that the learned "
@@ -835,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
 
     subset_configs = [configs[c] for c in chosen if configs[c].subset and c != "optimiser"]
+    subset_configs = learned_sweep(subset_configs, learned_counts(args))
+    python_of.update({c.name: args.peer_python if c.peer else sys.executable for c in subset_configs})
     subset_results: dict[str, Result] = {}
     optimiser = None
     if subset_configs or "optimiser" in chosen:
@@ -876,23 +927,24 @@ def main(argv: list[str] | None = None) -> int:
     for config in full:
         print(f"  {config.name}: {config.note}: {config.settings()}")
 
-    if args.peer_python and (any(c.peer for c in full) or subset_configs):
+    if args.peer_python and any(c.peer for c in full):
         print()
         pairs = [
             (f"RTN, {run.source.stat().st_size / GB:.1f} GB", run.results.get(ours), run.results.get(theirs))
             for run in runs
             for ours, theirs in [("rtn-matched", "peer-rtn")]
         ]
-        label = f"learned, subset, {args.learned_iter} iterations each"
-        pairs.append((label, subset_results.get("learned-matched"), subset_results.get("peer-learned")))
         header = ["ours vs convert-to-quant", "ours s", "peer s", "faster", "ours MB", "peer MB", "lower"]
         print(table(peer_rows(pairs), [*header, "ours err (layers)", "peer err (layers)"]))
         print("faster = peer time / ours; lower = peer peak RSS / ours; err = mean relative output error (held out)")
-        for config in [configs[c] for c in ("rtn-matched", "peer-rtn", "learned-matched", "peer-learned")]:
+        for config in [configs[c] for c in ("rtn-matched", "peer-rtn")]:
             print(f"  {config.name}: {config.settings()}")
+    if subset_results:
+        print()
+        print_learned(subset_results, learned_counts(args), args.subset)
     if optimiser:
         print()
-        print_optimiser(optimiser, args.learned_iter, subset_results.get("peer-learned"))
+        print_optimiser(optimiser, args.learned_iter, subset_results.get(f"peer-learned@{args.learned_iter}"))
     failed = [r.config.name for run in runs for r in run.results.values() if r.returncode]
     failed += [r.config.name for r in subset_results.values() if r.returncode]
     if failed:

@@ -11,6 +11,8 @@ the Recorder on a CUDA model (statistics compared directly); ``--parallel`` over
 exact statistics). It prints one table: time and peak VRAM of each candidate, and how far its
 output is from the reference. ``--self-test`` runs the candidate on the CPU as well, with a
 different number of threads (so different summation orders), which is what the unit test runs.
+After the table it prints the learned optimiser's figures on the candidate device: its time on one
+``4 hidden x hidden`` weight and its useful FLOP/s against ``torch.matmul`` at the same shapes.
 
 What counts as a mismatch (exit status 1), per quantized layer:
 
@@ -54,7 +56,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_core.calibration import Gram, LayerStatistics, Recorder  # noqa: E402
+from quant_core import fp8, rounding  # noqa: E402
+from quant_core.calibration import Gram, LayerStatistics, RandomCalibration, Recorder  # noqa: E402
 from quant_core.convert import ConvertOptions, convert_file  # noqa: E402
 from quant_core.io import SafetensorsReader, write_file  # noqa: E402
 from quant_core.options import LearnedOptions  # noqa: E402
@@ -345,6 +348,64 @@ def run(args: argparse.Namespace) -> list[Row]:
         ]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(left: tuple[int, int], right: tuple[int, int], dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of ``torch.matmul`` at these shapes and dtype on ``device``: the best of repeated runs."""
+    a = torch.randn(*left, device=device).to(dtype)
+    b = torch.randn(*right, device=device).to(dtype)
+    best, spent = math.inf, 0.0
+    while spent < 0.5:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        synchronize(device)
+        took = (time.perf_counter() - started) / 10
+        best, spent = min(best, took), spent + 10 * took
+    return 2 * left[0] * left[1] * right[1] / best
+
+
+def learned_figures(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Learned rounding's optimiser on one ``4 hidden x hidden`` bf16 weight on ``device``, with and
+    without ``use_amp``: its time, its useful FLOP/s (``4 x calib_samples`` per weight and iteration)
+    and that as a share of ``torch.matmul``'s rate at the optimiser's own shapes (its block of rows
+    against the calibration rows, forward and gradient) in the dtype it multiplies in."""
+    generator = torch.Generator().manual_seed(2)
+    weight = (torch.randn(4 * args.hidden, args.hidden, generator=generator) * 0.02).to(torch.bfloat16).to(device)
+    scale = fp8.scale_for(fp8.absmax(weight), torch.float8_e4m3fn)
+    samples = args.calib_samples
+    block = rounding._LEARNED_BLOCK_ELEMENTS_CUDA if device.type == "cuda" else rounding._LEARNED_BLOCK_ELEMENTS
+    rows = min(weight.shape[0], max(1, block // weight.shape[1]))
+    lines = [
+        f"learned optimiser on {device}: one {weight.shape[0]}x{weight.shape[1]} bf16 weight, blocks of {rows} rows"
+    ]
+    for use_amp in (True, False):
+        options = LearnedOptions(num_iter=args.num_iter, calib_samples=samples, use_amp=use_amp)
+        dtype = rounding._matmul_dtype(options, device)
+        synchronize(device)
+        started = time.perf_counter()
+        result = rounding.round_learned(
+            "check.weight", weight, scale, torch.float8_e4m3fn, RandomCalibration(), options
+        )
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        useful = 4 * samples * result.work / seconds
+        forward = matmul_rate((samples, weight.shape[1]), (weight.shape[1], rows), dtype, device)
+        backward = matmul_rate((rows, samples), (samples, weight.shape[1]), dtype, device)
+        rate = 2 / (1 / forward + 1 / backward)  # the two products alternate, equal FLOPs
+        lines.append(
+            f"  use_amp={use_amp} ({str(dtype).removeprefix('torch.')} products): {seconds:.2f} s for "
+            f"{result.work / 1e6:.0f} M weight-iterations ({result.iterations} iterations"
+            f"{', kept RTN' if result.fell_back else ''}); useful {useful / 1e9:.1f} GFLOP/s = "
+            f"{useful / rate:.0%} of torch.matmul's {rate / 1e9:.1f} GFLOP/s at these shapes"
+        )
+    return lines
+
+
 def table(rows: list[Row], where: str) -> str:
     lines = [
         f"GPU check: candidate {where} against the CPU",
@@ -383,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     where = "CPU, 1 thread" if args.self_test else f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     rows = run(args)
     print(table(rows, where))
+    print("\n".join(learned_figures(args, torch.device("cpu") if args.self_test else torch.device("cuda", 0))))
     return 1 if any(row.problems for row in rows) else 0
 
 

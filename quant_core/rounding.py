@@ -17,6 +17,7 @@ and RTN is returned instead whenever it is better.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -44,12 +45,17 @@ _BLOCK_ELEMENTS = 1 << 20  # rows rounded to nearest together: ~1 M weights
 # rows optimised together: ~256 K weights, so that the ~20 float32 working copies (20 MB) stay in
 # the CPU's caches (the fastest block size measured; docs/benchmarks.md)
 _LEARNED_BLOCK_ELEMENTS = 1 << 18
-_PATIENCE = 50
-_HELD_OUT_EVERY = 25  # iterations between early looks at the held-out inputs (one product each)
-_DECISION_EVERY = 10  # iterations between comparisons of the hard decisions (a block-sized pass each)
+# on a GPU: ~16 M weights (~1 GB of working copies), so that each of the step's ~15 kernels has work
+# enough to hide its launch; 256 K-weight blocks would leave the device idle between launches
+_LEARNED_BLOCK_ELEMENTS_CUDA = 1 << 24
+_PATIENCE = 50  # iterations without a changed decision or a better loss before the optimiser stops
+_CHECK_EVERY = 10  # iterations between looks at the losses and the decisions (a block-sized pass each)
+_HELD_OUT_EVERY = 20  # iterations between looks at the held-out inputs (one product each)
 _TINY = 1e-30  # floor of |2 soft - 1| under the regulariser's logarithm
-_GAMMA_TENSOR = torch.tensor(_GAMMA)
-_MINUS_ONE = torch.tensor(-1.0)
+_ONE_MINUS_TWO_GAMMA = torch.tensor(1 - 2 * _GAMMA)
+# floor of the regulariser's exponent: exp() of less is float32-subnormal, which made the CPU's exp
+# 3x slower at the anneal's start, for terms that change nothing
+_LOWEST_EXPONENT = -80.0
 
 
 @dataclass
@@ -212,26 +218,31 @@ def round_learned(
     """
     device = weight.device
     generator = generator_for(name, options.seed, device)
-    inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
-    held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+    with one_cpu_thread(device):  # small passes: the thread pool's barriers would cost more than they save
+        inputs = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+        held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
+        matmul = _matmul_dtype(options, device)
+        fitted, checked = inputs.to(matmul), held_out.to(matmul)
+        del inputs
+        grid = _Grid(weight, scale, dtype)
 
     learned = torch.empty(weight.shape, dtype=dtype, device=device)
-    blocks = _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS)
+    blocks = _row_blocks(weight, _LEARNED_BLOCK_ELEMENTS_CUDA if device.type == "cuda" else _LEARNED_BLOCK_ELEMENTS)
     total = len(blocks) * options.num_iter
     progress = _Progress(step, total)
 
     def learn(rows: slice) -> tuple[int, int, float, float, float, bool]:
         """Optimises one block into ``learned``; its iterations, its work, its held-out sums
         (reference, RTN, learned) and whether it stopped early for losing to RTN there."""
-        block = weight[rows].float()
-        scaled = (block / scale).clamp_(-fp8.fp8_max(dtype), fp8.fp8_max(dtype))
-        rtn = scaled.to(dtype)
-        learned[rows], used, lost = _optimise_block(scaled, rtn, inputs, dtype, options, (progress, 0, total), held_out)
-        del scaled
-        reference = _squared_norm(held_out @ block.T)
-        error_rtn = _squared_norm(held_out @ (rtn.float().mul_(scale).sub_(block)).T)
-        error = _squared_norm(held_out @ (learned[rows].float().mul_(scale).sub_(block)).T)
-        return used, used * block.numel(), reference, error_rtn, error, lost
+        choices = grid.block(rows)
+        decisions, used, lost = _optimise_block(choices, fitted, options, (progress, 0, total), checked)
+        chosen = choices.up if decisions is None else decisions
+        learned.view(torch.uint8)[rows] = torch.where(chosen, choices.high, choices.low)
+        # the held-out sums in float32, from the deltas in fp8 units: |X (q scale - w)^T| = scale |X delta^T|
+        reference = _squared_norm(held_out @ weight[rows].float().T)
+        error_rtn = _squared_norm(held_out @ choices.delta(choices.up).T) * scale**2
+        error = error_rtn if decisions is None else _squared_norm(held_out @ choices.delta(decisions).T) * scale**2
+        return used, used * choices.step.numel(), reference, error_rtn, error, lost
 
     outcomes = _map_blocks(learn, blocks, device)
     iterations = max(outcome[0] for outcome in outcomes)
@@ -242,9 +253,66 @@ def round_learned(
         return RoundingResult(learned, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     if error > error_rtn:  # round again rather than keep a second full-size fp8 copy all along
         del learned
-        rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
+        with one_cpu_thread(device):
+            rtn = round_nearest(weight, scale, dtype, step=lambda *_: step(total, total)).quantized
         return RoundingResult(rtn, error_rtn, error_rtn, iterations, fell_back=True, work=work)
     return RoundingResult(learned, error_rtn, error, iterations, work=work)
+
+
+@dataclass
+class _Choices:
+    """Each weight's two fp8 neighbours, in fp8 units relative to the scaled weight ``w / scale``:
+    ``offset`` (the nearer-to-zero one, ``base - w / scale``) and ``offset + step`` (the other; ``step`` is 0
+    on the grid), the optimiser's starting logits (whose hard rounding is RTN), which of the two RTN
+    picks (``up``: the farther one), and the two as fp8 bit patterns (``low``, ``high``)."""
+
+    offset: torch.Tensor
+    step: torch.Tensor
+    logits: torch.Tensor
+    up: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def delta(self, decisions: torch.Tensor) -> torch.Tensor:
+        """The rounding error in fp8 units of the hard ``decisions`` (True: the farther neighbour)."""
+        return torch.addcmul(self.offset, decisions, self.step)
+
+
+def _choices(scaled: torch.Tensor, dtype: torch.dtype) -> _Choices:
+    """The ``_Choices`` of float32 values already divided by the scale and clamped to the fp8 range."""
+    base, step = fp8.grid_neighbours(scaled, dtype)
+    offset = base - scaled
+    fraction = torch.where(step != 0, -offset / step.where(step != 0, 1.0), 0.0)
+    rtn = scaled.to(dtype).view(torch.uint8)
+    low, high = base.to(dtype).view(torch.uint8), (base + step).to(dtype).view(torch.uint8)
+    return _Choices(offset, step, _inverse_rectified_sigmoid(fraction), (rtn == high) & (step != 0), low, high)
+
+
+class _Grid:
+    """The ``_Choices`` of a weight, a block of rows at a time.
+
+    A bf16/fp16 weight has at most 65536 distinct values, so their choices are computed once, on
+    the table of all of them (``_sixteen_bit_values``), and a block only gathers its own by bit
+    pattern: four gathers instead of the twenty-odd float passes that ``fp8.grid_neighbours`` and
+    the conversions take, which were most of learned rounding's fixed cost per tensor.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
+        self.weight, self.scale, self.dtype, self.table = weight, scale, dtype, None
+        if weight.dtype in (torch.bfloat16, torch.float16):
+            self.table = self._scaled(_sixteen_bit_values(weight.dtype, weight.device))
+
+    def _scaled(self, values: torch.Tensor) -> _Choices:
+        limit = fp8.fp8_max(self.dtype)
+        return _choices((values.float() / self.scale).clamp_(-limit, limit), self.dtype)
+
+    def block(self, rows: slice) -> _Choices:
+        part = self.weight[rows]
+        if self.table is None:
+            return self._scaled(part)
+        index = part.contiguous().view(torch.uint16).flatten().int()
+        fields = (getattr(self.table, f.name) for f in dataclasses.fields(_Choices))
+        return _Choices(*(column.index_select(0, index).view(part.shape) for column in fields))
 
 
 class _Progress:
@@ -261,23 +329,27 @@ class _Progress:
 
 
 def _map_blocks(function: Callable[[slice], T], blocks: list[slice], device: torch.device) -> list[T]:
-    """``[function(rows) for rows in blocks]``; on a CPU with several torch threads, one block per
-    thread, each running torch's kernels on one thread.
+    """``[function(rows) for rows in blocks]``; on a CPU, one block per thread of a pool of up to
+    torch's thread count, each running torch's kernels on one thread with subnormals flushed to zero.
 
-    A block's step is ~30 small kernels: with torch's thread pool each of them ends in a barrier,
+    A block's step is ~15 small kernels: with torch's thread pool each of them ends in a barrier,
     and on a busy machine a barrier waits for a descheduled thread's next time slice. Beside five
     other processes on 2 cores that made a block-iteration take 70-500 ms instead of 4-7 ms on one
     thread; blocks are independent (output rows are), so the cores share blocks instead.
+    Late in the optimisation many gradients and their squares fall below float32's normal range,
+    and arithmetic on subnormals is many times slower on x86 (the chain rule's kernels took 5x as
+    long); flushing them changes nothing that matters. The setting is per thread, and the pool's
+    threads are the optimiser's own, so the caller's is left alone.
     """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(blocks) == 1:
+    if device.type != "cpu":
         return [function(rows) for rows in blocks]
 
     def run(rows: slice) -> T:
         torch.set_num_threads(1)  # this thread's own setting (OpenMP's is per thread)
+        torch.set_flush_denormal(True)
         return function(rows)
 
-    pool = ThreadPoolExecutor(min(threads, len(blocks)), thread_name_prefix="learned-rounding")
+    pool = ThreadPoolExecutor(min(torch.get_num_threads(), len(blocks)), thread_name_prefix="learned-rounding")
     try:
         with one_cpu_thread(device):
             return list(pool.map(run, blocks))
@@ -297,86 +369,81 @@ def _squared_norm(tensor: torch.Tensor) -> float:
 
 
 def _optimise_block(
-    scaled: torch.Tensor,
-    rtn: torch.Tensor,
+    choices: _Choices,
     inputs: torch.Tensor,
-    dtype: torch.dtype,
     options: LearnedOptions,
     steps: tuple[Step, int, int] = (no_step, 0, 0),
     held_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int, bool]:
-    """Optimise the rounding of a block of rows; returns its fp8 values, the iterations used and
-    whether it stopped early because it lost to RTN on ``held_out`` (see below).
+) -> tuple[torch.Tensor | None, int, bool]:
+    """Optimise the rounding of a block of rows: returns its hard decisions (True: the neighbour
+    farther from zero; None: keep RTN), the iterations used, and whether it stopped early because it
+    lost to RTN on ``held_out`` (see below). ``inputs`` and ``held_out`` are in the matmul dtype.
     With ``steps = (step, first, total)``, ``step(first + i, total)`` is called before iteration ``i``.
 
-    With ``held_out`` inputs, the hard decisions are scored on them every ``_HELD_OUT_EVERY``
-    iterations after the warm-up; where they lose to RTN there, the block stops and returns RTN:
-    the held-out guard would most likely reject it at the end, and the rest of the budget would
-    be spent on overfitting (with isotropic random inputs, nearly always).
+    Every ``_CHECK_EVERY`` iterations after the warm-up the optimiser looks at where it stands
+    (between looks it never waits for the device): it stops once no rounding decision has changed
+    and the loss has not improved by ``early_stop_threshold`` for ``_PATIENCE`` iterations. With
+    ``held_out`` inputs it also scores the hard decisions on them about every ``_HELD_OUT_EVERY``
+    iterations: where they lose to RTN there at two looks in a row, the second no better, the
+    block stops and returns RTN. The held-out guard would most
+    likely reject it at the end, and the rest of the budget would be spent on overfitting (with
+    isotropic random inputs, nearly always).
 
     The loss, the gradient through the rectified sigmoid and the Adam update are written out by
     hand, in place, rather than by autograd and ``torch.optim``: the matrix work per weight is
     only ``4 * calib_samples`` flops an iteration, so the element-wise passes around it set the
-    speed, and autograd's graph, its saved copies and its second pass over them were most of
-    the time. What is fixed across iterations (grid neighbours, the gradient's per-element
-    factor) is computed once per block, and every per-iteration tensor lives in a buffer
-    allocated once (see ``_Workspace``).
+    speed. What is fixed across iterations is computed once per block, every per-iteration tensor
+    lives in a buffer allocated once (``_Workspace``), and the step takes about ten passes over
+    the block: the soft choice enters only as ``u = 1 - 2 soft`` (the delta, the regulariser and the
+    clamp's mask all read it), the regulariser's coefficient rides inside its power's ``exp``, and
+    Adam is ATen's fused kernel.
     """
     report, first, total = steps
-    base, step = fp8.grid_neighbours(scaled, dtype)
-    offset = base - scaled  # the error when rounding towards zero, in fp8 units
-    fraction = torch.where(step != 0, -offset / step.where(step != 0, 1.0), 0.0)
     batch = options.batch_size or inputs.shape[0]
-    inputs = inputs.to(_matmul_dtype(options, inputs.device))
-    rtn_delta = (rtn.float() - scaled).to(inputs.dtype)
-    rtn_loss = _output_loss_and_gradient(inputs, rtn_delta, batch)
+    rtn_delta = choices.delta(choices.up).to(inputs.dtype)
+    rtn_loss = float(_output_loss(inputs, rtn_delta, batch))
     if rtn_loss == 0.0 or options.num_iter <= 0:  # RTN is exact: nothing to learn
-        return rtn, 0, False
-
-    if held_out is not None:
-        held_out = held_out.to(inputs.dtype)
-        rtn_held_out = _output_loss_and_gradient(held_out, rtn_delta, batch)
+        return None, 0, False
+    rtn_held_out = float(_output_loss(held_out, rtn_delta, batch)) if held_out is not None else 0.0
     del rtn_delta
-    logits = _inverse_rectified_sigmoid(fraction)
-    del fraction
-    adam = _Adam(logits, options.lr, options.num_iter)
-    # d(loss)/d(logits) = (dL/d(delta) * step / rtn_loss + d(reg)/d(soft)) * (zeta - gamma) * s (1 - s)
-    factor = step * ((_ZETA - _GAMMA) / rtn_loss)
+
+    work = _Workspace(choices, inputs.dtype, options.num_iter)
+    adam = _Adam(choices.logits, options.lr, options.num_iter)
+    # d(output loss)/d(logits) = 2 (X delta^T)^T X * step / rtn_loss * (zeta - gamma) * s (1 - s)
+    factor = choices.step * (2 * (_ZETA - _GAMMA) / rtn_loss)
     warmup = int(_WARMUP * options.num_iter)
-    work = _Workspace(logits, inputs.dtype)
-    best, stale, decisions, last_held_out = math.inf, 0, logits >= 0, math.inf
+    best, quiet, decisions, last_held_out, looked = math.inf, 0, choices.logits >= 0, math.inf, 0
     iteration = 0
     for iteration in range(1, options.num_iter + 1):
         report(first + iteration - 1, total)
-        torch.addcmul(offset, work.soft, step, out=work.delta)
-        loss = _output_loss_and_gradient(inputs, work.delta, batch, work.gradient, factor) / rtn_loss
-        if iteration > warmup:
+        loss = work.losses[iteration - 1]
+        regulariser = None
+        if iteration > warmup and options.reg_lambda > 0:
             progress = (iteration - warmup) / max(1, options.num_iter - warmup)
             beta = _BETA_END + 0.5 * (_BETA_START - _BETA_END) * (1 + math.cos(math.pi * progress))
-            weight = options.reg_lambda * (_ZETA - _GAMMA)
-            loss += _add_regulariser(work.soft, beta, weight, work.gradient, work.scratch) / (_ZETA - _GAMMA)
-        _chain_sigmoid(work.gradient, work.sigmoid, work.soft)
+            regulariser = _regulariser_gradient(work.centred, beta, options.reg_lambda, work.power, loss)
+        _output_gradient(inputs, work.delta, batch, (factor, 1 / rtn_loss), work.gradient, regulariser, loss)
+        _chain_sigmoid(work.gradient, work.sigmoid, work.centred)
         adam.step(work.gradient)
-        _soften(logits, work.sigmoid, work.soft)
+        work.soften(adam.param)
 
-        improved = loss < best - options.early_stop_threshold
-        stale = 0 if improved else stale + 1
-        if iteration % _DECISION_EVERY == 0 or stale >= _PATIENCE:
-            current = torch.ge(logits, 0, out=work.decisions)
-            if not torch.equal(current, decisions):  # a decision changed since the last look
-                work.decisions, decisions, stale = decisions, current, 0
-        if improved or stale == 0:
-            best = min(best, loss)
-        if iteration > warmup and stale >= _PATIENCE:
+        if iteration % _CHECK_EVERY or iteration <= warmup or iteration == options.num_iter:
+            continue
+        for value in work.losses[looked:iteration].tolist():  # one transfer per look
+            improved = value < best - options.early_stop_threshold
+            best, quiet = (value, 0) if improved else (best, quiet + 1)
+        looked = iteration
+        current = torch.ge(adam.param, 0, out=work.decisions)
+        if not torch.equal(current, decisions):  # a decision changed since the last look
+            work.decisions, decisions, quiet = decisions, current, 0
+        if quiet >= _PATIENCE:
             break
-        if held_out is not None and iteration > warmup and (iteration - warmup) % _HELD_OUT_EVERY == 0:
-            torch.addcmul(offset, logits >= 0, step, out=work.delta)
-            held_out_loss = _output_loss_and_gradient(held_out, work.delta, batch)
-            if held_out_loss >= rtn_held_out and held_out_loss >= last_held_out:  # losing, and not recovering
-                return rtn, iteration, True
+        if held_out is not None and (iteration - warmup) % _HELD_OUT_EVERY < _CHECK_EVERY:
+            held_out_loss = float(_output_loss(held_out, choices.delta(current).to(held_out.dtype), batch))
+            if rtn_held_out <= last_held_out <= held_out_loss:  # lost twice in a row, and not recovering
+                return None, iteration, True
             last_held_out = held_out_loss
-    values = torch.addcmul(base, logits >= 0, step).to(dtype)
-    return values, iteration, False
+    return adam.param >= 0, iteration, False
 
 
 def _matmul_dtype(options: LearnedOptions, device: torch.device) -> torch.dtype:
@@ -396,102 +463,133 @@ def _cpu_has_bfloat16() -> bool:
 
 class _Workspace:
     """The per-iteration tensors of one block, allocated once: the optimiser's step reads and
-    writes them in place instead of allocating ~10 block-sized temporaries an iteration."""
+    writes them in place instead of allocating ~10 block-sized temporaries an iteration. The
+    losses of every iteration stay on the device until the optimiser looks at them."""
 
-    def __init__(self, logits: torch.Tensor, matmul_dtype: torch.dtype) -> None:
-        self.sigmoid, self.soft = _soften(logits)
+    def __init__(self, choices: _Choices, matmul_dtype: torch.dtype, iterations: int) -> None:
+        logits = choices.logits
+        self.half = choices.step * 0.5  # delta = offset + soft * step = (offset + step / 2) - u * step / 2
+        self.middle = choices.offset + self.half
+        self.sigmoid, self.centred = torch.empty_like(logits), torch.empty_like(logits)
         self.delta = torch.empty_like(logits, dtype=matmul_dtype)
-        self.gradient = torch.empty_like(logits)
-        self.scratch = (torch.empty_like(logits), torch.empty_like(logits))
+        self.gradient, self.power = torch.empty_like(logits), torch.empty_like(logits)
+        self.soften(logits)
         self.decisions = torch.empty_like(logits, dtype=torch.bool)
+        self.losses = torch.zeros(iterations, dtype=torch.float64, device=logits.device)
+
+    def soften(self, logits: torch.Tensor) -> None:
+        """``sigmoid(logits)``, ``u = 1 - 2 rectified_sigmoid(logits)`` and the delta they give. A bf16
+        delta is computed in float32 first (into ``gradient``, free until the next step): written to
+        bf16 directly, ATen allocated a block-sized float32 temporary every iteration."""
+        _soften(logits, self.sigmoid, self.centred)
+        exact = self.delta if self.delta.dtype == torch.float32 else self.gradient
+        torch.addcmul(self.middle, self.centred, self.half, value=-1, out=exact)
+        if exact is not self.delta:
+            self.delta.copy_(exact)
 
 
 class _Adam:
-    """``torch.optim.Adam`` (default betas and eps, one tensor) with ``CosineAnnealingLR(T_max=num_iter)``
-    in closed form, updating ``param`` in place from a gradient the caller computed."""
+    """``torch.optim.Adam`` (default betas and eps, one tensor) with ``CosineAnnealingLR(T_max=num_iter)``,
+    updating ``param`` in place from a gradient the caller computed, through ATen's fused kernel
+    (one pass instead of six)."""
 
     def __init__(self, param: torch.Tensor, lr: float, num_iter: int) -> None:
         self.param, self.lr, self.num_iter = param, lr, num_iter
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
-        self.steps = 0
+        self.steps = torch.zeros((), dtype=torch.float32, device=param.device)  # the kernel's step count
+        self.done = 0
 
-    def step(self, grad: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
-        """One update; ``grad``'s memory is reused for the denominator."""
-        lr = self.lr * (1 + math.cos(math.pi * self.steps / self.num_iter)) / 2
+    def step(self, grad: torch.Tensor) -> None:
+        lr = self.lr * (1 + math.cos(math.pi * self.done / self.num_iter)) / 2
+        self.done += 1
         self.steps += 1
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # m / (sqrt(v) / c + eps) = c * m / (sqrt(v) + eps * c), with c = sqrt(1 - beta2^t): one pass fewer
-        correction = math.sqrt(1 - beta2**self.steps)
-        denominator = torch.sqrt(self.exp_avg_sq, out=grad).add_(eps * correction)
-        self.param.addcdiv_(self.exp_avg, denominator, value=-lr * correction / (1 - beta1**self.steps))
+        torch._fused_adam_(
+            [self.param], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
+            lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+        )  # fmt: skip
 
 
-def _soften(
-    logits: torch.Tensor, sigmoid: torch.Tensor | None = None, soft: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sigmoid(logits), rectified_sigmoid(logits))``, into ``sigmoid`` and ``soft`` when given;
-    the first is kept for the chain rule."""
+def _soften(logits: torch.Tensor, sigmoid: torch.Tensor | None = None, centred: torch.Tensor | None = None):
+    """``(sigmoid(logits), 1 - 2 rectified_sigmoid(logits))``, into the given buffers when given.
+
+    ``u = 1 - 2 soft = clamp(1 - 2 gamma - 2 (zeta - gamma) sigmoid, -1, 1)``: the step never needs
+    ``soft`` itself, and ``u`` is the regulariser's ``-(2 soft - 1)``."""
     sigmoid = torch.sigmoid(logits, out=sigmoid)
-    soft = torch.add(_GAMMA_TENSOR, sigmoid, alpha=_ZETA - _GAMMA, out=soft).clamp_(0, 1)
-    return sigmoid, soft
+    centred = torch.add(_ONE_MINUS_TWO_GAMMA, sigmoid, alpha=-2 * (_ZETA - _GAMMA), out=centred).clamp_(-1, 1)
+    return sigmoid, centred
 
 
-def _add_regulariser(
-    soft: torch.Tensor, beta: float, weight: float, gradient: torch.Tensor, scratch: tuple[torch.Tensor, ...] = ()
-) -> float:
-    """Adds d/d(soft) of ``weight * mean(1 - |2 soft - 1|^beta)`` to ``gradient``; returns that term.
+def _regulariser_gradient(
+    centred: torch.Tensor,
+    beta: float,
+    reg_lambda: float,
+    out: torch.Tensor | None = None,
+    loss: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d/d(soft) of ``reg_lambda * mean(1 - |2 soft - 1|^beta)``, times ``zeta - gamma`` (the chain
+    rule's constant, which ``_chain_sigmoid`` leaves out), into ``out``; adds the term to ``loss``.
 
-    With ``t = 2 soft - 1`` the derivative is ``-2 beta weight / n * t |t|^(beta - 2)``; ``beta >= 2``
-    throughout the anneal, so the power is finite at ``t = 0``. The power is ``exp((beta - 2) log |t|)``
-    with ``|t|`` kept above 0 (the factor ``t`` makes those elements 0 again): on the CPU that is
-    3x faster than ``pow``. ``scratch``, when given, is two block-sized buffers for ``t`` and the power.
+    With ``u = 1 - 2 soft`` (``centred``) the derivative is ``c u |u|^(beta - 2)``, ``c = 2 beta reg_lambda / n``;
+    ``beta >= 2`` throughout the anneal. The power and ``c`` are one ``exp(log c + (beta - 2) log |u|)``
+    with ``|u|`` kept above 0 (the factor ``u`` makes those elements 0 again) and the exponent above
+    ``_LOWEST_EXPONENT``: on the CPU that is 3x faster than ``pow``, and ``c`` costs no pass of its own.
     """
-    centred_out, power_out = scratch or (None, None)
-    centred = torch.add(_MINUS_ONE, soft, alpha=2, out=centred_out)
-    power = torch.abs(centred, out=power_out).clamp_(min=_TINY).log_().mul_(beta - 2).exp_()
-    signed_power = power.mul_(centred)  # t |t|^(beta - 2)
-    count = soft.numel()
-    total = float(torch.dot(signed_power.view(-1), centred.view(-1)))  # sum |t|^beta
-    gradient.add_(signed_power, alpha=-2 * beta * weight / count)
-    return weight * (1 - total / count)
+    count = centred.numel()
+    coefficient = 2 * beta * reg_lambda * (_ZETA - _GAMMA) / count
+    power = torch.abs(centred, out=out).clamp_(min=_TINY).log_()
+    power = torch.add(torch.tensor(math.log(coefficient)), power, alpha=beta - 2, out=power)
+    power = power.clamp_(min=_LOWEST_EXPONENT).exp_().mul_(centred)
+    if loss is not None:  # sum |u|^beta = (power . u) / c
+        loss.add_(torch.dot(power.view(-1), centred.view(-1)), alpha=-reg_lambda / (coefficient * count))
+        loss.add_(reg_lambda)
+    return power
 
 
-def _chain_sigmoid(gradient: torch.Tensor, sigmoid: torch.Tensor, soft: torch.Tensor) -> None:
+def _chain_sigmoid(gradient: torch.Tensor, sigmoid: torch.Tensor, centred: torch.Tensor) -> None:
     """Turns d/d(soft) into d/d(logits) in place: 0 where the rectified sigmoid's clamp holds ``soft``
-    at 0 or 1, else times ``sigmoid (1 - sigmoid)`` (the factor ``zeta - gamma`` is the caller's).
-    ATen's own backward kernels do each in one pass; the masked version took five."""
-    torch.ops.aten.hardtanh_backward.grad_input(gradient, soft, 0.0, 1.0, grad_input=gradient)
+    at 0 or 1 (``u = 1 - 2 soft`` at -1 or 1), else times ``sigmoid (1 - sigmoid)`` (the factor
+    ``zeta - gamma`` is the caller's). ATen's own backward kernels do each in one pass."""
+    torch.ops.aten.hardtanh_backward.grad_input(gradient, centred, -1.0, 1.0, grad_input=gradient)
     torch.ops.aten.sigmoid_backward.grad_input(gradient, sigmoid, grad_input=gradient)
 
 
-def _output_loss_and_gradient(
+def _output_loss(inputs: torch.Tensor, delta: torch.Tensor, batch: int) -> torch.Tensor:
+    """``||X delta^T||^2`` as a float64 tensor on the device, in batches of ``batch`` calibration rows."""
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    for start in range(0, inputs.shape[0], batch):
+        total += (inputs[start : start + batch] @ delta.T).float().square().sum()
+    return total
+
+
+def _output_gradient(
     inputs: torch.Tensor,
     delta: torch.Tensor,
     batch: int,
-    gradient: torch.Tensor | None = None,
-    factor: torch.Tensor | None = None,
-) -> float:
-    """``||X delta^T||^2``; with ``gradient``, writes ``factor * 2 (X delta^T)^T X`` into it.
+    factors: tuple[torch.Tensor, float],
+    gradient: torch.Tensor,
+    initial: torch.Tensor | None,
+    loss: torch.Tensor,
+) -> None:
+    """With ``factors = (factor, weight)``, writes ``initial + factor * (X delta^T)^T X`` into ``gradient``
+    (``factor`` carries the 2) and adds ``weight * ||X delta^T||^2`` to ``loss``.
 
     In batches of ``batch`` calibration rows, so that only one batch of outputs is alive at a time
     (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``inputs`` and
-    ``delta`` share the matmul dtype (see ``_matmul_dtype``); the gradient is float32. The
-    factor 2 goes on the small output batch, not the block-sized gradient.
+    ``delta`` share the matmul dtype (see ``_matmul_dtype``); the gradient is float32.
     """
-    total = 0.0
+    factor, weight = factors
     for start in range(0, inputs.shape[0], batch):
         chunk = inputs[start : start + batch]
         out = chunk @ delta.T
-        total += float(out.float().pow(2).sum())
-        if gradient is not None:
-            part = out.mul_(2).T @ chunk
-            if start == 0:
-                torch.mul(part, factor, out=gradient)
-            else:
-                gradient.addcmul_(part, factor)
-    return total
+        loss.add_(out.float().square().sum(), alpha=weight)
+        part = out.T @ chunk
+        if start:
+            gradient.addcmul_(part, factor)
+        elif initial is None:
+            torch.mul(part, factor, out=gradient)
+        else:
+            torch.addcmul(initial, part, factor, out=gradient)
 
 
 def _inverse_rectified_sigmoid(fraction: torch.Tensor) -> torch.Tensor:

@@ -293,13 +293,14 @@ def test_hand_written_gradient_matches_autograd():
     regulariser = reg_lambda * (1 - (2 * soft - 1).abs().pow(beta)).mean()
     ((soft * output_gradient).sum() + regulariser).backward()
 
-    sigmoid, soft = rounding._soften(logits)
-    gradient = output_gradient * zeta_gamma
-    value = rounding._add_regulariser(soft, beta, reg_lambda * zeta_gamma, gradient) / zeta_gamma
-    rounding._chain_sigmoid(gradient, sigmoid, soft)
+    sigmoid, centred = rounding._soften(logits)
+    torch.testing.assert_close(centred, 1 - 2 * soft.detach())
+    value = torch.zeros((), dtype=torch.float64)
+    gradient = rounding._regulariser_gradient(centred, beta, reg_lambda, loss=value) + output_gradient * zeta_gamma
+    rounding._chain_sigmoid(gradient, sigmoid, centred)
     assert ((soft == 0) | (soft == 1)).any()
     torch.testing.assert_close(gradient, leaf.grad, rtol=1e-5, atol=1e-8)
-    assert value == pytest.approx(float(regulariser.detach()), rel=1e-5)
+    assert float(value) == pytest.approx(float(regulariser.detach()), rel=1e-5)
 
 
 def test_adam_matches_torch_optim_with_cosine_schedule():
@@ -358,16 +359,16 @@ def test_block_losing_on_held_out_stops_early_and_keeps_rtn():
     weight = make_weight(24, 48, seed=7)
     scale = scale_of(weight, E4M3)
     scaled = scaled_weight(weight, scale, E4M3)
-    rtn = scaled.to(E4M3)
     options = LearnedOptions(num_iter=200, calib_samples=12, lr=0.3)
     lost = []
     for seed in range(4):
         generator = torch.Generator().manual_seed(seed)
         inputs, held_out = torch.randn(12, 48, generator=generator), torch.randn(12, 48, generator=generator)
-        values, used, stopped = rounding._optimise_block(scaled, rtn, inputs, E4M3, options, held_out=held_out)
+        choices = rounding._choices(scaled, E4M3)
+        decisions, used, stopped = rounding._optimise_block(choices, inputs, options, held_out=held_out)
         if stopped:
             assert used < options.num_iter
-            assert torch.equal(as_bits(values), as_bits(rtn))
+            assert decisions is None  # the caller keeps RTN
         lost.append(stopped)
     assert any(lost), "no block lost on held-out inputs: the early stop went untested"
 
@@ -433,3 +434,34 @@ def test_counted_bit_patterns_give_the_scale_and_the_same_rounding(source, speci
 
 def test_counts_of_nothing_give_zero():
     assert rounding.PatternCounts(torch.bfloat16).absmax() == 0.0
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sixteen_bit_table_gives_the_float_paths_choices(source, dtype):
+    """A 16-bit weight's choices are gathered from a table of all 65536 values: the same bits as
+    computing them from the weight itself (zeros, subnormals and the largest values included)."""
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(40, 96, generator=generator) * 0.05).to(source)
+    weight[0, :4] = torch.tensor([0.0, -0.0, 1e-7, -1e-7])
+    scale = scale_of(weight, dtype)
+    gathered = rounding._Grid(weight, scale, dtype).block(slice(3, 29))
+    direct = rounding._choices(scaled_weight(weight[3:29], scale, dtype), dtype)
+    for field in ("offset", "step", "logits", "up", "low", "high"):
+        assert torch.equal(getattr(gathered, field), getattr(direct, field)), field
+
+
+def test_flushing_subnormals_stays_in_the_optimisers_threads():
+    """The optimiser's threads flush float32 subnormals to zero (they made its kernels several times
+    slower); the caller's thread keeps them, whatever the thread count."""
+    tiny = torch.tensor([1e-39])  # a float32 subnormal
+    weight = make_weight(40, 64, seed=12)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            options = LearnedOptions(num_iter=5, calib_samples=16)
+            rounding.round_learned("w.weight", weight, scale_of(weight, E4M3), E4M3, LowRankCalibration(64), options)
+            assert float(tiny * 2) > 0
+    finally:
+        torch.set_num_threads(threads)
