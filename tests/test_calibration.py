@@ -196,6 +196,22 @@ def test_gptq_falls_back_when_the_held_out_half_disagrees():
     assert result.error == result.error_rtn
 
 
+def test_gptq_fits_exact_statistics_on_both_halves():
+    """With few fitting rows, the held-out half's rows make the fit: GPTQ on exact halves does better on
+    fresh inputs than on the fitting half alone (what a sketched layer, whose held-out half is a row
+    sample, still fits)."""
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    few, many, fresh = low_rank_inputs(6, 5), low_rank_inputs(400, 6), low_rank_inputs(2000, 7)
+    exact = LayerStatistics(Gram(few.T @ few), Gram(many.T @ many), 6, 400, 1.0)
+    fit_half_only = LayerStatistics(Gram(few.T @ few), RowSample(many), 6, 400, 1.0)
+    both, alone = round_gptq(weight, scale, E4M3, exact), round_gptq(weight, scale, E4M3, fit_half_only)
+    assert not both.fell_back and not alone.fell_back
+    truth = Gram(fresh.T @ fresh)
+    error_both = output_error(weight, both.quantized.float() * scale, truth)
+    assert error_both < 0.5 * output_error(weight, alone.quantized.float() * scale, truth)
+
+
 def model_file(model: torch.nn.Module, path) -> None:
     io.write_file(path, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
 
