@@ -107,7 +107,7 @@ class KeptLayer:
         return f"kept for max_size: fp8 would add {self.error:.3%} {measure} to save {self.saved / 2**20:.2f} MiB"
 
     def line(self) -> str:
-        return f"{self.saved / 2**20:9.2f} MiB  {self.error:.3%} {self.measure:6}  {self.name}"
+        return f"{self.saved:>15,} bytes  {self.error:.3%} {self.measure:6}  {self.name}"
 
 
 def predicted_error(weight: torch.Tensor, stats: LayerStatistics | None, dtype: torch.dtype) -> tuple[float, str]:

@@ -142,10 +142,10 @@ class Summary:
         kept = self.kept_layers
         lines = [
             f"budget    max_size {_gib(self.max_bytes)} ({self.max_bytes:,} bytes), file {self.bytes_out:,} bytes; "
-            f"{len(kept)} layers kept in full precision ({_gib(sum(k.saved for k in kept))} more than fp8)"
+            f"{len(kept)} layers kept in full precision ({sum(k.saved for k in kept):,} bytes more than fp8)"
         ]
         if kept:
-            lines.append("          highest fp8 error per byte first: bytes kept, fp8's predicted error, its measure")
+            lines.append("          highest fp8 error per byte first: the bytes each costs, fp8's predicted error")
         return lines + [f"          {layer.line()}" for layer in kept]
 
     def errors(self) -> list[dict]:
