@@ -376,7 +376,7 @@ def _fit_budget(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> N
             f"{asked} is below the smallest file this conversion can write, {_size(smallest)} with every eligible "
             "layer in fp8; give at least that (or let more layers be quantized: preset, exclude, min_tensor_size)"
         )
-    candidates = _budget_candidates(source, plan, poll)
+    candidates = budget_candidates(source, plan, poll)
 
     def size_with(layers: list[budget.KeptLayer]) -> int:
         return output_size(source, _lay_out(source, _keeping(plan, layers)))
@@ -386,7 +386,7 @@ def _fit_budget(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> N
     plan.decisions, plan.activations, plan.max_bytes, plan.kept = chosen.decisions, chosen.activations, limit, kept
 
 
-def _budget_candidates(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> list[budget.KeptLayer]:
+def budget_candidates(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> list[budget.KeptLayer]:
     """Every quantized weight the budget may keep (not those ``include`` forces to fp8), with the
     bytes keeping it costs and its predicted error: reads each weight (and its statistics) once."""
     include = [compile_regex(p, "include") for p in plan.options.include]
