@@ -258,8 +258,8 @@ class Rounder:
 
 def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
     """Resolve the settings and decide what happens to each tensor, from names and shapes (and,
-    for ``full_precision_above``, from the weights and their recorded statistics: ``poll`` is
-    called before each is read)."""
+    for ``full_precision_above`` and ``max_size``, from the weights and their recorded statistics:
+    ``poll`` is called before each is read)."""
     options.validate()
     keys = list(source.tensors)
     prefix = checkpoint_prefix(keys)
@@ -414,7 +414,7 @@ def _keeping(plan: Plan, kept: list[budget.KeptLayer]) -> Plan:
 
 
 class _Sink:
-    """Counts nothing and keeps nothing: the writer's header goes here when only its size is wanted."""
+    """Keeps nothing: the writer's header goes here when only the file's size is wanted."""
 
     def write(self, data: bytes) -> int:
         return len(data)

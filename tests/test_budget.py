@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import run
+from test_shards import shards_of
 
 from quant_core.budget import Budget, parse_budget, predicted_error
 from quant_core.calibration import Recorder
 from quant_core.convert import ConvertOptions, convert_file, output_size, plan_conversion
 from quant_core.io import SafetensorsReader, write_file
+from quant_core.shards import join_shards
 
 QUICK = ["--quiet", "--simple"]
 
@@ -199,3 +201,13 @@ def test_the_predicted_output_error_is_the_measured_one():
     fit = inputs[0::2]  # the fitting half of the recorded rows
     measured = float((fit @ (rounded - weight).T).norm() / (fit @ weight.T).norm())
     assert measure == "output" and predicted == pytest.approx(measured, rel=1e-3)
+
+
+def test_shards_of_a_budgeted_conversion_join_into_the_single_runs_file(flux_file, tmp_path):
+    smallest, source = _sizes(flux_file, tmp_path)
+    options = ConvertOptions(rounding="nearest", max_size=str((smallest + source) // 2))
+    single = convert_file(flux_file, tmp_path / "single.safetensors", options)
+    assert single.kept_layers
+    parts = shards_of(flux_file, tmp_path, options, 2)
+    joined = join_shards(flux_file, parts, tmp_path / "joined.safetensors", options)
+    assert joined.read_bytes() == Path(single.output).read_bytes()
