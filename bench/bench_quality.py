@@ -315,18 +315,27 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
 
     saved = {n: weights[n].saved for n in names}
     output = work / f"{subject.name}_budget.safetensors"
-    rows = []
+    header = f"{'budget':>6} {'ranking':10} {'kept':14} {'file':>7} {'layers':>6} {'out rel':>8} {'1-cos':>9}"
+    print(f"\n{header} {'x max_size':>10}")
+    budgeted = 0.0
 
-    def measure(share: float, mode: str, label: str, summary: convert.Summary, kept: list[str]) -> None:
-        errors = end_to_end(subject, dequantized_state(output), reference)
-        rows.append((share, mode, label, summary.bytes_out, len(kept), *errors))
+    def measure(share: float, mode: str, label: str, summary: convert.Summary, kept: list[str]) -> float:
+        relative, cosine = end_to_end(subject, dequantized_state(output), reference)
+        ratio = f"{relative / budgeted:10.2f}" if budgeted else ""
+        print(
+            f"{share:6.1%} {mode:10} {label:14} {summary.bytes_out / source_bytes:7.2%} {len(kept):6d} "
+            f"{relative:8.4%} {cosine:9.2e} {ratio}"
+        )
+        return relative
 
     for mode, extra in (("weights", {}), ("statistics", {"calibration": str(calibration)})):
+        budgeted = 0.0
         summary = convert_file(checkpoint, output, ConvertOptions(overwrite=True, **extra))
         measure(summary.bytes_out / source_bytes, mode, "none (all fp8)", summary, [])
         for share in BUDGET_SHARES[subject.name]:
+            budgeted = 0.0
             summary = convert_file(checkpoint, output, ConvertOptions(max_size=f"{share}", overwrite=True, **extra))
-            measure(share, mode, "max_size", summary, [k.name for k in summary.kept_layers])
+            budgeted = measure(share, mode, "max_size", summary, [k.name for k in summary.kept_layers])
             room = sum(k.saved for k in summary.kept_layers) + (summary.max_bytes - summary.bytes_out)
             choices = {"largest": fill(sorted(names, key=lambda n: -saved[n]), saved, room)}
             for seed in range(seeds):
@@ -335,14 +344,6 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
             for label, kept in choices.items():
                 options = ConvertOptions(exclude=[f"^{re.escape(n)}$" for n in kept], overwrite=True, **extra)
                 measure(share, mode, label, convert_file(checkpoint, output, options), kept)
-    header = f"{'budget':>6} {'ranking':10} {'kept':12} {'file':>7} {'layers':>6} {'out rel':>8} {'1-cos':>9}"
-    print(f"\n{header} {'x max_size':>10}")
-    for share, mode, label, size, count, relative, cosine in rows:
-        base = next((r for r in rows if r[:3] == (share, mode, "max_size")), (0,) * 5 + (relative,))
-        print(
-            f"{share:6.0%} {mode:10} {label:12} {size / source_bytes:7.2%} {count:6d} {relative:8.4%} {cosine:9.2e} "
-            f"{relative / base[5]:10.2f}"
-        )
     print(
         "x max_size: the row's output error over the max_size row's at the same budget and ranking (> 1: worse); "
         "the other rows keep layers whose bytes fit in what max_size spent (their header also lists them)"
