@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pydoc_data.topics
+import re
 import sys
 import tempfile
 import time
@@ -235,6 +236,122 @@ def print_table(rows: list[tuple]) -> None:
         )
 
 
+BUDGET_SHARES = {  # max_size as a share of the bf16 file; MiniLM's smallest file is 76.6 % (its
+    "minilm": (0.78, 0.80, 0.85, 0.90),  # word embeddings, half the model, stay bf16)
+    "dit": (0.53, 0.55, 0.60, 0.70),  # its smallest file is 52.6 %
+}
+
+
+def bf16_copy(checkpoint: Path, work: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The checkpoint with every float tensor in bf16: the size budget is measured against bf16 sources."""
+    with SafetensorsReader(checkpoint) as reader:
+        state = {k: reader.read(k) for k in reader.tensors}
+    state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}
+    path = work / f"{checkpoint.stem}_bf16.safetensors"
+    write_file(path, state)
+    return path, state
+
+
+def only_quantized(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """``state`` with the one weight ``name`` rounded to nearest fp8 at its own scale."""
+    weight = state[name].float()
+    scale = fp8.scale_for(fp8.absmax(weight), torch.float8_e4m3fn)
+    return {**state, name: fp8.dequantize(fp8.quantize_nearest(weight, scale, torch.float8_e4m3fn), scale)}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    rank_a, rank_b = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([rank_a, rank_b]))[0, 1])
+
+
+def end_to_end(subject: Subject, state: dict[str, torch.Tensor], reference: torch.Tensor) -> tuple[float, float]:
+    """Mean relative error and mean 1 - cos of the model's held-out outputs against ``reference``."""
+    result = outputs(subject.build(state), subject.heldout)
+    relative = float(((result - reference).norm(dim=1) / reference.norm(dim=1)).mean())
+    return relative, float((1 - torch.nn.functional.cosine_similarity(result, reference, dim=1)).mean())
+
+
+def fill(order: list[str], saved: dict[str, int], room: int) -> list[str]:
+    """The layers of ``order`` kept greedily (skipping any that no longer fit) within ``room`` bytes."""
+    kept, used = [], 0
+    for name in order:
+        if used + saved[name] <= room:
+            kept.append(name)
+            used += saved[name]
+    return kept
+
+
+def budget_table(subject: Subject, work: Path, seeds: int) -> None:
+    """Error against file size: what max_size keeps, against random layers and the largest layers
+    kept at the same size, without and with recorded statistics; and how well each ranking predicts
+    the end-to-end error a layer's quantization adds."""
+    checkpoint, state = bf16_copy(subject.checkpoint, work)
+    source_bytes = sum(t.nbytes for t in state.values())
+    model = subject.build(state)
+    reference = outputs(model, subject.heldout)
+    (heldout,) = record(model, subject.heldout, [RECORDINGS["exact statistics everywhere"]])
+    heldout_gram = {n: Gram(s.fit.matrix + s.heldout.matrix) for n, s in heldout.statistics().items()}
+    calibration = work / f"{subject.name}_budget_calibration.safetensors"
+    record(model, subject.calibration, [{}])[0].save(calibration)
+    print(f"\n== {subject.name} size budget: {subject.description}; bf16 source {source_bytes / 2**20:.1f} MiB")
+
+    with SafetensorsReader(checkpoint) as reader:
+        with convert.plan_conversion(reader, ConvertOptions()) as plan:
+            started = time.perf_counter()
+            weights = {k.name: k for k in convert.budget_candidates(reader, plan, lambda: None)}
+            ranking_seconds = time.perf_counter() - started
+        with convert.plan_conversion(reader, ConvertOptions(calibration=str(calibration))) as plan:
+            recorded = {k.name: k for k in convert.budget_candidates(reader, plan, lambda: None)}
+    names = sorted(n for n in weights if n in heldout_gram)
+    layer_error = [output_error(state[n].float(), only_quantized(state, n)[n], heldout_gram[n]) for n in names]
+    alone = [end_to_end(subject, only_quantized(state, n), reference)[0] for n in names]
+    print(f"ranking pre-pass (weight proxy, {len(names)} weights read once): {ranking_seconds:.2f} s")
+    print("Spearman rank correlation over the quantized layers (RTN error of each layer alone):")
+    print(f"  {'predictor':44} {'vs layer output err':>20} {'vs end-to-end err':>18}")
+    for label, predicted in (
+        ("weight-only proxy (no statistics)", [weights[n].error for n in names]),
+        ("predicted output error (recorded statistics)", [recorded[n].error for n in names]),
+        ("layer size (bytes)", [weights[n].saved for n in names]),
+    ):
+        print(f"  {label:44} {spearman(predicted, layer_error):20.2f} {spearman(predicted, alone):18.2f}")
+
+    saved = {n: weights[n].saved for n in names}
+    output = work / f"{subject.name}_budget.safetensors"
+    header = f"{'budget':>6} {'ranking':10} {'kept':14} {'file':>7} {'layers':>6} {'out rel':>8} {'1-cos':>9}"
+    print(f"\n{header} {'x max_size':>10}")
+    budgeted = 0.0
+
+    def measure(share: float, mode: str, label: str, summary: convert.Summary, kept: list[str]) -> float:
+        relative, cosine = end_to_end(subject, dequantized_state(output), reference)
+        ratio = f"{relative / budgeted:10.2f}" if budgeted else ""
+        print(
+            f"{share:6.1%} {mode:10} {label:14} {summary.bytes_out / source_bytes:7.2%} {len(kept):6d} "
+            f"{relative:8.4%} {cosine:9.2e} {ratio}"
+        )
+        return relative
+
+    for mode, extra in (("weights", {}), ("statistics", {"calibration": str(calibration)})):
+        budgeted = 0.0
+        summary = convert_file(checkpoint, output, ConvertOptions(overwrite=True, **extra))
+        measure(summary.bytes_out / source_bytes, mode, "none (all fp8)", summary, [])
+        for share in BUDGET_SHARES[subject.name]:
+            budgeted = 0.0
+            summary = convert_file(checkpoint, output, ConvertOptions(max_size=f"{share}", overwrite=True, **extra))
+            budgeted = measure(share, mode, "max_size", summary, [k.name for k in summary.kept_layers])
+            room = sum(k.saved for k in summary.kept_layers) + (summary.max_bytes - summary.bytes_out)
+            choices = {"largest": fill(sorted(names, key=lambda n: -saved[n]), saved, room)}
+            for seed in range(seeds):
+                order = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))]
+                choices[f"random {seed}"] = fill(order, saved, room)
+            for label, kept in choices.items():
+                options = ConvertOptions(exclude=[f"^{re.escape(n)}$" for n in kept], overwrite=True, **extra)
+                measure(share, mode, label, convert_file(checkpoint, output, options), kept)
+    print(
+        "x max_size: the row's output error over the max_size row's at the same budget and ranking (> 1: worse); "
+        "the other rows keep layers whose bytes fit in what max_size spent (their header also lists them)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,dit", help=f"comma-separated subset of {','.join(SUBJECTS)}")
@@ -246,12 +363,19 @@ def main() -> None:
     parser.add_argument(
         "--no-sketches", action="store_true", help="skip the sketched recordings (the slowest part on a busy machine)"
     )
+    parser.add_argument("--tables", default="rounding,budget", help="rounding (methods), budget (max_size)")
+    parser.add_argument("--budget-seeds", type=int, default=3, help="random keep-sets per budget")
     args = parser.parse_args()
     recordings = {k: v for k, v in RECORDINGS.items() if not (args.no_sketches and "sketched" in k)}
     torch.manual_seed(0)
+    print("python " + " ".join(sys.argv))
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     for name in args.models.split(","):
-        evaluate(SUBJECTS[name](args, work), work, recordings)
+        subject = SUBJECTS[name](args, work)
+        if "rounding" in args.tables:
+            evaluate(subject, work, recordings)
+        if "budget" in args.tables:
+            budget_table(subject, work, args.budget_seeds)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from ..quant_core.options import NODE, OPTION, OPTIONS, PATTERNS, ConvertOptions
 
-NODE_OPTIONS = tuple(option for option in OPTIONS if NODE in option.fronts and option.name != "calibration")
+_ROWS = [option for option in OPTIONS if NODE in option.fronts]
+_CALIBRATION = _ROWS.index(OPTION["calibration"])  # its widgets are the nodes' own (a file list and a socket)
+NODE_OPTIONS = tuple(_ROWS[:_CALIBRATION] + _ROWS[_CALIBRATION + 1 :])
+# The rows after calibration come after the calibration and fp8_compute inputs too: saved workflows list
+# widget values by position, so widgets added later go last.
+LATE_OPTIONS = tuple(_ROWS[_CALIBRATION + 1 :])
 
 # What ComfyUI does with the quantized layers on a GPU with fp8 compute (RTX 40xx+, H100): the choice
 # the CLI makes with --input_scales and --uncalibrated_fp8_compute. The first is the default.

@@ -12,7 +12,7 @@ from ..quant_core.inspection import inspect_file
 from ..quant_core.options import ADVANCED, OPTION, PATTERNS, Option
 from . import conversion, host
 from .loading import load_fp8_model
-from .options import FP8_COMPUTE, NODE_OPTIONS, convert_options
+from .options import FP8_COMPUTE, LATE_OPTIONS, NODE_OPTIONS, convert_options
 from .recording import record_model, record_text_encoder, save_recording
 
 CATEGORY = "quantization/fp8"
@@ -42,13 +42,20 @@ def _calibration_inputs() -> list:
     ]
 
 
-def option_inputs() -> list:
-    """The engine's option table as widgets: its defaults, ranges and help; advanced rows folded."""
-    return [_widget(option) for option in NODE_OPTIONS]
+def option_inputs(late: bool = False) -> list:
+    """The engine's option table as widgets: its defaults, ranges and help; advanced rows folded.
+    ``late``: the rows after calibration (``options.LATE_OPTIONS``), optional so that prompts saved
+    before they existed keep the default; else those before."""
+    return [_widget(option, late) for option in NODE_OPTIONS if (option in LATE_OPTIONS) == late]
 
 
-def _widget(option: Option) -> io.Input:
-    common = {"default": option.default, "tooltip": option.help, "advanced": option.group == ADVANCED or None}
+def _widget(option: Option, optional: bool = False) -> io.Input:
+    common = {
+        "default": option.default,
+        "tooltip": option.help,
+        "advanced": option.group == ADVANCED or None,
+        "optional": optional or None,
+    }
     common = {key: value for key, value in common.items() if value is not None}
     if option.choices:
         return io.Combo.Input(option.name, options=list(option.choices), **common)
@@ -61,6 +68,8 @@ def _widget(option: Option) -> io.Input:
         return io.Float.Input(
             option.name, min=option.minimum, max=option.maximum, step=option.step, round=FLOAT_ROUND, **common
         )
+    if option.kind is str:
+        return io.String.Input(option.name, **common)
     if option.kind == PATTERNS:
         tooltip = f"{option.help} (one per line)"
         return io.String.Input(option.name, multiline=True, **{**common, "default": "", "tooltip": tooltip})
@@ -93,6 +102,7 @@ def _convert_schema(node_id: str, display_name: str, description: str, source: i
                 tooltip="what GPUs with fp8 compute (RTX 40xx and later, H100) do with the quantized layers. "
                 + "; ".join(f"{k}: {v}" for k, v in FP8_COMPUTE.items()),
             ),
+            *option_inputs(late=True),
         ],
         outputs=[io.String.Output("path"), io.String.Output("report")],
         hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],

@@ -35,15 +35,17 @@ def _option(parser: argparse.ArgumentParser, name: str, dest: str | None = None,
 
 def _table_option(parser: argparse.ArgumentParser, option: Option) -> None:
     """One row of the option table as a flag; the engine checks ranges and combinations."""
-    kwargs: dict = {"help": option.help, "default": option.default}
+    kwargs: dict = {"help": option.help.replace("%", "%%"), "default": option.default}  # argparse formats help
     if option.kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction if option.default else "store_true"
     elif option.kind == PATTERNS:
-        kwargs.update(action="append", default=[], metavar="REGEX", help=option.help + " (repeatable)")
+        kwargs.update(action="append", default=[], metavar="REGEX", help=kwargs["help"] + " (repeatable)")
     elif option.name == "shard":
         kwargs.update(type=_parse_shard, metavar="K/N")
     elif option.name == "calibration":
         kwargs["metavar"] = "FILE"
+    elif option.name == "max_size":
+        kwargs["metavar"] = "SIZE"
     else:
         kwargs["type"] = option.kind
         if option.kind in (int, float):

@@ -8,6 +8,7 @@ scaled together. Peak memory is therefore a few of the largest tensors, never th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,13 +23,13 @@ from typing import Protocol
 
 import torch
 
-from . import __version__, codec, formats, fp8
+from . import __version__, budget, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
 from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .estimate import Estimate
 from .gptq import round_gptq
-from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, dtype_nbytes
 from .job import ActivityCallback, Job
 from .options import ConvertOptions
 from .pipeline import one_cpu_thread, run_pipeline
@@ -112,6 +113,8 @@ class Summary:
     methods: dict[str, int]  # quantized tensors per rounding method
     seconds: float
     reports: list[TensorReport] = field(repr=False, default_factory=list)
+    max_bytes: int | None = None  # the size budget (max_size), when given
+    kept_layers: list[budget.KeptLayer] = field(default_factory=list)  # what it kept in the source dtype, and why
 
     def text(self) -> str:
         """The end-of-run summary printed by the CLI and shown by the nodes."""
@@ -132,7 +135,20 @@ class Summary:
                 else ""
             )
             lines.insert(3, f"rounding  {used}{kept}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.budget_lines())
+
+    def budget_lines(self) -> list[str]:
+        """What the size budget kept in the source dtype, and why (see ``budget.py``)."""
+        if self.max_bytes is None:
+            return []
+        kept = self.kept_layers
+        lines = [
+            f"budget    max_size {_gib(self.max_bytes)} ({self.max_bytes:,} bytes), file {self.bytes_out:,} bytes; "
+            f"{len(kept)} layers kept in full precision ({sum(k.saved for k in kept):,} bytes more than fp8)"
+        ]
+        if kept:
+            lines.append("          highest fp8 error per byte first: the bytes each costs, fp8's predicted error")
+        return lines + [f"          {layer.line()}" for layer in kept]
 
     def errors(self) -> list[dict]:
         """Mean and worst error of the quantized tensors, one entry per measure used (``TensorReport.measure``)."""
@@ -190,6 +206,10 @@ class Plan:
     markers: dict[str, torch.Tensor] = field(default_factory=dict)  # file-level layout markers, written first
     activations: dict[str, formats.Activation] = field(default_factory=dict)  # per quantized weight
     outputs: dict[str, list[str]] = field(default_factory=dict)  # the output tensors each source tensor becomes
+    layers: dict[str, list[TensorInfo]] = field(default_factory=dict)  # each quantizable weight's output entries
+    encoders: list[str] = field(default_factory=list)  # prefixes of the text encoders converted too
+    max_bytes: int | None = None  # max_size in bytes, when given
+    kept: list[budget.KeptLayer] = field(default_factory=list)  # what the budget keeps in the source dtype
 
     def digest(self, metadata: dict[str, str]) -> str:
         """A fingerprint of the output header (its tensors and ``metadata``): shards of one conversion share it."""
@@ -262,8 +282,8 @@ class Rounder:
 
 def plan_conversion(source: TensorSource, options: ConvertOptions, poll: Callable[[], None] | None = None) -> Plan:
     """Resolve the settings and decide what happens to each tensor, from names and shapes (and,
-    for ``full_precision_above``, from the weights and their recorded statistics: ``poll`` is
-    called before each is read)."""
+    for ``full_precision_above`` and ``max_size``, from the weights and their recorded statistics:
+    ``poll`` is called before each is read)."""
     options.validate()
     keys = list(source.tensors)
     prefix = checkpoint_prefix(keys)
@@ -310,41 +330,123 @@ def _plan_tensors(source: TensorSource, plan: Plan, poll: Callable[[], None]) ->
     blocks = block_prefixes(keys)
     policy = LayerPolicy(plan.preset, *_user_rules(options), plan.prefix, blocks)
     text_encoders = _text_encoder_policies(keys, options, plan.prefix, blocks)
+    plan.encoders = [owner.prefix for owner in text_encoders]
     activation_of = _activation_rule(source, plan, poll)
-    groups: dict[str, list[str]] = {}
     for name, info in source.tensors.items():
         owner = next((p for p in text_encoders if name.startswith(p.prefix)), policy)
         decision = owner.decide(name, info.dtype, info.shape)
         plan.decisions[name] = (decision.quantize, decision.reason)
-        if not decision.quantize:
-            plan.items.append([name])
-            plan.entries.append(TensorInfo(name, info.dtype, info.shape))
-            plan.outputs[name] = [name]
-            continue
-        # ComfyUI multiplies text encoders in full precision: no input scale; weight-only, as the flag says.
-        plan.activations[name] = activation_of(name) if owner is policy else formats.Activation(None, True)
-        layer = plan.layout.layer_entries(name, info.shape, plan.dtype, plan.activations[name])
-        plan.entries += layer
-        plan.outputs[name] = [entry.name for entry in layer]
-        group_key = scale_group(name) if options.shared_scales else name
-        if group_key not in groups:
-            groups[group_key] = []
-            plan.items.append(groups[group_key])
-        groups[group_key].append(name)
+        if decision.quantize:
+            # ComfyUI multiplies text encoders in full precision: no input scale; weight-only, as the flag says.
+            plan.activations[name] = activation_of(name) if owner is policy else formats.Activation(None, True)
+            plan.layers[name] = plan.layout.layer_entries(name, info.shape, plan.dtype, plan.activations[name])
     if not plan.activations:
         raise ValueError(
             "nothing to quantize: no eligible 2-D float weight passed the layer policy "
             "(is the input already FP8-scaled? see the settings preset, include and min_tensor_size); "
             f"family: {plan.preset.family}"
         )
+    _fit_budget(source, plan, poll)
+    _lay_out(source, plan)
+
+
+def _lay_out(source: TensorSource, plan: Plan) -> Plan:
+    """The work items and the output header (entries, markers) of the plan's decisions."""
+    plan.items, plan.entries, plan.outputs = [], [], {}
+    groups: dict[str, list[str]] = {}
+    for name, info in source.tensors.items():
+        if name not in plan.activations:
+            plan.items.append([name])
+            plan.entries.append(TensorInfo(name, info.dtype, info.shape))
+            plan.outputs[name] = [name]
+            continue
+        plan.entries += plan.layers[name]
+        plan.outputs[name] = [entry.name for entry in plan.layers[name]]
+        group_key = scale_group(name) if plan.options.shared_scales else name
+        if group_key not in groups:
+            groups[group_key] = []
+            plan.items.append(groups[group_key])
+        groups[group_key].append(name)
     plan.markers = _markers(plan, plan.prefix)
-    for owner in text_encoders:
-        if any(plan.decisions[k][0] for k in keys if k.startswith(owner.prefix)):
-            plan.markers.update(_markers(plan, owner.prefix))
+    for prefix in plan.encoders:
+        if any(name.startswith(prefix) for name in plan.activations):
+            plan.markers.update(_markers(plan, prefix))
     for key, tensor in plan.markers.items():
         if key in source.tensors:
             raise ValueError(f"the input already has a tensor named {key!r}; is it already converted?")
         plan.entries.append(TensorInfo(key, tensor.dtype, tuple(tensor.shape)))
+    return plan
+
+
+def _fit_budget(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> None:
+    """With ``max_size``, keep the quantized layers that cost the output most per byte saved in
+    their source dtype, as many as the exact output size allows (``budget.py``); refuse a budget
+    no conversion meets, or one that would keep everything, before anything is written."""
+    parsed = budget.parse_budget(plan.options.max_size)
+    if parsed is None:
+        return
+    source_bytes = sum(info.nbytes for info in source.tensors.values())
+    limit = parsed.limit(source_bytes)
+    asked = f"max_size {parsed.text} ({_size(limit)})"
+    if limit >= source_bytes:
+        raise ValueError(
+            f"{asked} is at least the size of the source's tensors ({_size(source_bytes)}): every layer would "
+            "stay in full precision, a copy of the input; leave max_size empty to quantize every eligible layer, "
+            "or give a smaller size"
+        )
+    smallest = output_size(source, _lay_out(source, plan))
+    if smallest > limit:
+        raise ValueError(
+            f"{asked} is below the smallest file this conversion can write, {_size(smallest)} with every eligible "
+            "layer in fp8; give at least that (or let more layers be quantized: preset, exclude, min_tensor_size)"
+        )
+    candidates = budget_candidates(source, plan, poll)
+
+    def size_with(layers: list[budget.KeptLayer]) -> int:
+        return output_size(source, _lay_out(source, _keeping(plan, layers)))
+
+    kept = budget.choose(candidates, limit, size_with)
+    chosen = _keeping(plan, kept)
+    plan.decisions, plan.activations, plan.max_bytes, plan.kept = chosen.decisions, chosen.activations, limit, kept
+
+
+def budget_candidates(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> list[budget.KeptLayer]:
+    """Every quantized weight the budget may keep (not those ``include`` forces to fp8), with the
+    bytes keeping it costs and its predicted error: reads each weight (and its statistics) once."""
+    include = [compile_regex(p, "include") for p in plan.options.include]
+    candidates = []
+    for name in plan.activations:
+        if any(p.search(name) for p in include):
+            continue
+        poll()
+        info = source.tensors[name]
+        weight = source.read(name).to(plan.devices[0])
+        stats = plan.statistics.get(name, info.shape[1]) if plan.statistics is not None else None
+        error, measure = budget.predicted_error(weight, stats, plan.dtype)
+        del weight, stats
+        saved = info.nbytes - sum(entry.numel * dtype_nbytes(entry.dtype) for entry in plan.layers[name])
+        candidates.append(budget.KeptLayer(name, saved, error, measure))
+    return candidates
+
+
+def _keeping(plan: Plan, kept: list[budget.KeptLayer]) -> Plan:
+    """The plan with the layers ``kept`` in their source dtype (a copy; its layout still to be made)."""
+    names = {layer.name for layer in kept}
+    decisions = {**plan.decisions, **{layer.name: (False, layer.reason()) for layer in kept}}
+    activations = {name: a for name, a in plan.activations.items() if name not in names}
+    return dataclasses.replace(plan, decisions=decisions, activations=activations)
+
+
+class _Sink:
+    """Keeps nothing: the writer's header goes here when only the file's size is wanted."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def output_size(source: TensorSource, plan: Plan) -> int:
+    """The exact bytes the plan's output file will have (its header and metadata included)."""
+    return SafetensorsWriter(_Sink(), plan.entries, output_metadata(source, plan)).total_bytes
 
 
 def _markers(plan: Plan, prefix: str) -> dict[str, torch.Tensor]:
@@ -676,8 +778,14 @@ def _summarise(label: str, output, plan: Plan, reports: list[TensorReport], byte
         methods=dict(Counter(r.method for r in quantized)),
         seconds=seconds,
         reports=reports,
+        max_bytes=plan.max_bytes,
+        kept_layers=plan.kept,
     )
 
 
 def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes:,} bytes ({_gib(nbytes)})"

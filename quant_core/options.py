@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .budget import HELP as BUDGET_HELP
+from .budget import parse_budget
 from .formats import FORMATS, layout
 from .fp8 import FP8_DTYPES
 from .policy import AUTO, PRESETS, compile_regex
@@ -202,6 +204,7 @@ OPTIONS: tuple[Option, ...] = (
         "for the layers it covers (needs rounding auto or learned), and the data for calibrated input scales",
         BASIC,
     ),
+    Option("max_size", str, "", BUDGET_HELP, BASIC),
     Option(
         "input_scales",
         bool,
@@ -304,6 +307,7 @@ class ConvertOptions:
     keep_distillation: bool = _default("keep_distillation")
     text_encoders: bool = _default("text_encoders")
     calibration: str | None = _default("calibration")
+    max_size: str = _default("max_size")
     input_scales: bool = _default("input_scales")
     uncalibrated_fp8_compute: bool = _default("uncalibrated_fp8_compute")
     full_precision: list[str] = _default("full_precision")
@@ -337,6 +341,7 @@ class ConvertOptions:
             for pattern in self.value(name):
                 compile_regex(pattern, name)
         layout(self.format).check_fp8(FP8_DTYPES[self.fp8_format])
+        parse_budget(self.max_size)
         if self.shard is not None and not (len(self.shard) == 2 and 1 <= self.shard[0] <= self.shard[1]):
             raise ValueError(f"shard {self.shard}: K/N needs 1 <= K <= N")
         uses_statistics = self.input_scales or self.full_precision_above is not None

@@ -37,7 +37,7 @@ def join_shards(
     """Write the output of converting ``input_path`` with ``options`` from the shards that hold it.
 
     The options must be those the shards were made with (checked through the fingerprint); the
-    input is read for its header only (and for ``full_precision_above``, which plans from data).
+    input is read for its header only (and for ``full_precision_above`` and ``max_size``, which plan from data).
     """
     options = options or ConvertOptions()
     output = Path(output_path) if output_path else default_output_path(input_path, options)

@@ -25,7 +25,7 @@ def test_every_cli_row_is_a_flag_with_the_tables_default_and_choices():
             continue
         action = flags[option.name]
         assert f"--{option.cli_name}" in action.option_strings
-        assert action.help.startswith(option.help)
+        assert action.help.replace("%%", "%").startswith(option.help)
         assert action.default == ([] if option.kind == PATTERNS else option.default)
         assert tuple(action.choices or ()) == option.choices
 
@@ -106,8 +106,9 @@ def options_table() -> str:
         elif option.choices:
             flag += " {" + ",".join(option.choices) + "}"
         elif option.kind is not bool:
-            flag += {"shard": " K/N", "calibration": " FILE", "device": " DEVICE"}.get(option.name, " N")
-        default = {None: "–", (): "–", True: "on", False: "off"}.get(option.default, f"`{option.default}`")
+            metavars = {"shard": " K/N", "calibration": " FILE", "device": " DEVICE", "max_size": " SIZE"}
+            flag += metavars.get(option.name, " N")
+        default = {None: "–", (): "–", "": "–", True: "on", False: "off"}.get(option.default, f"`{option.default}`")
         node = ("yes" if option.group == "basic" else "advanced") if NODE in option.fronts else "–"
         rows.append(f"| {flag} | {default} | {node} | {option.help} |")
     return "\n".join(rows) + "\n"

@@ -344,3 +344,29 @@ def test_convert_a_model_that_is_already_fp8(pack, comfy, tiny_model, files_belo
         assert _relative(_dequantized(pack, reader, Q), original) < 0.08  # fp8 twice
     assert summary.quantized == 2
     assert files_below(comfy.models) == ["diffusion_models/requant_00001_.safetensors"]
+
+
+@pytest.mark.parametrize("entry", ["model", "checkpoint"])
+def test_the_size_budget_holds_on_both_convert_nodes(pack, comfy, tiny_model, entry):
+    """max_size from the widget: the file on disk fits it, kept layers stay bf16, the report says which and why."""
+    model = tiny_model(blocks=2)
+    state = {k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}
+    source_bytes = sum(t.nbytes for t in state.values())
+    pack.io.write_file(comfy.models / "checkpoints" / "tiny.safetensors", state)
+
+    def run(max_size: str, prefix: str):
+        options = pack.options.convert_options(rounding="nearest", max_size=max_size)
+        if entry == "model":
+            return pack.conversion.convert_model(comfy.ModelPatcher(model), options, prefix)
+        return pack.conversion.convert_checkpoint("checkpoints/tiny.safetensors", options, prefix)
+
+    smallest = run("", "all").bytes_out
+    limit = (smallest + source_bytes) // 2
+    summary = run(str(limit), "budget")
+    assert 0 < os.path.getsize(summary.output) == summary.bytes_out <= limit
+    report = pack.conversion.report_text(summary)
+    kept = [layer.name for layer in summary.kept_layers]
+    assert kept and all(name in report for name in kept) and f"{limit:,} bytes" in report
+    with pack.io.SafetensorsReader(summary.output) as reader:
+        assert all(reader.tensors[name].dtype == state[name].dtype for name in kept)
+        assert sum(reader.tensors[name].dtype == torch.float8_e4m3fn for name in reader.tensors) == 4 - len(kept)

@@ -28,7 +28,9 @@ def test_the_nodes_show_the_tables_node_rows_in_widget_order(pack):
         "exclude",
         "include",
         "seed",
+        "max_size",
     ]
+    assert [option.name for option in pack.options.LATE_OPTIONS] == ["max_size"]
 
 
 def test_widgets_map_to_options(pack):
