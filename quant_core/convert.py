@@ -29,7 +29,7 @@ from .atomic import atomic_output, check_output_path
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .estimate import Estimate
 from .gptq import round_gptq
-from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, dtype_nbytes
+from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, dtype_nbytes, file_size
 from .job import ActivityCallback, Job
 from .options import ConvertOptions
 from .pipeline import one_cpu_thread, run_pipeline
@@ -437,16 +437,9 @@ def _keeping(plan: Plan, kept: list[budget.KeptLayer]) -> Plan:
     return dataclasses.replace(plan, decisions=decisions, activations=activations)
 
 
-class _Sink:
-    """Keeps nothing: the writer's header goes here when only the file's size is wanted."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
 def output_size(source: TensorSource, plan: Plan) -> int:
     """The exact bytes the plan's output file will have (its header and metadata included)."""
-    return SafetensorsWriter(_Sink(), plan.entries, output_metadata(source, plan)).total_bytes
+    return file_size(plan.entries, output_metadata(source, plan))
 
 
 def _markers(plan: Plan, prefix: str) -> dict[str, torch.Tensor]:

@@ -380,42 +380,59 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
-class SafetensorsWriter:
-    """Writes a safetensors file whose header is fixed up front; tensors arrive in any order.
+_Slots = dict[str, tuple[int, TensorInfo]]  # name -> (data offset, entry)
 
-    The layout orders entries by element size (largest first, as safetensors itself does) so
-    that every tensor's data is aligned to its element size; large tensors of whole disk blocks
-    come first, from a block boundary (the header is padded with spaces), so that they can be
-    written around the page cache (``_DirectWrites``). Each ``write`` seeks to its
-    entry's offset, so scales computed after their weights can be written late. ``close``
+
+def _lay_out(entries: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, _Slots, int]:
+    """The header bytes (padded), each entry's data offset and the data's total bytes.
+
+    Entries are ordered by element size (largest first, as safetensors itself does) so that every
+    tensor's data is aligned to its element size; large tensors of whole disk blocks come first,
+    from a block boundary (the header is padded with spaces), so that they can be written around
+    the page cache (``_DirectWrites``).
+    """
+    ordered = sorted(
+        enumerate(entries), key=lambda item: (not _whole_blocks(item[1]), -dtype_nbytes(item[1].dtype), item[0])
+    )
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    slots: _Slots = {}
+    offset = 0
+    for _, info in ordered:
+        if info.name in slots:
+            raise ValueError(f"duplicate output tensor name {info.name!r}")
+        nbytes = info.numel * dtype_nbytes(info.dtype)
+        header[info.name] = {
+            "dtype": DTYPE_NAMES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        slots[info.name] = (offset, info)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # the data region starts 8-byte aligned, and on a disk block where whole blocks can go out directly
+    raw += b" " * (-(8 + len(raw)) % (DIRECT_BLOCK if any(map(_whole_blocks, entries)) else 8))
+    return raw, slots, offset
+
+
+def file_size(entries: list[TensorInfo], metadata: dict[str, str]) -> int:
+    """The exact bytes of the file ``SafetensorsWriter`` writes for these entries and metadata."""
+    raw, _, data_bytes = _lay_out(entries, metadata)
+    return 8 + len(raw) + data_bytes
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose header is fixed up front (``_lay_out``); tensors arrive in any order.
+
+    Each ``write`` seeks to its entry's offset, so scales computed after their weights can be written late. ``close``
     checks that every entry was written exactly once.
     """
 
     def __init__(self, file: BinaryIO, entries: list[TensorInfo], metadata: dict[str, str]):
         """``file``: a real file opened for writing (tensor data goes out through its descriptor)."""
         self._file = file
-        ordered = sorted(
-            enumerate(entries), key=lambda item: (not _whole_blocks(item[1]), -dtype_nbytes(item[1].dtype), item[0])
-        )
-        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-        self._slots: dict[str, tuple[int, TensorInfo]] = {}
-        offset = 0
-        for _, info in ordered:
-            if info.name in self._slots:
-                raise ValueError(f"duplicate output tensor name {info.name!r}")
-            nbytes = info.numel * dtype_nbytes(info.dtype)
-            header[info.name] = {
-                "dtype": DTYPE_NAMES[info.dtype],
-                "shape": list(info.shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            self._slots[info.name] = (offset, info)
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        # the data region starts 8-byte aligned, and on a disk block where whole blocks can go out directly
-        raw += b" " * (-(8 + len(raw)) % (DIRECT_BLOCK if any(map(_whole_blocks, entries)) else 8))
+        raw, self._slots, data_bytes = _lay_out(entries, metadata)
         self._data_start = 8 + len(raw)
-        self.total_bytes = self._data_start + offset
+        self.total_bytes = self._data_start + data_bytes
         self._written: set[str] = set()
         self._lock = threading.Lock()  # the file position, where there is no pwrite (Windows)
         file.write(struct.pack("<Q", len(raw)) + raw)
