@@ -316,7 +316,8 @@ def helper_optimiser(path: str, iterations: str, calib: str) -> dict:
 def helper_gptq_phases(source: str, calibration: str) -> dict:
     """Where calibrated rounding's time goes: for each weight shape the conversion rounds with GPTQ,
     one weight rounded in process (one thread, as in the conversion), its phases timed through the
-    progress callback, times the number of weights of that shape."""
+    progress callback, times the number of weights of that shape. CPU seconds of that thread: on a
+    shared machine they count the work, not the waits for a core."""
     import torch
 
     from quant_core import fp8
@@ -339,13 +340,13 @@ def helper_gptq_phases(source: str, calibration: str) -> dict:
 
             def step(done: int, total: int, columns: int = shape[1], marks: dict = marks) -> None:
                 if done >= columns:
-                    marks.setdefault("polish", time.perf_counter())
+                    marks.setdefault("polish", time.thread_time())
                 if done >= total:
-                    marks.setdefault("check", time.perf_counter())
+                    marks.setdefault("check", time.thread_time())
 
-            started = time.perf_counter()
+            started = time.thread_time()
             round_gptq(weight, scale, plan.dtype, stats, step=step)
-            ended = time.perf_counter()
+            ended = time.thread_time()
             phases = {
                 "gptq": marks["polish"] - started,
                 "polish": marks["check"] - marks["polish"],
