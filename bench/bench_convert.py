@@ -396,6 +396,51 @@ def helper_stages(source: str, output: str) -> dict:
     }
 
 
+def helper_gptq_phases(source: str, calibration: str) -> dict:
+    """Where calibrated rounding's time goes: for each weight shape the conversion rounds with GPTQ,
+    one weight rounded in process (one thread, as in the conversion), its phases timed through the
+    progress callback, times the number of weights of that shape. CPU seconds of that thread: on a
+    shared machine they count the work, not the waits for a core."""
+    import torch
+
+    from quant_core import fp8
+    from quant_core.convert import ConvertOptions, plan_conversion
+    from quant_core.gptq import round_gptq
+    from quant_core.io import SafetensorsReader
+
+    totals = {"gptq": 0.0, "polish": 0.0, "check": 0.0}
+    shapes: dict[tuple[int, ...], list[str]] = {}
+    with SafetensorsReader(source) as reader, plan_conversion(reader, ConvertOptions(calibration=calibration)) as plan:
+        for name, (quantized, _) in plan.decisions.items():
+            if quantized and plan.statistics.key(name) is not None:
+                shapes.setdefault(tuple(reader.tensors[name].shape), []).append(name)
+        rows = []
+        for shape, names in sorted(shapes.items()):
+            weight = reader.read(names[0])
+            stats = plan.statistics.get(names[0], shape[1])
+            scale = fp8.scale_for(fp8.absmax(weight), plan.dtype)
+            marks: dict[str, float] = {}
+
+            def step(done: int, total: int, columns: int = shape[1], marks: dict = marks) -> None:
+                if done >= columns:
+                    marks.setdefault("polish", time.thread_time())
+                if done >= total:
+                    marks.setdefault("check", time.thread_time())
+
+            started = time.thread_time()
+            round_gptq(weight, scale, plan.dtype, stats, step=step)
+            ended = time.thread_time()
+            phases = {
+                "gptq": marks["polish"] - started,
+                "polish": marks["check"] - marks["polish"],
+                "check": ended - marks["check"],
+            }
+            for phase, seconds in phases.items():
+                totals[phase] += seconds * len(names)
+            rows.append([list(shape), len(names), phases])
+    return {"totals": totals, "shapes": rows, "threads": torch.get_num_threads()}
+
+
 HELPERS = {
     "generate": helper_generate,
     "subset": helper_subset,
@@ -403,6 +448,7 @@ HELPERS = {
     "quality": helper_quality,
     "optimiser": helper_optimiser,
     "stages": helper_stages,
+    "gptq-phases": helper_gptq_phases,
 }
 
 
@@ -520,6 +566,7 @@ class SizeRun:
     info: dict
     copies: list[float] = field(default_factory=list)
     results: dict[str, Result] = field(default_factory=dict)
+    phases: dict | None = None  # where calibrated rounding's time goes (helper_gptq_phases)
 
     @property
     def copy_s(self) -> float:
@@ -797,6 +844,26 @@ def rtn_copy_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_phases(run: SizeRun) -> None:
+    """What dominates a calibrated conversion: its rounding's phases against its wall time."""
+    totals = run.phases["totals"]
+    rounding = sum(totals.values())
+    calibrated = run.results.get("calibrated")
+    print(
+        f"calibrated rounding of {run.source.name}, CPU s on one thread (one weight per shape, times the "
+        f"weights of that shape): GPTQ's column loop {totals['gptq']:.0f}, polish {totals['polish']:.0f}, "
+        f"held-out check {totals['check']:.0f}; sum {rounding:.0f} s"
+    )
+    if calibrated is not None and calibrated.convert < float("inf"):
+        print(
+            f"  the conversion took {calibrated.convert:.0f} s (its own time), the copy {run.copy_s:.0f} s: "
+            f"rounding is {rounding / calibrated.convert:.0%} of it, reading and writing overlap with it"
+        )
+    for shape, count, phases in run.phases["shapes"]:
+        per = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+        print(f"  {shape[0]}x{shape[1]} x{count}: {per} s each")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--helper"]:  # internal: runs in a child process
@@ -881,6 +948,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pre-reading the input: {read_through(source):.1f} s", flush=True)
         run.results = measure(full, python_of, source, workdir, repeat, run, int(args.copy_gb * GB))
         score(run.results, source, workdir, args.keep, not args.no_score)
+        if any(c.calibrated for c in full):
+            print("calibrated rounding by phase, one weight per shape ...", flush=True)
+            run.phases = helper(workdir, "gptq-phases", str(source), str(calibration_path(source)))
         runs.append(run)
 
     subset_configs = [configs[c] for c in chosen if configs[c].subset and c != "optimiser"]
@@ -926,6 +996,9 @@ def main(argv: list[str] | None = None) -> int:
     print("convert s = the conversion's own time (its summary), without starting Python and importing torch")
     for config in full:
         print(f"  {config.name}: {config.note}: {config.settings()}")
+    for run in runs:
+        if run.phases:
+            print_phases(run)
 
     if args.peer_python and any(c.peer for c in full):
         print()

@@ -94,10 +94,11 @@ class RowSample:
     """
 
     def __init__(self, rows: torch.Tensor):
-        self.rows = rows  # [m, in] float32
+        self.rows = rows  # [m, in] float32 (bfloat16 for a product in bfloat16)
 
     def quadratic(self, delta: torch.Tensor) -> float:
-        return float((delta.float() @ self.rows.to(delta.device).T).double().square().sum())
+        """``||delta rows^T||^2``, the product taken in the rows' dtype."""
+        return float((delta.to(self.rows.dtype) @ self.rows.to(delta.device).T).double().square().sum())
 
 
 Moments = Gram | LowRankGram | RowSample

@@ -23,10 +23,10 @@ import functools
 import torch
 
 from . import fp8
-from .calibration import Gram, LayerStatistics, LowRankGram, Moments
+from .calibration import Gram, LayerStatistics, LowRankGram, Moments, RowSample
 from .job import Step, no_step
 from .pipeline import one_cpu_thread
-from .rounding import RoundingResult, as_float, relative_error, round_nearest
+from .rounding import RoundingResult, _cpu_has_bfloat16, as_float, relative_error, round_nearest
 
 BLOCK = 128
 POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/calibration.md)
@@ -51,6 +51,16 @@ def round_gptq(
     for a calibrated conversion showed. ``step`` counts the weight's columns, called per block of
     ``BLOCK`` (and per block of rows in the checks after).
     """
+    # A long sequence of small steps, and products small enough that a second thread waits more
+    # than it helps (on a busy machine a barrier waits for a descheduled thread); the pipeline's
+    # reader and writer use the other core.
+    with one_cpu_thread(weight.device):
+        return _round_and_check(weight, scale, dtype, stats, damp, passes, step)
+
+
+def _round_and_check(
+    weight: torch.Tensor, scale: float, dtype: torch.dtype, stats: LayerStatistics, damp: float, passes: int, step: Step
+) -> RoundingResult:
     fitting = _fitting(stats)
     order = torch.argsort(fitting.diagonal().to(weight.device), descending=True)
     fit = _permuted(fitting, order)
@@ -58,14 +68,13 @@ def round_gptq(
     # One row per weight column, in act order and in units of the scale: every step below then
     # reads and writes contiguous rows, and rounding is a plain cast.
     columns = _scaled_columns(weight, order, scale)
-    with one_cpu_thread(weight.device):  # a long sequence of small steps
-        if isinstance(fit, Gram):
-            rows = _gptq_dense(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
-        else:
-            rows = _gptq_low_rank(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
-        del columns
-        if passes > 0:
-            _polish(_scaled_columns(weight, order, scale), rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
+    if isinstance(fit, Gram):
+        rows = _gptq_dense(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+    else:
+        rows = _gptq_low_rank(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+    del columns
+    if passes > 0:
+        _polish(_scaled_columns(weight, order, scale), rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
     quantized = rows[torch.argsort(order)].T.contiguous()
     del rows, fit
     finished = weight.shape[1] * (1 + passes)
@@ -74,7 +83,10 @@ def round_gptq(
         step(finished, finished)
 
     rtn = round_nearest(weight, scale, dtype, step=checking).quantized
-    error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), stats.heldout, checking)
+    heldout = stats.heldout
+    if isinstance(heldout, RowSample):
+        heldout = RowSample(heldout.rows.to(_product_dtype(weight.device)))
+    error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), heldout, checking)
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
@@ -92,6 +104,15 @@ def _fitting(stats: LayerStatistics) -> Gram | LowRankGram:
     if isinstance(stats.fit, Gram) and isinstance(stats.heldout, Gram):
         return Gram(stats.fit.matrix + stats.heldout.matrix.to(stats.fit.matrix))
     return stats.fit
+
+
+def _product_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the sketch's large products (``O(out in r)``) and of the held-out check's:
+    bfloat16 where the device multiplies it natively (CUDA; CPUs with AMX or AVX-512 BF16, several
+    times float32's rate there), else float32. What they yield are compensations, gradients and
+    error sums, whose relative error of ``2^-9`` is far below fp8's step of ``2^-4``."""
+    native = device.type == "cuda" or (device.type == "cpu" and _cpu_has_bfloat16())
+    return torch.bfloat16 if native else torch.float32
 
 
 def _phase(step: Step, first: int, columns: int, passes: int) -> Step:
@@ -169,6 +190,8 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     pushed = factor / residual[:, None]  # V
     state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
     spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
+    product = _product_dtype(work.device)
+    pushed_product = pushed.to(product)
     quantized = torch.empty_like(work, dtype=dtype)
     for start in range(0, columns, BLOCK):
         step(start, columns)
@@ -177,10 +200,10 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
         coupled = pushed_block @ state  # V_J S
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        block = work[start:end] - pushed_block.float() @ spread
+        block = torch.sub(work[start:end], pushed_product[start:end] @ spread.to(product))
         errors = _round_block(block, lower.T.float(), quantized[start:end], dtype)
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
-        spread += onward.T.float() @ errors
+        spread += onward.T.to(product) @ errors.to(product)
         state -= onward.T @ onward
     return quantized
 
@@ -192,10 +215,14 @@ def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dt
 
     Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
     per group rather than one rank-1 update per column: each pass over the block's rows then
-    does 16x the work. The rounded values are read back through ``rounding.as_float`` (faster
-    than ``.float()`` for an fp8 row).
+    does 16x the work. ``upper``'s rows are divided by its diagonal once, so that a column costs
+    no division (the loop is a handful of whole-row operations per column, and their count is
+    what a narrow layer's time is made of). The rounded values are read back through
+    ``rounding.as_float`` (faster than ``.float()`` for an fp8 row).
     """
     limit = fp8.fp8_max(dtype)
+    diagonal = upper.diagonal()
+    relative = upper / diagonal[:, None]
     errors = torch.empty_like(block)
     rows = block.shape[0]
     for start in range(0, rows, _GROUP):
@@ -204,10 +231,9 @@ def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dt
             torch.clamp(block[i], -limit, limit, out=errors[i])  # saturate, as quantize_nearest does
             out[i] = errors[i]  # the cast to fp8 rounds to nearest
             torch.sub(block[i], as_float(out[i]), out=errors[i])
-            errors[i] /= upper[i, i]
-            block[i + 1 : end].addr_(upper[i, i + 1 : end], errors[i], alpha=-1)
-        block[end:].addmm_(upper[start:end, end:].T, errors[start:end], alpha=-1)
-    return errors
+            block[i + 1 : end].addr_(relative[i, i + 1 : end], errors[i], alpha=-1)
+        block[end:].addmm_(relative[start:end, end:].T, errors[start:end], alpha=-1)
+    return errors.div_(diagonal[:, None])
 
 
 def _polish(
@@ -218,12 +244,11 @@ def _polish(
 
     GPTQ decides each column once, knowing only the columns before it; here every weight may then
     move to a grid neighbour (one fp8 step up or down) whenever that lowers its row's error,
-    column by column, all rows at once. With ``g = (H D)_i`` a row's change is ``d (2 g + d H_ii)``
-    for a step ``d``. Blocks of columns keep the products BLAS-3: ``g`` is formed for a block,
-    updated through the block's own ``H_JJ``, and the block's steps reach the rest afterwards
-    (``_Coupling``). ``scaled`` (the weight's columns in units of the scale) is reused as ``D``.
+    column by column, all rows at once (``_descend_block``). Blocks of columns keep the products
+    BLAS-3: ``g = (H D)_J`` is formed for a block, updated through the block's own ``H_JJ``, and
+    the block's steps reach the rest afterwards (``_Coupling``). ``scaled`` (the weight's columns
+    in units of the scale) is reused as ``D``.
     """
-    grid, ranks = _fp8_grid(quantized.dtype, quantized.device)
     error = as_float(quantized).sub_(scaled)
     del scaled
     coupling = _Coupling(moments, error)
@@ -234,40 +259,57 @@ def _polish(
             step(done * columns + start, passes * columns)
             end = min(start + BLOCK, columns)
             local, gradient = coupling.block(start, end, error)
-            steps = torch.zeros_like(gradient)
-            for i in range(end - start):
-                column = start + i
-                change = _best_step(grid, ranks, quantized[column], gradient[i], float(local[i, i]))
-                quantized[column] = (as_float(quantized[column]) + change).to(quantized.dtype)
-                error[column] += change
-                steps[i] = change
-                gradient.addr_(local[:, i], change)
+            steps = _descend_block(quantized[start:end], gradient, local)
+            error[start:end] += steps
             coupling.update(start, end, steps)
 
 
-def _best_step(
-    grid: torch.Tensor, ranks: torch.Tensor, codes: torch.Tensor, gradient: torch.Tensor, curvature: float
-) -> torch.Tensor:
-    """Per row, the move to the next fp8 value below or above (or none) that lowers the error most."""
-    rank = ranks.index_select(0, codes.view(torch.uint8).int())
-    current = grid.index_select(0, rank)
-    best_step, best_gain = torch.zeros_like(gradient), torch.zeros_like(gradient)
-    for offset in (-1, 1):
-        step = grid.index_select(0, (rank + offset).clamp_(0, grid.numel() - 1)).sub_(current)
-        gain = (gradient * 2).add_(step, alpha=curvature).mul_(step)
-        better = gain < best_gain
-        best_step = torch.where(better, step, best_step)
-        best_gain = torch.where(better, gain, best_gain)
-    return best_step
+def _descend_block(codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """One coordinate-descent sweep over a block of columns (``codes``, fp8, changed in place), from
+    their gradient ``(H D)_J`` and ``H_JJ``; returns each column's steps (in units of the scale).
+
+    A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
+    ``-2 g / H_ii > u``, a step down ``l < 0`` when ``-2 g / H_ii < l``, never both. So a column
+    is a few comparisons of whole rows against the block's precomputed neighbour steps, with no
+    fp8 conversion inside the loop. As in ``_round_block``, a column's step reaches the rest of
+    its group at once and the rest of the block in one product per group; the columns already
+    passed need no update in this sweep.
+    """
+    values, up, down = _neighbour_steps(codes)
+    # a dead input (H_ii = 0) has g = 0: it stays
+    inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
+    steps = torch.empty_like(values)
+    slope, zero = torch.empty_like(values[0]), values.new_zeros(())
+    rows = values.shape[0]
+    for start in range(0, rows, _GROUP):
+        end = min(start + _GROUP, rows)
+        for i in range(start, end):
+            torch.mul(gradient[i], inverse[i], out=slope)
+            torch.where(slope > up[i], up[i], zero, out=steps[i])
+            torch.where(slope < down[i], down[i], steps[i], out=steps[i])
+            gradient[i + 1 : end].addr_(local[i, i + 1 : end], steps[i])
+        gradient[end:].addmm_(local[end:, start:end], steps[start:end])
+    codes.copy_(values.add_(steps))  # grid values plus grid differences: exact, the cast changes nothing
+    return steps
+
+
+def _neighbour_steps(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float values of fp8 ``codes`` and the steps to their next grid values above (``>= 0``)
+    and below (``<= 0``; zero at either end of the grid), by table lookups."""
+    index = codes.view(torch.uint8).flatten().int()
+    tables = _fp8_neighbour_steps(codes.dtype, codes.device)
+    return tuple(table.index_select(0, index).view(codes.shape) for table in tables)
 
 
 @functools.cache
-def _fp8_grid(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The format's finite values in increasing order, and each fp8 code's place among them."""
+def _fp8_neighbour_steps(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per fp8 code (256 entries): its value and the steps to the next finite values above and
+    below (NaN codes count as zero)."""
     values = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     grid = torch.unique(values[torch.isfinite(values)])  # sorted; +0 and -0 are one value
     ranks = torch.searchsorted(grid, values.nan_to_num(0.0)).clamp_(max=grid.numel() - 1)
-    return grid.to(device), ranks.to(device)
+    value, above, below = grid[ranks], grid[(ranks + 1).clamp_(max=grid.numel() - 1)], grid[(ranks - 1).clamp_(min=0)]
+    return value.to(device), (above - value).to(device), (below - value).to(device)
 
 
 class _Coupling:
@@ -275,8 +317,9 @@ class _Coupling:
 
     With an exact ``H`` the whole ``G = H D`` is kept (narrow layers: ``in x out`` floats) and a
     block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D``
-    (``r x out``) is kept, and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass.
-    Recomputed from ``D`` at every pass so float32 rounding never accumulates across passes.
+    (``r x out``) is kept, and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass, those
+    products in ``_product_dtype``. Recomputed from ``D`` at every pass (block by block, as the
+    steps reach it) so that rounding never accumulates across passes.
     """
 
     def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor):
@@ -284,10 +327,14 @@ class _Coupling:
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
         else:
             self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
+            self.factor_product = self.factor.to(_product_dtype(error.device))
         self.state = torch.empty(0)
 
     def restart(self, error: torch.Tensor) -> None:
-        self.state = self.matrix @ error if self.factor is None else self.factor.T @ error
+        rows = error.shape[0] if self.factor is None else self.factor.shape[1]
+        self.state = torch.zeros(rows, error.shape[1], dtype=error.dtype, device=error.device)
+        for start in range(0, error.shape[0], BLOCK):
+            self.update(start, start + BLOCK, error[start : start + BLOCK])
 
     def block(self, start: int, end: int, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end``."""
@@ -295,10 +342,11 @@ class _Coupling:
             return self.matrix[start:end, start:end], self.state[start:end].clone()
         factor = self.factor[start:end]
         local = factor @ factor.T + torch.diag(self.residual[start:end])
-        return local, torch.addcmul(factor @ self.state, self.residual[start:end, None], error[start:end])
+        low_rank = self.factor_product[start:end] @ self.state.to(self.factor_product.dtype)
+        return local, torch.addcmul(low_rank.float(), self.residual[start:end, None], error[start:end])
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:
             self.state.addmm_(self.matrix[:, start:end], steps)
         else:
-            self.state.addmm_(self.factor[start:end].T, steps)
+            self.state += self.factor_product[start:end].T @ steps.to(self.factor_product.dtype)

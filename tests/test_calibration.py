@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.comfy_fp8 import output_error
-from quant_core import fp8, io
+from quant_core import fp8, gptq, io
 from quant_core.calibration import (
     STATISTICS_METADATA,
     Gram,
@@ -263,12 +263,17 @@ def exact_and_factored_statistics() -> tuple[torch.Tensor, float, LayerStatistic
     return weight, scale, dense, low_rank
 
 
-def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact():
+@pytest.mark.parametrize("product", [torch.float32, torch.bfloat16])
+def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact(monkeypatch, product):
+    """The same algorithm up to rounding ties; bfloat16 products (taken where the device has them
+    natively) move a few more ties, not the error."""
+    monkeypatch.setattr(gptq, "_product_dtype", lambda device: product)
     weight, scale, dense, low_rank = exact_and_factored_statistics()
     a, b = round_gptq(weight, scale, E4M3, dense), round_gptq(weight, scale, E4M3, low_rank)
     same = (a.quantized.view(torch.uint8) == b.quantized.view(torch.uint8)).float().mean()
-    assert float(same) > 0.995, "the same algorithm up to rounding ties"
-    assert b.error == pytest.approx(a.error, rel=1e-3) and b.error < 0.5 * b.error_rtn
+    assert float(same) > (0.995 if product == torch.float32 else 0.98)
+    assert b.error == pytest.approx(a.error, rel=1e-3 if product == torch.float32 else 1e-2)
+    assert b.error < 0.5 * b.error_rtn
 
 
 def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factored_statistics():
@@ -292,6 +297,44 @@ def test_polishing_moves_only_to_grid_neighbours_that_help():
     quantized = rtn.T.contiguous()
     _polish((weight / scale).T.contiguous(), quantized, Gram(torch.eye(32)), passes=2)
     assert torch.equal(quantized.T.view(torch.uint8), rtn.view(torch.uint8))
+
+
+def neighbours_by_search(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next fp8 values below and above each code's value, found in the sorted list of all finite values."""
+    every = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    grid = torch.unique(every[torch.isfinite(every)])
+    rank = torch.searchsorted(grid, codes.float())
+    return grid[(rank - 1).clamp(min=0)], grid[(rank + 1).clamp(max=grid.numel() - 1)]
+
+
+def test_a_polishing_pass_takes_the_best_neighbour_of_each_weight_in_turn():
+    """One pass of ``_polish`` against a literal coordinate descent: column after column, every row
+    tries its value one grid step down, unchanged and one step up, and keeps whichever gives its
+    row the least ``d H d^T`` (evaluated in full, in float64). More columns than a block."""
+    generator = torch.Generator().manual_seed(6)
+    columns, rows = 160, 12
+    inputs = torch.randn(400, columns, generator=generator) @ torch.randn(columns, columns, generator=generator)
+    gram = (inputs.T @ inputs).double()
+    scaled = 40 * torch.randn(columns, rows, generator=generator, dtype=torch.float64)  # one row per weight column
+    codes = (scaled + 3 * torch.randn(columns, rows, generator=generator, dtype=torch.float64)).to(E4M3)
+    polished = codes.clone()
+    _polish(scaled.float(), polished, Gram(gram.float()), passes=1)
+
+    values = codes.double()
+    for column in range(columns):
+        below, above = neighbours_by_search(codes[column])
+        candidates = torch.stack([below.double(), values[column], above.double()])
+        costs = []
+        for candidate in candidates:
+            values[column] = candidate
+            error = values - scaled
+            costs.append(torch.einsum("ir,ij,jr->r", error, gram, error))
+        values[column] = candidates.gather(0, torch.stack(costs).argmin(0)[None])[0]
+    same = polished.float().double() == values
+    assert float(same.double().mean()) > 0.99, "the same choices up to float32 ties"
+    cost = lambda v: float(torch.einsum("ir,ij,jr->", v - scaled, gram, v - scaled))  # noqa: E731
+    assert cost(polished.float().double()) == pytest.approx(cost(values), rel=1e-4)
+    assert cost(values) < 0.9 * cost(codes.double())
 
 
 def test_gptq_on_a_sketch_beats_round_to_nearest_on_held_out_rows():
