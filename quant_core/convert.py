@@ -527,6 +527,17 @@ def pick_devices(options: ConvertOptions) -> list[torch.device]:
     return [torch.device("cpu")]
 
 
+def compute_workers(plan: Plan, rounder: Rounder, items: list[list[str]]) -> list[torch.device]:
+    """The device of each compute thread: one per device, and on a CPU one per core when weights
+    are rounded with GPTQ. GPTQ runs on one thread (its column steps are too small for torch's
+    thread pool), so a second weight rounded at the same time keeps the other core busy; the other
+    methods use every core themselves (learned rounding's blocks) or wait for the disk (nearest)."""
+    cpu = torch.device("cpu")
+    if plan.devices != [cpu] or not any(rounder.method(name) == "gptq" for item in items for name in item):
+        return plan.devices
+    return [cpu] * max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+
+
 def convert(
     source: TensorSource,
     output: str | os.PathLike,
@@ -581,14 +592,15 @@ def _convert(
             pool = getattr(source, "pool", None) or BufferPool()
             rounder = Rounder(plan, learned_inputs or RandomCalibration(), pool)
             run = _Run(source, plan, rounder, writer, job, items, progress)
-            # two of the largest items (a shared-scale group) in flight: one read while the other is
-            # rounded or written (docs/benchmarks.md)
+            workers = compute_workers(plan, rounder, items)
+            # one of the largest items (a shared-scale group) per worker in flight, and on the CPU one
+            # more: read while the others are rounded or written (docs/benchmarks.md)
             on_accelerator = torch.device(getattr(source, "device", "cpu")).type != "cpu"
-            budget = (1 if on_accelerator else 2) * max(map(run.cost, plan.items))
+            budget = (len(workers) + (0 if on_accelerator else 1)) * max(map(run.cost, plan.items))
             job.estimate = Estimate(
                 {name: source.tensors[name].numel for item in items for name in item if plan.decisions[name][0]}
             )
-            run_pipeline(items, run.read, run.compute, run.write, plan.devices, run.cost, run.held, budget, job)
+            run_pipeline(items, run.read, run.compute, run.write, workers, run.cost, run.held, budget, job)
             writer.finish()
     label = str(path) if path else "MODEL"
     return _summarise(label, output, plan, run.reports, writer.total_bytes, time.perf_counter() - started)
@@ -753,6 +765,10 @@ def _describe(plan: Plan) -> dict:
 
 
 def _summarise(label: str, output, plan: Plan, reports: list[TensorReport], bytes_out: int, seconds: float) -> Summary:
+    order = {name: index for index, item in enumerate(plan.items) for name in item}
+    reports = sorted(
+        reports, key=lambda report: order.get(report.name, len(order))
+    )  # several workers finish out of order
     quantized = [r for r in reports if r.quantized]
     worst = max(quantized, key=lambda r: r.error_after, default=None)
     return Summary(

@@ -12,6 +12,7 @@ from quant_core.calibration import (
     Gram,
     LayerStatistics,
     LowRankGram,
+    RandomCalibration,
     RecordedStatistics,
     Recorder,
     RowSample,
@@ -19,8 +20,9 @@ from quant_core.calibration import (
     save_statistics,
     statistics_tensors,
 )
-from quant_core.convert import ConvertOptions, convert_file
+from quant_core.convert import ConvertOptions, Rounder, compute_workers, convert_file, plan_conversion
 from quant_core.gptq import _polish, round_gptq
+from quant_core.io import SafetensorsReader
 
 E4M3 = torch.float8_e4m3fn
 
@@ -234,6 +236,31 @@ def test_convert_with_calibration_uses_gptq_where_statistics_exist(tmp_path):
         methods = {r.name: r.method for r in summary.reports if r.quantized}
         assert methods == {"0.weight": "gptq", "2.weight": elsewhere}
         assert summary.methods == {"gptq": 1, elsewhere: 1}
+
+
+def test_gptq_on_one_compute_thread_per_core_writes_the_same_file(tmp_path):
+    """Calibrated rounding on the CPU runs one weight per core at once (``compute_workers``): the
+    file and the summary's order are those of a single worker, whichever weight finishes first."""
+    model = torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(6)))
+    model_file(model, tmp_path / "model.safetensors")
+    with Recorder(model) as recorder:
+        run(model, low_rank_inputs(400, 1))
+    recorder.save(tmp_path / "calibration.safetensors")
+    options = ConvertOptions(preset="none", min_tensor_size=0, calibration=str(tmp_path / "calibration.safetensors"))
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with SafetensorsReader(tmp_path / "model.safetensors") as reader, plan_conversion(reader, options) as plan:
+                rounder = Rounder(plan, RandomCalibration(), io.BufferPool())
+                assert len(compute_workers(plan, rounder, plan.items)) == count
+            summary = convert_file(tmp_path / "model.safetensors", tmp_path / f"out{count}.safetensors", options)
+            outputs.append(((tmp_path / f"out{count}.safetensors").read_bytes(), [r.name for r in summary.reports]))
+    finally:
+        torch.set_num_threads(threads)
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1] == [name for item in plan.items for name in item]
 
 
 def test_statistics_of_another_model_are_refused(tmp_path):
