@@ -73,7 +73,8 @@ def test_convert_model_end_to_end(pack, comfy, tiny_model, files_below):
     assert (summary.quantized, summary.kept) == (4, total - 4)
     bar = comfy.utils.bars[-1]
     assert (bar.node_id, bar.total, bar.current) == ("5", total, total)
-    assert [value for value, _ in bar.updates] == list(range(1, total + 1))
+    values = [value for value, _ in bar.updates]  # a slow run adds fractions inside a tensor (activity)
+    assert values == sorted(values) and set(range(1, total + 1)) <= set(values) and values[-1] == total
     assert comfy.hook_calls[-1] == {"value": total, "max": total, "node": "5"}
 
     events = _finished(comfy)
