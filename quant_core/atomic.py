@@ -43,20 +43,29 @@ class InputChangedError(RuntimeError):
     """An input file changed while it was being converted: the output would mix old and new data."""
 
 
+def input_identities(paths: Iterable[str | os.PathLike]) -> dict[Path, tuple[int, ...]]:
+    """What each existing input is now (device, inode, size, modification and status-change times):
+    taken when a run starts reading, so that a change during its planning is caught too."""
+    return {Path(p): _identity(os.stat(p)) for p in paths if os.path.exists(p)}
+
+
 @contextlib.contextmanager
 def atomic_output(
-    path: str | os.PathLike, overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
+    since: dict[Path, tuple[int, ...]] | None = None,
 ) -> Iterator[BinaryIO]:
     """A file opened for writing that appears under ``path`` only if the block succeeds.
 
     ``protect`` lists the run's input files: the output may not be one of them, and the output
     is not published if any of them changed (size, modification or status-change time, identity)
-    since the block started. On any exception, KeyboardInterrupt and signals included, ``path``
-    is left as it was.
+    since ``since`` (``input_identities`` taken when the run started; by default, when the block
+    starts). On any exception, KeyboardInterrupt and signals included, ``path`` is left as it was.
     """
     protect = tuple(protect)
     target = check_output_path(path, overwrite, protect)
-    inputs = {Path(p): _identity(os.stat(p)) for p in protect if os.path.exists(p)}
+    inputs = input_identities(protect) if since is None else since
     created = _make_folders(target.parent)
     temp = lock = None
     try:

@@ -25,7 +25,7 @@ import torch
 
 from . import __version__, budget, codec, formats, fp8
 from .activation import input_scale_for, predicted_input_error
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_output_path, input_identities
 from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
 from .estimate import Estimate
 from .gptq import round_gptq
@@ -579,13 +579,14 @@ def _convert(
     path = getattr(source, "path", None)
     protect = run_inputs(options, *([path] if path else []))
     check_output_path(output, options.overwrite, protect)  # before any work; checked again when writing
+    inputs = input_identities(protect)  # planning reads weights and statistics: changes from here on count
     job = Job(check_interrupt, activity)
     with plan_conversion(source, options, job.poll) as plan:
         metadata = output_metadata(source, plan)
         items, entries, markers = plan.items, plan.entries, plan.markers
         if options.shard:  # a part of the output, to be joined with the others (``shards.join_shards``)
             items, entries, markers, metadata = _shard_part(plan, options.shard, metadata)
-        with atomic_output(output, overwrite=options.overwrite, protect=protect) as file:
+        with atomic_output(output, overwrite=options.overwrite, protect=protect, since=inputs) as file:
             writer = SafetensorsWriter(file, entries, metadata)
             for key, tensor in markers.items():
                 writer.write(key, tensor)

@@ -62,6 +62,24 @@ def test_input_changed_during_the_conversion_is_refused(flux_file, tmp_path, how
     assert leftovers(tmp_path) == []
 
 
+def test_input_changed_while_the_run_plans_is_refused(flux_file, tmp_path):
+    """A size budget reads the weights before the output is opened: a change then counts too."""
+    output = tmp_path / "out.safetensors"
+    polls = []
+
+    def change_input_while_planning():
+        if not polls:
+            rewrite_in_place(flux_file)
+        polls.append(1)
+
+    options = ConvertOptions(rounding="nearest", max_size="0.9")
+    with pytest.raises(RuntimeError, match="changed while"):
+        convert_file(flux_file, output, options, check_interrupt=change_input_while_planning)
+    assert polls
+    assert not output.exists()
+    assert leftovers(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------- 5: calibration the run ignores
 
 
