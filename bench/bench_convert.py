@@ -53,9 +53,9 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,11 +528,15 @@ def run_once(config: Config, python: str, source: Path, workdir: Path, result: R
     """One child run of ``config``; folds its time (fastest) and peak RSS (largest) into ``result``."""
     output = output_path(workdir, config, source)
     output.unlink(missing_ok=True)  # the peer has no --overwrite
-    command = config.command(python, source, output)
+    command = config.command(python, source.resolve(), output.resolve())  # the peer runs in a folder of its own
     shown = " ".join([*(f"{k}={v}" for k, v in config.env.items()), shlex.join(command)])
     print(f"running {config.name} ({label}): {shown}", flush=True)
     log = workdir / f"log_{config.name}.txt"
-    wall, rss, code, text = run_child(command, {**os.environ, **config.env}, log, cwd=workdir if config.peer else REPO)
+    # the peer keeps a calibration cache (ctq_calib_*) in its working folder: one of its own per run,
+    # so that removing it never touches another run's
+    with tempfile.TemporaryDirectory(prefix="peer_", dir=workdir) as scratch:
+        cwd = Path(scratch) if config.peer else REPO
+        wall, rss, code, text = run_child(command, {**os.environ, **config.env}, log, cwd)
     print(f"  {wall:.1f} s, peak RSS {rss / MB:.0f} MB, exit {code}", flush=True)
     if code != 0 or not output.exists():
         result.returncode = code or 1
@@ -928,8 +932,6 @@ def main(argv: list[str] | None = None) -> int:
     from quant_core.atomic import clear_stale_temp_files  # without torch, as this process must stay
 
     clear_stale_temp_files(workdir)  # the temp files interrupted runs left; a live run's (locked) are kept
-    for stale in workdir.glob("ctq_calib_*"):  # the peer's calibration cache, left by an interrupted run
-        shutil.rmtree(stale)
 
     floor_cmd = [sys.executable, "-c", "import quant_core.cli"]
     startup, floor, _, _ = run_child(floor_cmd, dict(os.environ), workdir / "log_floor.txt")
