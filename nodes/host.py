@@ -264,7 +264,8 @@ class NodeProgress:
     """Drives ComfyUI's progress bar and the web extension's live panel from the engine's reports:
     each finished tensor (``__call__``) and, every half second, the tensor being rounded
     (``activity``), so that a long tensor moves the bar, names itself and ticks elapsed time. The
-    ETA is the engine's (``quant_core.estimate``): null until it has a basis."""
+    bar's position and the ETA are the engine's (``quant_core.estimate``): the share of the work done,
+    and null until it has a basis."""
 
     node_id: str | None
     total: int
@@ -280,17 +281,17 @@ class NodeProgress:
 
     def __call__(self, report) -> None:
         self.index = report.index
-        self.bar.update_absolute(report.index, report.total)
+        self.bar.update_absolute(self._position(report.share, 0.0), self.total)
         if report.quantized:
             self.quantized += 1
             self.errors.append(report.error_after)
-        self._send(report.name, report.eta)
+        self._send(report.name, report.eta, report.share)
 
     def activity(self, activity) -> None:
         """A ``quant_core.job.Activity``: the tensor being rounded, or ``cancelling`` once the user cancelled."""
         fraction = activity.done / activity.total if activity.total else 0.0
         if not activity.cancelling:  # ComfyUI's bar hook checks for interrupts: not while stopping
-            self.bar.update_absolute(round(self.index + fraction, 3), self.total)
+            self.bar.update_absolute(self._position(activity.share, fraction), self.total)
         working = {
             "working": not activity.cancelling,
             "cancelling": activity.cancelling,
@@ -300,9 +301,14 @@ class NodeProgress:
             "unit": activity.unit,
             "tensor_seconds": round(activity.seconds, 2),
         }
-        self._send(activity.name, activity.eta, working)
+        self._send(activity.name, activity.eta, activity.share, working)
 
-    def _send(self, tensor: str, eta: float | None, working: dict | None = None) -> None:
+    def _position(self, share: float | None, fraction: float) -> float:
+        """Where the bar stands, out of ``total``: the engine's share of the work done (a large weight
+        moves it more than a bias), or, with nothing to round, tensors and the current one's ``fraction``."""
+        return round(share * self.total if share is not None else self.index + fraction, 3)
+
+    def _send(self, tensor: str, eta: float | None, share: float | None, working: dict | None = None) -> None:
         send(
             "progress",
             {
@@ -314,6 +320,7 @@ class NodeProgress:
                 "kept": self.index - self.quantized,
                 "elapsed": round(time.perf_counter() - self.started, 2),
                 "eta": None if eta is None else round(eta, 2),  # null: no basis yet ("estimating…")
+                "share": share,  # of the work done, 0..1; null: nothing to round (count the tensors)
                 "error": sum(self.errors) / len(self.errors) if self.errors else 0.0,
                 **(working or {"working": False, "cancelling": False}),
             },

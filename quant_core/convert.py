@@ -80,6 +80,7 @@ class TensorReport:
     seconds: float = 0.0
     fell_back: bool = False
     eta: float | None = None  # seconds left in the conversion once this tensor is written; None: no basis yet
+    share: float | None = None  # of the conversion's work, done once it is written (0..1); None: nothing to round
 
     @property
     def measure(self) -> str:
@@ -648,7 +649,8 @@ class _Run:
             for key, tensor in result.tensors.items():
                 self.writer.write(key, tensor)
             result.report.index, result.report.total = len(self.reports) + 1, total
-            result.report.eta = self.job.finished(result.report.name)
+            self.job.finished(result.report.name)
+            result.report.eta, result.report.share = self.job.eta(), self.job.share()
             self.reports.append(result.report)
             if self.progress:
                 self.progress(result.report)

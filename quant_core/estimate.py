@@ -34,8 +34,7 @@ class Estimate:
     def eta(self, working: Mapping[str, float] | None = None) -> float | None:
         """Seconds left; ``working``: name -> share (0..1) of each tensor being rounded. ``None``: no
         basis yet (no quantized element done). 0 once every weight is rounded."""
-        shares = (working or {}).items()
-        done = self.done + sum(min(max(share, 0.0), 1.0) * self.work.get(name, 0) for name, share in shares)
+        done = self._done(working)
         left = self.total - done
         if left <= 0:
             return 0.0
@@ -43,3 +42,14 @@ class Estimate:
         if done <= 0 or elapsed <= 0:
             return None
         return elapsed / done * left
+
+    def share(self, working: Mapping[str, float] | None = None) -> float | None:
+        """The fraction of the work done (0..1), with the shares of the tensors being rounded now:
+        what a progress bar shows. ``None`` when there is nothing to round (a run that only copies)."""
+        if self.total <= 0:
+            return None
+        return min(self._done(working) / self.total, 1.0)
+
+    def _done(self, working: Mapping[str, float] | None) -> float:
+        shares = (working or {}).items()
+        return self.done + sum(min(max(share, 0.0), 1.0) * self.work.get(name, 0) for name, share in shares)

@@ -40,6 +40,7 @@ class Activity:
     seconds: float  # since the tensor's rounding started
     cancelling: bool = False  # the user interrupted: the run is stopping
     eta: float | None = None  # seconds left in the whole conversion; None: no basis yet (``estimate``)
+    share: float | None = None  # of the whole conversion's work, done (0..1); None: nothing to round
 
     @property
     def unit(self) -> str:
@@ -69,9 +70,9 @@ class _Work:
             raise Cancelled(f"{self.name}: stopped after {done} of {total} {UNITS.get(self.method, 'steps')}")
         self.done, self.total = done, total
 
-    def activity(self, cancelling: bool = False, eta: float | None = None) -> Activity:
+    def activity(self, cancelling: bool = False, eta: float | None = None, share: float | None = None) -> Activity:
         seconds = time.perf_counter() - self.started
-        return Activity(self.name, self.method, self.done, self.total, seconds, cancelling, eta)
+        return Activity(self.name, self.method, self.done, self.total, seconds, cancelling, eta, share)
 
 
 class Job:
@@ -96,19 +97,23 @@ class Job:
         self._shown = time.perf_counter()
         self.estimate: Estimate | None = None
 
-    def finished(self, name: str) -> float | None:
-        """Count a written tensor; the seconds left after it (``Estimate.eta``)."""
+    def finished(self, name: str) -> None:
+        """Count a written tensor in the estimate."""
         if self.estimate is not None:
             self.estimate.finished(name)
-        return self.eta()
 
     def eta(self) -> float | None:
         """The seconds left, counting the share of every tensor being rounded now; None without a basis."""
-        if self.estimate is None:
-            return None
+        return None if self.estimate is None else self.estimate.eta(self._shares())
+
+    def share(self) -> float | None:
+        """The fraction of the work done (``Estimate.share``); None before the work is known or when
+        there is nothing to round."""
+        return None if self.estimate is None else self.estimate.share(self._shares())
+
+    def _shares(self) -> dict[str, float]:
         with self._lock:
-            shares = {w.name: w.done / w.total for w in self._working.values() if w.total}
-        return self.estimate.eta(shares)
+            return {w.name: w.done / w.total for w in self._working.values() if w.total}
 
     @property
     def stopped(self) -> bool:
@@ -141,7 +146,7 @@ class Job:
             work = self._oldest()
             if work is not None:
                 self._shown = now
-                self.activity(work.activity(eta=self.eta()))
+                self.activity(work.activity(eta=self.eta(), share=self.share()))
 
     def stop(self, cancelling: bool = False) -> None:
         """Tell the workers to stop at their next step; with ``cancelling`` (an interrupt, not an

@@ -1,7 +1,8 @@
 """A dependency-free terminal progress bar for the command line: tensors/s, ETA, current tensor.
 
-The ETA is the engine's (``estimate.Estimate``, carried by each report and activity): "estimating…"
-until the engine has measured some of the work that costs.
+The bar fills with the share of the work done and the ETA is the engine's (``estimate.Estimate``,
+carried by each report and activity): "estimating…" until the engine has measured some of the
+work that costs.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ class ProgressBar:
         self._last_line = 0.0
         self._index, self._total = 0, 0
         self._eta: float | None = None
+        self._share: float | None = None
 
     def __call__(self, report: TensorReport) -> None:
-        self._index, self._total, self._eta = report.index, report.total, report.eta
+        self._index, self._total, self._eta, self._share = report.index, report.total, report.eta, report.share
         error = f" err {report.error_after:.3%}" if report.quantized else ""
         self._show(f"{error} {report.name}", done=report.index == report.total)
 
@@ -42,14 +44,16 @@ class ProgressBar:
         if activity.cancelling:
             self._show(" cancelling…" + (where if activity.name else ""), done=True)
         else:
-            self._eta = activity.eta
+            self._eta, self._share = activity.eta, activity.share
             self._show(f"{where} {activity.seconds:.0f} s", done=False)
 
     def _show(self, detail: str, done: bool) -> None:
         elapsed = time.perf_counter() - self.started
         rate = self._index / elapsed if elapsed > 0 else 0.0
         eta = "estimating…" if self._eta is None else _clock(self._eta)
-        filled = int(self.width * self._index / max(1, self._total))
+        # the bar fills with the work done (the engine's share); the count beside it is of tensors
+        done = self._share if self._share is not None else self._index / max(1, self._total)
+        filled = int(self.width * done)
         bar = "#" * filled + "." * (self.width - filled)
         line = f"{self.label} [{bar}] {self._index}/{self._total} {rate:.1f} t/s ETA {eta}{detail}"
         if not self._total:  # inside the first tensor: no tensor to count yet

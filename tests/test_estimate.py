@@ -72,8 +72,24 @@ def test_the_job_gives_each_activity_the_eta_with_the_share_being_rounded():
         step(50, 200)
         job.poll()
     clock.now += 15
-    assert job.finished("a.weight") == pytest.approx(20 / 1000 * 1000)
+    job.finished("a.weight")
+    assert job.eta() == pytest.approx(20 / 1000 * 1000)
+    assert job.share() == 0.5
     assert [a.eta for a in shown] == [None, pytest.approx(5 / 250 * 1750)]
+    assert [a.share for a in shown] == [0.0, 50 / 200 / 2]
+
+
+def test_the_share_counts_the_work_not_the_tensors():
+    """Twenty quick biases and half of one of two equal weights: a quarter of the work, whatever the
+    tensor count says; nothing to round at all: no share (a bar counts tensors then)."""
+    estimate = Estimate({"a.weight": 4000, "b.weight": 4000})
+    for _ in range(20):
+        estimate.finished("bias")
+    assert estimate.share() == 0.0
+    assert estimate.share({"a.weight": 0.5}) == 0.25
+    estimate.finished("a.weight")
+    assert estimate.share({"b.weight": 2.0}) == 1.0  # a share is at most the whole weight
+    assert Estimate({"a.bias": 0}).share() is None
 
 
 def test_a_conversion_reports_no_eta_until_a_weight_is_rounded_and_zero_at_the_end(tmp_path):
@@ -88,6 +104,9 @@ def test_a_conversion_reports_no_eta_until_a_weight_is_rounded_and_zero_at_the_e
     assert all(r.eta is None for r in reports[:first])
     assert all(r.eta is not None and r.eta >= 0 for r in reports[first:])
     assert reports[-1].eta == 0.0
+    shares = [r.share for r in reports]
+    assert shares[:first] == [0.0] * first and shares[-1] == 1.0
+    assert shares == sorted(shares)  # the bar never goes back
 
 
 class Terminal(io.StringIO):
@@ -103,3 +122,16 @@ def test_the_command_lines_bar_shows_the_engines_eta_or_estimating():
     bar(TensorReport("a.weight", 1, 2, 100, True, "", eta=None))
     lines = stream.getvalue().lstrip("\r").split("\r")
     assert "ETA estimating…" in lines[0] and "ETA 01:15" in lines[1] and "ETA estimating…" in lines[2]
+
+
+def test_the_command_lines_bar_fills_with_the_work_done():
+    """One of two tensors written, but only a tenth of the work (a bias before a large weight)."""
+    stream = Terminal()
+    bar = ProgressBar("convert", stream, width=20)
+    bar(TensorReport("a.bias", 1, 2, 100, False, "", share=0.0))
+    bar.activity(Activity("b.weight", "learned", 20, 200, 5.0, eta=75.0, share=0.1))
+    bar(TensorReport("b.weight", 2, 2, 100, True, "", share=1.0))
+    lines = stream.getvalue().lstrip("\r").split("\r")
+    assert "[" + "." * 20 + "] 1/2" in lines[0]
+    assert "[##" + "." * 18 + "] 1/2" in lines[1]
+    assert "[" + "#" * 20 + "] 2/2" in lines[2]

@@ -2,7 +2,8 @@
 //
 // The Python side (nodes/host.py, nodes/conversion.py) sends three namespaced events:
 //   fp8_scaled.progress {node, tensor, index, total, quantized, kept, elapsed, eta (null: no basis
-//                        yet), error, working, cancelling} after each finished tensor, and every half second while one
+//                        yet), share (of the work done, 0..1; null: nothing to round), error, working,
+//                        cancelling} after each finished tensor, and every half second while one
 //                        is rounded (working: true, with method, step, steps, unit, tensor_seconds);
 //                        once with cancelling: true as soon as a Cancel reaches the conversion
 //   fp8_scaled.done     {node, output, bytes_in, bytes_out, quantized, kept, mean_error, errors, worst,
@@ -54,12 +55,15 @@ function tensorLine(d) {
 export function progressText(d) {
   const total = Number(d.total) || 0;
   const index = Number(d.index) || 0;
-  const percent = total ? Math.floor((100 * index) / total) : 0;
+  // The bar and its percent: the share of the work done (a large weight counts more than a bias);
+  // with nothing to round (share null), the tensors written.
+  const done = d.share == null ? (total ? index / total : 0) : Number(d.share);
+  const percent = Math.floor(100 * done);
   if (d.cancelling) {
-    return [`Cancelling… ${bar(index, total)} ${percent}%`, d.tensor ? `stopping  ${d.tensor}` : ""].join("\n");
+    return [`Cancelling… ${bar(done, 1)} ${percent}%`, d.tensor ? `stopping  ${d.tensor}` : ""].join("\n");
   }
   return [
-    `Converting to FP8 scaled… ${bar(index, total)} ${percent}%`,
+    `Converting to FP8 scaled… ${bar(done, 1)} ${percent}%`,
     `tensors   ${index} / ${total}  (${d.quantized} quantized, ${d.kept} kept)`,
     tensorLine(d),
     // The engine's ETA, from the quantized work done so far; null until some is done.

@@ -125,7 +125,7 @@ def test_cancel_stops_and_leaves_no_file(comfy, pack, monkeypatch):
     original = comfy.utils.ProgressBar.update_absolute
 
     def press_cancel_at_five(self, value, total=None, preview=None):
-        if value == 5:
+        if value >= 5:  # the share of the work, out of the tensor count: a fraction
             comfy.model_management.interrupt_current_processing(True)
         return original(self, value, total, preview)
 

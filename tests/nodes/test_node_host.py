@@ -259,7 +259,7 @@ def test_send_without_a_server_is_silent(pack, comfy, monkeypatch):
 
 
 PROGRESS_FIELDS = {"node", "tensor", "index", "total", "quantized", "kept", "elapsed", "eta", "error", "working"}
-PROGRESS_FIELDS |= {"cancelling"}
+PROGRESS_FIELDS |= {"cancelling", "share"}
 WORKING_FIELDS = {"method", "step", "steps", "unit", "tensor_seconds"}
 
 
@@ -267,15 +267,15 @@ def test_node_progress_drives_the_bar_and_the_panel(pack, comfy):
     progress = pack.host.NodeProgress("12", 3)
     bar = comfy.utils.bars[-1]
     assert (bar.total, bar.node_id) == (3, "12")
-    reports = [
-        SimpleNamespace(name="a.bias", index=1, total=3, quantized=False, error_after=0.0, eta=None),
-        SimpleNamespace(name="a.weight", index=2, total=3, quantized=True, error_after=0.02, eta=12.3456),
-        SimpleNamespace(name="b.weight", index=3, total=3, quantized=True, error_after=0.04, eta=0.0),
+    reports = [  # the bar stands at the engine's share of the work, not at the tensors' count
+        SimpleNamespace(name="a.bias", index=1, total=3, quantized=False, error_after=0.0, eta=None, share=0.0),
+        SimpleNamespace(name="a.weight", index=2, total=3, quantized=True, error_after=0.02, eta=12.3456, share=0.25),
+        SimpleNamespace(name="b.weight", index=3, total=3, quantized=True, error_after=0.04, eta=0.0, share=1.0),
     ]
     for report in reports:
         progress(report)
-    assert bar.updates == [(1, 3), (2, 3), (3, 3)] and bar.current == 3
-    assert comfy.hook_calls[0] == {"value": 1, "max": 3, "node": "12"}  # first and last always reach the UI
+    assert bar.updates == [(0, 3), (0.75, 3), (3, 3)] and bar.current == 3
+    assert comfy.hook_calls[0] == {"value": 0, "max": 3, "node": "12"}  # first and last always reach the UI
     assert comfy.hook_calls[-1] == {"value": 3, "max": 3, "node": "12"}
     events = comfy.server.events("fp8_scaled.progress")
     assert set(events[0]) == PROGRESS_FIELDS
@@ -284,6 +284,7 @@ def test_node_progress_drives_the_bar_and_the_panel(pack, comfy):
     assert [(e["quantized"], e["kept"]) for e in events] == [(0, 1), (1, 1), (2, 1)]
     assert [e["error"] for e in events] == pytest.approx([0.0, 0.02, 0.03])
     assert [e["eta"] for e in events] == [None, 12.35, 0.0]  # the engine's; null: no basis yet
+    assert [e["share"] for e in events] == [0.0, 0.25, 1.0]
     assert all(e["elapsed"] >= 0 for e in events)
     assert all(e["node"] == "12" and e["total"] == 3 for e in events)
 
@@ -320,20 +321,20 @@ def test_resolve_model_file_refuses_anything_else(pack, comfy, tmp_path):
 
 
 def test_node_progress_moves_inside_a_tensor_and_says_cancelling(pack, comfy):
-    """Between finished tensors the bar moves by the share of the tensor being rounded, the panel
-    names that tensor with its steps and the engine's ETA; "cancelling" leaves the bar alone."""
+    """Between finished tensors the bar moves with the work done inside the tensor being rounded,
+    the panel names that tensor with its steps and the engine's ETA; "cancelling" leaves the bar alone."""
     Activity = pack.job.Activity
     progress = pack.host.NodeProgress("12", 2)
     bar = comfy.utils.bars[-1]
-    progress(SimpleNamespace(name="a.weight", index=1, total=2, quantized=True, error_after=0.02, eta=40.0))
-    progress.activity(Activity("b.weight", "learned", 250, 1000, 3.0, eta=31.5))
+    progress(SimpleNamespace(name="a.weight", index=1, total=2, quantized=True, error_after=0.02, eta=40.0, share=0.5))
+    progress.activity(Activity("b.weight", "learned", 250, 1000, 3.0, eta=31.5, share=0.625))
     assert bar.updates[-1] == (1.25, 2)
     event = comfy.server.events("fp8_scaled.progress")[-1]
     assert set(event) == PROGRESS_FIELDS | WORKING_FIELDS
     assert event["tensor"] == "b.weight" and event["working"] is True and event["cancelling"] is False
     assert (event["step"], event["steps"], event["tensor_seconds"]) == (250, 1000, 3.0)
     assert event["method"] == "learned" and event["unit"] == "optimiser steps"
-    assert event["index"] == 1 and event["eta"] == 31.5
+    assert event["index"] == 1 and event["eta"] == 31.5 and event["share"] == 0.625
 
     progress.activity(Activity("b.weight", "learned", 300, 1000, 3.5, cancelling=True))
     assert bar.updates[-1] == (1.25, 2)  # the bar's hook would check for the interrupt again
