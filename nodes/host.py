@@ -1,6 +1,6 @@
 """Everything the nodes ask of the running ComfyUI, in one place.
 
-ComfyUI's runtime modules (``comfy.utils``, ``comfy.model_management``, ``comfy.lora``,
+ComfyUI's runtime modules (``comfy.utils``, ``comfy.model_management``, ``comfy.lora``, ``comfy.sd``,
 ``folder_paths``, ``server``) are imported lazily inside each function: the pack must import without them, and
 the unit tests replace exactly these modules with doubles that behave like ComfyUI's own.
 """
@@ -48,6 +48,20 @@ def calculate_weight(patches: list, weight: torch.Tensor, key: str) -> torch.Ten
     import comfy.lora
 
     return comfy.lora.calculate_weight(patches, weight, key)
+
+
+def load_diffusion_model(path: Path):
+    """ComfyUI's own loader on a file it reads as it is (a ModelPatcher)."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+def load_diffusion_state(state: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """ComfyUI's own loader on tensors already in memory; None when it cannot tell the model type."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(state, metadata=metadata)
 
 
 def check_interrupt() -> None:

@@ -7,20 +7,19 @@ from pathlib import Path
 from ..quant_core import formats
 from ..quant_core.decode import decoded_tensors
 from ..quant_core.io import SafetensorsReader
+from . import host
 from .host import UserError
 
 
 def load_fp8_model(path: Path):
     """A ModelPatcher for ``path``; ultra8 codes become float32 ``weight_scale`` in memory."""
-    import comfy.sd
-
     with SafetensorsReader(path) as reader:
         layout = formats.detect(list(reader.tensors), reader.metadata)
         if layout is None or layout.loads_in_stock_comfyui:
-            return comfy.sd.load_diffusion_model(str(path))
+            return host.load_diffusion_model(path)
         state = dict(decoded_tensors(reader, "comfy"))
         metadata = dict(reader.metadata)
-    model = comfy.sd.load_diffusion_model_state_dict(state, metadata=metadata)
+    model = host.load_diffusion_state(state, metadata)
     if model is None:
         raise UserError(f"ComfyUI could not detect the model type of {path.name}")
     return model

@@ -1,9 +1,9 @@
 """Test doubles of the ComfyUI runtime the nodes call, written for these tests.
 
-Only what the pack reaches: the functions ``nodes/host.py`` calls (and ``comfy.sd`` of
-``nodes/loading.py``), the ``ModelPatcher`` state ``nodes/model_source.py`` reads with the load states
-ComfyUI puts it in, and ``apply_model``, the way a sampling step reaches the recording wrapper. The real-ComfyUI
-suite (``tests/comfyui``) is the proof that the pack works with ComfyUI itself.
+Only what the pack reaches: the functions ``nodes/host.py`` calls, the ``ModelPatcher`` state
+``nodes/model_source.py`` reads with the load states ComfyUI puts it in, and ``apply_model``, the
+way a sampling step reaches the recording wrapper. The real-ComfyUI suite (``tests/comfyui``) is the
+proof that the pack works with ComfyUI itself.
 
 They are not copies of ComfyUI's code; each one reproduces, in its own words, the behaviour of the
 ComfyUI function named in its docstring (checked against ComfyUI v0.30.0: ``comfy/utils.py``,
