@@ -410,7 +410,7 @@ def _optimise_block(
     work = _Workspace(choices, inputs.dtype, options.num_iter)
     adam = _Adam(choices.logits, options.lr, options.num_iter)
     # d(output loss)/d(logits) = 2 (X delta^T)^T X * step / rtn_loss * (zeta - gamma) * s (1 - s)
-    factor = choices.step * (2 * (_ZETA - _GAMMA) / rtn_loss)
+    factors = (choices.step, 2 * (_ZETA - _GAMMA) / rtn_loss, 1 / rtn_loss)
     warmup = int(_WARMUP * options.num_iter)
     best, quiet, decisions, last_held_out, looked = math.inf, 0, choices.logits >= 0, math.inf, 0
     iteration = 0
@@ -422,7 +422,7 @@ def _optimise_block(
             progress = (iteration - warmup) / max(1, options.num_iter - warmup)
             beta = _BETA_END + 0.5 * (_BETA_START - _BETA_END) * (1 + math.cos(math.pi * progress))
             regulariser = _regulariser_gradient(work.centred, beta, options.reg_lambda, work.power, loss)
-        _output_gradient(inputs, work.delta, batch, (factor, 1 / rtn_loss), work.gradient, regulariser, loss)
+        _output_gradient(inputs, work.delta, batch, factors, (work.product, work.gradient), regulariser, loss)
         _chain_sigmoid(work.gradient, work.sigmoid, work.centred)
         adam.step(work.gradient)
         work.soften(adam.param)
@@ -468,11 +468,12 @@ class _Workspace:
 
     def __init__(self, choices: _Choices, matmul_dtype: torch.dtype, iterations: int) -> None:
         logits = choices.logits
-        self.half = choices.step * 0.5  # delta = offset + soft * step = (offset + step / 2) - u * step / 2
-        self.middle = choices.offset + self.half
+        self.step = choices.step  # a power of two (or 0): scaling by it is exact, so it needs no scaled copies
+        self.middle = choices.offset + self.step * 0.5  # delta = offset + soft step = (offset + step / 2) - u step / 2
         self.sigmoid, self.centred = torch.empty_like(logits), torch.empty_like(logits)
         self.delta = torch.empty_like(logits, dtype=matmul_dtype)
         self.gradient, self.power = torch.empty_like(logits), torch.empty_like(logits)
+        self.product = torch.empty_like(logits, dtype=matmul_dtype)
         self.soften(logits)
         self.decisions = torch.empty_like(logits, dtype=torch.bool)
         self.losses = torch.zeros(iterations, dtype=torch.float64, device=logits.device)
@@ -483,7 +484,7 @@ class _Workspace:
         bf16 directly, ATen allocated a block-sized float32 temporary every iteration."""
         _soften(logits, self.sigmoid, self.centred)
         exact = self.delta if self.delta.dtype == torch.float32 else self.gradient
-        torch.addcmul(self.middle, self.centred, self.half, value=-1, out=exact)
+        torch.addcmul(self.middle, self.centred, self.step, value=-0.5, out=exact)
         if exact is not self.delta:
             self.delta.copy_(exact)
 
@@ -566,30 +567,38 @@ def _output_gradient(
     inputs: torch.Tensor,
     delta: torch.Tensor,
     batch: int,
-    factors: tuple[torch.Tensor, float],
-    gradient: torch.Tensor,
+    factors: tuple[torch.Tensor, float, float],
+    buffers: tuple[torch.Tensor, torch.Tensor],
     initial: torch.Tensor | None,
     loss: torch.Tensor,
 ) -> None:
-    """With ``factors = (factor, weight)``, writes ``initial + factor * (X delta^T)^T X`` into ``gradient``
-    (``factor`` carries the 2) and adds ``weight * ||X delta^T||^2`` to ``loss``.
+    """With ``factors = (step, coefficient, weight)`` and ``buffers = (product, gradient)``, writes
+    ``initial + coefficient * step * (X delta^T)^T X`` into ``gradient`` (``coefficient`` carries the 2)
+    and adds ``weight * ||X delta^T||^2`` to ``loss``. ``step`` is a tensor of powers of two (or 0),
+    so the result equals a product with a precomputed ``coefficient * step`` without reading one.
 
     In batches of ``batch`` calibration rows, so that only one batch of outputs is alive at a time
     (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``inputs`` and
-    ``delta`` share the matmul dtype (see ``_matmul_dtype``); the gradient is float32.
+    ``delta`` share the matmul dtype (see ``_matmul_dtype``), as does ``product``, the block-sized
+    buffer the second product is written to, so that no block-sized result is allocated every
+    iteration. The gradient is float32.
     """
-    factor, weight = factors
+    step, coefficient, weight = factors
+    product, gradient = buffers
     for start in range(0, inputs.shape[0], batch):
         chunk = inputs[start : start + batch]
         out = chunk @ delta.T
         loss.add_(out.float().square().sum(), alpha=weight)
-        part = out.T @ chunk
+        part = torch.mm(out.T, chunk, out=product)
         if start:
-            gradient.addcmul_(part, factor)
-        elif initial is None:
-            torch.mul(part, factor, out=gradient)
+            gradient.addcmul_(part, step, value=coefficient)
+            continue
+        if part.dtype != gradient.dtype:  # widened first: ATen's mixed-dtype addcmul took twice as long
+            part = gradient.copy_(part)
+        if initial is None:
+            torch.mul(part, step, out=gradient).mul_(coefficient)
         else:
-            torch.addcmul(initial, part, factor, out=gradient)
+            torch.addcmul(initial, part, step, value=coefficient, out=gradient)
 
 
 def _inverse_rectified_sigmoid(fraction: torch.Tensor) -> torch.Tensor:

@@ -248,6 +248,19 @@ def test_weight_already_on_the_grid_is_exact(dtype):
     assert result.error == 0.0 and result.error_rtn == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_grid_steps_are_powers_of_two_or_zero(dtype):
+    """The optimiser scales by ``step`` instead of keeping scaled copies of it, which is exact only
+    for powers of two (of either sign): every 16-bit value's step between its fp8 neighbours, at an arbitrary scale."""
+    for source in (torch.bfloat16, torch.float16):
+        weight = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(source)[None]
+        weight = weight.nan_to_num(0.0, 0.0, 0.0)
+        step = rounding._Grid(weight, 0.37, dtype).block(slice(0, 1)).step
+        mantissa, _ = torch.frexp(step[step != 0].abs())  # signed: towards the farther neighbour
+        assert (step != 0).sum() > 30000  # the rest: on the grid, or clamped to its ends
+        assert torch.all(mantissa == 0.5)
+
+
 def test_round_nearest_matches_quantize_nearest():
     weight = make_weight(8, 16, seed=2)
     scale = scale_of(weight, E4M3)
