@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     options = LearnedOptions(calib_samples=args.samples)
     matmul = rounding._matmul_dtype(options, weight.device)
     inputs = torch.randn(args.samples, args.columns, generator=generator).to(matmul)
+    both = (inputs, inputs.T.contiguous())  # as ``rounding._optimise_block`` passes them
     work = rounding._Workspace(choices, matmul, 1)
     adam = rounding._Adam(choices.logits.clone(), options.lr, options.num_iter)
     factors = (choices.step, 1e-3, 1.0)
@@ -71,24 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         return rounding._regulariser_gradient(work.centred, 10.0, options.reg_lambda, work.power, loss)
 
     def step() -> None:
-        rounding._output_gradient(inputs, work.delta, args.samples, factors, buffers, regulariser(), loss)
+        rounding._output_gradient(both, work.delta, args.samples, factors, buffers, regulariser(), loss)
         rounding._chain_sigmoid(work.gradient, work.sigmoid, work.centred)
         adam.step(work.gradient)
         work.soften(adam.param)
 
-    out = inputs @ work.delta.T
-    single, pair = inputs.float(), work.delta.float()
+    out = work.delta @ both[1]  # (X delta^T)^T: every product below multiplies row-major matrices
+    single = tuple(part.float() for part in (*both, work.delta, out))
     phases = {
         "output gradient (products, loss, scaling)": lambda: rounding._output_gradient(
-            inputs, work.delta, args.samples, factors, buffers, work.power, loss
+            both, work.delta, args.samples, factors, buffers, work.power, loss
         ),
         "regulariser": regulariser,
         "chain rule": lambda: rounding._chain_sigmoid(work.gradient, work.sigmoid, work.centred),
         "Adam": lambda: adam.step(work.gradient),
         "sigmoid, u and delta": lambda: work.soften(adam.param),
         "whole step": step,
-        f"torch.matmul, both products, {matmul}": lambda: (inputs @ work.delta.T, out.T @ inputs),
-        "torch.matmul, both products, float32": lambda: (single @ pair.T, out.float().T @ single),
+        f"torch.matmul, both products, {matmul}": lambda: (work.delta @ both[1], out @ inputs),
+        "torch.matmul, both products, float32": lambda: (single[2] @ single[1], single[3] @ single[0]),
     }
     print(f"one block of {rows} x {args.columns} weights, {args.samples} calibration rows, one thread, matmul {matmul}")
     print(f"load before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
