@@ -579,8 +579,8 @@ def _output_gradient(
     so the result equals a product with a precomputed ``coefficient * step`` without reading one.
 
     ``inputs = (X, X^T)``, the second contiguous: both products then multiply row-major matrices
-    (``(X delta^T)^T = delta X^T``, then that times ``X``), the layout BLAS is fastest with; with the
-    transposed operands instead, float32 products took 1.4x as long on this CPU (bf16 ones 1.04x).
+    (``(X delta^T)^T = delta X^T``, then that times ``X``), the layout BLAS is fastest with
+    (transposed operands made float32 products markedly slower; ``docs/benchmarks.md``).
     In batches of ``batch`` calibration rows, so that only one batch of outputs is alive at a time
     (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``X`` and
     ``delta`` share the matmul dtype (see ``_matmul_dtype``), as does ``product``, the block-sized
@@ -598,7 +598,7 @@ def _output_gradient(
         if start:
             gradient.addcmul_(part, step, value=coefficient)
             continue
-        if part.dtype != gradient.dtype:  # widened first: ATen's mixed-dtype addcmul took twice as long
+        if part.dtype != gradient.dtype:  # widened first: ATen's mixed-dtype addcmul is the slower path
             part = gradient.copy_(part)
         if initial is None:
             torch.mul(part, step, out=gradient).mul_(coefficient)
