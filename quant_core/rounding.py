@@ -223,6 +223,7 @@ def round_learned(
         held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
         matmul = _matmul_dtype(options, device)
         fitted, checked = inputs.to(matmul), held_out.to(matmul)
+        held_out_t = held_out.T.contiguous()  # the products below on row-major operands (_output_gradient)
         del inputs
         grid = _Grid(weight, scale, dtype)
 
@@ -237,11 +238,12 @@ def round_learned(
         choices = grid.block(rows)
         decisions, used, lost = _optimise_block(choices, fitted, options, (progress, 0, total), checked)
         chosen = choices.up if decisions is None else decisions
-        learned.view(torch.uint8)[rows] = torch.where(chosen, choices.high, choices.low)
+        # where(chosen, high, low) as uint8 arithmetic, exact modulo 256: ATen's uint8 ``where`` was 30x slower
+        torch.sub(choices.high, choices.low, out=learned.view(torch.uint8)[rows]).mul_(chosen).add_(choices.low)
         # the held-out sums in float32, from the deltas in fp8 units: |X (q scale - w)^T| = scale |X delta^T|
-        reference = _squared_norm(held_out @ weight[rows].float().T)
-        error_rtn = _squared_norm(held_out @ choices.delta(choices.up).T) * scale**2
-        error = error_rtn if decisions is None else _squared_norm(held_out @ choices.delta(decisions).T) * scale**2
+        reference = _squared_norm(weight[rows].float() @ held_out_t)
+        error_rtn = _squared_norm(choices.delta(choices.up) @ held_out_t) * scale**2
+        error = error_rtn if decisions is None else _squared_norm(choices.delta(decisions) @ held_out_t) * scale**2
         return used, used * choices.step.numel(), reference, error_rtn, error, lost
 
     outcomes = _map_blocks(learn, blocks, device)
