@@ -316,6 +316,34 @@ def test_hand_written_gradient_matches_autograd():
     assert float(value) == pytest.approx(float(regulariser.detach()), rel=1e-5)
 
 
+@pytest.mark.parametrize(("matmul", "batch"), [(torch.float32, 40), (torch.float32, 15), (torch.bfloat16, 40)])
+def test_output_gradient_matches_autograd(matmul, batch):
+    """``_output_gradient`` (row-major products, the scaling by ``coefficient * step``, batches of
+    calibration rows) equals autograd's gradient of ``coefficient / 2 * ||X (delta * step)^T||^2``
+    plus ``initial``, and adds the loss: the same maths as the seed's product of two transposes."""
+    generator = torch.Generator().manual_seed(8)
+    inputs = torch.randn(40, 48, generator=generator).to(matmul)
+    delta = torch.randn(24, 48, generator=generator).to(matmul)
+    step = 2.0 ** torch.randint(-6, 3, (24, 48), generator=generator).float()  # powers of two, as on the grid
+    step[0, :5] = 0.0
+    initial = torch.randn(24, 48, generator=generator)
+    coefficient, weight = 0.37, 1.5
+
+    leaf = delta.float().clone().requires_grad_(True)
+    loss_reference = (inputs.float() @ leaf.T).square().sum()
+    (coefficient / 2 * loss_reference).backward()
+    expected = initial + leaf.grad * step
+
+    buffers = (torch.empty(24, 48, dtype=matmul), torch.empty(24, 48))
+    loss = torch.zeros((), dtype=torch.float64)
+    both = (inputs, inputs.T.contiguous())
+    rounding._output_gradient(both, delta, batch, (step, coefficient, weight), buffers, initial, loss)
+    relative = 1e-5 if matmul == torch.float32 else 1e-2  # bf16 products: 8 significant bits
+    size = float((expected - initial).abs().max())
+    torch.testing.assert_close(buffers[1], expected, rtol=relative, atol=relative * size)
+    assert float(loss) == pytest.approx(weight * float(loss_reference.detach()), rel=relative)
+
+
 def test_adam_matches_torch_optim_with_cosine_schedule():
     generator = torch.Generator().manual_seed(6)
     start = torch.randn(32, 16, generator=generator)
