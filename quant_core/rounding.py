@@ -223,6 +223,7 @@ def round_learned(
         held_out = calibration.inputs(name, weight.shape[1], options.calib_samples, generator, device)
         matmul = _matmul_dtype(options, device)
         fitted, checked = inputs.to(matmul), held_out.to(matmul)
+        held_out_t = held_out.T.contiguous()  # the products below on row-major operands (_output_gradient)
         del inputs
         grid = _Grid(weight, scale, dtype)
 
@@ -237,11 +238,12 @@ def round_learned(
         choices = grid.block(rows)
         decisions, used, lost = _optimise_block(choices, fitted, options, (progress, 0, total), checked)
         chosen = choices.up if decisions is None else decisions
-        learned.view(torch.uint8)[rows] = torch.where(chosen, choices.high, choices.low)
+        # where(chosen, high, low) as uint8 arithmetic, exact modulo 256: ATen's uint8 ``where`` was 30x slower
+        torch.sub(choices.high, choices.low, out=learned.view(torch.uint8)[rows]).mul_(chosen).add_(choices.low)
         # the held-out sums in float32, from the deltas in fp8 units: |X (q scale - w)^T| = scale |X delta^T|
-        reference = _squared_norm(held_out @ weight[rows].float().T)
-        error_rtn = _squared_norm(held_out @ choices.delta(choices.up).T) * scale**2
-        error = error_rtn if decisions is None else _squared_norm(held_out @ choices.delta(decisions).T) * scale**2
+        reference = _squared_norm(weight[rows].float() @ held_out_t)
+        error_rtn = _squared_norm(choices.delta(choices.up) @ held_out_t) * scale**2
+        error = error_rtn if decisions is None else _squared_norm(choices.delta(decisions) @ held_out_t) * scale**2
         return used, used * choices.step.numel(), reference, error_rtn, error, lost
 
     outcomes = _map_blocks(learn, blocks, device)
@@ -408,9 +410,10 @@ def _optimise_block(
     del rtn_delta
 
     work = _Workspace(choices, inputs.dtype, options.num_iter)
+    both = (inputs, inputs.T.contiguous())  # a copy per block: small beside its iterations
     adam = _Adam(choices.logits, options.lr, options.num_iter)
     # d(output loss)/d(logits) = 2 (X delta^T)^T X * step / rtn_loss * (zeta - gamma) * s (1 - s)
-    factor = choices.step * (2 * (_ZETA - _GAMMA) / rtn_loss)
+    factors = (choices.step, 2 * (_ZETA - _GAMMA) / rtn_loss, 1 / rtn_loss)
     warmup = int(_WARMUP * options.num_iter)
     best, quiet, decisions, last_held_out, looked = math.inf, 0, choices.logits >= 0, math.inf, 0
     iteration = 0
@@ -422,7 +425,7 @@ def _optimise_block(
             progress = (iteration - warmup) / max(1, options.num_iter - warmup)
             beta = _BETA_END + 0.5 * (_BETA_START - _BETA_END) * (1 + math.cos(math.pi * progress))
             regulariser = _regulariser_gradient(work.centred, beta, options.reg_lambda, work.power, loss)
-        _output_gradient(inputs, work.delta, batch, (factor, 1 / rtn_loss), work.gradient, regulariser, loss)
+        _output_gradient(both, work.delta, batch, factors, (work.product, work.gradient), regulariser, loss)
         _chain_sigmoid(work.gradient, work.sigmoid, work.centred)
         adam.step(work.gradient)
         work.soften(adam.param)
@@ -468,11 +471,12 @@ class _Workspace:
 
     def __init__(self, choices: _Choices, matmul_dtype: torch.dtype, iterations: int) -> None:
         logits = choices.logits
-        self.half = choices.step * 0.5  # delta = offset + soft * step = (offset + step / 2) - u * step / 2
-        self.middle = choices.offset + self.half
+        self.step = choices.step  # a power of two (or 0): scaling by it is exact, so it needs no scaled copies
+        self.middle = choices.offset + self.step * 0.5  # delta = offset + soft step = (offset + step / 2) - u step / 2
         self.sigmoid, self.centred = torch.empty_like(logits), torch.empty_like(logits)
         self.delta = torch.empty_like(logits, dtype=matmul_dtype)
         self.gradient, self.power = torch.empty_like(logits), torch.empty_like(logits)
+        self.product = torch.empty_like(logits, dtype=matmul_dtype)
         self.soften(logits)
         self.decisions = torch.empty_like(logits, dtype=torch.bool)
         self.losses = torch.zeros(iterations, dtype=torch.float64, device=logits.device)
@@ -483,7 +487,7 @@ class _Workspace:
         bf16 directly, ATen allocated a block-sized float32 temporary every iteration."""
         _soften(logits, self.sigmoid, self.centred)
         exact = self.delta if self.delta.dtype == torch.float32 else self.gradient
-        torch.addcmul(self.middle, self.centred, self.half, value=-1, out=exact)
+        torch.addcmul(self.middle, self.centred, self.step, value=-0.5, out=exact)
         if exact is not self.delta:
             self.delta.copy_(exact)
 
@@ -563,33 +567,45 @@ def _output_loss(inputs: torch.Tensor, delta: torch.Tensor, batch: int) -> torch
 
 
 def _output_gradient(
-    inputs: torch.Tensor,
+    inputs: tuple[torch.Tensor, torch.Tensor],
     delta: torch.Tensor,
     batch: int,
-    factors: tuple[torch.Tensor, float],
-    gradient: torch.Tensor,
+    factors: tuple[torch.Tensor, float, float],
+    buffers: tuple[torch.Tensor, torch.Tensor],
     initial: torch.Tensor | None,
     loss: torch.Tensor,
 ) -> None:
-    """With ``factors = (factor, weight)``, writes ``initial + factor * (X delta^T)^T X`` into ``gradient``
-    (``factor`` carries the 2) and adds ``weight * ||X delta^T||^2`` to ``loss``.
+    """With ``factors = (step, coefficient, weight)`` and ``buffers = (product, gradient)``, writes
+    ``initial + coefficient * step * (X delta^T)^T X`` into ``gradient`` (``coefficient`` carries the 2)
+    and adds ``weight * ||X delta^T||^2`` to ``loss``. ``step`` is a tensor of powers of two (or 0),
+    so the result equals a product with a precomputed ``coefficient * step`` without reading one.
 
+    ``inputs = (X, X^T)``, the second contiguous: both products then multiply row-major matrices
+    (``(X delta^T)^T = delta X^T``, then that times ``X``), the layout BLAS is fastest with
+    (transposed operands made float32 products markedly slower; ``docs/benchmarks.md``).
     In batches of ``batch`` calibration rows, so that only one batch of outputs is alive at a time
-    (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``inputs`` and
-    ``delta`` share the matmul dtype (see ``_matmul_dtype``); the gradient is float32.
+    (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``X`` and
+    ``delta`` share the matmul dtype (see ``_matmul_dtype``), as does ``product``, the block-sized
+    buffer the second product is written to, so that no block-sized result is allocated every
+    iteration. The gradient is float32.
     """
-    factor, weight = factors
-    for start in range(0, inputs.shape[0], batch):
-        chunk = inputs[start : start + batch]
-        out = chunk @ delta.T
+    step, coefficient, weight = factors
+    product, gradient = buffers
+    rows, columns = inputs
+    for start in range(0, rows.shape[0], batch):
+        chunk = rows[start : start + batch]
+        out = delta @ columns[:, start : start + batch]  # (X delta^T)^T
         loss.add_(out.float().square().sum(), alpha=weight)
-        part = out.T @ chunk
+        part = torch.mm(out, chunk, out=product)
         if start:
-            gradient.addcmul_(part, factor)
-        elif initial is None:
-            torch.mul(part, factor, out=gradient)
+            gradient.addcmul_(part, step, value=coefficient)
+            continue
+        if part.dtype != gradient.dtype:  # widened first: ATen's mixed-dtype addcmul is the slower path
+            part = gradient.copy_(part)
+        if initial is None:
+            torch.mul(part, step, out=gradient).mul_(coefficient)
         else:
-            torch.addcmul(initial, part, factor, out=gradient)
+            torch.addcmul(initial, part, step, value=coefficient, out=gradient)
 
 
 def _inverse_rectified_sigmoid(fraction: torch.Tensor) -> torch.Tensor:

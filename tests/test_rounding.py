@@ -248,6 +248,19 @@ def test_weight_already_on_the_grid_is_exact(dtype):
     assert result.error == 0.0 and result.error_rtn == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_grid_steps_are_powers_of_two_or_zero(dtype):
+    """The optimiser scales by ``step`` instead of keeping scaled copies of it, which is exact only
+    for powers of two (of either sign): every 16-bit value's step between its fp8 neighbours, at an arbitrary scale."""
+    for source in (torch.bfloat16, torch.float16):
+        weight = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(source)[None]
+        weight = weight.nan_to_num(0.0, 0.0, 0.0)
+        step = rounding._Grid(weight, 0.37, dtype).block(slice(0, 1)).step
+        mantissa, _ = torch.frexp(step[step != 0].abs())  # signed: towards the farther neighbour
+        assert (step != 0).sum() > 30000  # the rest: on the grid, or clamped to its ends
+        assert torch.all(mantissa == 0.5)
+
+
 def test_round_nearest_matches_quantize_nearest():
     weight = make_weight(8, 16, seed=2)
     scale = scale_of(weight, E4M3)
@@ -301,6 +314,34 @@ def test_hand_written_gradient_matches_autograd():
     assert ((soft == 0) | (soft == 1)).any()
     torch.testing.assert_close(gradient, leaf.grad, rtol=1e-5, atol=1e-8)
     assert float(value) == pytest.approx(float(regulariser.detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize(("matmul", "batch"), [(torch.float32, 40), (torch.float32, 15), (torch.bfloat16, 40)])
+def test_output_gradient_matches_autograd(matmul, batch):
+    """``_output_gradient`` (row-major products, the scaling by ``coefficient * step``, batches of
+    calibration rows) equals autograd's gradient of ``coefficient / 2 * ||X (delta * step)^T||^2``
+    plus ``initial``, and adds the loss: the same maths as the seed's product of two transposes."""
+    generator = torch.Generator().manual_seed(8)
+    inputs = torch.randn(40, 48, generator=generator).to(matmul)
+    delta = torch.randn(24, 48, generator=generator).to(matmul)
+    step = 2.0 ** torch.randint(-6, 3, (24, 48), generator=generator).float()  # powers of two, as on the grid
+    step[0, :5] = 0.0
+    initial = torch.randn(24, 48, generator=generator)
+    coefficient, weight = 0.37, 1.5
+
+    leaf = delta.float().clone().requires_grad_(True)
+    loss_reference = (inputs.float() @ leaf.T).square().sum()
+    (coefficient / 2 * loss_reference).backward()
+    expected = initial + leaf.grad * step
+
+    buffers = (torch.empty(24, 48, dtype=matmul), torch.empty(24, 48))
+    loss = torch.zeros((), dtype=torch.float64)
+    both = (inputs, inputs.T.contiguous())
+    rounding._output_gradient(both, delta, batch, (step, coefficient, weight), buffers, initial, loss)
+    relative = 1e-5 if matmul == torch.float32 else 1e-2  # bf16 products: 8 significant bits
+    size = float((expected - initial).abs().max())
+    torch.testing.assert_close(buffers[1], expected, rtol=relative, atol=relative * size)
+    assert float(loss) == pytest.approx(weight * float(loss_reference.detach()), rel=relative)
 
 
 def test_adam_matches_torch_optim_with_cosine_schedule():
