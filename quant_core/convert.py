@@ -43,6 +43,7 @@ from .policy import (
     compile_regex,
     detect_family,
     scale_group,
+    side_stream,
     text_encoders_in_checkpoint,
 )
 from .rounding import PatternCounts, RoundingResult, release_tables, round_learned, round_nearest
@@ -147,7 +148,9 @@ class Summary:
             f"{len(kept)} layers kept in full precision ({sum(k.saved for k in kept):,} bytes more than fp8)"
         ]
         if kept:
-            lines.append("          highest fp8 error per byte first: the bytes each costs, fp8's predicted error")
+            lines.append(
+                "          highest fp8 error power per byte first: the bytes each costs, fp8's predicted error"
+            )
         return lines + [f"          {layer.line()}" for layer in kept]
 
     def errors(self) -> list[dict]:
@@ -425,7 +428,9 @@ def budget_candidates(source: TensorSource, plan: Plan, poll: Callable[[], None]
         error, measure = budget.predicted_error(weight, stats, plan.dtype)
         del weight, stats
         saved = info.nbytes - sum(entry.numel * dtype_nbytes(entry.dtype) for entry in plan.layers[name])
-        candidates.append(budget.KeptLayer(name, saved, error, measure))
+        side = name.startswith(plan.prefix) and side_stream(plan.preset, name.removeprefix(plan.prefix))
+        share = budget.SIDE_STREAM if side else 1.0
+        candidates.append(budget.KeptLayer(name, saved, error, measure, math.prod(info.shape), share))
     return candidates
 
 
