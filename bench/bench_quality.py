@@ -312,8 +312,11 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
         ("weight-only proxy (no statistics)", [weights[n].error for n in names]),
         ("predicted output error (recorded statistics)", [recorded[n].error for n in names]),
         ("layer size (bytes)", [weights[n].saved for n in names]),
+        ("max_size's output power, weight proxy", [weights[n].power for n in names]),
+        ("max_size's output power, statistics", [recorded[n].power for n in names]),
     ):
         print(f"  {label:44} {spearman(predicted, layer_error):20.2f} {spearman(predicted, alone):18.2f}")
+    print("  (output power: relative error squared x weights x share reaching the output, budget.KeptLayer.power)")
 
     saved = {n: weights[n].saved for n in names}
     output = work / f"{subject.name}_budget.safetensors"
@@ -330,8 +333,12 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
         )
         return relative
 
-    for mode, extra in (("weights", {}), ("statistics", {"calibration": str(calibration)})):
+    for mode, extra, ranked in (
+        ("weights", {}, weights),
+        ("statistics", {"calibration": str(calibration)}, recorded),
+    ):
         budgeted = 0.0
+        by_layer_error = sorted(names, key=lambda n: -(ranked[n].error ** 2) / ranked[n].saved)
         summary = convert_file(checkpoint, output, ConvertOptions(overwrite=True, **extra))
         measure(summary.bytes_out / source_bytes, mode, "none (all fp8)", summary, [])
         for share in BUDGET_SHARES[subject.name]:
@@ -339,7 +346,10 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
             summary = convert_file(checkpoint, output, ConvertOptions(max_size=f"{share}", overwrite=True, **extra))
             budgeted = measure(share, mode, "max_size", summary, [k.name for k in summary.kept_layers])
             room = sum(k.saved for k in summary.kept_layers) + (summary.max_bytes - summary.bytes_out)
-            choices = {"largest": fill(sorted(names, key=lambda n: -saved[n]), saved, room)}
+            choices = {
+                "layer error": fill(by_layer_error, saved, room),
+                "largest": fill(sorted(names, key=lambda n: -saved[n]), saved, room),
+            }
             for seed in range(seeds):
                 order = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))]
                 choices[f"random {seed}"] = fill(order, saved, room)
@@ -348,7 +358,8 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
                 measure(share, mode, label, convert_file(checkpoint, output, options), kept)
     print(
         "x max_size: the row's output error over the max_size row's at the same budget and ranking (> 1: worse); "
-        "the other rows keep layers whose bytes fit in what max_size spent (their header also lists them)"
+        "the other rows keep layers whose bytes fit in what max_size spent (their header also lists them): "
+        "layer error = the layer's own relative error squared per byte (max_size's rule before the output power)"
     )
 
 
