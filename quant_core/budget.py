@@ -15,7 +15,10 @@ on it, times its number of weights, times the share of its error that reaches th
   error power itself, not the error power over the layer's size;
 - times the share: 1, or ``SIDE_STREAM`` for a layer on a side stream of its family
   (``policy.side_stream``: the text stream of double-stream blocks, whose tokens the output does
-  not include, so its error reaches the output only through attention).
+  not include, so its error reaches the output only through attention);
+- when GPTQ rounds with the statistics, times ``FITTED`` for a layer recorded on at least as many
+  rows as it has inputs: GPTQ removes more of such a layer's error than of one whose few rows leave
+  its inputs undetermined (adaLN modulation and time layers see one row per sample, not per token).
 
 Ranking reads every quantized weight once (and its statistics) before the conversion starts:
 one tensor at a time, the cost of one round-to-nearest pass without writing. Layers are then
@@ -96,13 +99,17 @@ def parse_budget(text: str | None) -> Budget | None:
 # a joint attention's tokens, which an image token attends to under uniform attention (Flux: 512 of
 # 4608; the bench DiT: 24 of 280). The DiT measures 0.0004-0.02 (docs/budget.md): this errs high.
 SIDE_STREAM = 0.1
+# The error power GPTQ leaves on a layer whose recorded rows determine its inputs, relative to one
+# recorded on fewer rows than it has inputs: on the bench DiT GPTQ leaves 0.42 of round-to-nearest's
+# end-to-end error on token layers (mean), 0.58 on modulation layers: (0.42 / 0.58)² ~ 0.5.
+FITTED = 0.5
 
 
 @dataclass
 class KeptLayer:
     """A weight the budget keeps in its source dtype, and why: what its fp8 version would have
-    cost (``error``, relative, of ``measure``, on ``numel`` weights, ``share`` of it reaching the
-    output) and saved (``saved`` bytes)."""
+    cost (``error``, round-to-nearest's, relative, of ``measure``, on ``numel`` weights, ``share``
+    of it reaching the output, ``left`` of it after the rounding) and saved (``saved`` bytes)."""
 
     name: str
     saved: int
@@ -110,11 +117,12 @@ class KeptLayer:
     measure: str  # "output" (recorded statistics) or "weight" (the weight-only proxy)
     numel: int
     share: float = 1.0  # SIDE_STREAM for a layer on a side stream
+    left: float = 1.0  # FITTED for a layer GPTQ rounds on statistics that determine its inputs
 
     @property
     def power(self) -> float:
         """The error power fp8 would add to the output, in units of one weight's relative error power."""
-        return self.error**2 * self.numel * self.share
+        return self.error**2 * self.numel * self.share * self.left
 
     @property
     def cost(self) -> float:

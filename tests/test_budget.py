@@ -9,9 +9,9 @@ import torch
 from test_cli import run
 from test_shards import shards_of
 
-from quant_core.budget import SIDE_STREAM, Budget, KeptLayer, choose, parse_budget, predicted_error
+from quant_core.budget import FITTED, SIDE_STREAM, Budget, KeptLayer, choose, parse_budget, predicted_error
 from quant_core.calibration import Recorder
-from quant_core.convert import ConvertOptions, convert_file, output_size, plan_conversion
+from quant_core.convert import ConvertOptions, budget_candidates, convert_file, output_size, plan_conversion
 from quant_core.io import SafetensorsReader, write_file
 from quant_core.policy import PRESETS, side_stream
 from quant_core.shards import join_shards
@@ -200,6 +200,39 @@ def test_at_the_same_error_the_larger_layer_is_not_cheaper_to_keep():
     small = KeptLayer("small.weight", saved=1000, error=0.026, measure="weight", numel=1000)
     assert large.power == pytest.approx(2 * 0.027**2 * 1000) and large.cost > small.cost
     assert choose([small, large], limit=2500, size_with=lambda kept: sum(k.saved for k in kept)) == [large]
+
+
+class _PerSample(torch.nn.Module):
+    """``mod`` sees one row per sample (as adaLN modulation does), ``token`` one per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.mod = torch.nn.Linear(64, 64, bias=False)
+        self.token = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x, vec):
+        return self.token(x) * self.mod(vec)[:, None]
+
+
+@pytest.mark.parametrize("rounding", ["auto", "nearest"])
+def test_gptq_is_expected_to_leave_less_error_where_the_rows_determine_the_inputs(tmp_path, rounding):
+    """Recorded on 16 samples of 32 tokens, ``mod`` has fewer rows than inputs (GPTQ cannot pin its
+    error down on new inputs), ``token`` many more: with GPTQ the token layer's predicted power is
+    FITTED of what round-to-nearest would leave; without GPTQ nothing changes."""
+    model = _PerSample()
+    source = tmp_path / "per_sample.safetensors"
+    write_file(source, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    with Recorder(model) as recorder, torch.no_grad():
+        model(torch.randn(16, 32, 64), torch.randn(16, 64))
+    recorder.save(tmp_path / "calibration.safetensors")
+    calibration = str(tmp_path / "calibration.safetensors")  # with rounding nearest, only for the input scales
+    options = ConvertOptions(
+        calibration=calibration, rounding=rounding, input_scales=rounding == "nearest", preset="none"
+    )
+    with SafetensorsReader(source) as reader, plan_conversion(reader, options) as plan:
+        left = {k.name: (k.left, k.measure) for k in budget_candidates(reader, plan, lambda: None)}
+    fitted = FITTED if rounding == "auto" else 1.0
+    assert left == {"mod.weight": (1.0, "output"), "token.weight": (fitted, "output")}
 
 
 @pytest.mark.parametrize("room", [0.3, 0.9])
