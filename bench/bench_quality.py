@@ -305,9 +305,13 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
     names = sorted(n for n in weights if n in heldout_gram)
     layer_error = [output_error(state[n].float(), only_quantized(state, n)[n], heldout_gram[n]) for n in names]
     alone = [end_to_end(subject, only_quantized(state, n), reference)[0] for n in names]
+    output = work / f"{subject.name}_budget.safetensors"
+    convert_file(checkpoint, output, ConvertOptions(calibration=str(calibration), overwrite=True))
+    gptq = dequantized_state(output)
+    alone_gptq = [end_to_end(subject, {**state, n: gptq[n]}, reference)[0] for n in names]
     print(f"ranking pre-pass (weight proxy, {len(names)} weights read once): {ranking_seconds:.2f} s")
-    print("Spearman rank correlation over the quantized layers (RTN error of each layer alone):")
-    print(f"  {'predictor':44} {'vs layer output err':>20} {'vs end-to-end err':>18}")
+    print("Spearman rank correlation over the quantized layers (the error of each layer alone in fp8):")
+    print(f"  {'predictor':44} {'vs layer output err':>20} {'vs end-to-end err':>18} {'(GPTQ)':>7}")
     for label, predicted in (
         ("weight-only proxy (no statistics)", [weights[n].error for n in names]),
         ("predicted output error (recorded statistics)", [recorded[n].error for n in names]),
@@ -315,11 +319,16 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
         ("max_size's output power, weight proxy", [weights[n].power for n in names]),
         ("max_size's output power, statistics", [recorded[n].power for n in names]),
     ):
-        print(f"  {label:44} {spearman(predicted, layer_error):20.2f} {spearman(predicted, alone):18.2f}")
-    print("  (output power: relative error squared x weights x share reaching the output, budget.KeptLayer.power)")
+        print(
+            f"  {label:44} {spearman(predicted, layer_error):20.2f} {spearman(predicted, alone):18.2f} "
+            f"{spearman(predicted, alone_gptq):7.2f}"
+        )
+    print(
+        "  (layer output err and end-to-end err: round-to-nearest; (GPTQ): the layer as GPTQ rounds it on the "
+        "calibration file; output power: budget.KeptLayer.power)"
+    )
 
     saved = {n: weights[n].saved for n in names}
-    output = work / f"{subject.name}_budget.safetensors"
     header = f"{'budget':>6} {'ranking':10} {'kept':14} {'file':>7} {'layers':>6} {'out rel':>8} {'1-cos':>9}"
     print(f"\n{header} {'x max_size':>10}")
     budgeted = 0.0
