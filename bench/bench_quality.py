@@ -329,6 +329,17 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
     )
 
     saved = {n: weights[n].saved for n in names}
+    print("end-to-end error power per byte kept (1e-10), median over the layers of a kind (N: the block's number):")
+    print(f"  {'kind':48} {'layers':>6} {'RTN':>7} {'GPTQ':>7}")
+    kinds: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        kinds.setdefault(re.sub(r"\.\d+\.", ".N.", n, count=1), []).append(i)
+    for kind, rows in kinds.items():
+        rtn, gptq_power = (
+            float(torch.tensor([e[i] ** 2 / saved[names[i]] * 1e10 for i in rows]).quantile(0.5))
+            for e in (alone, alone_gptq)
+        )
+        print(f"  {kind:48} {len(rows):6d} {rtn:7.3f} {gptq_power:7.3f}")
     header = f"{'budget':>6} {'ranking':10} {'kept':14} {'file':>7} {'layers':>6} {'out rel':>8} {'1-cos':>9}"
     print(f"\n{header} {'x max_size':>10}")
     budgeted = 0.0
