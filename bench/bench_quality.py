@@ -292,7 +292,8 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
     (heldout,) = record(model, subject.heldout, [RECORDINGS["exact statistics everywhere"]])
     heldout_gram = {n: Gram(s.fit.matrix + s.heldout.matrix) for n, s in heldout.statistics().items()}
     calibration = work / f"{subject.name}_budget_calibration.safetensors"
-    record(model, subject.calibration, [{}])[0].save(calibration)
+    recorded_statistics = record(model, subject.calibration, [{}])[0].statistics()
+    save_statistics(calibration, recorded_statistics)
     print(f"\n== {subject.name} size budget: {subject.description}; bf16 source {source_bytes / 2**20:.1f} MiB")
 
     with SafetensorsReader(checkpoint) as reader:
@@ -310,12 +311,19 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
     gptq = dequantized_state(output)
     alone_gptq = [end_to_end(subject, {**state, n: gptq[n]}, reference)[0] for n in names]
     print(f"ranking pre-pass (weight proxy, {len(names)} weights read once): {ranking_seconds:.2f} s")
+
+    def absolute_error(name: str) -> float:
+        stats = recorded_statistics[name]
+        return stats.fit.quadratic(only_quantized(state, name)[name] - state[name].float()) / stats.count
+
     print("Spearman rank correlation over the quantized layers (the error of each layer alone in fp8):")
     print(f"  {'predictor':44} {'vs layer output err':>20} {'vs end-to-end err':>18} {'(GPTQ)':>7}")
     for label, predicted in (
         ("weight-only proxy (no statistics)", [weights[n].error for n in names]),
         ("predicted output error (recorded statistics)", [recorded[n].error for n in names]),
         ("layer size (bytes)", [weights[n].saved for n in names]),
+        ("absolute output error per recorded row", [absolute_error(n) for n in names]),
+        ("position in the network (forward order)", [heldout.names.index(n) for n in names]),
         ("max_size's output power, weight proxy", [weights[n].power for n in names]),
         ("max_size's output power, statistics", [recorded[n].power for n in names]),
     ):
