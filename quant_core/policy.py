@@ -12,7 +12,9 @@ layer outside the model's repeated, numbered blocks -- input/output projections,
 guidance paths, heads, final layers -- is kept), then the family preset's keep list for layers
 inside the blocks. The ``generic`` preset, for families nobody has looked at, keeps every block
 layer whose name says modulation, gate, router, time/guidance path, norm, embedding or adapter.
-docs/model-families.md has each preset's choice, its reasons and its quantized share.
+docs/model-families.md has each preset's choice, its reasons and its quantized share. A preset may
+also name its side stream (the text stream of double-stream blocks), which the size budget keeps
+in full precision last (``budget.py``, docs/budget.md).
 """
 
 from __future__ import annotations
