@@ -97,11 +97,11 @@ def parse_budget(text: str | None) -> Budget | None:
 
 # The share of a side-stream layer's error power that reaches the output: the text tokens' share of
 # a joint attention's tokens, which an image token attends to under uniform attention (Flux: 512 of
-# 4608; the bench DiT: 24 of 280). The DiT measures 0.0004-0.02 (docs/budget.md): this errs high.
+# 4608; the bench DiT: 24 of 280). The DiT measures 0.001-0.02 per byte (docs/budget.md): this errs high.
 SIDE_STREAM = 0.1
 # The error power GPTQ leaves on a layer whose recorded rows determine its inputs, relative to one
-# recorded on fewer rows than it has inputs: on the bench DiT GPTQ leaves 0.42 of round-to-nearest's
-# end-to-end error on token layers (mean), 0.58 on modulation layers: (0.42 / 0.58)² ~ 0.5.
+# recorded on fewer rows than it has inputs: on the bench DiT GPTQ leaves 0.16 (median) of
+# round-to-nearest's end-to-end error power on token layers, 0.33-0.34 on modulation layers.
 FITTED = 0.5
 
 
