@@ -292,7 +292,8 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
     (heldout,) = record(model, subject.heldout, [RECORDINGS["exact statistics everywhere"]])
     heldout_gram = {n: Gram(s.fit.matrix + s.heldout.matrix) for n, s in heldout.statistics().items()}
     calibration = work / f"{subject.name}_budget_calibration.safetensors"
-    record(model, subject.calibration, [{}])[0].save(calibration)
+    recorded_statistics = record(model, subject.calibration, [{}])[0].statistics()
+    save_statistics(calibration, recorded_statistics)
     print(f"\n== {subject.name} size budget: {subject.description}; bf16 source {source_bytes / 2**20:.1f} MiB")
 
     with SafetensorsReader(checkpoint) as reader:
@@ -305,18 +306,48 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
     names = sorted(n for n in weights if n in heldout_gram)
     layer_error = [output_error(state[n].float(), only_quantized(state, n)[n], heldout_gram[n]) for n in names]
     alone = [end_to_end(subject, only_quantized(state, n), reference)[0] for n in names]
+    output = work / f"{subject.name}_budget.safetensors"
+    convert_file(checkpoint, output, ConvertOptions(calibration=str(calibration), overwrite=True))
+    gptq = dequantized_state(output)
+    alone_gptq = [end_to_end(subject, {**state, n: gptq[n]}, reference)[0] for n in names]
     print(f"ranking pre-pass (weight proxy, {len(names)} weights read once): {ranking_seconds:.2f} s")
-    print("Spearman rank correlation over the quantized layers (RTN error of each layer alone):")
-    print(f"  {'predictor':44} {'vs layer output err':>20} {'vs end-to-end err':>18}")
+
+    def absolute_error(name: str) -> float:
+        stats = recorded_statistics[name]
+        return stats.fit.quadratic(only_quantized(state, name)[name] - state[name].float()) / stats.count
+
+    print("Spearman rank correlation over the quantized layers (the error of each layer alone in fp8):")
+    print(f"  {'predictor':44} {'vs layer output err':>20} {'vs end-to-end err':>18} {'(GPTQ)':>7}")
     for label, predicted in (
         ("weight-only proxy (no statistics)", [weights[n].error for n in names]),
         ("predicted output error (recorded statistics)", [recorded[n].error for n in names]),
         ("layer size (bytes)", [weights[n].saved for n in names]),
+        ("absolute output error per recorded row", [absolute_error(n) for n in names]),
+        ("position in the network (forward order)", [heldout.names.index(n) for n in names]),
+        ("max_size's output power, weight proxy", [weights[n].power for n in names]),
+        ("max_size's output power, statistics", [recorded[n].power for n in names]),
     ):
-        print(f"  {label:44} {spearman(predicted, layer_error):20.2f} {spearman(predicted, alone):18.2f}")
+        print(
+            f"  {label:44} {spearman(predicted, layer_error):20.2f} {spearman(predicted, alone):18.2f} "
+            f"{spearman(predicted, alone_gptq):7.2f}"
+        )
+    print(
+        "  (layer output err and end-to-end err: round-to-nearest; (GPTQ): the layer as GPTQ rounds it on the "
+        "calibration file; output power: budget.KeptLayer.power)"
+    )
 
     saved = {n: weights[n].saved for n in names}
-    output = work / f"{subject.name}_budget.safetensors"
+    print("end-to-end error power per byte kept (1e-10), median over the layers of a kind (N: the block's number):")
+    print(f"  {'kind':48} {'layers':>6} {'RTN':>7} {'GPTQ':>7}")
+    kinds: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        kinds.setdefault(re.sub(r"\.\d+\.", ".N.", n, count=1), []).append(i)
+    for kind, rows in kinds.items():
+        rtn, gptq_power = (
+            float(torch.tensor([e[i] ** 2 / saved[names[i]] * 1e10 for i in rows]).quantile(0.5))
+            for e in (alone, alone_gptq)
+        )
+        print(f"  {kind:48} {len(rows):6d} {rtn:7.3f} {gptq_power:7.3f}")
     header = f"{'budget':>6} {'ranking':10} {'kept':14} {'file':>7} {'layers':>6} {'out rel':>8} {'1-cos':>9}"
     print(f"\n{header} {'x max_size':>10}")
     budgeted = 0.0
@@ -330,8 +361,12 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
         )
         return relative
 
-    for mode, extra in (("weights", {}), ("statistics", {"calibration": str(calibration)})):
+    for mode, extra, ranked in (
+        ("weights", {}, weights),
+        ("statistics", {"calibration": str(calibration)}, recorded),
+    ):
         budgeted = 0.0
+        by_layer_error = sorted(names, key=lambda n: -(ranked[n].error ** 2) / ranked[n].saved)
         summary = convert_file(checkpoint, output, ConvertOptions(overwrite=True, **extra))
         measure(summary.bytes_out / source_bytes, mode, "none (all fp8)", summary, [])
         for share in BUDGET_SHARES[subject.name]:
@@ -339,7 +374,10 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
             summary = convert_file(checkpoint, output, ConvertOptions(max_size=f"{share}", overwrite=True, **extra))
             budgeted = measure(share, mode, "max_size", summary, [k.name for k in summary.kept_layers])
             room = sum(k.saved for k in summary.kept_layers) + (summary.max_bytes - summary.bytes_out)
-            choices = {"largest": fill(sorted(names, key=lambda n: -saved[n]), saved, room)}
+            choices = {
+                "layer error": fill(by_layer_error, saved, room),
+                "largest": fill(sorted(names, key=lambda n: -saved[n]), saved, room),
+            }
             for seed in range(seeds):
                 order = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))]
                 choices[f"random {seed}"] = fill(order, saved, room)
@@ -348,7 +386,8 @@ def budget_table(subject: Subject, work: Path, seeds: int) -> None:
                 measure(share, mode, label, convert_file(checkpoint, output, options), kept)
     print(
         "x max_size: the row's output error over the max_size row's at the same budget and ranking (> 1: worse); "
-        "the other rows keep layers whose bytes fit in what max_size spent (their header also lists them)"
+        "the other rows keep layers whose bytes fit in what max_size spent (their header also lists them): "
+        "layer error = the layer's own relative error squared per byte (max_size's rule before the output power)"
     )
 
 

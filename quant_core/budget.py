@@ -3,14 +3,22 @@
 Users pick fp8 to fit a GPU, so they may say how large the file may be. The converter then
 spends the bytes between the smallest file (every eligible layer quantized) and the budget on the
 layers whose quantization costs the output most per byte it saves: those stay in their source
-dtype. Each layer's cost is the *squared* relative error round-to-nearest fp8 gives it (errors of
-different layers are roughly independent, so their powers add up at the output):
+dtype. A layer's predicted cost to the output is the power of round-to-nearest's relative error
+on it, times its number of weights, times the share of its error that reaches the output:
 
-- with recorded statistics for the layer, its relative output error ``tr(D H Dᵀ) / tr(W H Wᵀ)``
-  (``D`` the rounding error, ``H`` its recorded inputs' second moments), the measure GPTQ minimises;
-- without, the weight-only proxy ``||D||² / ||W||²``: fp8's relative error is nearly the same for
-  every layer except where small weights fall into its subnormal range, so this ranks by how much a
-  per-tensor scale crushes the small weights; how well it ranks is measured in ``docs/budget.md``.
+- the relative error: with recorded statistics for the layer, its relative output error
+  ``tr(D H Dᵀ) / tr(W H Wᵀ)`` (``D`` the rounding error, ``H`` its recorded inputs' second
+  moments), the measure GPTQ minimises; without, the weight-only proxy ``||D||² / ||W||²``;
+- times the number of weights: each weight's rounding error adds to the output independently, so a
+  layer with four times the weights at the same relative error costs the output about four times
+  as much (measured on a DiT and a BERT, ``docs/budget.md``); per byte saved the cost is then the
+  error power itself, not the error power over the layer's size;
+- times the share: 1, or ``SIDE_STREAM`` for a layer on a side stream of its family
+  (``policy.side_stream``: the text stream of double-stream blocks, whose tokens the output does
+  not include, so its error reaches the output only through attention);
+- when GPTQ rounds with the statistics, times ``FITTED`` for a layer recorded on at least as many
+  rows as it has inputs: GPTQ removes more of such a layer's error than of one whose few rows leave
+  its inputs undetermined (adaLN modulation and time layers see one row per sample, not per token).
 
 Ranking reads every quantized weight once (and its statistics) before the conversion starts:
 one tensor at a time, the cost of one round-to-nearest pass without writing. Layers are then
@@ -87,27 +95,48 @@ def parse_budget(text: str | None) -> Budget | None:
     return Budget(text, nbytes=math.floor(value * _UNITS[unit]))
 
 
+# The share of a side-stream layer's error power that reaches the output: the text tokens' share of
+# a joint attention's tokens, which an image token attends to under uniform attention (Flux: 512 of
+# 4608; the bench DiT: 24 of 280). The DiT measures 0.001-0.02 per byte (docs/budget.md): this errs high.
+SIDE_STREAM = 0.1
+# The error power GPTQ leaves on a layer whose recorded rows determine its inputs, relative to one
+# recorded on fewer rows than it has inputs: on the bench DiT GPTQ leaves 0.16 (median) of
+# round-to-nearest's end-to-end error power on token layers, 0.33-0.34 on modulation layers.
+FITTED = 0.5
+
+
 @dataclass
 class KeptLayer:
     """A weight the budget keeps in its source dtype, and why: what its fp8 version would have
-    cost (``error``, relative, of ``measure``) and saved (``saved`` bytes)."""
+    cost (``error``, round-to-nearest's, relative, of ``measure``, on ``numel`` weights, ``share``
+    of it reaching the output, ``left`` of it after the rounding) and saved (``saved`` bytes)."""
 
     name: str
     saved: int
     error: float
     measure: str  # "output" (recorded statistics) or "weight" (the weight-only proxy)
+    numel: int
+    share: float = 1.0  # SIDE_STREAM for a layer on a side stream
+    left: float = 1.0  # FITTED for a layer GPTQ rounds on statistics that determine its inputs
+
+    @property
+    def power(self) -> float:
+        """The error power fp8 would add to the output, in units of one weight's relative error power."""
+        return self.error**2 * self.numel * self.share * self.left
 
     @property
     def cost(self) -> float:
         """Error power added per byte saved: the ranking key, highest kept first."""
-        return self.error**2 / max(self.saved, 1)
+        return self.power / max(self.saved, 1)
 
     def reason(self) -> str:
         measure = "relative output error" if self.measure == "output" else "relative weight error"
-        return f"kept for max_size: fp8 would add {self.error:.3%} {measure} to save {self.saved / 2**20:.2f} MiB"
+        side = ", on a side stream" if self.share < 1 else ""
+        return f"kept for max_size: fp8 would add {self.error:.3%} {measure}{side} to save {self.saved / 2**20:.2f} MiB"
 
     def line(self) -> str:
-        return f"{self.saved:>15,} bytes  {self.error:.3%} {self.measure:6}  {self.name}"
+        side = "  (side stream)" if self.share < 1 else ""
+        return f"{self.saved:>15,} bytes  {self.error:.3%} {self.measure:6}  {self.name}{side}"
 
 
 def predicted_error(weight: torch.Tensor, stats: LayerStatistics | None, dtype: torch.dtype) -> tuple[float, str]:

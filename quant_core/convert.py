@@ -43,6 +43,7 @@ from .policy import (
     compile_regex,
     detect_family,
     scale_group,
+    side_stream,
     text_encoders_in_checkpoint,
 )
 from .rounding import PatternCounts, RoundingResult, release_tables, round_learned, round_nearest
@@ -148,7 +149,9 @@ class Summary:
             f"{len(kept)} layers kept in full precision ({sum(k.saved for k in kept):,} bytes more than fp8)"
         ]
         if kept:
-            lines.append("          highest fp8 error per byte first: the bytes each costs, fp8's predicted error")
+            lines.append(
+                "          highest fp8 error power per byte first: the bytes each costs, fp8's predicted error"
+            )
         return lines + [f"          {layer.line()}" for layer in kept]
 
     def errors(self) -> list[dict]:
@@ -413,7 +416,8 @@ def _fit_budget(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> N
 
 def budget_candidates(source: TensorSource, plan: Plan, poll: Callable[[], None]) -> list[budget.KeptLayer]:
     """Every quantized weight the budget may keep (not those ``include`` forces to fp8), with the
-    bytes keeping it costs and its predicted error: reads each weight (and its statistics) once."""
+    bytes keeping it costs and its predicted error and what of it reaches the output (``budget.py``):
+    reads each weight (and its statistics) once."""
     include = [compile_regex(p, "include") for p in plan.options.include]
     candidates = []
     for name in plan.activations:
@@ -424,9 +428,13 @@ def budget_candidates(source: TensorSource, plan: Plan, poll: Callable[[], None]
         weight = source.read(name).to(plan.devices[0])
         stats = plan.statistics.get(name, info.shape[1]) if plan.statistics is not None else None
         error, measure = budget.predicted_error(weight, stats, plan.dtype)
+        fitted = stats is not None and plan.gptq_statistics() is not None and stats.count >= info.shape[1]
+        left = budget.FITTED if fitted else 1.0  # GPTQ rounds it on rows that determine its inputs
         del weight, stats
         saved = info.nbytes - sum(entry.numel * dtype_nbytes(entry.dtype) for entry in plan.layers[name])
-        candidates.append(budget.KeptLayer(name, saved, error, measure))
+        side = name.startswith(plan.prefix) and side_stream(plan.preset, name.removeprefix(plan.prefix))
+        share = budget.SIDE_STREAM if side else 1.0
+        candidates.append(budget.KeptLayer(name, saved, error, measure, math.prod(info.shape), share, left))
     return candidates
 
 

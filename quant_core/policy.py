@@ -12,7 +12,9 @@ layer outside the model's repeated, numbered blocks -- input/output projections,
 guidance paths, heads, final layers -- is kept), then the family preset's keep list for layers
 inside the blocks. The ``generic`` preset, for families nobody has looked at, keeps every block
 layer whose name says modulation, gate, router, time/guidance path, norm, embedding or adapter.
-docs/model-families.md has each preset's choice, its reasons and its quantized share.
+docs/model-families.md has each preset's choice, its reasons and its quantized share. A preset may
+also name its side stream (the text stream of double-stream blocks), which the size budget keeps
+in full precision last (``budget.py``, docs/budget.md).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ SENSITIVE_IN_BLOCKS = (
     r"(^|[._])(refiner|adapter|final|head|proj_out|out_layer)([._]|$)",
 )
 
+SIDE_TEXT_STREAM = (r"(^|\.)txt_(mod|attn|mlp)\.",)  # Flux-style double blocks (ComfyUI flux/layers.py)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -67,6 +71,9 @@ class Preset:
     signature: tuple[str, ...]  # regexes that must all match some key for auto-detection
     keep: tuple[str, ...]  # regexes (re.search on the key) of block layers kept in source precision
     text_encoder: bool = False
+    # Regexes of block layers on a side stream: the text stream of double-stream blocks, whose tokens the
+    # model's output does not include, so their error reaches it only through attention (``side_stream``).
+    side: tuple[str, ...] = ()
 
     @property
     def family(self) -> str:
@@ -85,25 +92,35 @@ PRESETS: dict[str, Preset] = _presets(
         "HunyuanVideo 1.0 / 1.5",
         (r"double_blocks\.\d+\.img_mod\.lin", r"txt_in\.individual_token_refiner"),
         (r"individual_token_refiner\.",),
+        side=SIDE_TEXT_STREAM,
     ),
-    Preset("flux2", "Flux.2", (r"double_stream_modulation_img\.lin\.", r"single_blocks\.\d+\.linear1\."), ()),
+    Preset(
+        "flux2",
+        "Flux.2",
+        (r"double_stream_modulation_img\.lin\.", r"single_blocks\.\d+\.linear1\."),
+        (),
+        side=SIDE_TEXT_STREAM,
+    ),
     Preset(
         "chroma",
         "Chroma / Chroma Radiance (Flux-derived)",
         (r"distilled_guidance_layer\.", r"double_blocks\.\d+\.img_attn\.qkv\."),
         (r"(^|\.)distilled_guidance_layer\.",),
+        side=SIDE_TEXT_STREAM,
     ),
     Preset(
         "flux",
         "Flux.1 and Flux.1-derived diffusion transformers",
         (r"double_blocks\.\d+\.img_attn\.qkv\.", r"single_blocks\.\d+\.linear1\."),
         (),
+        side=SIDE_TEXT_STREAM,
     ),
     Preset(
         "qwen_image",
         "Qwen-Image (and Edit)",
         (r"transformer_blocks\.\d+\.img_mod\.1\.", r"(^|\.)txt_norm\."),
         (r"(^|\.)transformer_blocks\.0\.img_mod\.",),
+        side=(r"(^|\.)(txt_mod|txt_mlp)\.", r"\.attn\.(add_[qkv]_proj|to_add_out)\."),  # qwen_image/model.py
     ),
     Preset(
         "lumina2",
@@ -117,7 +134,7 @@ PRESETS: dict[str, Preset] = _presets(
         (r"double_stream_blocks\.\d+\.block\.", r"(^|\.)caption_projection\."),
         (r"\.ff_i\.gate\.",),
     ),
-    Preset("sd3", "Stable Diffusion 3 / 3.5 MMDiT", (r"joint_blocks\.\d+\.",), ()),
+    Preset("sd3", "Stable Diffusion 3 / 3.5 MMDiT", (r"joint_blocks\.\d+\.",), (), side=(r"\.context_block\.",)),
     Preset(
         "unet",
         "SD 1.x / SDXL UNet",
@@ -161,6 +178,12 @@ PRESETS: dict[str, Preset] = _presets(
     Preset("none", "quantize every eligible weight", (), ()),
 )
 AUTO = "auto"
+
+
+def side_stream(preset: Preset, name: str) -> bool:
+    """Whether the weight ``name`` (without a full checkpoint's prefix) lies on a side stream of the
+    family: the text stream of double-stream blocks, which reaches the output only through attention."""
+    return any(re.search(pattern, name) for pattern in preset.side)
 
 
 def detect_preset(keys: Iterable[str]) -> Preset:

@@ -9,10 +9,11 @@ import torch
 from test_cli import run
 from test_shards import shards_of
 
-from quant_core.budget import Budget, parse_budget, predicted_error
+from quant_core.budget import FITTED, SIDE_STREAM, Budget, KeptLayer, choose, parse_budget, predicted_error
 from quant_core.calibration import Recorder
-from quant_core.convert import ConvertOptions, convert_file, output_size, plan_conversion
+from quant_core.convert import ConvertOptions, budget_candidates, convert_file, output_size, plan_conversion
 from quant_core.io import SafetensorsReader, write_file
+from quant_core.policy import PRESETS, side_stream
 from quant_core.shards import join_shards
 
 QUICK = ["--quiet", "--simple"]
@@ -149,7 +150,8 @@ def test_include_patterns_are_never_kept(flux_file, tmp_path):
 
 
 class _TwoLayers(torch.nn.Module):
-    """``a``: 64x64 whose input 0 column holds tiny weights (fp8 crushes them); ``b``: 32x64, plain."""
+    """``a``: 64x64 whose input 0 column holds tiny weights (fp8 crushes them); ``b``: 32x64 whose
+    weights fp8 rounds worse than a's (each near the middle between two fp8 values at its scale)."""
 
     def __init__(self):
         super().__init__()
@@ -159,15 +161,18 @@ class _TwoLayers(torch.nn.Module):
         with torch.no_grad():
             self.a.weight.copy_(torch.randn(64, 64, generator=generator) / 6)
             self.a.weight[:, 0] = torch.randn(64, generator=generator) * 1e-5
-            self.b.weight.copy_(torch.randn(32, 64, generator=generator) / 6)
+            signs = torch.randint(0, 2, (32, 64), generator=generator) * 2 - 1
+            self.b.weight.copy_(signs * 432 / 448)  # at scale 1 / 448: 432, between fp8's 416 and 448
+            self.b.weight[0, 0] = 1.0
 
     def forward(self, x):
         return self.a(x), self.b(x)
 
 
 def test_recorded_statistics_decide_which_layer_is_kept(tmp_path):
-    """Without statistics the smaller layer costs the least per byte (the weight errors are alike);
-    with inputs that only drive input 0, layer a's output is mostly its crushed column: a is kept."""
+    """Without statistics the layer whose weights fp8 rounds worse is kept (b: 3.6 % against a's
+    2.6 %), though a is larger; with inputs that only drive input 0, layer a's output is mostly its
+    crushed column: a is kept."""
     model = _TwoLayers()
     source = tmp_path / "two.safetensors"
     write_file(source, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
@@ -184,6 +189,88 @@ def test_recorded_statistics_decide_which_layer_is_kept(tmp_path):
         assert summary.bytes_out <= int(limit)
         choices[label] = [(k.name, k.measure) for k in summary.kept_layers]
     assert choices == {"weights": [("b.weight", "weight")], "statistics": [("a.weight", "output")]}
+
+
+def test_at_the_same_error_the_larger_layer_is_not_cheaper_to_keep():
+    """Each weight's rounding error adds to the output: at equal relative error a layer with twice
+    the weights costs the output twice as much, the same per byte; the greedy fill then keeps the
+    one of slightly higher error even when it is the larger, where ranking by error over size kept
+    the smaller (docs/budget.md measures which predicts the output's error)."""
+    large = KeptLayer("large.weight", saved=2000, error=0.027, measure="weight", numel=2000)
+    small = KeptLayer("small.weight", saved=1000, error=0.026, measure="weight", numel=1000)
+    assert large.power == pytest.approx(2 * 0.027**2 * 1000) and large.cost > small.cost
+    assert choose([small, large], limit=2500, size_with=lambda kept: sum(k.saved for k in kept)) == [large]
+
+
+class _PerSample(torch.nn.Module):
+    """``mod`` sees one row per sample (as adaLN modulation does), ``token`` one per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.mod = torch.nn.Linear(64, 64, bias=False)
+        self.token = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x, vec):
+        return self.token(x) * self.mod(vec)[:, None]
+
+
+@pytest.mark.parametrize("rounding", ["auto", "nearest"])
+def test_gptq_is_expected_to_leave_less_error_where_the_rows_determine_the_inputs(tmp_path, rounding):
+    """Recorded on 16 samples of 32 tokens, ``mod`` has fewer rows than inputs (GPTQ cannot pin its
+    error down on new inputs), ``token`` many more: with GPTQ the token layer's predicted power is
+    FITTED of what round-to-nearest would leave; without GPTQ nothing changes."""
+    model = _PerSample()
+    source = tmp_path / "per_sample.safetensors"
+    write_file(source, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    with Recorder(model) as recorder, torch.no_grad():
+        model(torch.randn(16, 32, 64), torch.randn(16, 64))
+    recorder.save(tmp_path / "calibration.safetensors")
+    calibration = str(tmp_path / "calibration.safetensors")  # with rounding nearest, only for the input scales
+    options = ConvertOptions(
+        calibration=calibration, rounding=rounding, input_scales=rounding == "nearest", preset="none"
+    )
+    with SafetensorsReader(source) as reader, plan_conversion(reader, options) as plan:
+        left = {k.name: (k.left, k.measure) for k in budget_candidates(reader, plan, lambda: None)}
+    fitted = FITTED if rounding == "auto" else 1.0
+    assert left == {"mod.weight": (1.0, "output"), "token.weight": (fitted, "output")}
+
+
+@pytest.mark.parametrize("room", [0.3, 0.9])
+def test_side_stream_layers_are_kept_after_those_the_output_reads(flux_file, tmp_path, room):
+    """Flux's text stream reaches the image output only through attention: a text-stream layer is
+    kept only once its image-stream twin (same shape, same relative error) is kept too."""
+    smallest, source = _sizes(flux_file, tmp_path)
+    options = ConvertOptions(max_size=str(int(smallest + room * (source - smallest))))
+    with SafetensorsReader(flux_file) as reader, plan_conversion(reader, options) as plan:
+        kept = {k.name: k.share for k in plan.kept}
+        text_in_fp8 = [n for n in plan.decisions if ".txt_" in n and n.endswith(".weight") and n in plan.activations]
+    kept_text = [n for n in kept if ".txt_" in n]
+    assert all(kept[n] == SIDE_STREAM for n in kept_text) and all(
+        n.replace(".txt_", ".img_") in kept for n in kept_text
+    )
+    image_in_fp8 = [n for n in text_in_fp8 if n.replace(".txt_", ".img_") not in kept]
+    assert kept_text if room == 0.9 else image_in_fp8  # the rule was tested: text kept, or image left in fp8
+
+
+@pytest.mark.parametrize(
+    ("preset", "name", "side"),
+    [
+        ("flux", "double_blocks.3.txt_attn.qkv.weight", True),
+        ("flux", "double_blocks.3.txt_mod.lin.weight", True),
+        ("flux", "double_blocks.3.img_attn.qkv.weight", False),
+        ("flux", "single_blocks.3.linear1.weight", False),
+        ("chroma", "double_blocks.0.txt_mlp.0.weight", True),
+        ("sd3", "joint_blocks.4.context_block.attn.qkv.weight", True),
+        ("sd3", "joint_blocks.4.x_block.attn.qkv.weight", False),
+        ("qwen_image", "transformer_blocks.2.attn.add_k_proj.weight", True),
+        ("qwen_image", "transformer_blocks.2.txt_mlp.net.2.weight", True),
+        ("qwen_image", "transformer_blocks.2.attn.to_k.weight", False),
+        ("wan", "blocks.0.cross_attn.k.weight", False),
+        ("generic", "layers.0.txt_mlp.weight", False),
+    ],
+)
+def test_side_streams_are_named_per_family(preset, name, side):
+    assert side_stream(PRESETS[preset], name) is side
 
 
 def test_the_predicted_output_error_is_the_measured_one():
