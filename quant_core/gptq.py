@@ -167,10 +167,11 @@ def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float,
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
     quantized = torch.empty_like(work, dtype=dtype)
+    rounding = _BlockRounding(work.shape[1], dtype, work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
-        errors = _round_block(work[start:end], upper[start:end, start:end], quantized[start:end], dtype)
+        errors = rounding(work[start:end], upper[start:end, start:end], quantized[start:end])
         work[end:] -= upper[start:end, end:].T @ errors
     return quantized
 
@@ -190,9 +191,10 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     pushed = factor / residual[:, None]  # V
     state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
     spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
-    product = _product_dtype(work.device)
-    pushed_product = pushed.to(product)
+    products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device)
+    pushed_product = pushed.to(products.dtype)
     quantized = torch.empty_like(work, dtype=dtype)
+    rounding = _BlockRounding(work.shape[1], dtype, work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -200,40 +202,68 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
         coupled = pushed_block @ state  # V_J S
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        block = torch.sub(work[start:end], pushed_product[start:end] @ spread.to(product))
-        errors = _round_block(block, lower.T.float(), quantized[start:end], dtype)
+        block = work[start:end].sub_(products.mm(pushed_product[start:end], spread))
+        errors = rounding(block, lower.T.float(), quantized[start:end])
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
-        spread += onward.T.to(product) @ errors.to(product)
+        spread += products.mm(onward.T, errors)
         state -= onward.T @ onward
     return quantized
 
 
-def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round a block of weight columns (one per row of ``block``, in units of the scale, changed in
-    place) into ``out``, each error compensated on the block's later columns through ``upper`` (its
-    part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s diagonal.
+class _Products:
+    """Matrix products of the sketch in ``dtype`` (see ``_product_dtype``) into memory allocated once
+    per layer: fresh block-sized results and conversions cost a page fault per 4 KB, which in a
+    wide layer took longer than the products themselves. Products of up to ``rows x width``."""
 
-    Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
-    per group rather than one rank-1 update per column: each pass over the block's rows then
-    does 16x the work. ``upper``'s rows are divided by its diagonal once, so that a column costs
-    no division (the loop is a handful of whole-row operations per column, and their count is
-    what a narrow layer's time is made of). The rounded values are read back through
-    ``rounding.as_float`` (faster than ``.float()`` for an fp8 row).
-    """
-    limit = fp8.fp8_max(dtype)
-    diagonal = upper.diagonal()
-    relative = upper / diagonal[:, None]
-    errors = torch.empty_like(block)
-    rows = block.shape[0]
-    for start in range(0, rows, _GROUP):
-        end = min(start + _GROUP, rows)
-        for i in range(start, end):
-            torch.clamp(block[i], -limit, limit, out=errors[i])  # saturate, as quantize_nearest does
-            out[i] = errors[i]  # the cast to fp8 rounds to nearest
-            torch.sub(block[i], as_float(out[i]), out=errors[i])
-            block[i + 1 : end].addr_(relative[i, i + 1 : end], errors[i], alpha=-1)
-        block[end:].addmm_(relative[start:end, end:].T, errors[start:end], alpha=-1)
-    return errors.div_(diagonal[:, None])
+    def __init__(self, dtype: torch.dtype, rows: int, width: int, device: torch.device) -> None:
+        self.dtype = dtype
+        self._operand = torch.empty(rows * width, dtype=dtype, device=device)
+        self._result = torch.empty(rows * width, dtype=dtype, device=device)
+
+    def mm(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``left @ right`` in ``dtype``; the result is valid until the next call."""
+        if right.dtype != self.dtype:
+            right = self._operand[: right.numel()].view(right.shape).copy_(right)
+        out = self._result[: left.shape[0] * right.shape[1]].view(left.shape[0], right.shape[1])
+        return torch.mm(left.to(self.dtype), right, out=out)
+
+
+class _BlockRounding:
+    """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
+    per layer: fresh block-sized temporaries cost a page fault per 4 KB."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.grid = fp8.GridRounding(dtype, width, device)
+        self.values = torch.empty(BLOCK, width, device=device)
+        self.errors = torch.empty(BLOCK, width, device=device)
+
+    def __call__(self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Round ``block`` (one weight column per row, in units of the scale, changed in place) into
+        ``out`` (fp8), each error compensated on the block's later columns through ``upper`` (its
+        part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s
+        diagonal (valid until the next call).
+
+        Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
+        per group rather than one rank-1 update per column: each pass over the block's rows then
+        does 16x the work. ``upper``'s rows are divided by its diagonal once, so that a column costs
+        no division. A column is a handful of whole-row operations, and their count is what a
+        narrow layer's time is made of: the rounding stays in float32 (``fp8.GridRounding``), and
+        the block is cast to fp8 once at the end.
+        """
+        rows = block.shape[0]
+        values, errors = self.values[:rows], self.errors[:rows]
+        diagonal = upper.diagonal()
+        relative = upper / diagonal[:, None]
+        columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
+        for start in range(0, rows, _GROUP):
+            end = min(start + _GROUP, rows)
+            for i in range(start, end):
+                self.grid(columns[i], rounded[i])  # saturates and rounds to nearest, as quantize_nearest does
+                torch.sub(columns[i], rounded[i], out=column_errors[i])
+                block[i + 1 : end].addr_(relative[i, i + 1 : end], column_errors[i], alpha=-1)
+            block[end:].addmm_(relative[start:end, end:].T, errors[start:end], alpha=-1)
+        out.copy_(values)  # exact: the values are on the grid
+        return errors.div_(diagonal[:, None])
 
 
 def _polish(
@@ -244,61 +274,83 @@ def _polish(
 
     GPTQ decides each column once, knowing only the columns before it; here every weight may then
     move to a grid neighbour (one fp8 step up or down) whenever that lowers its row's error,
-    column by column, all rows at once (``_descend_block``). Blocks of columns keep the products
+    column by column, all rows at once (``_Descent``). Blocks of columns keep the products
     BLAS-3: ``g = (H D)_J`` is formed for a block, updated through the block's own ``H_JJ``, and
     the block's steps reach the rest afterwards (``_Coupling``). ``scaled`` (the weight's columns
-    in units of the scale) is reused as ``D``.
+    in units of the scale) becomes ``D`` in place.
     """
-    error = as_float(quantized).sub_(scaled)
-    del scaled
+    columns, width = quantized.shape
+    descent = _Descent(quantized.dtype, width, quantized.device)
+    error = scaled
+    for start in range(0, columns, BLOCK):
+        block = slice(start, start + BLOCK)
+        torch.sub(descent.values(quantized[block]), scaled[block], out=error[block])
     coupling = _Coupling(moments, error)
-    columns = error.shape[0]
     for done in range(passes):
         coupling.restart(error)
         for start in range(0, columns, BLOCK):
             step(done * columns + start, passes * columns)
             end = min(start + BLOCK, columns)
             local, gradient = coupling.block(start, end, error)
-            steps = _descend_block(quantized[start:end], gradient, local)
+            steps = descent.sweep(quantized[start:end], gradient, local)
             error[start:end] += steps
             coupling.update(start, end, steps)
 
 
-def _descend_block(codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """One coordinate-descent sweep over a block of columns (``codes``, fp8, changed in place), from
-    their gradient ``(H D)_J`` and ``H_JJ``; returns each column's steps (in units of the scale).
+class _Descent:
+    """The polish's coordinate-descent sweeps over blocks of columns, with their memory allocated once
+    per layer (fresh block-sized temporaries cost a page fault per 4 KB)."""
 
-    A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
-    ``-2 g / H_ii > u``, a step down ``l < 0`` when ``-2 g / H_ii < l``, never both. So a column
-    is a few comparisons of whole rows against the block's precomputed neighbour steps, with no
-    fp8 conversion inside the loop. As in ``_round_block``, a column's step reaches the rest of
-    its group at once and the rest of the block in one product per group; the columns already
-    passed need no update in this sweep.
-    """
-    values, up, down = _neighbour_steps(codes)
-    # a dead input (H_ii = 0) has g = 0: it stays
-    inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
-    steps = torch.empty_like(values)
-    slope, zero = torch.empty_like(values[0]), values.new_zeros(())
-    rows = values.shape[0]
-    for start in range(0, rows, _GROUP):
-        end = min(start + _GROUP, rows)
-        for i in range(start, end):
-            torch.mul(gradient[i], inverse[i], out=slope)
-            torch.where(slope > up[i], up[i], zero, out=steps[i])
-            torch.where(slope < down[i], down[i], steps[i], out=steps[i])
-            gradient[i + 1 : end].addr_(local[i, i + 1 : end], steps[i])
-        gradient[end:].addmm_(local[end:, start:end], steps[start:end])
-    codes.copy_(values.add_(steps))  # grid values plus grid differences: exact, the cast changes nothing
-    return steps
+    def __init__(self, dtype: torch.dtype, width: int, device: torch.device) -> None:
+        self._tables = _fp8_neighbour_steps(dtype, device)
+        self._index = torch.empty(BLOCK * width, dtype=torch.int32, device=device)
+        self._values, self._up, self._down, self._steps = (torch.empty(BLOCK, width, device=device) for _ in range(4))
+        self._slope, self._beyond = torch.empty(width, device=device), torch.empty(width, device=device)
 
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The float values of a block of fp8 ``codes`` (valid until the next call), by table lookup."""
+        return self._lookup(codes, 1)[0]
 
-def _neighbour_steps(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The float values of fp8 ``codes`` and the steps to their next grid values above (``>= 0``)
-    and below (``<= 0``; zero at either end of the grid), by table lookups."""
-    index = codes.view(torch.uint8).flatten().int()
-    tables = _fp8_neighbour_steps(codes.dtype, codes.device)
-    return tuple(table.index_select(0, index).view(codes.shape) for table in tables)
+    def _lookup(self, codes: torch.Tensor, count: int = 3) -> list[torch.Tensor]:
+        """The values of ``codes``, then the steps to their next grid values above (``>= 0``) and below
+        (``<= 0``; zero at either end of the grid): gathers by the codes' bytes."""
+        index = self._index[: codes.numel()].copy_(codes.view(torch.uint8).flatten())
+        buffers = (self._values, self._up, self._down)[:count]
+        return [
+            torch.index_select(table, 0, index, out=buffer[: codes.shape[0]].view(-1)).view(codes.shape)
+            for table, buffer in zip(self._tables, buffers, strict=False)
+        ]
+
+    def sweep(self, codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """One sweep over a block of columns (``codes``, fp8, changed in place), from their gradient
+        ``(H D)_J`` (changed) and ``H_JJ``; returns each column's steps (in units of the scale; valid
+        until the next call).
+
+        A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
+        the slope ``-2 g / H_ii > u``, a step down ``l < 0`` when the slope ``< l``, never both. So a
+        column clamps its slope to its rows' neighbour steps and keeps those it had to clamp (no
+        fp8 conversion and no comparison inside the loop: on the CPU a ``where`` on a boolean mask
+        cost ten times a clamp). As in ``_BlockRounding``, a column's step reaches the rest of its
+        group at once and the rest of the block in one product per group; the columns already
+        passed need no update in this sweep.
+        """
+        values, up, down = self._lookup(codes)
+        # a dead input (H_ii = 0) has g = 0: it stays
+        inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
+        steps, slope, beyond = self._steps[: codes.shape[0]], self._slope, self._beyond
+        rows = codes.shape[0]
+        for start in range(0, rows, _GROUP):
+            end = min(start + _GROUP, rows)
+            for i in range(start, end):
+                torch.mul(gradient[i], inverse[i], out=slope)
+                torch.clamp(slope, down[i], up[i], out=steps[i])
+                torch.sub(slope, steps[i], out=beyond).sign_().abs_()  # 1 where the slope passes the step
+                steps[i].mul_(beyond)
+                gradient[i + 1 : end].addr_(local[i, i + 1 : end], steps[i])
+            gradient[end:].addmm_(local[end:, start:end], steps[start:end])
+        # grid values plus grid differences: exact, the cast changes nothing; + 0 turns a -0 into 0
+        codes.copy_(values.add_(steps).add_(0.0))
+        return steps
 
 
 @functools.cache
@@ -327,8 +379,11 @@ class _Coupling:
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
         else:
             self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
-            self.factor_product = self.factor.to(_product_dtype(error.device))
+            rows = max(BLOCK, self.factor.shape[1])
+            self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device)
+            self.factor_product = self.factor.to(self.products.dtype)
         self.state = torch.empty(0)
+        self._gradient = torch.empty(BLOCK, error.shape[1], dtype=error.dtype, device=error.device)
 
     def restart(self, error: torch.Tensor) -> None:
         rows = error.shape[0] if self.factor is None else self.factor.shape[1]
@@ -337,16 +392,17 @@ class _Coupling:
             self.update(start, start + BLOCK, error[start : start + BLOCK])
 
     def block(self, start: int, end: int, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end``."""
+        """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end`` (the latter valid until the next call)."""
+        gradient = self._gradient[: end - start]
         if self.factor is None:
-            return self.matrix[start:end, start:end], self.state[start:end].clone()
+            return self.matrix[start:end, start:end], gradient.copy_(self.state[start:end])
         factor = self.factor[start:end]
         local = factor @ factor.T + torch.diag(self.residual[start:end])
-        low_rank = self.factor_product[start:end] @ self.state.to(self.factor_product.dtype)
-        return local, torch.addcmul(low_rank.float(), self.residual[start:end, None], error[start:end])
+        low_rank = self.products.mm(self.factor_product[start:end], self.state)
+        return local, torch.addcmul(low_rank, self.residual[start:end, None], error[start:end], out=gradient)
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:
             self.state.addmm_(self.matrix[:, start:end], steps)
         else:
-            self.state += self.factor_product[start:end].T @ steps.to(self.factor_product.dtype)
+            self.state += self.products.mm(self.factor_product[start:end].T, steps)
