@@ -70,11 +70,13 @@ def _round_and_check(
     columns = _scaled_columns(weight, order, scale)
     if isinstance(fit, Gram):
         rows = _gptq_dense(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+        del columns  # compensated in place
+        columns = _scaled_columns(weight, order, scale) if passes > 0 else None
     else:
         rows = _gptq_low_rank(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
-    del columns
     if passes > 0:
-        _polish(_scaled_columns(weight, order, scale), rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
+        _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
+    del columns
     quantized = rows[torch.argsort(order)].T.contiguous()
     del rows, fit
     finished = weight.shape[1] * (1 + passes)
@@ -183,6 +185,8 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
     upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``.
+    ``work`` (one row per weight column) is left as it was: the polish starts from it, and making
+    it again would cost more than a block's copy of it here.
     """
     columns = work.shape[0]
     factor = gram.factor.double()
@@ -195,6 +199,7 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     pushed_product = pushed.to(products.dtype)
     quantized = torch.empty_like(work, dtype=dtype)
     rounding = _BlockRounding(work.shape[1], dtype, work.device)
+    compensated = torch.empty(BLOCK, work.shape[1], device=work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -202,7 +207,8 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
         coupled = pushed_block @ state  # V_J S
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        block = work[start:end].sub_(products.mm(pushed_product[start:end], spread))
+        block = compensated[: end - start]
+        torch.sub(work[start:end], products.mm(pushed_product[start:end], spread), out=block)
         errors = rounding(block, lower.T.float(), quantized[start:end])
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
         spread += products.mm(onward.T, errors)
