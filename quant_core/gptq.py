@@ -26,7 +26,7 @@ from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments, RowSample
 from .job import Step, no_step
 from .pipeline import one_cpu_thread
-from .rounding import RoundingResult, _cpu_has_bfloat16, as_float, relative_error, round_nearest
+from .rounding import RoundingResult, _cpu_has_bfloat16, _fp8_values, relative_error, round_nearest
 
 BLOCK = 128
 POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/calibration.md)
@@ -135,14 +135,16 @@ def _heldout_errors(
     """Relative held-out output error of each fp8 candidate for ``weight``, summed over blocks of
     output rows (each output row only sees its own weight row), so nothing full-size is made."""
     rows_per_block = max(1, _CHECK_ELEMENTS // max(1, weight.shape[1]))
+    table = _fp8_values(candidates[0].dtype, weight.device)
+    values = _Lookup((table,), rows_per_block * weight.shape[1], weight.device)
     reference, errors = 0.0, [0.0] * len(candidates)
     for start in range(0, weight.shape[0], rows_per_block):
         step(start, weight.shape[0])
         rows = slice(start, start + rows_per_block)
-        block = weight[rows].float()
+        block = weight[rows]  # the quadratic forms convert it themselves
         reference += heldout.quadratic(block)
         for k, candidate in enumerate(candidates):
-            errors[k] += heldout.quadratic(as_float(candidate[rows]).mul_(scale).sub_(block))
+            errors[k] += heldout.quadratic(values(candidate[rows])[0].mul_(scale).sub_(block))
     return [relative_error(error, reference) for error in errors]
 
 
@@ -303,29 +305,37 @@ def _polish(
             coupling.update(start, end, steps)
 
 
+class _Lookup:
+    """Values by fp8 code from 256-entry ``tables``, for up to ``size`` codes at a time, into memory
+    allocated once (fresh block-sized results cost a page fault per 4 KB)."""
+
+    def __init__(self, tables: tuple[torch.Tensor, ...], size: int, device: torch.device) -> None:
+        self._tables = tables
+        self._index = torch.empty(size, dtype=torch.int32, device=device)
+        self._results = [torch.empty(size, device=device) for _ in tables]
+
+    def __call__(self, codes: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
+        """The first ``count`` tables' entries for ``codes``, shaped like them (valid until the next call)."""
+        index = self._index[: codes.numel()].copy_(codes.view(torch.uint8).flatten())
+        return [
+            torch.index_select(table, 0, index, out=result[: codes.numel()]).view(codes.shape)
+            for table, result in zip(self._tables[:count], self._results, strict=False)
+        ]
+
+
 class _Descent:
     """The polish's coordinate-descent sweeps over blocks of columns, with their memory allocated once
     per layer (fresh block-sized temporaries cost a page fault per 4 KB)."""
 
     def __init__(self, dtype: torch.dtype, width: int, device: torch.device) -> None:
-        self._tables = _fp8_neighbour_steps(dtype, device)
-        self._index = torch.empty(BLOCK * width, dtype=torch.int32, device=device)
-        self._values, self._up, self._down, self._steps = (torch.empty(BLOCK, width, device=device) for _ in range(4))
+        # each code's value and the steps to its next grid values above (>= 0) and below (<= 0)
+        self._lookup = _Lookup(_fp8_neighbour_steps(dtype, device), BLOCK * width, device)
+        self._steps = torch.empty(BLOCK, width, device=device)
         self._slope, self._beyond = torch.empty(width, device=device), torch.empty(width, device=device)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
-        """The float values of a block of fp8 ``codes`` (valid until the next call), by table lookup."""
+        """The float values of a block of fp8 ``codes`` (valid until the next call)."""
         return self._lookup(codes, 1)[0]
-
-    def _lookup(self, codes: torch.Tensor, count: int = 3) -> list[torch.Tensor]:
-        """The values of ``codes``, then the steps to their next grid values above (``>= 0``) and below
-        (``<= 0``; zero at either end of the grid): gathers by the codes' bytes."""
-        index = self._index[: codes.numel()].copy_(codes.view(torch.uint8).flatten())
-        buffers = (self._values, self._up, self._down)[:count]
-        return [
-            torch.index_select(table, 0, index, out=buffer[: codes.shape[0]].view(-1)).view(codes.shape)
-            for table, buffer in zip(self._tables, buffers, strict=False)
-        ]
 
     def sweep(self, codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """One sweep over a block of columns (``codes``, fp8, changed in place), from their gradient
