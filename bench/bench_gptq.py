@@ -47,6 +47,18 @@ def load_baseline(root: Path) -> ModuleType:
     return importlib.import_module("baseline_quant_core.gptq")
 
 
+def statistics_for(module: ModuleType, stats):
+    """``stats`` rebuilt from ``module``'s own classes: the engine dispatches on them with ``isinstance``,
+    and a baseline imported as another package has classes of its own."""
+    return module.LayerStatistics(
+        module.LowRankGram(stats.fit.factor, stats.fit.exact_diagonal),
+        module.RowSample(stats.heldout.rows),
+        stats.count,
+        stats.count_heldout,
+        stats.input_absmax,
+    )
+
+
 def flux_like_weight(rows: int, columns: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, columns, generator=generator) * 0.02
@@ -104,7 +116,7 @@ def main() -> None:
         runs += [("this", gptq, passes) for passes in sweep]
         reference = None
         for label, module, passes in runs:
-            figures = timed_rounding(module, weight, stats, passes)
+            figures = timed_rounding(module, weight, statistics_for(module, stats), passes)
             reference = reference or figures
             same = "same" if torch.equal(figures["codes"], reference["codes"]) else "differ"
             speed = f"{reference['total'] / figures['total']:.2f}x"
