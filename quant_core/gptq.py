@@ -30,7 +30,7 @@ from .rounding import RoundingResult, _cpu_has_bfloat16, _fp8_values, relative_e
 
 BLOCK = 128
 POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/calibration.md)
-_GROUP = 16  # columns whose errors reach the rest of their block together (see _round_block)
+_GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 
 
