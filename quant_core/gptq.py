@@ -26,11 +26,11 @@ from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments, RowSample
 from .job import Step, no_step
 from .pipeline import one_cpu_thread
-from .rounding import RoundingResult, _cpu_has_bfloat16, as_float, relative_error, round_nearest
+from .rounding import RoundingResult, _cpu_has_bfloat16, _fp8_values, relative_error, round_nearest
 
 BLOCK = 128
 POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/calibration.md)
-_GROUP = 16  # columns whose errors reach the rest of their block together (see _round_block)
+_GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 
 
@@ -70,11 +70,13 @@ def _round_and_check(
     columns = _scaled_columns(weight, order, scale)
     if isinstance(fit, Gram):
         rows = _gptq_dense(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+        del columns  # compensated in place
+        columns = _scaled_columns(weight, order, scale) if passes > 0 else None
     else:
         rows = _gptq_low_rank(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
-    del columns
     if passes > 0:
-        _polish(_scaled_columns(weight, order, scale), rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
+        _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
+    del columns
     quantized = rows[torch.argsort(order)].T.contiguous()
     del rows, fit
     finished = weight.shape[1] * (1 + passes)
@@ -86,10 +88,25 @@ def _round_and_check(
     heldout = stats.heldout
     if isinstance(heldout, RowSample):
         heldout = RowSample(heldout.rows.to(_product_dtype(weight.device)))
+    elif isinstance(heldout, Gram):
+        heldout = _ProductGram(heldout.matrix.to(weight.device, _product_dtype(weight.device)))
     error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), heldout, checking)
     if error > error_rtn:
         return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
+
+
+class _ProductGram:
+    """An exact held-out ``H`` for the check, its product in ``_product_dtype``: ``tr(D H D^T)`` as
+    ``sum((D H) * D)``. ``Gram.quadratic`` works in float64, which made the check of an exact layer
+    cost more than its GPTQ and polish together (``O(out in^2)`` at a tenth of float32's rate)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+
+    def quadratic(self, delta: torch.Tensor) -> float:
+        product = (delta.to(self.matrix.dtype) @ self.matrix).float().mul_(delta)
+        return float(product.sum(dtype=torch.float64))
 
 
 def _fitting(stats: LayerStatistics) -> Gram | LowRankGram:
@@ -133,14 +150,16 @@ def _heldout_errors(
     """Relative held-out output error of each fp8 candidate for ``weight``, summed over blocks of
     output rows (each output row only sees its own weight row), so nothing full-size is made."""
     rows_per_block = max(1, _CHECK_ELEMENTS // max(1, weight.shape[1]))
+    table = _fp8_values(candidates[0].dtype, weight.device)
+    values = _Lookup((table,), rows_per_block * weight.shape[1], weight.device)
     reference, errors = 0.0, [0.0] * len(candidates)
     for start in range(0, weight.shape[0], rows_per_block):
         step(start, weight.shape[0])
         rows = slice(start, start + rows_per_block)
-        block = weight[rows].float()
+        block = weight[rows]  # the quadratic forms convert it themselves
         reference += heldout.quadratic(block)
         for k, candidate in enumerate(candidates):
-            errors[k] += heldout.quadratic(as_float(candidate[rows]).mul_(scale).sub_(block))
+            errors[k] += heldout.quadratic(values(candidate[rows])[0].mul_(scale).sub_(block))
     return [relative_error(error, reference) for error in errors]
 
 
@@ -167,10 +186,11 @@ def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float,
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
     quantized = torch.empty_like(work, dtype=dtype)
+    rounding = _BlockRounding(work.shape[1], dtype, work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
-        errors = _round_block(work[start:end], upper[start:end, start:end], quantized[start:end], dtype)
+        errors = rounding(work[start:end], upper[start:end, start:end], quantized[start:end])
         work[end:] -= upper[start:end, end:].T @ errors
     return quantized
 
@@ -182,6 +202,8 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
     upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``.
+    ``work`` (one row per weight column) is left as it was: the polish starts from it, and making
+    it again would cost more than a block's copy of it here.
     """
     columns = work.shape[0]
     factor = gram.factor.double()
@@ -190,9 +212,11 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     pushed = factor / residual[:, None]  # V
     state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
     spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
-    product = _product_dtype(work.device)
-    pushed_product = pushed.to(product)
+    products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device)
+    pushed_product = pushed.to(products.dtype)
     quantized = torch.empty_like(work, dtype=dtype)
+    rounding = _BlockRounding(work.shape[1], dtype, work.device)
+    compensated = torch.empty(BLOCK, work.shape[1], device=work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -200,40 +224,69 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
         coupled = pushed_block @ state  # V_J S
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        block = torch.sub(work[start:end], pushed_product[start:end] @ spread.to(product))
-        errors = _round_block(block, lower.T.float(), quantized[start:end], dtype)
+        block = compensated[: end - start]
+        torch.sub(work[start:end], products.mm(pushed_product[start:end], spread), out=block)
+        errors = rounding(block, lower.T.float(), quantized[start:end])
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
-        spread += onward.T.to(product) @ errors.to(product)
+        spread += products.mm(onward.T, errors)
         state -= onward.T @ onward
     return quantized
 
 
-def _round_block(block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round a block of weight columns (one per row of ``block``, in units of the scale, changed in
-    place) into ``out``, each error compensated on the block's later columns through ``upper`` (its
-    part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s diagonal.
+class _Products:
+    """Matrix products of the sketch in ``dtype`` (see ``_product_dtype``) into memory allocated once
+    per layer: fresh block-sized results and conversions cost a page fault per 4 KB, which in a
+    wide layer took longer than the products themselves. Products of up to ``rows x width``."""
 
-    Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
-    per group rather than one rank-1 update per column: each pass over the block's rows then
-    does 16x the work. ``upper``'s rows are divided by its diagonal once, so that a column costs
-    no division (the loop is a handful of whole-row operations per column, and their count is
-    what a narrow layer's time is made of). The rounded values are read back through
-    ``rounding.as_float`` (faster than ``.float()`` for an fp8 row).
-    """
-    limit = fp8.fp8_max(dtype)
-    diagonal = upper.diagonal()
-    relative = upper / diagonal[:, None]
-    errors = torch.empty_like(block)
-    rows = block.shape[0]
-    for start in range(0, rows, _GROUP):
-        end = min(start + _GROUP, rows)
-        for i in range(start, end):
-            torch.clamp(block[i], -limit, limit, out=errors[i])  # saturate, as quantize_nearest does
-            out[i] = errors[i]  # the cast to fp8 rounds to nearest
-            torch.sub(block[i], as_float(out[i]), out=errors[i])
-            block[i + 1 : end].addr_(relative[i, i + 1 : end], errors[i], alpha=-1)
-        block[end:].addmm_(relative[start:end, end:].T, errors[start:end], alpha=-1)
-    return errors.div_(diagonal[:, None])
+    def __init__(self, dtype: torch.dtype, rows: int, width: int, device: torch.device) -> None:
+        self.dtype = dtype
+        self._operand = torch.empty(rows * width, dtype=dtype, device=device)
+        self._result = torch.empty(rows * width, dtype=dtype, device=device)
+
+    def mm(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``left @ right`` in ``dtype``; the result is valid until the next call."""
+        if right.dtype != self.dtype:
+            right = self._operand[: right.numel()].view(right.shape).copy_(right)
+        out = self._result[: left.shape[0] * right.shape[1]].view(left.shape[0], right.shape[1])
+        return torch.mm(left.to(self.dtype), right, out=out)
+
+
+class _BlockRounding:
+    """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
+    per layer: fresh block-sized temporaries cost a page fault per 4 KB."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.grid = fp8.GridRounding(dtype, width, device)
+        self.values = torch.empty(BLOCK, width, device=device)
+        self.errors = torch.empty(BLOCK, width, device=device)
+
+    def __call__(self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Round ``block`` (one weight column per row, in units of the scale, changed in place) into
+        ``out`` (fp8), each error compensated on the block's later columns through ``upper`` (its
+        part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s
+        diagonal (valid until the next call).
+
+        Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
+        per group rather than one rank-1 update per column: each pass over the block's rows then
+        does 16x the work. ``upper``'s rows are divided by its diagonal once, so that a column costs
+        no division. A column is a handful of whole-row operations, and their count is what a
+        narrow layer's time is made of: the rounding stays in float32 (``fp8.GridRounding``), and
+        the block is cast to fp8 once at the end.
+        """
+        rows = block.shape[0]
+        values, errors = self.values[:rows], self.errors[:rows]
+        diagonal = upper.diagonal()
+        relative = upper / diagonal[:, None]
+        columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
+        for start in range(0, rows, _GROUP):
+            end = min(start + _GROUP, rows)
+            for i in range(start, end):
+                self.grid(columns[i], rounded[i])  # saturates and rounds to nearest, as quantize_nearest does
+                torch.sub(columns[i], rounded[i], out=column_errors[i])
+                block[i + 1 : end].addr_(relative[i, i + 1 : end], column_errors[i], alpha=-1)
+            block[end:].addmm_(relative[start:end, end:].T, errors[start:end], alpha=-1)
+        out.copy_(values)  # exact: the values are on the grid
+        return errors.div_(diagonal[:, None])
 
 
 def _polish(
@@ -244,61 +297,91 @@ def _polish(
 
     GPTQ decides each column once, knowing only the columns before it; here every weight may then
     move to a grid neighbour (one fp8 step up or down) whenever that lowers its row's error,
-    column by column, all rows at once (``_descend_block``). Blocks of columns keep the products
+    column by column, all rows at once (``_Descent``). Blocks of columns keep the products
     BLAS-3: ``g = (H D)_J`` is formed for a block, updated through the block's own ``H_JJ``, and
     the block's steps reach the rest afterwards (``_Coupling``). ``scaled`` (the weight's columns
-    in units of the scale) is reused as ``D``.
+    in units of the scale) becomes ``D`` in place.
     """
-    error = as_float(quantized).sub_(scaled)
-    del scaled
+    columns, width = quantized.shape
+    descent = _Descent(quantized.dtype, width, quantized.device)
+    error = scaled
+    for start in range(0, columns, BLOCK):
+        block = slice(start, start + BLOCK)
+        torch.sub(descent.values(quantized[block]), scaled[block], out=error[block])
     coupling = _Coupling(moments, error)
-    columns = error.shape[0]
     for done in range(passes):
         coupling.restart(error)
         for start in range(0, columns, BLOCK):
             step(done * columns + start, passes * columns)
             end = min(start + BLOCK, columns)
             local, gradient = coupling.block(start, end, error)
-            steps = _descend_block(quantized[start:end], gradient, local)
+            steps = descent.sweep(quantized[start:end], gradient, local)
             error[start:end] += steps
             coupling.update(start, end, steps)
 
 
-def _descend_block(codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """One coordinate-descent sweep over a block of columns (``codes``, fp8, changed in place), from
-    their gradient ``(H D)_J`` and ``H_JJ``; returns each column's steps (in units of the scale).
+class _Lookup:
+    """Values by fp8 code from 256-entry ``tables``, for up to ``size`` codes at a time, into memory
+    allocated once (fresh block-sized results cost a page fault per 4 KB)."""
 
-    A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
-    ``-2 g / H_ii > u``, a step down ``l < 0`` when ``-2 g / H_ii < l``, never both. So a column
-    is a few comparisons of whole rows against the block's precomputed neighbour steps, with no
-    fp8 conversion inside the loop. As in ``_round_block``, a column's step reaches the rest of
-    its group at once and the rest of the block in one product per group; the columns already
-    passed need no update in this sweep.
-    """
-    values, up, down = _neighbour_steps(codes)
-    # a dead input (H_ii = 0) has g = 0: it stays
-    inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
-    steps = torch.empty_like(values)
-    slope, zero = torch.empty_like(values[0]), values.new_zeros(())
-    rows = values.shape[0]
-    for start in range(0, rows, _GROUP):
-        end = min(start + _GROUP, rows)
-        for i in range(start, end):
-            torch.mul(gradient[i], inverse[i], out=slope)
-            torch.where(slope > up[i], up[i], zero, out=steps[i])
-            torch.where(slope < down[i], down[i], steps[i], out=steps[i])
-            gradient[i + 1 : end].addr_(local[i, i + 1 : end], steps[i])
-        gradient[end:].addmm_(local[end:, start:end], steps[start:end])
-    codes.copy_(values.add_(steps))  # grid values plus grid differences: exact, the cast changes nothing
-    return steps
+    def __init__(self, tables: tuple[torch.Tensor, ...], size: int, device: torch.device) -> None:
+        self._tables = tables
+        self._index = torch.empty(size, dtype=torch.int32, device=device)
+        self._results = [torch.empty(size, device=device) for _ in tables]
+
+    def __call__(self, codes: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
+        """The first ``count`` tables' entries for ``codes``, shaped like them (valid until the next call)."""
+        index = self._index[: codes.numel()].copy_(codes.view(torch.uint8).flatten())
+        return [
+            torch.index_select(table, 0, index, out=result[: codes.numel()]).view(codes.shape)
+            for table, result in zip(self._tables[:count], self._results, strict=False)
+        ]
 
 
-def _neighbour_steps(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The float values of fp8 ``codes`` and the steps to their next grid values above (``>= 0``)
-    and below (``<= 0``; zero at either end of the grid), by table lookups."""
-    index = codes.view(torch.uint8).flatten().int()
-    tables = _fp8_neighbour_steps(codes.dtype, codes.device)
-    return tuple(table.index_select(0, index).view(codes.shape) for table in tables)
+class _Descent:
+    """The polish's coordinate-descent sweeps over blocks of columns, with their memory allocated once
+    per layer (fresh block-sized temporaries cost a page fault per 4 KB)."""
+
+    def __init__(self, dtype: torch.dtype, width: int, device: torch.device) -> None:
+        # each code's value and the steps to its next grid values above (>= 0) and below (<= 0)
+        self._lookup = _Lookup(_fp8_neighbour_steps(dtype, device), BLOCK * width, device)
+        self._steps = torch.empty(BLOCK, width, device=device)
+        self._slope, self._beyond = torch.empty(width, device=device), torch.empty(width, device=device)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The float values of a block of fp8 ``codes`` (valid until the next call)."""
+        return self._lookup(codes, 1)[0]
+
+    def sweep(self, codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """One sweep over a block of columns (``codes``, fp8, changed in place), from their gradient
+        ``(H D)_J`` (changed) and ``H_JJ``; returns each column's steps (in units of the scale; valid
+        until the next call).
+
+        A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
+        the slope ``-2 g / H_ii > u``, a step down ``l < 0`` when the slope ``< l``, never both. So a
+        column clamps its slope to its rows' neighbour steps and keeps those it had to clamp (no
+        fp8 conversion and no comparison inside the loop: on the CPU a ``where`` on a boolean mask
+        cost ten times a clamp). As in ``_BlockRounding``, a column's step reaches the rest of its
+        group at once and the rest of the block in one product per group; the columns already
+        passed need no update in this sweep.
+        """
+        values, up, down = self._lookup(codes)
+        # a dead input (H_ii = 0) has g = 0: it stays
+        inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
+        steps, slope, beyond = self._steps[: codes.shape[0]], self._slope, self._beyond
+        rows = codes.shape[0]
+        for start in range(0, rows, _GROUP):
+            end = min(start + _GROUP, rows)
+            for i in range(start, end):
+                torch.mul(gradient[i], inverse[i], out=slope)
+                torch.clamp(slope, down[i], up[i], out=steps[i])
+                torch.sub(slope, steps[i], out=beyond).sign_().abs_()  # 1 where the slope passes the step
+                steps[i].mul_(beyond)
+                gradient[i + 1 : end].addr_(local[i, i + 1 : end], steps[i])
+            gradient[end:].addmm_(local[end:, start:end], steps[start:end])
+        # grid values plus grid differences: exact, the cast changes nothing; + 0 turns a -0 into 0
+        codes.copy_(values.add_(steps).add_(0.0))
+        return steps
 
 
 @functools.cache
@@ -327,8 +410,11 @@ class _Coupling:
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
         else:
             self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
-            self.factor_product = self.factor.to(_product_dtype(error.device))
+            rows = max(BLOCK, self.factor.shape[1])
+            self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device)
+            self.factor_product = self.factor.to(self.products.dtype)
         self.state = torch.empty(0)
+        self._gradient = torch.empty(BLOCK, error.shape[1], dtype=error.dtype, device=error.device)
 
     def restart(self, error: torch.Tensor) -> None:
         rows = error.shape[0] if self.factor is None else self.factor.shape[1]
@@ -337,16 +423,17 @@ class _Coupling:
             self.update(start, start + BLOCK, error[start : start + BLOCK])
 
     def block(self, start: int, end: int, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end``."""
+        """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end`` (the latter valid until the next call)."""
+        gradient = self._gradient[: end - start]
         if self.factor is None:
-            return self.matrix[start:end, start:end], self.state[start:end].clone()
+            return self.matrix[start:end, start:end], gradient.copy_(self.state[start:end])
         factor = self.factor[start:end]
         local = factor @ factor.T + torch.diag(self.residual[start:end])
-        low_rank = self.factor_product[start:end] @ self.state.to(self.factor_product.dtype)
-        return local, torch.addcmul(low_rank.float(), self.residual[start:end, None], error[start:end])
+        low_rank = self.products.mm(self.factor_product[start:end], self.state)
+        return local, torch.addcmul(low_rank, self.residual[start:end, None], error[start:end], out=gradient)
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:
             self.state.addmm_(self.matrix[:, start:end], steps)
         else:
-            self.state += self.factor_product[start:end].T @ steps.to(self.factor_product.dtype)
+            self.state += self.products.mm(self.factor_product[start:end].T, steps)

@@ -178,7 +178,8 @@ def test_gptq_beats_round_to_nearest_on_held_out_statistics_and_stays_on_the_gri
     rtn = fp8.quantize_nearest(weight, scale, E4M3)
     assert not result.fell_back
     assert result.error < 0.5 * result.error_rtn
-    assert result.error_rtn == pytest.approx(output_error(weight, rtn.float() * scale, stats.heldout))
+    # the check's products are bfloat16 where the CPU has it natively (2^-9 per element, see _product_dtype)
+    assert result.error_rtn == pytest.approx(output_error(weight, rtn.float() * scale, stats.heldout), rel=1e-3)
     assert result.quantized.dtype == E4M3 and result.quantized.shape == weight.shape
     assert torch.isfinite(result.quantized.float()).all()
     # error feedback moves values, but only to representable values within the saturating range
@@ -196,6 +197,17 @@ def test_gptq_falls_back_when_the_held_out_half_disagrees():
         result.quantized.view(torch.uint8), fp8.quantize_nearest(weight, scale, E4M3).view(torch.uint8)
     )
     assert result.error == result.error_rtn
+
+
+@pytest.mark.parametrize("product", [torch.float32, torch.bfloat16])
+def test_the_held_out_check_of_exact_statistics_agrees_with_the_float64_quadratic_form(product):
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(300, 64, generator=generator) @ torch.randn(64, 64, generator=generator)
+    gram = inputs.T @ inputs
+    delta = torch.randn(20, 64, generator=generator)
+    exact = Gram(gram).quadratic(delta)
+    checked = gptq._ProductGram(gram.to(product)).quadratic(delta)
+    assert checked == pytest.approx(exact, rel=1e-5 if product == torch.float32 else 1e-2)
 
 
 def test_gptq_fits_exact_statistics_on_both_halves():

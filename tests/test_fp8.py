@@ -119,6 +119,27 @@ def test_quantize_nearest_divides_by_scale_and_picks_a_nearest_grid_value(dtype)
     assert torch.equal((q - exact).abs(), best)
 
 
+def grid_rounding_cases(dtype: torch.dtype) -> torch.Tensor:
+    """Random values, every grid value, every midpoint between neighbours (ties) and a float32 step
+    either side of each, zeros of both signs, float32 subnormals, and values beyond the range."""
+    grid = finite_grid(dtype)
+    midpoints = (grid[1:] + grid[:-1]) / 2  # exact in float32: fp8 has few mantissa bits
+    near = torch.cat([torch.nextafter(midpoints, torch.tensor(math.inf)), torch.nextafter(midpoints, grid[:-1])])
+    limit = fp8.fp8_max(dtype)
+    edges = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, limit, -limit, limit * 1.01, -limit * 1.01, 3e38])
+    values = torch.cat([random_values(dtype, 20000, seed=5), grid, midpoints, near, edges])
+    return torch.cat([values, -values])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_grid_rounding_gives_the_bits_of_the_fp8_cast(dtype):
+    values = grid_rounding_cases(dtype)
+    rounded = fp8.GridRounding(dtype, values.numel())(values, torch.empty_like(values))
+    cast = values.clamp(-fp8.fp8_max(dtype), fp8.fp8_max(dtype)).to(dtype)
+    assert torch.equal(rounded.view(torch.int32), cast.float().view(torch.int32))  # -0.0 too
+    assert torch.equal(rounded.to(dtype).view(torch.uint8), cast.view(torch.uint8))  # the later cast is exact
+
+
 def test_dequantize_multiplies_by_scale():
     q = torch.tensor([1.0, -2.0, 0.5]).to(torch.float8_e4m3fn)
     assert fp8.dequantize(q, 0.25).tolist() == [0.25, -0.5, 0.125]
