@@ -23,10 +23,10 @@ from typing import Protocol
 
 import torch
 
-from . import __version__, budget, codec, formats, fp8
+from . import __version__, budget, codec, consumers, formats, fp8
 from .activation import input_scale_for, predicted_input_error
 from .atomic import atomic_output, check_output_path, input_identities
-from .calibration import CalibrationSource, RandomCalibration, RecordedStatistics
+from .calibration import CalibrationSource, LayerStatistics, RandomCalibration, RecordedStatistics
 from .estimate import Estimate
 from .gptq import round_gptq
 from .io import BufferPool, SafetensorsReader, SafetensorsWriter, TensorInfo, dtype_nbytes, file_size
@@ -247,6 +247,7 @@ class Rounder:
     plan: Plan
     learned_inputs: CalibrationSource  # where learned rounding draws its inputs
     pool: BufferPool  # memory for round-to-nearest's outputs
+    source: TensorSource | None = None  # where GPTQ reads the weight that consumes a layer's output
 
     def round(
         self, name: str, weight: torch.Tensor, scale: float, job: Job, counts: PatternCounts | None = None
@@ -257,11 +258,22 @@ class Rounder:
         with job.tensor(name, method) as step:
             if method == "gptq":
                 stats = self.plan.gptq_statistics().get(name, weight.shape[1])
-                return round_gptq(weight, scale, dtype, stats, step=step), method
+                metric = self.output_metric(name, weight, stats)
+                return round_gptq(weight, scale, dtype, stats, step=step, metric=metric), method
             if method == "learned":
                 return round_learned(name, weight, scale, dtype, self.learned_inputs, options.learned, step), method
             with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy
                 return round_nearest(weight, scale, dtype, self.pool, step, counts), method
+
+    def output_metric(self, name: str, weight: torch.Tensor, stats: LayerStatistics) -> torch.Tensor | None:
+        """The output-side metric of ``consumers`` for GPTQ's polish, where a rule names the weight
+        that consumes ``name``'s output and both the source and the calibration file have it."""
+        other = consumers.consumer(name, self.source.tensors) if self.source is not None else None
+        consumer_stats = self.plan.gptq_statistics().get(other, weight.shape[0]) if other is not None else None
+        if consumer_stats is None:
+            return None
+        scaling = consumers.passed(weight, stats.fit, consumer_stats.fit)
+        return consumers.output_metric(self.source.read(other).to(weight.device), scaling)
 
     def method(self, name: str) -> str:
         """How the weight ``name`` is rounded: gptq where the calibration file has its statistics."""
@@ -600,7 +612,7 @@ def _convert(
             for key, tensor in markers.items():
                 writer.write(key, tensor)
             pool = getattr(source, "pool", None) or BufferPool()
-            rounder = Rounder(plan, learned_inputs or RandomCalibration(), pool)
+            rounder = Rounder(plan, learned_inputs or RandomCalibration(), pool, source)
             run = _Run(source, plan, rounder, writer, job, items, progress)
             workers = compute_workers(plan, rounder, items)
             # one of the largest items (a shared-scale group) per worker in flight, and on the CPU one

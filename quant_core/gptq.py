@@ -26,10 +26,12 @@ from . import fp8
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments, RowSample
 from .job import Step, no_step
 from .pipeline import one_cpu_thread
-from .rounding import RoundingResult, _cpu_has_bfloat16, _fp8_values, relative_error, round_nearest
+from .rounding import RoundingResult, _cpu_has_bfloat16, _fp8_values, as_float, relative_error, round_nearest
 
 BLOCK = 128
 POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/calibration.md)
+EXACT_POLISH_PASSES = 4  # with exact statistics (narrow layers, where a pass costs least)
+COUPLED_PASSES = 2  # then passes on the output-side metric, where a layer has one (_polish_coupled)
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 
@@ -40,11 +42,17 @@ def round_gptq(
     dtype: torch.dtype,
     stats: LayerStatistics,
     damp: float = 0.01,
-    passes: int = POLISH_PASSES,
+    passes: int | None = None,
     step: Step = no_step,
+    metric: torch.Tensor | None = None,
 ) -> RoundingResult:
-    """GPTQ-rounded fp8 weight, polished by ``passes`` of coordinate descent; never worse than RTN
+    """GPTQ-rounded fp8 weight, polished by ``passes`` of coordinate descent (by default
+    ``EXACT_POLISH_PASSES`` with exact statistics, else ``POLISH_PASSES``); never worse than RTN
     on the held-out statistics.
+
+    ``metric``: an output-side metric ``G`` (``out x out``, from the layer that consumes this one's
+    output: ``consumers.output_metric``); with exact statistics the polish then goes on for
+    ``COUPLED_PASSES`` on ``tr(D H D^T G)`` (``_polish_coupled``).
 
     ``weight`` may stay in its source dtype: the only full-size float32 copy is GPTQ's working
     matrix: fresh full-size temporaries cost a page fault per 4 KB each, which the kernel's time
@@ -55,13 +63,22 @@ def round_gptq(
     # than it helps (on a busy machine a barrier waits for a descheduled thread); the pipeline's
     # reader and writer use the other core.
     with one_cpu_thread(weight.device):
-        return _round_and_check(weight, scale, dtype, stats, damp, passes, step)
+        return _round_and_check(weight, scale, dtype, stats, damp, passes, step, metric)
 
 
 def _round_and_check(
-    weight: torch.Tensor, scale: float, dtype: torch.dtype, stats: LayerStatistics, damp: float, passes: int, step: Step
+    weight: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    stats: LayerStatistics,
+    damp: float,
+    passes: int | None,
+    step: Step,
+    metric: torch.Tensor | None = None,
 ) -> RoundingResult:
     fitting = _fitting(stats)
+    if passes is None:
+        passes = EXACT_POLISH_PASSES if isinstance(fitting, Gram) else POLISH_PASSES
     order = torch.argsort(fitting.diagonal().to(weight.device), descending=True)
     fit = _permuted(fitting, order)
     del fitting
@@ -77,6 +94,8 @@ def _round_and_check(
     if passes > 0:
         _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
     del columns
+    if passes > 0 and metric is not None and isinstance(fit, Gram):
+        _polish_coupled(_scaled_columns(weight, order, scale), rows, fit, metric.to(rows.device), COUPLED_PASSES)
     quantized = rows[torch.argsort(order)].T.contiguous()
     del rows, fit
     finished = weight.shape[1] * (1 + passes)
@@ -437,3 +456,69 @@ class _Coupling:
             self.state.addmm_(self.matrix[:, start:end], steps)
         else:
             self.state += self.products.mm(self.factor_product[start:end].T, steps)
+
+
+def _polish_coupled(
+    scaled: torch.Tensor, quantized: torch.Tensor, gram: Gram, metric: torch.Tensor, passes: int
+) -> None:
+    """Coordinate descent on ``tr(D H D^T G)`` (``quantized`` changed in place), ``G`` an output-side metric.
+
+    ``_polish`` treats every output row as its own problem, which is right when the output error
+    of each row costs the same downstream. The layer that consumes this one's output mixes its
+    rows (``G = W_2^T W_2``, normalised, plus the identity), so some combinations of row errors
+    cost less than others; a step ``d`` in weight ``(o, i)`` then changes the error by
+    ``d (2 (H D G)_io + d H_ii G_oo)``. Rows are coupled, so each column is descended row by row
+    (``_descend_coupled``), each step judged on the gradient left by the steps before it.
+    """
+    error = as_float(quantized).sub_(scaled)
+    del scaled
+    matrix = gram.matrix.to(error)
+    metric = metric.to(error)
+    values, up, down = _neighbour_steps(quantized)
+    for _ in range(passes):
+        coupled = error @ metric  # D G, one row per weight column
+        for i in range(error.shape[0]):
+            energy = float(matrix[i, i])
+            if energy <= 0:  # a dead input: its weights cost nothing either way
+                continue
+            steps = _descend_coupled(matrix[i] @ coupled, metric, energy, up[i], down[i])
+            moved = steps.nonzero().flatten()
+            if moved.numel():
+                error[i] += steps
+                coupled[i] += steps[moved] @ metric[moved]
+                values[i] += steps
+                _, up[i], down[i] = _neighbour_steps(values[i].to(quantized.dtype))
+    quantized.copy_(values)  # grid values plus grid differences: exact
+
+
+def _neighbour_steps(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float values of fp8 ``codes`` and the steps to their next grid values above (``>= 0``)
+    and below (``<= 0``; zero at either end of the grid), by table lookups."""
+    index = codes.view(torch.uint8).flatten().int()
+    tables = _fp8_neighbour_steps(codes.dtype, codes.device)
+    return tuple(table.index_select(0, index).view(codes.shape) for table in tables)
+
+
+def _descend_coupled(
+    gradient: torch.Tensor, metric: torch.Tensor, energy: float, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Steps for one column's weights (one per output row) on ``tr(D H D^T G)``, from its gradient
+    ``(H D G)_i`` (changed in place) and ``H_ii`` (``energy``).
+
+    The rows that would step on the column's gradient as it comes are visited in order, each judged
+    again on the gradient the steps before it left (a step changes it by ``H_ii d G_o``); rows that
+    only become worth a step after others moved wait for the next pass. Every step taken lowers
+    the objective.
+    """
+    curvature = metric.diagonal().tolist()
+    slope = gradient * (-2 / energy) / metric.diagonal()
+    candidates = ((slope > up) | (slope < down)).nonzero().flatten().tolist()
+    ups, downs = up.tolist(), down.tolist()
+    steps = torch.zeros_like(gradient)
+    for o in candidates:
+        target = -2 * gradient[o].item() / (energy * curvature[o])
+        step = ups[o] if target > ups[o] else downs[o] if target < downs[o] else 0.0
+        if step != 0.0:
+            steps[o] = step
+            gradient.add_(metric[o], alpha=energy * step)
+    return steps

@@ -308,7 +308,11 @@ def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact(monkeypatch, produ
     natively) move a few more ties, not the error."""
     monkeypatch.setattr(gptq, "_product_dtype", lambda device: product)
     weight, scale, dense, low_rank = exact_and_factored_statistics()
-    a, b = round_gptq(weight, scale, E4M3, dense), round_gptq(weight, scale, E4M3, low_rank)
+    passes = gptq.POLISH_PASSES  # the same passes (by default exact statistics get more)
+    a, b = (
+        round_gptq(weight, scale, E4M3, dense, passes=passes),
+        round_gptq(weight, scale, E4M3, low_rank, passes=passes),
+    )
     same = (a.quantized.view(torch.uint8) == b.quantized.view(torch.uint8)).float().mean()
     assert float(same) > (0.995 if product == torch.float32 else 0.98)
     assert b.error == pytest.approx(a.error, rel=1e-3 if product == torch.float32 else 1e-2)
@@ -326,6 +330,19 @@ def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factore
     assert errors[2] <= errors[1] <= errors[0] and errors[2] < 0.97 * errors[0], errors
     polished = round_gptq(weight, scale, E4M3, low_rank, passes=3)
     assert output_error(weight, polished.quantized.float() * scale, fitted) == pytest.approx(errors[2], rel=0.02)
+
+
+def test_exact_statistics_get_more_polishing_passes_by_default():
+    weight, scale, dense, low_rank = exact_and_factored_statistics()
+    codes = lambda result: result.quantized.view(torch.uint8)  # noqa: E731
+    assert torch.equal(
+        codes(round_gptq(weight, scale, E4M3, dense)),
+        codes(round_gptq(weight, scale, E4M3, dense, passes=gptq.EXACT_POLISH_PASSES)),
+    )
+    assert torch.equal(
+        codes(round_gptq(weight, scale, E4M3, low_rank)),
+        codes(round_gptq(weight, scale, E4M3, low_rank, passes=gptq.POLISH_PASSES)),
+    )
 
 
 def test_polishing_moves_only_to_grid_neighbours_that_help():
