@@ -92,8 +92,10 @@ class GridRounding:
         self.limit = fp8_max(dtype)
         as_int = {"dtype": torch.int32, "device": device}
         self._exponent_bits = torch.tensor(0x7F800000, **as_int)
-        self._shift = torch.tensor((23 - mantissa) << 23 | half, **as_int)
-        self._lowest = torch.tensor((lowest - mantissa + 23 + 127) << 23 | half, **as_int)
+        self.shift = (23 - mantissa) << 23 | half  # added to v's exponent bits: m's bits
+        self.lowest = (lowest - mantissa + 23 + 127) << 23 | half  # m's bits at the subnormals' spacing
+        self._shift = torch.tensor(self.shift, **as_int)
+        self._lowest = torch.tensor(self.lowest, **as_int)
         self._magic = torch.empty(length, **as_int)
 
     def __call__(self, row: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

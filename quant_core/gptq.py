@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from . import fp8
+from . import fp8, native
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments, RowSample
 from .job import Step, no_step
 from .pipeline import one_cpu_thread
@@ -296,6 +296,10 @@ class _BlockRounding:
         values, errors = self.values[:rows], self.errors[:rows]
         diagonal = upper.diagonal()
         relative = upper / diagonal[:, None]
+        if native.usable(block):
+            native.gptq_block(block, relative.contiguous(), diagonal.contiguous(), values, errors, self.grid)
+            out.copy_(values)
+            return errors
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
@@ -384,10 +388,14 @@ class _Descent:
         group at once and the rest of the block in one product per group; the columns already
         passed need no update in this sweep.
         """
-        values, up, down = self._lookup(codes)
         # a dead input (H_ii = 0) has g = 0: it stays
         inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
         steps, slope, beyond = self._steps[: codes.shape[0]], self._slope, self._beyond
+        if native.usable(codes):
+            inverse = torch.tensor(inverse, dtype=torch.float32)
+            native.polish_sweep(codes, gradient, local.contiguous(), inverse, steps, _neighbour_tables(codes.dtype))
+            return steps
+        values, up, down = self._lookup(codes)
         rows = codes.shape[0]
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
@@ -412,6 +420,11 @@ def _fp8_neighbour_steps(dtype: torch.dtype, device: torch.device) -> tuple[torc
     ranks = torch.searchsorted(grid, values.nan_to_num(0.0)).clamp_(max=grid.numel() - 1)
     value, above, below = grid[ranks], grid[(ranks + 1).clamp_(max=grid.numel() - 1)], grid[(ranks - 1).clamp_(min=0)]
     return value.to(device), (above - value).to(device), (below - value).to(device)
+
+
+@functools.cache
+def _neighbour_tables(dtype: torch.dtype) -> native.NeighbourTables:
+    return native.NeighbourTables(*_fp8_neighbour_steps(dtype, torch.device("cpu")), dtype)
 
 
 class _Coupling:

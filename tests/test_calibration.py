@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.comfy_fp8 import output_error
-from quant_core import fp8, gptq, io
+from quant_core import fp8, gptq, io, native
 from quant_core.calibration import (
     STATISTICS_METADATA,
     Gram,
@@ -25,6 +25,16 @@ from quant_core.gptq import _polish, round_gptq
 from quant_core.io import SafetensorsReader
 
 E4M3 = torch.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def column_loops(request, monkeypatch):
+    """Every test here runs with GPTQ's compiled column loops (``native``) and with the torch loops."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler here: the compiled loops cannot be built")
+    return request.param
 
 
 def small_model() -> torch.nn.Module:

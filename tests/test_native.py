@@ -1,0 +1,120 @@
+"""The compiled column loops (quant_core/native.c) against the torch loops they replace, and their build."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from quant_core import fp8, gptq, native
+from tests.test_fp8 import DTYPE_IDS, DTYPES, grid_rounding_cases
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here: nothing is compiled")
+
+
+def torch_loops(monkeypatch) -> None:
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_compiled_rounding_gives_the_bits_of_the_fp8_cast(dtype):
+    """A block of one column: no corrections, so the values are the grid rounding itself."""
+    values = grid_rounding_cases(dtype)[None, :].contiguous()
+    out, errors = torch.empty_like(values), torch.empty_like(values)
+    one = torch.ones(1, 1)
+    native.gptq_block(values, one, one[0], out, errors, fp8.GridRounding(dtype, values.shape[1]))
+    cast = values.clamp(-fp8.fp8_max(dtype), fp8.fp8_max(dtype)).to(dtype)
+    assert torch.equal(out.view(torch.int32), cast.float().view(torch.int32))  # -0.0 too
+    assert torch.equal(errors, values - out)
+
+
+def block_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight columns (in units of the scale) and an upper Cholesky factor of a random ``H^-1``."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(3 * rows, rows, generator=generator) @ torch.randn(rows, rows, generator=generator)
+    inverse = torch.linalg.inv((inputs.T @ inputs).double() + torch.eye(rows, dtype=torch.float64))
+    upper = torch.linalg.cholesky(inverse, upper=True).float()
+    return 60 * torch.randn(rows, width, generator=generator), upper
+
+
+@pytest.mark.parametrize("width", [3, 64, 200])  # under, at and past a tile of outputs
+def test_compiled_block_rounding_is_the_torch_loop(monkeypatch, width):
+    block, upper = block_case(gptq.BLOCK, width, seed=width)
+    results = {}
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        rounding = gptq._BlockRounding(width, torch.float8_e4m3fn, block.device)
+        out = torch.empty(block.shape, dtype=torch.float8_e4m3fn)
+        errors = rounding(block.clone(), upper, out).clone()
+        results[loops] = out.view(torch.uint8), errors
+    (codes, errors), (torch_codes, torch_errors) = results["compiled"], results["torch"]
+    assert float((codes == torch_codes).double().mean()) > 0.999, "the same codes up to float32 ties"
+    assert float((errors - torch_errors).norm() / torch_errors.norm()) < 1e-3
+
+
+def sweep_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(rows, rows, generator=generator)
+    local = factor @ factor.T + torch.eye(rows)
+    local[5, :], local[:, 5] = 0.0, 0.0  # a dead input: its weights stay
+    codes = (30 * torch.randn(rows, width, generator=generator)).to(torch.float8_e4m3fn)
+    codes[0, :2] = torch.tensor([-0.0, 0.0]).to(torch.float8_e4m3fn)
+    codes[1, :2] = torch.tensor([448.0, -448.0]).to(torch.float8_e4m3fn)
+    return codes, 40 * torch.randn(rows, width, generator=generator), local
+
+
+@pytest.mark.parametrize("width", [3, 64, 200])
+def test_compiled_polish_sweep_is_the_torch_sweep(monkeypatch, width):
+    codes, gradient, local = sweep_case(gptq.BLOCK, width, seed=width)
+    results = {}
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        descent = gptq._Descent(torch.float8_e4m3fn, width, codes.device)
+        moved = codes.clone()
+        steps = descent.sweep(moved, gradient.clone(), local).clone()
+        results[loops] = moved.view(torch.uint8), steps
+    (codes_c, steps_c), (codes_t, steps_t) = results["compiled"], results["torch"]
+    assert float((codes_c == codes_t).double().mean()) > 0.999, "the same steps up to float32 ties"
+    assert float((steps_c == steps_t).double().mean()) > 0.999
+    assert not (codes_c == 0x80).any(), "-0 becomes +0, as in the torch sweep"
+    assert steps_c.abs().sum() > 0 and not steps_c[5].any(), "weights move, except those of the dead input"
+
+
+def test_the_switch_turns_the_compiled_loops_off(monkeypatch):
+    monkeypatch.setenv(native.SWITCH, "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and not native.usable(torch.zeros(1))
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_failing_build_falls_back_to_torch_and_says_so(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="quant_core"):
+            assert native.library() is None
+        assert "building the compiled GPTQ loops failed" in caplog.text
+        assert not list(tmp_path.rglob("*.so")), "nothing half-built is left"
+    finally:
+        native.library.cache_clear()
+
+
+def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list((tmp_path / "fp8-scaled-learned").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp, "the second load reuses the build"
+    finally:
+        native.library.cache_clear()
