@@ -259,7 +259,7 @@ class Rounder:
             if method == "gptq":
                 stats = self.plan.gptq_statistics().get(name, weight.shape[1])
                 metric = self.output_metric(name, weight, stats)
-                return round_gptq(weight, scale, dtype, stats, step=step, metric=metric), method
+                return round_gptq(weight, scale, dtype, stats, step=step, metric=metric, pool=self.pool), method
             if method == "learned":
                 return round_learned(name, weight, scale, dtype, self.learned_inputs, options.learned, step), method
             with one_cpu_thread(weight.device):  # memory-bound passes; the pipeline keeps the other core busy

@@ -90,6 +90,7 @@ class GridRounding:
         mantissa, lowest = _MANTISSA_BITS[dtype], _MIN_NORMAL_EXP[dtype]
         half = 1 << 22  # the mantissa of 1.5
         self.limit = fp8_max(dtype)
+        self.mantissa, self.lowest_exponent = mantissa, lowest
         as_int = {"dtype": torch.int32, "device": device}
         self._exponent_bits = torch.tensor(0x7F800000, **as_int)
         self.shift = (23 - mantissa) << 23 | half  # added to v's exponent bits: m's bits

@@ -24,6 +24,7 @@ import torch
 
 from . import fp8, native
 from .calibration import Gram, LayerStatistics, LowRankGram, Moments, RowSample
+from .io import BufferPool
 from .job import Step, no_step
 from .pipeline import one_cpu_thread
 from .rounding import RoundingResult, _cpu_has_bfloat16, _fp8_values, as_float, relative_error, round_nearest
@@ -45,6 +46,7 @@ def round_gptq(
     passes: int | None = None,
     step: Step = no_step,
     metric: torch.Tensor | None = None,
+    pool: BufferPool | None = None,
 ) -> RoundingResult:
     """GPTQ-rounded fp8 weight, polished by ``passes`` of coordinate descent (by default
     ``EXACT_POLISH_PASSES`` with exact statistics, else ``POLISH_PASSES``); never worse than RTN
@@ -56,14 +58,15 @@ def round_gptq(
 
     ``weight`` may stay in its source dtype: the only full-size float32 copy is GPTQ's working
     matrix: fresh full-size temporaries cost a page fault per 4 KB each, which the kernel's time
-    for a calibrated conversion showed. ``step`` counts the weight's columns, called per block of
-    ``BLOCK`` (and per block of rows in the checks after).
+    for a calibrated conversion showed; ``pool`` (the conversion's ``io.BufferPool``) lends the
+    full-size buffers, so that a layer of a repeated shape faults in no page. ``step`` counts the
+    weight's columns, called per block of ``BLOCK`` (and per block of rows in the checks after).
     """
     # A long sequence of small steps, and products small enough that a second thread waits more
     # than it helps (on a busy machine a barrier waits for a descheduled thread); the pipeline's
     # reader and writer use the other core.
     with one_cpu_thread(weight.device):
-        return _round_and_check(weight, scale, dtype, stats, damp, passes, step, metric)
+        return _round_and_check(weight, scale, dtype, stats, damp, passes, step, metric, pool)
 
 
 def _round_and_check(
@@ -75,6 +78,7 @@ def _round_and_check(
     passes: int | None,
     step: Step,
     metric: torch.Tensor | None = None,
+    pool: BufferPool | None = None,
 ) -> RoundingResult:
     fitting = _fitting(stats)
     if passes is None:
@@ -84,26 +88,27 @@ def _round_and_check(
     del fitting
     # One row per weight column, in act order and in units of the scale: every step below then
     # reads and writes contiguous rows, and rounding is a plain cast.
-    columns = _scaled_columns(weight, order, scale)
+    columns = _scaled_columns(weight, order, scale, pool)
+    rows = _buffer((weight.shape[1], weight.shape[0]), dtype, weight.device, pool)
     if isinstance(fit, Gram):
-        rows = _gptq_dense(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+        _gptq_dense(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes))
         del columns  # compensated in place
-        columns = _scaled_columns(weight, order, scale) if passes > 0 else None
+        columns = _scaled_columns(weight, order, scale, pool) if passes > 0 else None
     else:
-        rows = _gptq_low_rank(columns, fit, dtype, damp, _phase(step, 0, weight.shape[1], passes))
+        _gptq_low_rank(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes))
     if passes > 0:
         _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
     del columns
     if passes > 0 and metric is not None and isinstance(fit, Gram):
         _polish_coupled(_scaled_columns(weight, order, scale), rows, fit, metric.to(rows.device), COUPLED_PASSES)
-    quantized = rows[torch.argsort(order)].T.contiguous()
+    quantized = _unpermuted(rows, order, pool)
     del rows, fit
     finished = weight.shape[1] * (1 + passes)
 
     def checking(*_) -> None:
         step(finished, finished)
 
-    rtn = round_nearest(weight, scale, dtype, step=checking).quantized
+    rtn = round_nearest(weight, scale, dtype, pool, step=checking).quantized
     heldout = stats.heldout
     if isinstance(heldout, RowSample):
         heldout = RowSample(heldout.rows.to(_product_dtype(weight.device)))
@@ -158,9 +163,31 @@ def _phase(step: Step, first: int, columns: int, passes: int) -> Step:
     return lambda done, _total: step(first * columns + done, total)
 
 
-def _scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float) -> torch.Tensor:
+def _buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pool: BufferPool | None) -> torch.Tensor:
+    """Uninitialised full-size memory, from ``pool`` on the CPU."""
+    if pool is None or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return pool.tensor(shape, dtype)
+
+
+def _scaled_columns(
+    weight: torch.Tensor, order: torch.Tensor, scale: float, pool: BufferPool | None = None
+) -> torch.Tensor:
     """The weight's columns as float32 rows, in ``order`` and in units of the scale."""
+    if native.usable(weight) and weight.dtype in (torch.bfloat16, torch.float32) and weight.is_contiguous():
+        columns = _buffer((weight.shape[1], weight.shape[0]), torch.float32, weight.device, pool)
+        native.scaled_columns(weight, order, scale, columns)
+        return columns
     return weight.T.contiguous().index_select(0, order).float().div_(scale)  # copies in the source dtype
+
+
+def _unpermuted(rows: torch.Tensor, order: torch.Tensor, pool: BufferPool | None) -> torch.Tensor:
+    """GPTQ's fp8 rows (one per weight column, in ``order``) as the weight: ``out x in``."""
+    if not native.usable(rows):
+        return rows[torch.argsort(order)].T.contiguous()
+    quantized = _buffer((rows.shape[1], rows.shape[0]), rows.dtype, rows.device, pool)
+    native.unpermute_rows(rows, order, quantized)
+    return quantized
 
 
 def _heldout_errors(
@@ -195,8 +222,8 @@ def _damping(diagonal: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     return dead, damp * float(torch.where(dead, 1.0, diagonal).mean())
 
 
-def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float, step: Step) -> torch.Tensor:
-    """Rounds ``work`` (one row per weight column, changed in place) with the exact ``H``."""
+def _gptq_dense(work: torch.Tensor, gram: Gram, quantized: torch.Tensor, damp: float, step: Step) -> None:
+    """Rounds ``work`` (one row per weight column, changed in place) into ``quantized`` with the exact ``H``."""
     columns = work.shape[0]
     matrix = gram.matrix.double()
     dead, damping = _damping(torch.diagonal(matrix), damp)
@@ -204,18 +231,16 @@ def _gptq_dense(work: torch.Tensor, gram: Gram, dtype: torch.dtype, damp: float,
     matrix += damping * torch.eye(columns, dtype=matrix.dtype, device=matrix.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
-    quantized = torch.empty_like(work, dtype=dtype)
-    rounding = _BlockRounding(work.shape[1], dtype, work.device)
+    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
         errors = rounding(work[start:end], upper[start:end, start:end], quantized[start:end])
         work[end:] -= upper[start:end, end:].T @ errors
-    return quantized
 
 
-def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, damp: float, step: Step) -> torch.Tensor:
-    """GPTQ for ``H = F F^T + diag(d)``, block by block, with a Schur-complement state of ``r x r``.
+def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, quantized: torch.Tensor, damp: float, step: Step) -> None:
+    """GPTQ for ``H = F F^T + diag(d)`` into ``quantized``, block by block, with a Schur-complement state of ``r x r``.
 
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
     columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
@@ -233,9 +258,7 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
     spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
     products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device)
     pushed_product = pushed.to(products.dtype)
-    quantized = torch.empty_like(work, dtype=dtype)
-    rounding = _BlockRounding(work.shape[1], dtype, work.device)
-    compensated = torch.empty(BLOCK, work.shape[1], device=work.device)
+    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -243,13 +266,11 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, dtype: torch.dtype, da
         coupled = pushed_block @ state  # V_J S
         inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
         lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        block = compensated[: end - start]
-        torch.sub(work[start:end], products.mm(pushed_product[start:end], spread), out=block)
-        errors = rounding(block, lower.T.float(), quantized[start:end])
+        compensation = products.mm(pushed_product[start:end], spread)
+        errors = rounding(work[start:end], lower.T.float(), quantized[start:end], minus=compensation)
         onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
         spread += products.mm(onward.T, errors)
         state -= onward.T @ onward
-    return quantized
 
 
 class _Products:
@@ -278,12 +299,17 @@ class _BlockRounding:
         self.grid = fp8.GridRounding(dtype, width, device)
         self.values = torch.empty(BLOCK, width, device=device)
         self.errors = torch.empty(BLOCK, width, device=device)
+        self.compensated = torch.empty(BLOCK, width, device=device)
 
-    def __call__(self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Round ``block`` (one weight column per row, in units of the scale, changed in place) into
-        ``out`` (fp8), each error compensated on the block's later columns through ``upper`` (its
-        part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s
-        diagonal (valid until the next call).
+    def __call__(
+        self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` may
+        be changed) into ``out`` (fp8), each error compensated on the block's later columns through
+        ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the errors divided by
+        ``upper``'s diagonal (valid until the next call).
+
+        Compiled (``native.gptq_block``) where it can be, else the torch loop below.
 
         Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
         per group rather than one rank-1 update per column: each pass over the block's rows then
@@ -297,9 +323,10 @@ class _BlockRounding:
         diagonal = upper.diagonal()
         relative = upper / diagonal[:, None]
         if native.usable(block):
-            native.gptq_block(block, relative.contiguous(), diagonal.contiguous(), values, errors, self.grid)
-            out.copy_(values)
+            native.gptq_block(block, minus, relative.contiguous(), diagonal.contiguous(), out, errors, self.grid)
             return errors
+        if minus is not None:
+            block = torch.sub(block, minus, out=self.compensated[:rows])
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)

@@ -138,6 +138,11 @@ class BufferPool:
                 held -= spare[0].numel()
             return chosen[0][:nbytes]  # a view: while the caller holds it, the buffer counts as in use
 
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous ``dtype`` tensor of ``shape``, in a reused buffer where one fits."""
+        count = math.prod(shape)
+        return self.empty(count * dtype.itemsize).view(dtype).view(shape)
+
     @property
     def nbytes(self) -> int:
         """Bytes the pool holds, in use or free."""

@@ -36,38 +36,84 @@ static inline float grid_round(float v, float limit, uint32_t shift, int32_t low
     return rounded;
 }
 
-static inline __attribute__((always_inline)) void gptq_tile(
-    const float *block, int64_t rows, int64_t width, const float *relative, const float *diagonal, float *values,
-    float *errors, float limit, uint32_t shift, int32_t lowest, int64_t start, int64_t n) {
-    float tile[rows][TILE]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
+/* The fp8 code (bits) of a value on the grid of a format with `mantissa` bits and smallest normal
+ * exponent `lowest_exponent` (its bias is 1 - lowest_exponent): the exponent and mantissa bits of a
+ * normal value are float32's, moved; a subnormal one is an integer multiple of the spacing. */
+static inline uint8_t fp8_code(float value, int32_t mantissa, int32_t lowest_exponent) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    const uint32_t sign = (bits >> 24) & 0x80u, magnitude = bits & 0x7FFFFFFFu;
+    const int32_t exponent = (int32_t)(magnitude >> 23) - 127;
+    float multiple;
+    memcpy(&multiple, &magnitude, sizeof multiple);
+    const uint32_t normal = (uint32_t)(exponent + 1 - lowest_exponent) << mantissa | (magnitude & 0x7FFFFFu) >> (23 - mantissa);
+    const uint32_t subnormal = (uint32_t)(multiple * (float)(1u << (mantissa - lowest_exponent)));
+    const uint32_t code = exponent >= lowest_exponent ? normal : subnormal; /* both made: no branch, so it vectorises */
+    return (uint8_t)(sign | code);
+}
+
+typedef float lanes __attribute__((vector_size(64))); /* 16 floats: one AVX-512 register, or several narrower */
+#define LANES 16
+#define VECTORS (TILE / LANES)
+
+/* One tile of `n` <= TILE outputs through a GPTQ block; the tile is padded with zeros to TILE.
+ * Inlined twice: with n = TILE for whole tiles (every loop a constant count), and for the last. */
+static inline __attribute__((always_inline)) void gptq_tile(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
+                      const float *relative, const float *diagonal, uint8_t *codes, float *errors, float limit,
+                      uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent, int64_t start,
+                      int64_t n) {
+    lanes tile[rows][VECTORS]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
     for (int64_t j = 0; j < rows; j++) {
-        float column[TILE];
-        const float *source = block + j * width + start;
-        for (int64_t t = 0; t < n; t++) column[t] = source[t];
-        for (int64_t i = 0; i < j; i++) {
-            const float weight = relative[i * rows + j];
-            for (int64_t t = 0; t < n; t++) column[t] -= weight * tile[i][t];
+        float column[TILE] __attribute__((aligned(64))) = {0};
+        const int64_t at = j * width + start;
+        for (int64_t t = 0; t < n; t++) column[t] = work[at + t];
+        if (product_is_bf16) {
+            const uint16_t *p = (const uint16_t *)product + at;
+            for (int64_t t = 0; t < n; t++) {
+                const uint32_t bits = (uint32_t)p[t] << 16;
+                float value;
+                memcpy(&value, &bits, sizeof value);
+                column[t] -= value;
+            }
+        } else if (product) {
+            for (int64_t t = 0; t < n; t++) column[t] -= ((const float *)product)[at + t];
         }
-        float *value = values + j * width + start, *error = errors + j * width + start;
+        lanes sum[VECTORS];
+        memcpy(sum, column, sizeof sum);
+        for (int64_t i = 0; i < j; i++) { /* the corrections of the earlier columns, in registers */
+            const float weight = relative[i * rows + j];
+            for (int v = 0; v < VECTORS; v++) sum[v] -= weight * tile[i][v];
+        }
+        memcpy(column, sum, sizeof sum);
+        float error[TILE] __attribute__((aligned(64)));
+        for (int64_t t = 0; t < TILE; t++) {
+            const float value = grid_round(column[t], limit, shift, lowest);
+            error[t] = column[t] - value;
+            column[t] = value;
+        }
+        memcpy(tile[j], error, sizeof error);
         for (int64_t t = 0; t < n; t++) {
-            value[t] = grid_round(column[t], limit, shift, lowest);
-            tile[j][t] = column[t] - value[t];
-            error[t] = tile[j][t] / diagonal[j];
+            codes[at + t] = fp8_code(column[t], mantissa, lowest_exponent);
+            errors[at + t] = error[t] / diagonal[j];
         }
     }
 }
 
-/* GPTQ's rounding of a block (gptq._BlockRounding): column j is rounded after the errors of the
- * columns i < j reached it through relative[i][j] (the block's part of the Cholesky factor of
- * H^-1, rows divided by their diagonal). Writes the grid values and the errors divided by
- * `diagonal`; `block` is not changed. */
-void gptq_block(const float *block, int64_t rows, int64_t width, const float *relative, const float *diagonal,
-                float *values, float *errors, float limit, uint32_t shift, int32_t lowest) {
+/* GPTQ's rounding of a block (gptq._BlockRounding): column j, its `work` row minus its `product` row
+ * (the compensation from earlier blocks: bfloat16, float32 or none), is rounded after the errors
+ * of the columns i < j reached it through relative[i][j] (the block's part of the Cholesky factor
+ * of H^-1, rows divided by their diagonal). Writes the fp8 codes and the errors divided by
+ * `diagonal`; `work` and `product` are not changed. */
+void gptq_block(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
+                const float *relative, const float *diagonal, uint8_t *codes, float *errors, float limit,
+                uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent) {
     int64_t start = 0;
     for (; start + TILE <= width; start += TILE)
-        gptq_tile(block, rows, width, relative, diagonal, values, errors, limit, shift, lowest, start, TILE);
+        gptq_tile(work, product, product_is_bf16, rows, width, relative, diagonal, codes, errors, limit, shift,
+                  lowest, mantissa, lowest_exponent, start, TILE);
     if (start < width)
-        gptq_tile(block, rows, width, relative, diagonal, values, errors, limit, shift, lowest, start, width - start);
+        gptq_tile(work, product, product_is_bf16, rows, width, relative, diagonal, codes, errors, limit, shift,
+                  lowest, mantissa, lowest_exponent, start, width - start);
 }
 
 static inline __attribute__((always_inline)) void polish_tile(
@@ -111,4 +157,51 @@ void polish_sweep(uint8_t *codes, const float *gradient, int64_t rows, int64_t w
     if (start < width)
         polish_tile(codes, gradient, rows, width, local, inverse, steps, up, down, up_code, down_code, same_code,
                     start, width - start);
+}
+
+/* ---- Layout: a weight's columns as rows, in GPTQ's order, and back. */
+
+/* dst[position[c]][o] = weight[o][c] / scale, for a weight of `outputs` x `inputs` (bfloat16 or
+ * float32): GPTQ's working rows in act order, in units of the scale. A tile of TILE weight rows is
+ * read along its columns in turn (each cache line of them read once), and each column lands as a
+ * contiguous piece of its destination row. */
+void scaled_columns(const void *weight, int32_t is_bf16, int64_t outputs, int64_t inputs, const int64_t *position,
+                    float scale, float *dst) {
+    for (int64_t start = 0; start < outputs; start += TILE) {
+        const int64_t n = outputs - start < TILE ? outputs - start : TILE;
+        for (int64_t c = 0; c < inputs; c++) {
+            float *row = dst + position[c] * outputs + start;
+            if (is_bf16) {
+                const uint16_t *source = (const uint16_t *)weight + start * inputs + c;
+                for (int64_t t = 0; t < n; t++) {
+                    const uint32_t bits = (uint32_t)source[t * inputs] << 16;
+                    float value;
+                    memcpy(&value, &bits, sizeof value);
+                    row[t] = value / scale;
+                }
+            } else {
+                const float *source = (const float *)weight + start * inputs + c;
+                for (int64_t t = 0; t < n; t++) row[t] = source[t * inputs] / scale;
+            }
+        }
+    }
+}
+
+/* dst[o][c] = rows[position[c]][o] for one-byte codes: GPTQ's rows (one per weight column, in act
+ * order) back to the weight's layout. `scratch` (16 x count bytes) takes 16 outputs at a time from
+ * every row (16 adjacent bytes each), so that each output row is then written in one sequential
+ * pass, gathering from the scratch in the L1 cache. */
+void unpermute_rows(const uint8_t *rows, int64_t count, int64_t width, const int64_t *position, uint8_t *scratch,
+                    uint8_t *dst) {
+    enum { AT_ONCE = 16 };
+    for (int64_t start = 0; start < width; start += AT_ONCE) {
+        const int64_t n = width - start < AT_ONCE ? width - start : AT_ONCE;
+        for (int64_t r = 0; r < count; r++)
+            for (int64_t t = 0; t < n; t++) scratch[t * count + r] = rows[r * width + start + t];
+        for (int64_t t = 0; t < n; t++) {
+            const uint8_t *gathered = scratch + t * count;
+            uint8_t *row = dst + (start + t) * count;
+            for (int64_t c = 0; c < count; c++) row[c] = gathered[position[c]];
+        }
+    }
 }

@@ -114,11 +114,16 @@ def _cpu() -> str:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.gptq_block.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, real, ctypes.c_uint32]
-    lib.gptq_block.argtypes += [ctypes.c_int32]
+    whole = ctypes.c_int32
+    lib.gptq_block.argtypes = [pointer, pointer, whole, size, size, pointer, pointer, pointer, pointer, real]
+    lib.gptq_block.argtypes += [ctypes.c_uint32, whole, whole, whole]
     lib.gptq_block.restype = None
     lib.polish_sweep.argtypes = [pointer, pointer, size, size, *[pointer] * 8]
     lib.polish_sweep.restype = None
+    lib.scaled_columns.argtypes = [pointer, whole, size, size, pointer, real, pointer]
+    lib.scaled_columns.restype = None
+    lib.unpermute_rows.argtypes = [pointer, size, size, pointer, pointer, pointer]
+    lib.unpermute_rows.restype = None
     return lib
 
 
@@ -129,27 +134,33 @@ def _address(tensor: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def gptq_block(
-    block: torch.Tensor,
+    work: torch.Tensor,
+    minus: torch.Tensor | None,
     relative: torch.Tensor,
     diagonal: torch.Tensor,
-    values: torch.Tensor,
+    codes: torch.Tensor,
     errors: torch.Tensor,
     grid: fp8.GridRounding,
 ) -> None:
-    """``gptq._BlockRounding`` in C: ``values`` and ``errors`` (divided by ``diagonal``) of ``block``."""
-    rows, width = block.shape
+    """``gptq._BlockRounding`` in C: the fp8 ``codes`` of ``work - minus`` (``minus`` float32,
+    bfloat16 or None) and its ``errors`` divided by ``diagonal``."""
+    rows, width = work.shape
     f32 = torch.float32
     library().gptq_block(
-        _address(block, f32),
+        _address(work, f32),
+        None if minus is None else _address(minus, minus.dtype if minus.dtype == torch.bfloat16 else f32),
+        minus is not None and minus.dtype == torch.bfloat16,
         rows,
         width,
         _address(relative, f32),
         _address(diagonal, f32),
-        _address(values, f32),
+        _address(codes.view(torch.uint8), torch.uint8),
         _address(errors, f32),
         grid.limit,
         grid.shift,
         grid.lowest,
+        grid.mantissa,
+        grid.lowest_exponent,
     )
 
 
@@ -175,6 +186,40 @@ def polish_sweep(
         *(_address(table, f32) for table in (tables.up, tables.down)),
         *(_address(table, torch.uint8) for table in (tables.up_code, tables.down_code, tables.same_code)),
     )
+
+
+def scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """``gptq._scaled_columns`` in C for a bfloat16 or float32 weight: ``out[r] = weight[:, order[r]] / scale``."""
+    position = _positions(order)  # held: the library reads it
+    library().scaled_columns(
+        _address(weight, weight.dtype if weight.dtype == torch.bfloat16 else torch.float32),
+        weight.dtype == torch.bfloat16,
+        weight.shape[0],
+        weight.shape[1],
+        _address(position, torch.int64),
+        scale,
+        _address(out, torch.float32),
+    )
+
+
+def unpermute_rows(rows: torch.Tensor, order: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:, order[r]] = rows[r]`` for fp8 ``rows``: GPTQ's rows back to the weight's layout."""
+    scratch, position = torch.empty(16 * rows.shape[0], dtype=torch.uint8), _positions(order)
+    library().unpermute_rows(
+        _address(rows.view(torch.uint8), torch.uint8),
+        rows.shape[0],
+        rows.shape[1],
+        _address(position, torch.int64),
+        scratch.data_ptr(),
+        _address(out.view(torch.uint8), torch.uint8),
+    )
+
+
+def _positions(order: torch.Tensor) -> torch.Tensor:
+    """Where each index stands in the permutation ``order``."""
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+    return position
 
 
 class NeighbourTables:

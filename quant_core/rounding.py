@@ -101,7 +101,7 @@ def _empty_like(weight: torch.Tensor, dtype: torch.dtype, pool: BufferPool | Non
     """Uninitialised one-byte ``dtype`` memory of the weight's shape, from ``pool`` on the CPU."""
     if pool is None or weight.device.type != "cpu":
         return torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    return pool.empty(weight.numel()).view(dtype).view(weight.shape)
+    return pool.tensor(weight.shape, dtype)
 
 
 def _round_sixteen_bit(

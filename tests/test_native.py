@@ -21,12 +21,12 @@ def torch_loops(monkeypatch) -> None:
 def test_compiled_rounding_gives_the_bits_of_the_fp8_cast(dtype):
     """A block of one column: no corrections, so the values are the grid rounding itself."""
     values = grid_rounding_cases(dtype)[None, :].contiguous()
-    out, errors = torch.empty_like(values), torch.empty_like(values)
+    codes, errors = torch.empty(values.shape, dtype=dtype), torch.empty_like(values)
     one = torch.ones(1, 1)
-    native.gptq_block(values, one, one[0], out, errors, fp8.GridRounding(dtype, values.shape[1]))
+    native.gptq_block(values, None, one, one[0], codes, errors, fp8.GridRounding(dtype, values.shape[1]))
     cast = values.clamp(-fp8.fp8_max(dtype), fp8.fp8_max(dtype)).to(dtype)
-    assert torch.equal(out.view(torch.int32), cast.float().view(torch.int32))  # -0.0 too
-    assert torch.equal(errors, values - out)
+    assert torch.equal(codes.view(torch.uint8), cast.view(torch.uint8))  # -0.0 too
+    assert torch.equal(errors, values - cast.float())
 
 
 def block_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,16 +38,18 @@ def block_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return 60 * torch.randn(rows, width, generator=generator), upper
 
 
+@pytest.mark.parametrize("minus", [None, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [3, 64, 200])  # under, at and past a tile of outputs
-def test_compiled_block_rounding_is_the_torch_loop(monkeypatch, width):
+def test_compiled_block_rounding_is_the_torch_loop(monkeypatch, width, minus):
     block, upper = block_case(gptq.BLOCK, width, seed=width)
+    compensation = None if minus is None else (10 * torch.randn(block.shape)).to(minus)
     results = {}
     for loops in ("compiled", "torch"):
         if loops == "torch":
             torch_loops(monkeypatch)
         rounding = gptq._BlockRounding(width, torch.float8_e4m3fn, block.device)
         out = torch.empty(block.shape, dtype=torch.float8_e4m3fn)
-        errors = rounding(block.clone(), upper, out).clone()
+        errors = rounding(block.clone(), upper, out, minus=compensation).clone()
         results[loops] = out.view(torch.uint8), errors
     (codes, errors), (torch_codes, torch_errors) = results["compiled"], results["torch"]
     assert float((codes == torch_codes).double().mean()) > 0.999, "the same codes up to float32 ties"
@@ -118,3 +120,24 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp, "the second load reuses the build"
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 7), (64, 3), (130, 67)])  # under, at and past a tile of outputs
+def test_compiled_scaled_columns_are_the_torch_ones(monkeypatch, dtype, shape):
+    generator = torch.Generator().manual_seed(shape[0])
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    order = torch.randperm(shape[1], generator=generator)
+    compiled = gptq._scaled_columns(weight, order, 0.013)
+    torch_loops(monkeypatch)
+    assert torch.equal(compiled, gptq._scaled_columns(weight, order, 0.013))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 64), (67, 130)])
+def test_compiled_unpermuting_is_the_torch_one(monkeypatch, shape):
+    generator = torch.Generator().manual_seed(shape[1])
+    rows = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).view(torch.float8_e4m3fn)
+    order = torch.randperm(shape[0], generator=generator)
+    compiled = gptq._unpermuted(rows, order, None)
+    torch_loops(monkeypatch)
+    assert torch.equal(compiled.view(torch.uint8), gptq._unpermuted(rows, order, None).view(torch.uint8))
