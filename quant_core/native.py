@@ -30,7 +30,9 @@ from . import fp8
 
 SOURCE = Path(__file__).with_name("native.c")
 SWITCH = "QUANT_CORE_NATIVE"
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+# For this CPU's vector units where the compiler knows the option, else for its architecture's baseline.
+_TUNINGS = (["-march=native"], [])
 _log = logging.getLogger("quant_core")
 
 
@@ -48,11 +50,13 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         _log.info("no C compiler found (CC, cc, gcc, clang): GPTQ's column loops run in torch")
         return None
-    try:
-        return _declare(ctypes.CDLL(str(_build(compiler))))
-    except (OSError, subprocess.SubprocessError) as error:
-        _log.warning("building the compiled GPTQ loops failed, they run in torch: %s", error)
-        return None
+    for tuning in _TUNINGS:
+        try:
+            return _declare(ctypes.CDLL(str(_build(compiler, tuning))))
+        except (OSError, subprocess.SubprocessError) as error:
+            failure = error
+    _log.warning("building the compiled GPTQ loops failed, they run in torch: %s", failure)
+    return None
 
 
 def _compiler() -> str | None:
@@ -62,14 +66,14 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, tuning: list[str]) -> Path:
     """The shared library for this source, compiler and CPU, compiled into the cache unless it is there.
 
     Compiled to a temporary name and renamed, so that a concurrent or interrupted build never
     leaves a half-written library under the final name.
     """
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_FLAGS, _cpu()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_FLAGS, *tuning, _cpu()]).encode()).hexdigest()
     folder = _cache_folder()
     target = folder / f"native-{key[:24]}.so"
     if target.exists():
@@ -78,7 +82,7 @@ def _build(compiler: str) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
+            [compiler, *_FLAGS, *tuning, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
             raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")

@@ -107,6 +107,24 @@ def test_a_failing_build_falls_back_to_torch_and_says_so(monkeypatch, tmp_path, 
         native.library.cache_clear()
 
 
+def test_a_compiler_without_march_native_still_builds(monkeypatch, tmp_path):
+    compiler = native._compiler()
+    wrapper = tmp_path / "cc-without-native"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+        f'exec "{compiler}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+    finally:
+        native.library.cache_clear()
+
+
 def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.library.cache_clear()
