@@ -73,7 +73,8 @@ def _build(compiler: str, tuning: list[str]) -> Path:
     leaves a half-written library under the final name.
     """
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_FLAGS, *tuning, _cpu()]).encode()).hexdigest()
+    identity = [SOURCE.read_text(), compiler, version, *_FLAGS, *tuning, _cpu()]
+    key = hashlib.sha256("\0".join(identity).encode()).hexdigest()
     folder = _cache_folder()
     target = folder / f"native-{key[:24]}.so"
     if target.exists():
