@@ -95,15 +95,15 @@ def _build(compiler: str, tuning: list[str]) -> Path:
 
 
 def _cache_folder() -> Path:
+    """The user's cache folder; where that cannot be made (a read-only home), a private temporary
+    folder of this process's own: a shared one could hold a library someone else put there."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = Path(base) / "fp8-scaled-learned"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
-    except OSError:  # a read-only home: the temp folder still works
-        folder = Path(tempfile.gettempdir()) / "fp8-scaled-learned"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="fp8-scaled-learned-"))
 
 
 def _cpu() -> str:
@@ -132,6 +132,15 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+_MAX_BLOCK = 1024  # columns of a block: the C loops keep a tile of them on the stack (256 bytes each)
+
+
+def _require(condition: bool, what: str) -> None:
+    """Shapes checked before C indexes memory by them: a wrong one would write out of bounds."""
+    if not condition:
+        raise ValueError(f"the compiled loops were called with {what}")
+
+
 def _address(tensor: torch.Tensor, dtype: torch.dtype) -> int:
     if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
         raise ValueError(f"the compiled loops take contiguous CPU {dtype} tensors, not {tensor.dtype} {tensor.shape}")
@@ -150,6 +159,9 @@ def gptq_block(
     """``gptq._BlockRounding`` in C: the fp8 ``codes`` of ``work - minus`` (``minus`` float32,
     bfloat16 or None) and its ``errors`` divided by ``diagonal``."""
     rows, width = work.shape
+    _require(rows <= _MAX_BLOCK and (minus is None or minus.shape == work.shape), "a block of another shape")
+    _require(relative.shape == (rows, rows) and diagonal.shape == (rows,), "a factor of another size")
+    _require(codes.shape == work.shape and errors.shape == work.shape, "outputs of another shape")
     f32 = torch.float32
     library().gptq_block(
         _address(work, f32),
@@ -179,6 +191,8 @@ def polish_sweep(
 ) -> None:
     """``gptq._Descent.sweep`` in C: ``steps`` for a block, ``codes`` moved by them."""
     rows, width = codes.shape
+    _require(rows <= _MAX_BLOCK and gradient.shape == codes.shape and steps.shape == codes.shape, "mismatched blocks")
+    _require(local.shape == (rows, rows) and inverse.shape == (rows,), "a local H of another size")
     f32 = torch.float32
     library().polish_sweep(
         _address(codes.view(torch.uint8), torch.uint8),
@@ -195,7 +209,8 @@ def polish_sweep(
 
 def scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float, out: torch.Tensor) -> None:
     """``gptq._scaled_columns`` in C for a bfloat16 or float32 weight: ``out[r] = weight[:, order[r]] / scale``."""
-    position = _positions(order)  # held: the library reads it
+    _require(weight.ndim == 2 and out.shape == (weight.shape[1], weight.shape[0]), "an output of another shape")
+    position = _positions(order, weight.shape[1])  # held: the library reads it
     library().scaled_columns(
         _address(weight, weight.dtype if weight.dtype == torch.bfloat16 else torch.float32),
         weight.dtype == torch.bfloat16,
@@ -209,7 +224,8 @@ def scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float, out:
 
 def unpermute_rows(rows: torch.Tensor, order: torch.Tensor, out: torch.Tensor) -> None:
     """``out[:, order[r]] = rows[r]`` for fp8 ``rows``: GPTQ's rows back to the weight's layout."""
-    scratch, position = torch.empty(16 * rows.shape[0], dtype=torch.uint8), _positions(order)
+    _require(out.shape == (rows.shape[1], rows.shape[0]), "an output of another shape")
+    scratch, position = torch.empty(16 * rows.shape[0], dtype=torch.uint8), _positions(order, rows.shape[0])
     library().unpermute_rows(
         _address(rows.view(torch.uint8), torch.uint8),
         rows.shape[0],
@@ -220,10 +236,13 @@ def unpermute_rows(rows: torch.Tensor, order: torch.Tensor, out: torch.Tensor) -
     )
 
 
-def _positions(order: torch.Tensor) -> torch.Tensor:
-    """Where each index stands in the permutation ``order``."""
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+def _positions(order: torch.Tensor, count: int) -> torch.Tensor:
+    """Where each index stands in ``order``, a permutation of ``count`` indices (checked: the C loops
+    index memory by it)."""
+    _require(order.shape == (count,) and order.dtype == torch.int64, "an order of another size")
+    position = torch.full_like(order, -1)
+    position[order] = torch.arange(count, dtype=order.dtype, device=order.device)
+    _require(count == 0 or int(position.min()) >= 0, "an order that is no permutation")
     return position
 
 

@@ -160,3 +160,15 @@ def test_compiled_unpermuting_is_the_torch_one(monkeypatch, shape):
     compiled = gptq._unpermuted(rows, order, None)
     torch_loops(monkeypatch)
     assert torch.equal(compiled.view(torch.uint8), gptq._unpermuted(rows, order, None).view(torch.uint8))
+
+
+def test_the_compiled_loops_refuse_shapes_that_would_index_out_of_bounds():
+    block, upper = block_case(8, 10, seed=0)
+    codes, errors = torch.empty(block.shape, dtype=torch.float8_e4m3fn), torch.empty_like(block)
+    grid = fp8.GridRounding(torch.float8_e4m3fn, 10)
+    with pytest.raises(ValueError, match="factor of another size"):
+        native.gptq_block(block, None, upper[:4, :4].contiguous(), upper.diagonal().contiguous(), codes, errors, grid)
+    with pytest.raises(ValueError, match="no permutation"):
+        native.scaled_columns(block, torch.tensor([0, 1, 1, 3, 4, 5, 6, 7, 8, 9]), 1.0, torch.empty(10, 8))
+    with pytest.raises(ValueError, match="output of another shape"):
+        native.unpermute_rows(codes, torch.arange(8), torch.empty(8, 10, dtype=torch.float8_e4m3fn))
