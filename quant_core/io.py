@@ -89,8 +89,13 @@ def _storage_users(tensor: torch.Tensor) -> int:
 
 def _anonymous_map(nbytes: int) -> mmap.mmap:
     """Fresh zero-page memory of its own, in 2 MB pages where Linux offers them: the first
-    write then faults once per 2 MB instead of once per 4 KB."""
-    memory = mmap.mmap(-1, nbytes)
+    write then faults once per 2 MB instead of once per 4 KB. Private, not Python's default
+    shared mapping: Linux gives shared memory huge pages only where ``shmem_enabled`` says so
+    (rarely), and a first write to shared 4 KB pages took 6-10x as long (docs/benchmarks.md)."""
+    if hasattr(mmap, "MAP_PRIVATE"):  # POSIX; Windows maps have no flags
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:
+        memory = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)
     return memory
