@@ -119,6 +119,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gptq_block.restype = None
     lib.polish_sweep.argtypes = [pointer, pointer, size, size, *[pointer] * 8]
     lib.polish_sweep.restype = None
+    lib.learned_soften.argtypes = [size, *[pointer] * 5, ctypes.c_int32]
+    lib.learned_soften.restype = None
+    lib.learned_step.argtypes = [size, pointer, ctypes.c_int32, *[pointer] * 7, ctypes.c_int32, ctypes.c_int32]
+    lib.learned_step.argtypes += [real] * 6
+    lib.learned_step.restype = ctypes.c_double
     return lib
 
 
@@ -175,6 +180,49 @@ def polish_sweep(
         *(_address(table, f32) for table in (tables.up, tables.down)),
         *(_address(table, torch.uint8) for table in (tables.up_code, tables.down_code, tables.same_code)),
     )
+
+
+def learned_soften(
+    logits: torch.Tensor, step: torch.Tensor, middle: torch.Tensor, sigmoid: torch.Tensor, delta: torch.Tensor
+) -> None:
+    """``rounding._Workspace.soften`` in C: ``sigmoid(logits)`` and the delta ``middle - u step / 2`` it gives."""
+    f32 = torch.float32
+    library().learned_soften(
+        logits.numel(), *(_address(tensor, f32) for tensor in (logits, step, middle, sigmoid)), *_either(delta)
+    )
+
+
+def learned_step(
+    product: torch.Tensor,
+    state: tuple[torch.Tensor, ...],
+    delta: torch.Tensor,
+    coefficient: float,
+    regulariser: tuple[float, float] | None,
+    adam: tuple[float, float, float],
+) -> float:
+    """The element-wise part of a learned-rounding iteration (``rounding._Workspace.update``) in C, in
+    one pass: ``state = (step, middle, logits, exp_avg, exp_avg_sq, sigmoid)``, the last four updated
+    in place, and the next ``delta``. ``regulariser``: its ``(log c, beta - 2)``, None in the warm-up;
+    ``adam``: ``(lr / bias correction 1, sqrt(bias correction 2), eps)``. Returns the regulariser's
+    sum of ``power * u``, from which the caller adds its loss."""
+    log_coefficient, exponent = regulariser or (0.0, 0.0)
+    return library().learned_step(
+        product.numel(),
+        *_either(product),
+        *(_address(tensor, torch.float32) for tensor in state),
+        *_either(delta),
+        regulariser is not None,
+        coefficient,
+        log_coefficient,
+        exponent,
+        *adam,
+    )
+
+
+def _either(tensor: torch.Tensor) -> tuple[int, bool]:
+    """The address of a bfloat16 or float32 tensor and whether it is bfloat16: the C loops take either."""
+    sixteen = tensor.dtype == torch.bfloat16
+    return _address(tensor, torch.bfloat16 if sixteen else torch.float32), sixteen
 
 
 class NeighbourTables:
