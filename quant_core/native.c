@@ -123,7 +123,7 @@ void polish_sweep(uint8_t *codes, const float *gradient, int64_t rows, int64_t w
  * (below), since gcc vectorises libm's only under -ffast-math. */
 
 #define LEARNED_TILE 256 /* elements per tile: its few stack arrays stay in the L1 cache */
-#define RECTIFIED_SPAN 1.2f /* zeta - gamma - ... : u = 1 - 2 gamma - 2 (zeta - gamma) s = 1.2 - 2.4 s */
+#define RECTIFIED_SPAN 1.2f /* u = 1 - 2 gamma - 2 (zeta - gamma) s = 1.2 - 2.4 s (zeta 1.1, gamma -0.1) */
 #define RECTIFIED_SLOPE -2.4f
 #define TINY 1e-30f /* rounding._TINY: floor of |u| under the logarithm */
 #define LOWEST_EXPONENT -80.0f /* rounding._LOWEST_EXPONENT: exp() of less is float32-subnormal */
@@ -306,7 +306,8 @@ static inline __attribute__((always_inline)) double learned_tiles(
  * the gradient coefficient * step * product (+ the regulariser's, where `regularise`), through the
  * rectified sigmoid's chain rule, an Adam update of `logits` and its moments, and the sigmoid and
  * delta of the new logits for the next iteration's products. `product` and `delta` are bfloat16
- * bits where their flags say so, else float32. Returns the regulariser's sum of power * u (0 without
+ * bits where their flags say so, else float32 (a bfloat16 product comes with a bfloat16 delta: the
+ * products' dtype, or float32 sums of them). Returns the regulariser's sum of power * u (0 without
  * it), whose loss term the caller adds. Each flag combination is its own loop, so none of them
  * tests a flag per element. */
 double learned_step(int64_t n, const void *product, int32_t product_bf16, const float *step, const float *middle,
@@ -323,8 +324,6 @@ double learned_step(int64_t n, const void *product, int32_t product_bf16, const 
     LEARNED_CASE(0, 1, 0)
     LEARNED_CASE(0, 0, 1)
     LEARNED_CASE(0, 0, 0)
-    LEARNED_CASE(1, 0, 1)
-    LEARNED_CASE(1, 0, 0)
 #undef LEARNED_CASE
     return 0.0;
 }

@@ -309,10 +309,10 @@ class _Grid:
         return _choices((values.float() / self.scale).clamp_(-limit, limit), self.dtype)
 
     def block(self, rows: slice) -> _Choices:
-        part = self.weight[rows]
+        part = self.weight[rows].contiguous()  # the optimiser's passes and its compiled step take flat blocks
         if self.table is None:
             return self._scaled(part)
-        index = part.contiguous().view(torch.uint16).flatten().int()
+        index = part.view(torch.uint16).flatten().int()
         fields = (getattr(self.table, f.name) for f in dataclasses.fields(_Choices))
         return _Choices(*(column.index_select(0, index).view(part.shape) for column in fields))
 

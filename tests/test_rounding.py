@@ -308,6 +308,20 @@ def test_works_under_inference_mode():
     assert torch.equal(as_bits(result.quantized), as_bits(reference.quantized))
 
 
+def test_a_transposed_weight_gives_the_file_of_its_contiguous_copy():
+    """A non-contiguous float32 weight: each block is made contiguous before its passes (the
+    regulariser's flat views and the compiled step need that)."""
+    calibration = LowRankCalibration(32, rank=4)
+    options = LearnedOptions(num_iter=30, calib_samples=64, lr=0.3)
+    weight = make_weight(32, 16, seed=6).T
+    assert not weight.is_contiguous()
+    scale = scale_of(weight, E4M3)
+    result = rounding.round_learned("t.weight", weight, scale, E4M3, calibration, options)
+    reference = rounding.round_learned("t.weight", weight.contiguous(), scale, E4M3, calibration, options)
+    assert torch.equal(as_bits(result.quantized), as_bits(reference.quantized))
+    assert result.error == reference.error
+
+
 # --------------------------------------------------------------------- the hand-written optimiser step
 
 
