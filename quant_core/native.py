@@ -205,6 +205,8 @@ def learned_step(
     in place, and the next ``delta``. ``regulariser``: its ``(log c, beta - 2)``, None in the warm-up;
     ``adam``: ``(lr / bias correction 1, sqrt(bias correction 2), eps)``. Returns the regulariser's
     sum of ``power * u``, from which the caller adds its loss."""
+    if product.dtype == torch.bfloat16 and delta.dtype != torch.bfloat16:
+        raise ValueError("a bfloat16 product comes with a bfloat16 delta (the C step has no loop for the mix)")
     log_coefficient, exponent = regulariser or (0.0, 0.0)
     return library().learned_step(
         product.numel(),
