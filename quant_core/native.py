@@ -8,6 +8,9 @@ file and no torch headers, so the build needs only a C compiler (about a second,
 machine; no ninja, no Python headers) and the library is cached by a hash of its source, the
 compiler and this CPU (it is built for the CPU it runs on).
 
+Learned rounding's optimiser (``rounding._Workspace``) runs the element-wise part of each
+iteration here too: one pass over a block instead of a dozen ATen passes (``learned_step``).
+
 ``QUANT_CORE_NATIVE=0`` turns it off; CUDA tensors always take the torch path.
 """
 
