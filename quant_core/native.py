@@ -8,6 +8,9 @@ file and no torch headers, so the build needs only a C compiler (about a second,
 machine; no ninja, no Python headers) and the library is cached by a hash of its source, the
 compiler and this CPU (it is built for the CPU it runs on).
 
+Learned rounding's optimiser (``rounding._Workspace``) runs the element-wise part of each
+iteration here too: one pass over a block instead of a dozen ATen passes (``learned_step``).
+
 ``QUANT_CORE_NATIVE=0`` turns it off; CUDA tensors always take the torch path.
 """
 
@@ -129,6 +132,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.scaled_columns.restype = None
     lib.unpermute_rows.argtypes = [pointer, size, size, pointer, pointer, pointer]
     lib.unpermute_rows.restype = None
+    lib.learned_soften.argtypes = [size, *[pointer] * 5, ctypes.c_int32]
+    lib.learned_soften.restype = None
+    lib.learned_step.argtypes = [size, pointer, ctypes.c_int32, *[pointer] * 7, ctypes.c_int32, ctypes.c_int32]
+    lib.learned_step.argtypes += [real] * 6
+    lib.learned_step.restype = ctypes.c_double
     return lib
 
 
@@ -244,6 +252,51 @@ def _positions(order: torch.Tensor, count: int) -> torch.Tensor:
     position[order] = torch.arange(count, dtype=order.dtype, device=order.device)
     _require(count == 0 or int(position.min()) >= 0, "an order that is no permutation")
     return position
+
+
+def learned_soften(
+    logits: torch.Tensor, step: torch.Tensor, middle: torch.Tensor, sigmoid: torch.Tensor, delta: torch.Tensor
+) -> None:
+    """``rounding._Workspace.soften`` in C: ``sigmoid(logits)`` and the delta ``middle - u step / 2`` it gives."""
+    f32 = torch.float32
+    library().learned_soften(
+        logits.numel(), *(_address(tensor, f32) for tensor in (logits, step, middle, sigmoid)), *_either(delta)
+    )
+
+
+def learned_step(
+    product: torch.Tensor,
+    state: tuple[torch.Tensor, ...],
+    delta: torch.Tensor,
+    coefficient: float,
+    regulariser: tuple[float, float] | None,
+    adam: tuple[float, float, float],
+) -> float:
+    """The element-wise part of a learned-rounding iteration (``rounding._Workspace.update``) in C, in
+    one pass: ``state = (step, middle, logits, exp_avg, exp_avg_sq, sigmoid)``, the last four updated
+    in place, and the next ``delta``. ``regulariser``: its ``(log c, beta - 2)``, None in the warm-up;
+    ``adam``: ``(lr / bias correction 1, sqrt(bias correction 2), eps)``. Returns the regulariser's
+    sum of ``power * u``, from which the caller adds its loss."""
+    if product.dtype == torch.bfloat16 and delta.dtype != torch.bfloat16:
+        raise ValueError("a bfloat16 product comes with a bfloat16 delta (the C step has no loop for the mix)")
+    log_coefficient, exponent = regulariser or (0.0, 0.0)
+    return library().learned_step(
+        product.numel(),
+        *_either(product),
+        *(_address(tensor, torch.float32) for tensor in state),
+        *_either(delta),
+        regulariser is not None,
+        coefficient,
+        log_coefficient,
+        exponent,
+        *adam,
+    )
+
+
+def _either(tensor: torch.Tensor) -> tuple[int, bool]:
+    """The address of a bfloat16 or float32 tensor and whether it is bfloat16: the C loops take either."""
+    sixteen = tensor.dtype == torch.bfloat16
+    return _address(tensor, torch.bfloat16 if sixteen else torch.float32), sixteen
 
 
 class NeighbourTables:

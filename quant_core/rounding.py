@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import torch
 
-from . import fp8
+from . import fp8, native
 from .calibration import CalibrationSource
 from .io import BufferPool
 from .job import Step, no_step
@@ -309,10 +309,10 @@ class _Grid:
         return _choices((values.float() / self.scale).clamp_(-limit, limit), self.dtype)
 
     def block(self, rows: slice) -> _Choices:
-        part = self.weight[rows]
+        part = self.weight[rows].contiguous()  # the optimiser's passes and its compiled step take flat blocks
         if self.table is None:
             return self._scaled(part)
-        index = part.contiguous().view(torch.uint16).flatten().int()
+        index = part.view(torch.uint16).flatten().int()
         fields = (getattr(self.table, f.name) for f in dataclasses.fields(_Choices))
         return _Choices(*(column.index_select(0, index).view(part.shape) for column in fields))
 
@@ -395,10 +395,11 @@ def _optimise_block(
     hand, in place, rather than by autograd and ``torch.optim``: the matrix work per weight is
     only ``4 * calib_samples`` flops an iteration, so the element-wise passes around it set the
     speed. What is fixed across iterations is computed once per block, every per-iteration tensor
-    lives in a buffer allocated once (``_Workspace``), and the step takes about ten passes over
-    the block: the soft choice enters only as ``u = 1 - 2 soft`` (the delta, the regulariser and the
-    clamp's mask all read it), the regulariser's coefficient rides inside its power's ``exp``, and
-    Adam is ATen's fused kernel.
+    lives in a buffer allocated once (``_Workspace``), and on the CPU everything between the
+    products is one compiled pass over the block (``native.learned_step``); the torch fallback
+    takes about ten: the soft choice enters only as ``u = 1 - 2 soft`` (the delta, the regulariser
+    and the clamp's mask all read it), the regulariser's coefficient rides inside its power's
+    ``exp``, and Adam is ATen's fused kernel.
     """
     report, first, total = steps
     batch = options.batch_size or inputs.shape[0]
@@ -413,7 +414,7 @@ def _optimise_block(
     both = (inputs, inputs.T.contiguous())  # a copy per block: small beside its iterations
     adam = _Adam(choices.logits, options.lr, options.num_iter)
     # d(output loss)/d(logits) = 2 (X delta^T)^T X * step / rtn_loss * (zeta - gamma) * s (1 - s)
-    factors = (choices.step, 2 * (_ZETA - _GAMMA) / rtn_loss, 1 / rtn_loss)
+    coefficient = 2 * (_ZETA - _GAMMA) / rtn_loss
     warmup = int(_WARMUP * options.num_iter)
     best, quiet, decisions, last_held_out, looked = math.inf, 0, choices.logits >= 0, math.inf, 0
     iteration = 0
@@ -424,11 +425,9 @@ def _optimise_block(
         if iteration > warmup and options.reg_lambda > 0:
             progress = (iteration - warmup) / max(1, options.num_iter - warmup)
             beta = _BETA_END + 0.5 * (_BETA_START - _BETA_END) * (1 + math.cos(math.pi * progress))
-            regulariser = _regulariser_gradient(work.centred, beta, options.reg_lambda, work.power, loss)
-        _output_gradient(both, work.delta, batch, factors, (work.product, work.gradient), regulariser, loss)
-        _chain_sigmoid(work.gradient, work.sigmoid, work.centred)
-        adam.step(work.gradient)
-        work.soften(adam.param)
+            regulariser = _Regulariser(beta, options.reg_lambda, choices.step.numel())
+        product = _output_product(both, work.delta, batch, 1 / rtn_loss, (work.product, work.gradient), loss)
+        work.update(product, coefficient, adam, regulariser, loss)
 
         if iteration % _CHECK_EVERY or iteration <= warmup or iteration == options.num_iter:
             continue
@@ -467,24 +466,59 @@ def _cpu_has_bfloat16() -> bool:
 class _Workspace:
     """The per-iteration tensors of one block, allocated once: the optimiser's step reads and
     writes them in place instead of allocating ~10 block-sized temporaries an iteration. The
-    losses of every iteration stay on the device until the optimiser looks at them."""
+    losses of every iteration stay on the device until the optimiser looks at them.
+
+    ``compiled``: the element-wise part of each iteration is ``native.learned_step``'s one pass
+    (a CPU with a C compiler), which keeps only ``sigmoid`` and derives ``u`` from it; else the
+    ATen passes of ``update``, which keep ``u`` (``centred``) and the regulariser's ``power`` too.
+    """
 
     def __init__(self, choices: _Choices, matmul_dtype: torch.dtype, iterations: int) -> None:
         logits = choices.logits
+        self.compiled = native.usable(logits)
         self.step = choices.step  # a power of two (or 0): scaling by it is exact, so it needs no scaled copies
         self.middle = choices.offset + self.step * 0.5  # delta = offset + soft step = (offset + step / 2) - u step / 2
-        self.sigmoid, self.centred = torch.empty_like(logits), torch.empty_like(logits)
+        self.sigmoid = torch.empty_like(logits)
+        spare = (None, None) if self.compiled else (torch.empty_like(logits), torch.empty_like(logits))
+        self.centred, self.power = spare
         self.delta = torch.empty_like(logits, dtype=matmul_dtype)
-        self.gradient, self.power = torch.empty_like(logits), torch.empty_like(logits)
+        self.gradient = torch.empty_like(logits)  # compiled: only a product summed over batches of inputs
         self.product = torch.empty_like(logits, dtype=matmul_dtype)
         self.soften(logits)
         self.decisions = torch.empty_like(logits, dtype=torch.bool)
         self.losses = torch.zeros(iterations, dtype=torch.float64, device=logits.device)
 
+    def update(
+        self,
+        product: torch.Tensor,
+        coefficient: float,
+        adam: _Adam,
+        regulariser: _Regulariser | None,
+        loss: torch.Tensor,
+    ) -> None:
+        """Everything of an iteration after its products (``product`` from ``_output_product``): the
+        gradient ``coefficient * step * product`` plus the regulariser's (adding its loss), through
+        the rectified sigmoid, an Adam update of the logits, and their new sigmoid, ``u`` and delta."""
+        if self.compiled:
+            state = (self.step, self.middle, adam.param, adam.exp_avg, adam.exp_avg_sq, self.sigmoid)
+            constants = None if regulariser is None else (math.log(regulariser.coefficient), regulariser.beta - 2)
+            terms = native.learned_step(product, state, self.delta, coefficient, constants, adam.advance())
+            if regulariser is not None:
+                regulariser.add_loss(loss, terms)
+            return
+        initial = None if regulariser is None else _regulariser_gradient(self.centred, regulariser, self.power, loss)
+        _scale_product(product, self.step, coefficient, initial, self.gradient)
+        _chain_sigmoid(self.gradient, self.sigmoid, self.centred)
+        adam.step(self.gradient)
+        self.soften(adam.param)
+
     def soften(self, logits: torch.Tensor) -> None:
         """``sigmoid(logits)``, ``u = 1 - 2 rectified_sigmoid(logits)`` and the delta they give. A bf16
         delta is computed in float32 first (into ``gradient``, free until the next step): written to
         bf16 directly, ATen allocated a block-sized float32 temporary every iteration."""
+        if self.compiled:
+            native.learned_soften(logits, self.step, self.middle, self.sigmoid, self.delta)
+            return
         _soften(logits, self.sigmoid, self.centred)
         exact = self.delta if self.delta.dtype == torch.float32 else self.gradient
         torch.addcmul(self.middle, self.centred, self.step, value=-0.5, out=exact)
@@ -504,14 +538,24 @@ class _Adam:
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)  # the kernel's step count
         self.done = 0
 
+    def advance(self) -> tuple[float, float, float]:
+        """Counts a step; its ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)`` and eps, in double as
+        ATen's fused kernel computes them, for ``native.learned_step``."""
+        lr = self._lr()
+        self.done += 1
+        return lr / (1 - 0.9**self.done), math.sqrt(1 - 0.999**self.done), 1e-8
+
     def step(self, grad: torch.Tensor) -> None:
-        lr = self.lr * (1 + math.cos(math.pi * self.done / self.num_iter)) / 2
+        lr = self._lr()
         self.done += 1
         self.steps += 1
         torch._fused_adam_(
             [self.param], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
             lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
         )  # fmt: skip
+
+    def _lr(self) -> float:
+        return self.lr * (1 + math.cos(math.pi * self.done / self.num_iter)) / 2
 
 
 def _soften(logits: torch.Tensor, sigmoid: torch.Tensor | None = None, centred: torch.Tensor | None = None):
@@ -524,29 +568,43 @@ def _soften(logits: torch.Tensor, sigmoid: torch.Tensor | None = None, centred: 
     return sigmoid, centred
 
 
+@dataclass(frozen=True)
+class _Regulariser:
+    """``reg_lambda * mean(1 - |2 soft - 1|^beta)`` over ``count`` weights at one ``beta`` of the anneal.
+
+    With ``u = 1 - 2 soft`` its derivative in ``soft``, times ``zeta - gamma`` (the chain rule's
+    constant, which ``_chain_sigmoid`` leaves out), is ``c u |u|^(beta - 2)``, ``c = 2 beta reg_lambda
+    (zeta - gamma) / count``; ``beta >= 2`` throughout the anneal. Both paths compute the power and
+    ``c`` as one ``exp(log c + (beta - 2) log |u|)`` with ``|u|`` kept above 0 (the factor ``u`` makes
+    those elements 0 again) and the exponent above ``_LOWEST_EXPONENT``: on the CPU that is 3x faster
+    than ``pow``, and ``c`` costs no pass of its own."""
+
+    beta: float
+    reg_lambda: float
+    count: int
+
+    @property
+    def coefficient(self) -> float:
+        return 2 * self.beta * self.reg_lambda * (_ZETA - _GAMMA) / self.count
+
+    def add_loss(self, loss: torch.Tensor, terms: torch.Tensor | float) -> None:
+        """Adds the term to ``loss`` from ``terms``, the sum of ``power * u`` (= ``c sum |u|^beta``)."""
+        loss.add_(terms, alpha=-self.reg_lambda / (self.coefficient * self.count))
+        loss.add_(self.reg_lambda)
+
+
 def _regulariser_gradient(
     centred: torch.Tensor,
-    beta: float,
-    reg_lambda: float,
+    regulariser: _Regulariser,
     out: torch.Tensor | None = None,
     loss: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """d/d(soft) of ``reg_lambda * mean(1 - |2 soft - 1|^beta)``, times ``zeta - gamma`` (the chain
-    rule's constant, which ``_chain_sigmoid`` leaves out), into ``out``; adds the term to ``loss``.
-
-    With ``u = 1 - 2 soft`` (``centred``) the derivative is ``c u |u|^(beta - 2)``, ``c = 2 beta reg_lambda / n``;
-    ``beta >= 2`` throughout the anneal. The power and ``c`` are one ``exp(log c + (beta - 2) log |u|)``
-    with ``|u|`` kept above 0 (the factor ``u`` makes those elements 0 again) and the exponent above
-    ``_LOWEST_EXPONENT``: on the CPU that is 3x faster than ``pow``, and ``c`` costs no pass of its own.
-    """
-    count = centred.numel()
-    coefficient = 2 * beta * reg_lambda * (_ZETA - _GAMMA) / count
+    """The regulariser's gradient from ``u`` (``centred``), into ``out``; adds its term to ``loss``."""
     power = torch.abs(centred, out=out).clamp_(min=_TINY).log_()
-    power = torch.add(torch.tensor(math.log(coefficient)), power, alpha=beta - 2, out=power)
+    power = torch.add(torch.tensor(math.log(regulariser.coefficient)), power, alpha=regulariser.beta - 2, out=power)
     power = power.clamp_(min=_LOWEST_EXPONENT).exp_().mul_(centred)
-    if loss is not None:  # sum |u|^beta = (power . u) / c
-        loss.add_(torch.dot(power.view(-1), centred.view(-1)), alpha=-reg_lambda / (coefficient * count))
-        loss.add_(reg_lambda)
+    if loss is not None:
+        regulariser.add_loss(loss, torch.dot(power.view(-1), centred.view(-1)))
     return power
 
 
@@ -566,19 +624,17 @@ def _output_loss(inputs: torch.Tensor, delta: torch.Tensor, batch: int) -> torch
     return total
 
 
-def _output_gradient(
+def _output_product(
     inputs: tuple[torch.Tensor, torch.Tensor],
     delta: torch.Tensor,
     batch: int,
-    factors: tuple[torch.Tensor, float, float],
+    weight: float,
     buffers: tuple[torch.Tensor, torch.Tensor],
-    initial: torch.Tensor | None,
     loss: torch.Tensor,
-) -> None:
-    """With ``factors = (step, coefficient, weight)`` and ``buffers = (product, gradient)``, writes
-    ``initial + coefficient * step * (X delta^T)^T X`` into ``gradient`` (``coefficient`` carries the 2)
-    and adds ``weight * ||X delta^T||^2`` to ``loss``. ``step`` is a tensor of powers of two (or 0),
-    so the result equals a product with a precomputed ``coefficient * step`` without reading one.
+) -> torch.Tensor:
+    """``(X delta^T)^T X``, half the output loss's gradient in ``delta``; adds ``weight * ||X delta^T||^2``
+    to ``loss``. With ``buffers = (product, gradient)``: ``product`` for one batch of inputs, else
+    their products summed in float32 into ``gradient``.
 
     ``inputs = (X, X^T)``, the second contiguous: both products then multiply row-major matrices
     (``(X delta^T)^T = delta X^T``, then that times ``X``), the layout BLAS is fastest with
@@ -587,25 +643,37 @@ def _output_gradient(
     (``--batch_size`` bounds memory) and nothing is kept for a backward pass. ``X`` and
     ``delta`` share the matmul dtype (see ``_matmul_dtype``), as does ``product``, the block-sized
     buffer the second product is written to, so that no block-sized result is allocated every
-    iteration. The gradient is float32.
+    iteration.
     """
-    step, coefficient, weight = factors
     product, gradient = buffers
     rows, columns = inputs
+    total = product
     for start in range(0, rows.shape[0], batch):
-        chunk = rows[start : start + batch]
         out = delta @ columns[:, start : start + batch]  # (X delta^T)^T
         loss.add_(out.float().square().sum(), alpha=weight)
-        part = torch.mm(out, chunk, out=product)
-        if start:
-            gradient.addcmul_(part, step, value=coefficient)
-            continue
-        if part.dtype != gradient.dtype:  # widened first: ATen's mixed-dtype addcmul is the slower path
-            part = gradient.copy_(part)
-        if initial is None:
-            torch.mul(part, step, out=gradient).mul_(coefficient)
-        else:
-            torch.addcmul(initial, part, step, value=coefficient, out=gradient)
+        part = torch.mm(out, rows[start : start + batch], out=product)
+        if rows.shape[0] > batch:
+            total = gradient.add_(part) if start else gradient.copy_(part)
+    return total
+
+
+def _scale_product(
+    product: torch.Tensor,
+    step: torch.Tensor,
+    coefficient: float,
+    initial: torch.Tensor | None,
+    gradient: torch.Tensor,
+) -> None:
+    """``initial + coefficient * step * product`` (no ``initial``: 0) into the float32 ``gradient``.
+    ``step`` is a tensor of powers of two (or 0), so the result equals a product with a precomputed
+    ``coefficient * step`` without reading one. A bf16 product is widened into ``gradient`` first:
+    ATen's mixed-dtype ``addcmul`` is the slower path."""
+    if product.dtype != gradient.dtype:
+        product = gradient.copy_(product)
+    if initial is None:
+        torch.mul(product, step, out=gradient).mul_(coefficient)
+    else:
+        torch.addcmul(initial, product, step, value=coefficient, out=gradient)
 
 
 def _inverse_rectified_sigmoid(fraction: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,18 @@
-"""The compiled column loops (quant_core/native.c) against the torch loops they replace, and their build."""
+"""The compiled loops (quant_core/native.c) against the torch code they replace, and their build."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 
-from quant_core import fp8, gptq, native
+from quant_core import fp8, gptq, native, rounding
+from quant_core.options import LearnedOptions
 from tests.test_fp8 import DTYPE_IDS, DTYPES, grid_rounding_cases
+
+E4M3 = torch.float8_e4m3fn
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here: nothing is compiled")
 
@@ -84,6 +88,86 @@ def test_compiled_polish_sweep_is_the_torch_sweep(monkeypatch, width):
     assert float((steps_c == steps_t).double().mean()) > 0.999
     assert not (codes_c == 0x80).any(), "-0 becomes +0, as in the torch sweep"
     assert steps_c.abs().sum() > 0 and not steps_c[5].any(), "weights move, except those of the dead input"
+
+
+def learned_case(rows: int, width: int, seed: int) -> rounding._Choices:
+    """A block's choices whose logits reach every part of the rectified sigmoid: soft held at 0 and
+    1 (|logits| up to 100), ``u = 0`` exactly (logit 0), and ordinary values."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, width, generator=generator).bfloat16()
+    choices = rounding._Grid(weight, fp8.scale_for(fp8.absmax(weight), E4M3), E4M3).block(slice(0, rows))
+    choices.logits[0, :6] = torch.tensor([0.0, 100.0, -100.0, 30.0, -30.0, 2.4])
+    return choices
+
+
+def learned_workspaces(monkeypatch, choices: rounding._Choices, matmul: torch.dtype, iterations: int):
+    """The same block's workspace and Adam state with the compiled step and with the torch passes."""
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        work = rounding._Workspace(choices, matmul, iterations)
+        assert work.compiled == (loops == "compiled")
+        yield work, rounding._Adam(choices.logits.clone(), 0.3, iterations)
+
+
+def test_compiled_soften_is_the_torch_soften(monkeypatch):
+    choices = learned_case(12, 200, seed=1)
+    for matmul in (torch.float32, torch.bfloat16):
+        (compiled, _), (reference, _) = learned_workspaces(monkeypatch, choices, matmul, 1)
+        monkeypatch.undo()
+        torch.testing.assert_close(compiled.sigmoid, reference.sigmoid, rtol=2e-6, atol=1e-30)
+        torch.testing.assert_close(compiled.delta.float(), reference.delta.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("matmul", "batch"), [(torch.float32, 40), (torch.bfloat16, 40), (torch.bfloat16, 15)])
+def test_compiled_learned_step_is_the_torch_step(monkeypatch, matmul, batch):
+    """Both paths in lockstep, each iteration from the same products (of the torch path's delta: a
+    1-ulp change of a delta changes a product where the sum cancels, and Adam's first steps move by
+    +-lr whatever the gradient's size), the regulariser off and then on through its anneal, bf16
+    products summed over batches in float32 too: the same state and losses up to float rounding."""
+    choices, iterations = learned_case(23, 101, seed=2), 6  # 2323 weights: 9 tiles of 256 and 19 more
+    inputs = torch.randn(40, 101, generator=torch.Generator().manual_seed(3)).to(matmul)
+    both = (inputs, inputs.T.contiguous())
+    pair = list(learned_workspaces(monkeypatch, choices, matmul, iterations))
+    monkeypatch.undo()  # the torch workspace keeps to its passes
+    delta = pair[1][0].delta
+    for iteration in range(iterations):
+        regulariser = rounding._Regulariser(20.0 - 3 * iteration, 0.5, delta.numel()) if iteration > 1 else None
+        buffers = [(work.product, work.gradient, work.losses[iteration]) for work, _ in pair]
+        products = [rounding._output_product(both, delta, batch, 0.01, (a, b), loss) for a, b, loss in buffers]
+        for (work, adam), product in zip(pair, products, strict=True):
+            work.update(product, 0.05, adam, regulariser, work.losses[iteration])
+    (compiled, adam), (reference, reference_adam) = pair
+    for ours, theirs in [
+        (adam.param, reference_adam.param),
+        (adam.exp_avg, reference_adam.exp_avg),
+        (adam.exp_avg_sq, reference_adam.exp_avg_sq),
+        (compiled.sigmoid, reference.sigmoid),
+        (compiled.delta.float(), reference.delta.float()),
+        (compiled.losses, reference.losses),
+    ]:
+        assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+    assert torch.equal(adam.param >= 0, reference_adam.param >= 0), "the same decisions"
+    assert float((adam.param - choices.logits).abs().max()) > 0.1, "the logits moved"
+
+
+def test_compiled_optimiser_decides_as_the_torch_one(monkeypatch):
+    """Whole blocks (the early stop included) on anisotropic inputs, where learned rounding moves
+    decisions away from round-to-nearest: the same decisions up to float ties."""
+    choices = learned_case(32, 64, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(48, 8, generator=generator) @ torch.randn(8, 64, generator=generator)
+    options = LearnedOptions(num_iter=120, calib_samples=48, lr=0.1, use_amp=False)
+    results = []
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        fresh = dataclasses.replace(choices, logits=choices.logits.clone())  # the optimiser moves its logits
+        results.append(rounding._optimise_block(fresh, inputs, options))
+    (decisions, used, _), (reference, reference_used, _) = results
+    assert float((decisions == reference).double().mean()) > 0.995, "the same decisions up to float ties"
+    assert int((decisions != choices.up).sum()) > 10, "learned rounding moved decisions away from RTN"
+    assert abs(used - reference_used) <= rounding._CHECK_EVERY
 
 
 def test_the_switch_turns_the_compiled_loops_off(monkeypatch):

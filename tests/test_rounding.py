@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from quant_core import fp8, rounding
+from quant_core import fp8, native, rounding
 from quant_core.calibration import RandomCalibration
 from quant_core.options import LearnedOptions
 from quant_core.rounding import round_nearest
@@ -16,6 +16,17 @@ E4M3 = torch.float8_e4m3fn
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 DTYPE_IDS = ["e4m3fn", "e5m2"]
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def element_wise(request, monkeypatch):
+    """Every test here runs with the optimiser's compiled element-wise step (``native``) and with
+    its torch passes."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler here: the compiled step cannot be built")
+    return request.param
 
 
 class LowRankCalibration:
@@ -99,15 +110,23 @@ def held_out_errors(name, weight, scale, dtype, calibration, options, quantized)
 
 
 @pytest.fixture(scope="module")
-def low_rank_case():
-    """The 64x128 anisotropic case, optimised once for several tests."""
-    name = "blocks.0.attn.q.weight"
-    weight = make_weight(64, 128)
-    scale = scale_of(weight, E4M3)
-    calibration = LowRankCalibration(128)
-    options = LearnedOptions(num_iter=300, calib_samples=256)
-    result = rounding.round_learned(name, weight, scale, E4M3, calibration, options)
-    return name, weight, scale, calibration, options, result
+def low_rank_cases() -> dict:
+    return {}
+
+
+@pytest.fixture
+def low_rank_case(element_wise, low_rank_cases):
+    """The 64x128 anisotropic case, optimised once for several tests (once per element-wise path:
+    the two paths' float rounding moves a few decisions over 300 iterations)."""
+    if element_wise not in low_rank_cases:
+        name = "blocks.0.attn.q.weight"
+        weight = make_weight(64, 128)
+        scale = scale_of(weight, E4M3)
+        calibration = LowRankCalibration(128)
+        options = LearnedOptions(num_iter=300, calib_samples=256)
+        result = rounding.round_learned(name, weight, scale, E4M3, calibration, options)
+        low_rank_cases[element_wise] = name, weight, scale, calibration, options, result
+    return low_rank_cases[element_wise]
 
 
 # --------------------------------------------------------------------------------------- grid neighbours
@@ -289,6 +308,20 @@ def test_works_under_inference_mode():
     assert torch.equal(as_bits(result.quantized), as_bits(reference.quantized))
 
 
+def test_a_transposed_weight_gives_the_file_of_its_contiguous_copy():
+    """A non-contiguous float32 weight: each block is made contiguous before its passes (the
+    regulariser's flat views and the compiled step need that)."""
+    calibration = LowRankCalibration(32, rank=4)
+    options = LearnedOptions(num_iter=30, calib_samples=64, lr=0.3)
+    weight = make_weight(32, 16, seed=6).T
+    assert not weight.is_contiguous()
+    scale = scale_of(weight, E4M3)
+    result = rounding.round_learned("t.weight", weight, scale, E4M3, calibration, options)
+    reference = rounding.round_learned("t.weight", weight.contiguous(), scale, E4M3, calibration, options)
+    assert torch.equal(as_bits(result.quantized), as_bits(reference.quantized))
+    assert result.error == reference.error
+
+
 # --------------------------------------------------------------------- the hand-written optimiser step
 
 
@@ -303,23 +336,24 @@ def test_hand_written_gradient_matches_autograd():
 
     leaf = logits.clone().requires_grad_(True)
     soft = (torch.sigmoid(leaf) * zeta_gamma + rounding._GAMMA).clamp(0, 1)  # the seed's rectified sigmoid
-    regulariser = reg_lambda * (1 - (2 * soft - 1).abs().pow(beta)).mean()
-    ((soft * output_gradient).sum() + regulariser).backward()
+    reference = reg_lambda * (1 - (2 * soft - 1).abs().pow(beta)).mean()
+    ((soft * output_gradient).sum() + reference).backward()
 
     sigmoid, centred = rounding._soften(logits)
     torch.testing.assert_close(centred, 1 - 2 * soft.detach())
     value = torch.zeros((), dtype=torch.float64)
-    gradient = rounding._regulariser_gradient(centred, beta, reg_lambda, loss=value) + output_gradient * zeta_gamma
+    regulariser = rounding._Regulariser(beta, reg_lambda, centred.numel())
+    gradient = rounding._regulariser_gradient(centred, regulariser, loss=value) + output_gradient * zeta_gamma
     rounding._chain_sigmoid(gradient, sigmoid, centred)
     assert ((soft == 0) | (soft == 1)).any()
     torch.testing.assert_close(gradient, leaf.grad, rtol=1e-5, atol=1e-8)
-    assert float(value) == pytest.approx(float(regulariser.detach()), rel=1e-5)
+    assert float(value) == pytest.approx(float(reference.detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize(("matmul", "batch"), [(torch.float32, 40), (torch.float32, 15), (torch.bfloat16, 40)])
 def test_output_gradient_matches_autograd(matmul, batch):
-    """``_output_gradient`` (row-major products, the scaling by ``coefficient * step``, batches of
-    calibration rows) equals autograd's gradient of ``coefficient / 2 * ||X (delta * step)^T||^2``
+    """``_output_product`` and ``_scale_product`` (row-major products, the scaling by ``coefficient *
+    step``, batches of calibration rows) equal autograd's gradient of ``coefficient / 2 * ||X (delta * step)^T||^2``
     plus ``initial``, and adds the loss: the same maths as the seed's product of two transposes."""
     generator = torch.Generator().manual_seed(8)
     inputs = torch.randn(40, 48, generator=generator).to(matmul)
@@ -337,7 +371,8 @@ def test_output_gradient_matches_autograd(matmul, batch):
     buffers = (torch.empty(24, 48, dtype=matmul), torch.empty(24, 48))
     loss = torch.zeros((), dtype=torch.float64)
     both = (inputs, inputs.T.contiguous())
-    rounding._output_gradient(both, delta, batch, (step, coefficient, weight), buffers, initial, loss)
+    product = rounding._output_product(both, delta, batch, weight, buffers, loss)
+    rounding._scale_product(product, step, coefficient, initial, buffers[1])
     relative = 1e-5 if matmul == torch.float32 else 1e-2  # bf16 products: 8 significant bits
     size = float((expected - initial).abs().max())
     torch.testing.assert_close(buffers[1], expected, rtol=relative, atol=relative * size)
