@@ -103,15 +103,14 @@ def _round_and_check(
     def checking(*_) -> None:
         step(finished, finished)
 
-    rtn = round_nearest(weight, scale, dtype, step=checking).quantized
     heldout = stats.heldout
     if isinstance(heldout, RowSample):
         heldout = RowSample(heldout.rows.to(_product_dtype(weight.device)))
     elif isinstance(heldout, Gram):
         heldout = _ProductGram(heldout.matrix.to(weight.device, _product_dtype(weight.device)))
-    error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), heldout, checking)
-    if error > error_rtn:
-        return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
+    error_rtn, error = _heldout_errors(weight, scale, dtype, (None, quantized), heldout, checking)
+    if error > error_rtn:  # round-to-nearest is only made when it is kept
+        return RoundingResult(round_nearest(weight, scale, dtype).quantized, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
 
 
@@ -164,13 +163,19 @@ def _scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float) -> 
 
 
 def _heldout_errors(
-    weight: torch.Tensor, scale: float, candidates: tuple[torch.Tensor, ...], heldout: Moments, step: Step = no_step
+    weight: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    candidates: tuple[torch.Tensor | None, ...],
+    heldout: Moments,
+    step: Step = no_step,
 ) -> list[float]:
-    """Relative held-out output error of each fp8 candidate for ``weight``, summed over blocks of
-    output rows (each output row only sees its own weight row), so nothing full-size is made."""
+    """Relative held-out output error of each fp8 candidate (``dtype`` codes; ``None`` stands for
+    round-to-nearest) for ``weight``, summed over blocks of output rows (each output row only sees
+    its own weight row), so nothing full-size is made."""
     rows_per_block = max(1, _CHECK_ELEMENTS // max(1, weight.shape[1]))
-    table = _fp8_values(candidates[0].dtype, weight.device)
-    values = _Lookup((table,), rows_per_block * weight.shape[1], weight.device)
+    product = heldout.rows.dtype if isinstance(heldout, RowSample) else heldout.matrix.dtype
+    deltas = _Deltas(dtype, product, rows_per_block * weight.shape[1], weight.device)
     reference, errors = 0.0, [0.0] * len(candidates)
     for start in range(0, weight.shape[0], rows_per_block):
         step(start, weight.shape[0])
@@ -178,8 +183,36 @@ def _heldout_errors(
         block = weight[rows]  # the quadratic forms convert it themselves
         reference += heldout.quadratic(block)
         for k, candidate in enumerate(candidates):
-            errors[k] += heldout.quadratic(values(candidate[rows])[0].mul_(scale).sub_(block))
+            errors[k] += heldout.quadratic(deltas(block, scale, None if candidate is None else candidate[rows]))
     return [relative_error(error, reference) for error in errors]
+
+
+class _Deltas:
+    """The held-out check's weight errors ``value * scale - weight`` for a block of rows, in the
+    dtype of the check's products, into memory allocated once per layer; the values are a
+    candidate's fp8 codes or (codes ``None``) the weight's round-to-nearest.
+
+    Compiled, this is one pass over the block's weights and codes. In torch it was a table gather
+    by int32 index, a multiplication, a subtraction and a conversion per candidate, and
+    round-to-nearest a pass over the whole weight of its own, together as long as the products.
+    """
+
+    def __init__(self, dtype: torch.dtype, product: torch.dtype, size: int, device: torch.device) -> None:
+        self._dtype = dtype
+        self._out = torch.empty(size, dtype=product, device=device)
+        self._values = _Lookup((_fp8_values(dtype, device),), size, device)
+        self._grid = fp8.GridRounding(dtype, 1)
+
+    def __call__(self, block: torch.Tensor, scale: float, codes: torch.Tensor | None) -> torch.Tensor:
+        """The errors of ``codes`` (or round-to-nearest) for ``block`` (valid until the next call)."""
+        out = self._out[: block.numel()].view(block.shape)
+        floats = (torch.bfloat16, torch.float32)
+        if native.usable(block) and block.is_contiguous() and block.dtype in floats and out.dtype in floats:
+            native.heldout_deltas(block, scale, codes, out, self._dtype, self._grid)
+            return out
+        if codes is None:
+            codes = fp8.quantize_nearest(block, scale, self._dtype)
+        return out.copy_(self._values(codes)[0].mul_(scale).sub_(block))
 
 
 def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:

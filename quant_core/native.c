@@ -288,3 +288,44 @@ void add_and_round(float *state, const uint16_t *update, uint16_t *rounded, int6
         STORE(rounded + at, half, n);
     }
 }
+
+/* The held-out check's weight errors (gptq._Deltas): value * scale - weight for `count` weights
+ * (bfloat16, or float32 if not `weight_is_bfloat16`), into bfloat16 or float32 `out`; the value is
+ * the fp8 code's where `codes` are given, else the weight's round-to-nearest (grid_round of
+ * weight / scale, as fp8.quantize_nearest), so round-to-nearest needs no pass of its own. By
+ * chunks that stay in the first-level cache: grid_round vectorises in a plain loop over an array. */
+#define CHUNK 1024
+void heldout_deltas(const void *weight, int32_t weight_is_bfloat16, int64_t count, float scale, const uint8_t *codes,
+                    void *out, int32_t out_is_bfloat16, int32_t mantissa, int32_t offset, int32_t top, float limit,
+                    uint32_t shift, int32_t lowest) {
+    const struct fp8_grid grid = {mantissa, offset, top};
+    float weights[CHUNK] __attribute__((aligned(64))), values[CHUNK] __attribute__((aligned(64)));
+    for (int64_t start = 0; start < count; start += CHUNK) {
+        const int64_t size = count - start < CHUNK ? count - start : CHUNK;
+        for (int64_t at = 0; at < size; at += LANES) {
+            const int n = size - at < LANES ? (int)(size - at) : LANES;
+            const floats w = weight_is_bfloat16 ? from_bfloat16(LOAD(halves, (const uint16_t *)weight + start + at, n))
+                                                : LOAD(floats, (const float *)weight + start + at, n);
+            memcpy(weights + at, &w, sizeof w);
+            if (codes) {
+                const floats value = code_values(LOAD(bytes, codes + start + at, n), grid);
+                memcpy(values + at, &value, sizeof value);
+            }
+        }
+        if (!codes)
+            for (int64_t t = 0; t < size; t++) values[t] = grid_round(weights[t] / scale, limit, shift, lowest);
+        for (int64_t at = 0; at < size; at += LANES) {
+            const int n = size - at < LANES ? (int)(size - at) : LANES;
+            floats value, w;
+            memcpy(&value, values + at, sizeof value);
+            memcpy(&w, weights + at, sizeof w);
+            const floats delta = value * scale - w;
+            if (out_is_bfloat16) {
+                const halves half = to_bfloat16(delta);
+                STORE((uint16_t *)out + start + at, half, n);
+            } else {
+                STORE((float *)out + start + at, delta, n);
+            }
+        }
+    }
+}

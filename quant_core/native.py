@@ -123,6 +123,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.polish_sweep.restype = None
     lib.polish_errors.argtypes = [pointer, pointer, size, flag, flag, flag]
     lib.polish_errors.restype = None
+    lib.heldout_deltas.argtypes = [pointer, flag, size, real, pointer, pointer, flag, flag, flag, flag, real]
+    lib.heldout_deltas.argtypes += [ctypes.c_uint32, flag]
+    lib.heldout_deltas.restype = None
     lib.add_and_round.argtypes = [pointer, pointer, pointer, size]
     lib.add_and_round.restype = None
     return lib
@@ -206,6 +209,34 @@ def add_and_round(state: torch.Tensor, update: torch.Tensor, rounded: torch.Tens
         raise ValueError(f"shapes differ: {state.shape}, {update.shape}, {rounded.shape}")
     library().add_and_round(
         _address(state, torch.float32), _address(update, bf16), _address(rounded, bf16), state.numel()
+    )
+
+
+def heldout_deltas(
+    weight: torch.Tensor,
+    scale: float,
+    codes: torch.Tensor | None,
+    out: torch.Tensor,
+    dtype: torch.dtype,
+    grid: fp8.GridRounding,
+) -> None:
+    """``gptq._Deltas`` in C: ``out`` = the ``dtype`` values (of ``codes``, else of ``weight``'s
+    round-to-nearest by ``grid``) times ``scale`` minus ``weight``; bfloat16 or float32 each."""
+    if (codes is not None and codes.shape != weight.shape) or out.shape != weight.shape:
+        raise ValueError(f"shapes differ: {weight.shape}, {out.shape}")
+    bf16, f32 = torch.bfloat16, torch.float32
+    library().heldout_deltas(
+        _address(weight, bf16 if weight.dtype == bf16 else f32),
+        weight.dtype == bf16,
+        weight.numel(),
+        scale,
+        None if codes is None else _address(codes.view(torch.uint8), torch.uint8),
+        _address(out, bf16 if out.dtype == bf16 else f32),
+        out.dtype == bf16,
+        *_grid(dtype),
+        grid.limit,
+        grid.shift,
+        grid.lowest,
     )
 
 

@@ -169,3 +169,30 @@ def test_compiled_polish_errors_are_the_table_values_minus_the_weights(monkeypat
     torch_loops(monkeypatch)
     gptq._errors(codes, fallback)
     assert torch.equal(compiled, fallback)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("product", [torch.bfloat16, torch.float32])
+def test_compiled_heldout_deltas_are_the_torch_ones(monkeypatch, dtype, source, product):
+    """A candidate's codes and round-to-nearest (from the weight itself), past a vector and a chunk
+    with an odd tail, weights beyond the format's range included (they saturate)."""
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(3, 1111, generator=generator) * torch.logspace(-6, 1, 1111)).to(source)
+    scale = float(weight.float().abs().max()) / fp8.fp8_max(dtype) / 2  # the largest weights saturate
+    codes = fp8.quantize_nearest(weight * 1.1, scale, dtype)
+    results = {}
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        deltas = gptq._Deltas(dtype, product, weight.numel(), weight.device)
+        results[loops] = [deltas(weight, scale, candidate).clone() for candidate in (None, codes)]
+    # the same up to a float32 rounding of the weight's size (the C code fuses value * scale - weight
+    # into one operation), and then the rounding of the difference to the product dtype
+    rounding = 2**-7 if product == torch.bfloat16 else 0.0  # a unit in the last place
+    for compiled, fallback in zip(results["compiled"], results["torch"], strict=True):
+        assert compiled.dtype == product
+        bound = rounding * fallback.float().abs() + 2**-22 * weight.float().abs()
+        assert ((compiled.float() - fallback.float()).abs() <= bound).all()
+    rtn = fp8.quantize_nearest(weight, scale, dtype)
+    assert torch.equal(results["torch"][0], (rtn.float() * scale - weight.float()).to(product))
