@@ -423,9 +423,9 @@ class _Descent:
         error: torch.Tensor,
     ) -> torch.Tensor:
         """One sweep over a block of columns (``codes``, fp8, changed in place) with ``H_JJ``
-        (``local``) and the gradient ``(H D)_J = base + residual * error`` (``residual`` per column,
-        or none); adds the steps to ``error`` (``D_J``) and returns them (in units of the scale;
-        valid until the next call).
+        (``local``, symmetric: the compiled sweep reads its rows for its columns) and the gradient
+        ``(H D)_J = base + residual * error`` (``residual`` per column, or none); adds the steps to
+        ``error`` (``D_J``) and returns them (in units of the scale; valid until the next call).
 
         A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
         the slope ``-2 g / H_ii > u``, a step down ``l < 0`` when the slope ``< l``, never both. So a
