@@ -329,3 +329,23 @@ void heldout_deltas(const void *weight, int32_t weight_is_bfloat16, int64_t coun
         }
     }
 }
+
+/* out[o][i] = rows[rank[i]][o]: GPTQ's codes (one row per weight column, in act order) back into
+ * the weight's layout (gptq._round_and_check). By squares of SQUARE x SQUARE bytes, transposed in
+ * a local copy so that reads and writes are whole pieces of rows; torch's byte transpose moved 1 GB/s. */
+#define SQUARE 64
+void unpermute_columns(const uint8_t *rows, int64_t columns, int64_t width, const int64_t *rank, uint8_t *out) {
+    for (int64_t i0 = 0; i0 < columns; i0 += SQUARE) {
+        const int64_t i1 = i0 + SQUARE < columns ? i0 + SQUARE : columns;
+        for (int64_t o0 = 0; o0 < width; o0 += SQUARE) { /* along SQUARE rows at once: streams the CPU prefetches */
+            const int64_t o1 = o0 + SQUARE < width ? o0 + SQUARE : width;
+            uint8_t square[SQUARE][SQUARE]; /* written whole rows at a time: rows `columns` apart share cache sets */
+            for (int64_t i = i0; i < i1; i++) {
+                const uint8_t *source = rows + rank[i] * width;
+                __builtin_prefetch(source + o0 + 2 * SQUARE); /* rows in act order: no pattern the CPU sees */
+                for (int64_t o = o0; o < o1; o++) square[o - o0][i - i0] = source[o];
+            }
+            for (int64_t o = o0; o < o1; o++) memcpy(out + o * columns + i0, square[o - o0], i1 - i0);
+        }
+    }
+}

@@ -126,6 +126,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.heldout_deltas.argtypes = [pointer, flag, size, real, pointer, pointer, flag, flag, flag, flag, real]
     lib.heldout_deltas.argtypes += [ctypes.c_uint32, flag]
     lib.heldout_deltas.restype = None
+    lib.unpermute_columns.argtypes = [pointer, size, size, pointer, pointer]
+    lib.unpermute_columns.restype = None
     lib.add_and_round.argtypes = [pointer, pointer, pointer, size]
     lib.add_and_round.restype = None
     return lib
@@ -237,6 +239,20 @@ def heldout_deltas(
         grid.limit,
         grid.shift,
         grid.lowest,
+    )
+
+
+def unpermute_columns(rows: torch.Tensor, rank: torch.Tensor, out: torch.Tensor) -> None:
+    """``out.copy_(rows[rank].T)`` for one-byte ``rows`` (one per weight column) and int64 ``rank``."""
+    columns, width = rows.shape
+    if rank.shape != (columns,) or out.shape != (width, columns) or out.dtype != rows.dtype:
+        raise ValueError(f"shapes differ: {rows.shape}, {rank.shape}, {out.shape}")
+    library().unpermute_columns(
+        _address(rows.view(torch.uint8), torch.uint8),
+        columns,
+        width,
+        _address(rank, torch.int64),
+        _address(out.view(torch.uint8), torch.uint8),
     )
 
 

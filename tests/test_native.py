@@ -196,3 +196,13 @@ def test_compiled_heldout_deltas_are_the_torch_ones(monkeypatch, dtype, source, 
         assert ((compiled.float() - fallback.float()).abs() <= bound).all()
     rtn = fp8.quantize_nearest(weight, scale, dtype)
     assert torch.equal(results["torch"][0], (rtn.float() * scale - weight.float()).to(product))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (64, 64), (130, 200)])  # under, at and past a square
+def test_compiled_unpermuting_is_the_torch_gather_and_transpose(monkeypatch, shape):
+    rows = torch.randint(0, 256, shape, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    order = torch.randperm(shape[0])
+    compiled = gptq._unpermuted(rows, order)
+    torch_loops(monkeypatch)
+    assert torch.equal(compiled.view(torch.uint8), gptq._unpermuted(rows, order).view(torch.uint8))
+    assert torch.equal(compiled.view(torch.uint8), rows.view(torch.uint8)[torch.argsort(order)].T)
