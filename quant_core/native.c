@@ -79,7 +79,8 @@ typedef float floats __attribute__((vector_size(4 * LANES)));
 typedef int32_t ints __attribute__((vector_size(4 * LANES)));
 typedef uint8_t bytes __attribute__((vector_size(LANES)));
 typedef uint16_t halves __attribute__((vector_size(2 * LANES)));
-#define VECTORS (TILE / LANES)
+#define SWEEP_TILE 64 /* outputs a sweep takes through a block at once: 4 vectors, its steps 32 KB */
+#define VECTORS (SWEEP_TILE / LANES)
 
 static inline ints pick(ints mask, ints a, ints b) { return (mask & a) | (~mask & b); }
 static inline ints splat(int32_t value) { return (ints){0} + value; }
@@ -184,11 +185,11 @@ static inline floats load_gradient(const struct sweep *b, int64_t at, int count,
 #define AHEAD 8
 static inline __attribute__((always_inline)) void prefetch_row(const struct sweep *b, int64_t at, const int level) {
     const int64_t base_size = b->base_is_bfloat16 ? 2 : 4, step_size = b->steps_are_bfloat16 ? 2 : 4;
-    for (int64_t line = 0; line < TILE * 4; line += 64) {
+    for (int64_t line = 0; line < SWEEP_TILE * 4; line += 64) {
         __builtin_prefetch((const char *)b->error + at * 4 + line, 1, level);
-        if (line < TILE * base_size) __builtin_prefetch((const char *)b->base + at * base_size + line, 0, level);
-        if (line < TILE * step_size) __builtin_prefetch((char *)b->steps + at * step_size + line, 1, level);
-        if (line < TILE) __builtin_prefetch(b->codes + at + line, 1, level);
+        if (line < SWEEP_TILE * base_size) __builtin_prefetch((const char *)b->base + at * base_size + line, 0, level);
+        if (line < SWEEP_TILE * step_size) __builtin_prefetch((char *)b->steps + at * step_size + line, 1, level);
+        if (line < SWEEP_TILE) __builtin_prefetch(b->codes + at + line, 1, level);
     }
 }
 
@@ -200,7 +201,7 @@ static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
         floats slope[VECTORS], error[VECTORS], odd[VECTORS] = {0};
         const int64_t ahead = i + AHEAD; /* the row AHEAD rows on, in this tile or the next */
         if (ahead < rows) prefetch_row(b, ahead * b->width + start, 3);
-        prefetch_row(b, i * b->width + start + TILE, 1);
+        prefetch_row(b, i * b->width + start + SWEEP_TILE, 1);
         for (int v = 0; v < VECTORS; v++) {
             const int64_t at = i * b->width + start + v * LANES;
             const int count = lanes(n, v);
@@ -249,8 +250,8 @@ void polish_sweep(uint8_t *codes, int64_t rows, int64_t width, const void *base,
                   int32_t steps_are_bfloat16, int32_t mantissa, int32_t offset, int32_t top) {
     const struct sweep block = {codes, base, residual, error, steps, rows, width, local, inverse,
                                 base_is_bfloat16, steps_are_bfloat16, {mantissa, offset, top}};
-    for (int64_t start = 0; start < width; start += TILE)
-        polish_tile(&block, start, width - start < TILE ? width - start : TILE);
+    for (int64_t start = 0; start < width; start += SWEEP_TILE)
+        polish_tile(&block, start, width - start < SWEEP_TILE ? width - start : SWEEP_TILE);
 }
 
 /* The float32 values of fp8 codes (non-finite codes count as zero, -0 as +0, as in the torch
