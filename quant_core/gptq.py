@@ -108,15 +108,14 @@ def _round_and_check(
     def checking(*_) -> None:
         step(finished, finished)
 
-    rtn = round_nearest(weight, scale, dtype, pool, step=checking).quantized
     heldout = stats.heldout
     if isinstance(heldout, RowSample):
         heldout = RowSample(heldout.rows.to(_product_dtype(weight.device)))
     elif isinstance(heldout, Gram):
         heldout = _ProductGram(heldout.matrix.to(weight.device, _product_dtype(weight.device)))
-    error_rtn, error = _heldout_errors(weight, scale, (rtn, quantized), heldout, checking)
-    if error > error_rtn:
-        return RoundingResult(rtn, error_rtn, error_rtn, fell_back=True)
+    error_rtn, error = _heldout_errors(weight, scale, dtype, (None, quantized), heldout, checking)
+    if error > error_rtn:  # round-to-nearest is only made when it is kept
+        return RoundingResult(round_nearest(weight, scale, dtype, pool).quantized, error_rtn, error_rtn, fell_back=True)
     return RoundingResult(quantized, error_rtn, error)
 
 
@@ -191,13 +190,19 @@ def _unpermuted(rows: torch.Tensor, order: torch.Tensor, pool: BufferPool | None
 
 
 def _heldout_errors(
-    weight: torch.Tensor, scale: float, candidates: tuple[torch.Tensor, ...], heldout: Moments, step: Step = no_step
+    weight: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    candidates: tuple[torch.Tensor | None, ...],
+    heldout: Moments,
+    step: Step = no_step,
 ) -> list[float]:
-    """Relative held-out output error of each fp8 candidate for ``weight``, summed over blocks of
-    output rows (each output row only sees its own weight row), so nothing full-size is made."""
+    """Relative held-out output error of each fp8 candidate (``dtype`` codes; ``None`` stands for
+    round-to-nearest) for ``weight``, summed over blocks of output rows (each output row only sees
+    its own weight row), so nothing full-size is made."""
     rows_per_block = max(1, _CHECK_ELEMENTS // max(1, weight.shape[1]))
-    table = _fp8_values(candidates[0].dtype, weight.device)
-    values = _Lookup((table,), rows_per_block * weight.shape[1], weight.device)
+    product = heldout.rows.dtype if isinstance(heldout, RowSample) else heldout.matrix.dtype
+    deltas = _Deltas(dtype, product, rows_per_block * weight.shape[1], weight.device)
     reference, errors = 0.0, [0.0] * len(candidates)
     for start in range(0, weight.shape[0], rows_per_block):
         step(start, weight.shape[0])
@@ -205,8 +210,36 @@ def _heldout_errors(
         block = weight[rows]  # the quadratic forms convert it themselves
         reference += heldout.quadratic(block)
         for k, candidate in enumerate(candidates):
-            errors[k] += heldout.quadratic(values(candidate[rows])[0].mul_(scale).sub_(block))
+            errors[k] += heldout.quadratic(deltas(block, scale, None if candidate is None else candidate[rows]))
     return [relative_error(error, reference) for error in errors]
+
+
+class _Deltas:
+    """The held-out check's weight errors ``value * scale - weight`` for a block of rows, in the
+    dtype of the check's products, into memory allocated once per layer; the values are a
+    candidate's fp8 codes or (codes ``None``) the weight's round-to-nearest.
+
+    Compiled, this is one pass over the block's weights and codes. In torch it was a table gather
+    by int32 index, a multiplication, a subtraction and a conversion per candidate, and
+    round-to-nearest a pass over the whole weight of its own, together as long as the products.
+    """
+
+    def __init__(self, dtype: torch.dtype, product: torch.dtype, size: int, device: torch.device) -> None:
+        self._dtype = dtype
+        self._out = torch.empty(size, dtype=product, device=device)
+        self._values = _Lookup((_fp8_values(dtype, device),), size, device)
+        self._grid = fp8.GridRounding(dtype, 1)
+
+    def __call__(self, block: torch.Tensor, scale: float, codes: torch.Tensor | None) -> torch.Tensor:
+        """The errors of ``codes`` (or round-to-nearest) for ``block`` (valid until the next call)."""
+        out = self._out[: block.numel()].view(block.shape)
+        floats = (torch.bfloat16, torch.float32)
+        if native.usable(block) and block.is_contiguous() and block.dtype in floats and out.dtype in floats:
+            native.heldout_deltas(block, scale, codes, out, self._dtype, self._grid)
+            return out
+        if codes is None:
+            codes = fp8.quantize_nearest(block, scale, self._dtype)
+        return out.copy_(self._values(codes)[0].mul_(scale).sub_(block))
 
 
 def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:
@@ -353,21 +386,28 @@ def _polish(
     in units of the scale) becomes ``D`` in place.
     """
     columns, width = quantized.shape
-    descent = _Descent(quantized.dtype, width, quantized.device)
-    error = scaled
-    for start in range(0, columns, BLOCK):
-        block = slice(start, start + BLOCK)
-        torch.sub(descent.values(quantized[block]), scaled[block], out=error[block])
+    error = _errors(quantized, scaled)
     coupling = _Coupling(moments, error)
+    descent = _Descent(quantized.dtype, width, quantized.device, coupling.step_dtype)
     for done in range(passes):
-        coupling.restart(error)
         for start in range(0, columns, BLOCK):
             step(done * columns + start, passes * columns)
             end = min(start + BLOCK, columns)
-            local, gradient = coupling.block(start, end, error)
-            steps = descent.sweep(quantized[start:end], gradient, local)
-            error[start:end] += steps
+            local, base, residual = coupling.block(start, end)
+            steps = descent.sweep(quantized[start:end], local, base, residual, error[start:end])
             coupling.update(start, end, steps)
+
+
+def _errors(codes: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    """``scaled`` (float32) turned into the values of ``codes`` (fp8) minus it, in place."""
+    if native.usable(codes):
+        native.polish_errors(codes, scaled)
+        return scaled
+    values = _Lookup((_fp8_neighbour_steps(codes.dtype, codes.device)[0],), BLOCK * codes.shape[1], codes.device)
+    for start in range(0, codes.shape[0], BLOCK):
+        block = slice(start, start + BLOCK)
+        torch.sub(values(codes[block])[0], scaled[block], out=scaled[block])
+    return scaled
 
 
 class _Lookup:
@@ -390,22 +430,29 @@ class _Lookup:
 
 class _Descent:
     """The polish's coordinate-descent sweeps over blocks of columns, with their memory allocated once
-    per layer (fresh block-sized temporaries cost a page fault per 4 KB)."""
+    per layer (fresh block-sized temporaries cost a page fault per 4 KB). Steps come out in
+    ``step_dtype``: the dtype of the product that takes them on (``_Coupling``)."""
 
-    def __init__(self, dtype: torch.dtype, width: int, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, width: int, device: torch.device, step_dtype: torch.dtype) -> None:
         # each code's value and the steps to its next grid values above (>= 0) and below (<= 0)
         self._lookup = _Lookup(_fp8_neighbour_steps(dtype, device), BLOCK * width, device)
         self._steps = torch.empty(BLOCK, width, device=device)
+        self._out = self._steps if step_dtype == torch.float32 else torch.empty_like(self._steps, dtype=step_dtype)
+        self._gradient = torch.empty(BLOCK, width, device=device)
         self._slope, self._beyond = torch.empty(width, device=device), torch.empty(width, device=device)
 
-    def values(self, codes: torch.Tensor) -> torch.Tensor:
-        """The float values of a block of fp8 ``codes`` (valid until the next call)."""
-        return self._lookup(codes, 1)[0]
-
-    def sweep(self, codes: torch.Tensor, gradient: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """One sweep over a block of columns (``codes``, fp8, changed in place), from their gradient
-        ``(H D)_J`` (changed) and ``H_JJ``; returns each column's steps (in units of the scale; valid
-        until the next call).
+    def sweep(
+        self,
+        codes: torch.Tensor,
+        local: torch.Tensor,
+        base: torch.Tensor,
+        residual: torch.Tensor | None,
+        error: torch.Tensor,
+    ) -> torch.Tensor:
+        """One sweep over a block of columns (``codes``, fp8, changed in place) with ``H_JJ``
+        (``local``, symmetric: the compiled sweep reads its rows for its columns) and the gradient
+        ``(H D)_J = base + residual * error`` (``residual`` per column, or none); adds the steps to
+        ``error`` (``D_J``) and returns them (in units of the scale; valid until the next call).
 
         A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
         the slope ``-2 g / H_ii > u``, a step down ``l < 0`` when the slope ``< l``, never both. So a
@@ -417,13 +464,19 @@ class _Descent:
         """
         # a dead input (H_ii = 0) has g = 0: it stays
         inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
-        steps, slope, beyond = self._steps[: codes.shape[0]], self._slope, self._beyond
+        rows = codes.shape[0]
+        out = self._out[:rows]
         if native.usable(codes):
             inverse = torch.tensor(inverse, dtype=torch.float32)
-            native.polish_sweep(codes, gradient, local.contiguous(), inverse, steps, _neighbour_tables(codes.dtype))
-            return steps
+            residual = None if residual is None else residual.contiguous()
+            native.polish_sweep(codes, base, residual, error, local.contiguous(), inverse, out)
+            return out
+        steps, gradient, slope, beyond = self._steps[:rows], self._gradient[:rows], self._slope, self._beyond
+        if residual is None:
+            gradient.copy_(base)
+        else:
+            torch.addcmul(base, residual[:, None], error, out=gradient)
         values, up, down = self._lookup(codes)
-        rows = codes.shape[0]
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
             for i in range(start, end):
@@ -435,23 +488,19 @@ class _Descent:
             gradient[end:].addmm_(local[end:, start:end], steps[start:end])
         # grid values plus grid differences: exact, the cast changes nothing; + 0 turns a -0 into 0
         codes.copy_(values.add_(steps).add_(0.0))
-        return steps
+        error += steps
+        return out.copy_(steps)  # exact in bfloat16 too: steps are powers of two
 
 
 @functools.cache
 def _fp8_neighbour_steps(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per fp8 code (256 entries): its value and the steps to the next finite values above and
-    below (NaN codes count as zero)."""
+    below (non-finite codes count as zero, as in the compiled sweep)."""
     values = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     grid = torch.unique(values[torch.isfinite(values)])  # sorted; +0 and -0 are one value
-    ranks = torch.searchsorted(grid, values.nan_to_num(0.0)).clamp_(max=grid.numel() - 1)
+    ranks = torch.searchsorted(grid, values.nan_to_num(0.0, posinf=0.0, neginf=0.0)).clamp_(max=grid.numel() - 1)
     value, above, below = grid[ranks], grid[(ranks + 1).clamp_(max=grid.numel() - 1)], grid[(ranks - 1).clamp_(min=0)]
     return value.to(device), (above - value).to(device), (below - value).to(device)
-
-
-@functools.cache
-def _neighbour_tables(dtype: torch.dtype) -> native.NeighbourTables:
-    return native.NeighbourTables(*_fp8_neighbour_steps(dtype, torch.device("cpu")), dtype)
 
 
 class _Coupling:
@@ -460,42 +509,48 @@ class _Coupling:
     With an exact ``H`` the whole ``G = H D`` is kept (narrow layers: ``in x out`` floats) and a
     block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D``
     (``r x out``) is kept, and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass, those
-    products in ``_product_dtype``. Recomputed from ``D`` at every pass (block by block, as the
-    steps reach it) so that rounding never accumulates across passes.
+    products in ``_product_dtype`` (``P`` is kept in float32 and as that dtype, its operand). Made
+    from ``D`` once: the steps that update it are exact grid differences, so making it again at
+    each pass would round no less than keeping it up to date.
     """
 
     def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor):
         if isinstance(moments, Gram):
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
+            self.step_dtype = error.dtype
         else:
             self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
             rows = max(BLOCK, self.factor.shape[1])
             self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device)
             self.factor_product = self.factor.to(self.products.dtype)
-        self.state = torch.empty(0)
-        self._gradient = torch.empty(BLOCK, error.shape[1], dtype=error.dtype, device=error.device)
-
-    def restart(self, error: torch.Tensor) -> None:
+            self.step_dtype = self.products.dtype
         rows = error.shape[0] if self.factor is None else self.factor.shape[1]
         self.state = torch.zeros(rows, error.shape[1], dtype=error.dtype, device=error.device)
+        self.operand = self.state if self.step_dtype == self.state.dtype else self.state.to(self.step_dtype)
         for start in range(0, error.shape[0], BLOCK):
             self.update(start, start + BLOCK, error[start : start + BLOCK])
 
-    def block(self, start: int, end: int, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``H_JJ`` and ``(H D)_J`` for the columns ``J = start:end`` (the latter valid until the next call)."""
-        gradient = self._gradient[: end - start]
+    def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """For the columns ``J = start:end``: ``H_JJ``, and ``(H D)_J`` as a base and the residual
+        that multiplies ``D_J`` on top of it (see ``_Descent.sweep``; valid until the next call)."""
         if self.factor is None:
-            return self.matrix[start:end, start:end], gradient.copy_(self.state[start:end])
+            return self.matrix[start:end, start:end], self.state[start:end], None
         factor = self.factor[start:end]
         local = factor @ factor.T + torch.diag(self.residual[start:end])
-        low_rank = self.products.mm(self.factor_product[start:end], self.state)
-        return local, torch.addcmul(low_rank, self.residual[start:end, None], error[start:end], out=gradient)
+        return local, self.products.mm(self.factor_product[start:end], self.operand), self.residual[start:end]
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:
             self.state.addmm_(self.matrix[:, start:end], steps)
+            return
+        product = self.products.mm(self.factor_product[start:end].T, steps)
+        if self.operand is self.state:
+            self.state += product
+        elif native.usable(self.state):
+            native.add_and_round(self.state, product, self.operand)
         else:
-            self.state += self.products.mm(self.factor_product[start:end].T, steps)
+            self.state += product
+            self.operand.copy_(self.state)
 
 
 def _polish_coupled(

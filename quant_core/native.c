@@ -52,9 +52,14 @@ static inline uint8_t fp8_code(float value, int32_t mantissa, int32_t lowest_exp
     return (uint8_t)(sign | code);
 }
 
-typedef float lanes __attribute__((vector_size(64))); /* 16 floats: one AVX-512 register, or several narrower */
+/* Vectors of LANES values (GCC/Clang vector extensions: one AVX-512 register, or split into
+ * narrower ones where the CPU has none that wide). */
 #define LANES 16
-#define VECTORS (TILE / LANES)
+typedef float floats __attribute__((vector_size(4 * LANES)));
+typedef int32_t ints __attribute__((vector_size(4 * LANES)));
+typedef uint8_t bytes __attribute__((vector_size(LANES)));
+typedef uint16_t halves __attribute__((vector_size(2 * LANES)));
+#define GPTQ_VECTORS (TILE / LANES)
 
 /* One tile of `n` <= TILE outputs through a GPTQ block; the tile is padded with zeros to TILE.
  * Inlined twice: with n = TILE for whole tiles (every loop a constant count), and for the last. */
@@ -62,7 +67,7 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
                       const float *relative, const float *diagonal, uint8_t *codes, float *errors, float limit,
                       uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent, int64_t start,
                       int64_t n) {
-    lanes tile[rows][VECTORS]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
+    floats tile[rows][GPTQ_VECTORS]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
     for (int64_t j = 0; j < rows; j++) {
         float column[TILE] __attribute__((aligned(64))) = {0};
         const int64_t at = j * width + start;
@@ -78,11 +83,11 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
         } else if (product) {
             for (int64_t t = 0; t < n; t++) column[t] -= ((const float *)product)[at + t];
         }
-        lanes sum[VECTORS];
+        floats sum[GPTQ_VECTORS];
         memcpy(sum, column, sizeof sum);
         for (int64_t i = 0; i < j; i++) { /* the corrections of the earlier columns, in registers */
             const float weight = relative[i * rows + j];
-            for (int v = 0; v < VECTORS; v++) sum[v] -= weight * tile[i][v];
+            for (int v = 0; v < GPTQ_VECTORS; v++) sum[v] -= weight * tile[i][v];
         }
         memcpy(column, sum, sizeof sum);
         float error[TILE] __attribute__((aligned(64)));
@@ -116,47 +121,260 @@ void gptq_block(const float *work, const void *product, int32_t product_is_bf16,
                   lowest, mantissa, lowest_exponent, start, width - start);
 }
 
-static inline __attribute__((always_inline)) void polish_tile(
-    uint8_t *codes, const float *gradient, int64_t rows, int64_t width, const float *local, const float *inverse,
-    float *steps, const float *up, const float *down, const uint8_t *up_code, const uint8_t *down_code,
-    const uint8_t *same_code, int64_t start, int64_t n) {
-    float tile[rows][TILE]; /* the tile's steps, contiguous: rows `width` apart share cache sets */
+/* The polish works on whole vectors of outputs (GCC/Clang vector extensions: 16 floats, split into
+ * narrower registers where the CPU has none that wide). Looking a weight's grid neighbours up in
+ * tables by its fp8 code was three scalar loads per weight and kept the loop from vectorising;
+ * here they come from the code's bits by integer arithmetic. */
+#define SWEEP_TILE 64 /* outputs a sweep takes through a block at once: 4 vectors, its steps 32 KB */
+#define VECTORS (SWEEP_TILE / LANES)
+
+static inline ints pick(ints mask, ints a, ints b) { return (mask & a) | (~mask & b); }
+static inline ints splat(int32_t value) { return (ints){0} + value; }
+
+/* How many of vector v's lanes lie within a tile's `n` outputs. */
+static inline int lanes(int64_t n, int v) { return n - v * LANES < 0 ? 0 : (n - v * LANES > LANES ? LANES : (int)(n - v * LANES)); }
+
+/* bfloat16 is the top half of a float32; a float32 becomes the nearest bfloat16, ties to even, as
+ * torch's conversion makes it (for finite values: the polish has no others). */
+static inline floats from_bfloat16(halves h) { return (floats)(__builtin_convertvector(h, ints) << 16); }
+
+static inline halves to_bfloat16(floats f) {
+    ints bits = (ints)f;
+    return __builtin_convertvector((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, halves);
+}
+
+/* Loads and stores of `count` lanes (a tile's last vectors may be partial; missing lanes read as 0). */
+#define LOAD(type, pointer, count)                                              \
+    ({                                                                          \
+        type value_ = {0};                                                      \
+        if ((count) == LANES)                                                   \
+            memcpy(&value_, (pointer), sizeof value_);                          \
+        else                                                                    \
+            memcpy(&value_, (pointer), (count) * sizeof(value_[0]));            \
+        value_;                                                                 \
+    })
+#define STORE(pointer, value, count)                                            \
+    do {                                                                        \
+        if ((count) == LANES)                                                   \
+            memcpy((pointer), &(value), sizeof(value));                         \
+        else                                                                    \
+            memcpy((pointer), &(value), (count) * sizeof((value)[0]));          \
+    } while (0)
+
+/* An fp8 format's grid: a magnitude code c (the low 7 bits) has exponent field c >> mantissa and
+ * lies on a grid of spacing 2^(max(field, 1) - bias - mantissa); `offset` is 127 - bias - mantissa
+ * (float32's exponent bias folded in) and `top` the largest finite magnitude code. */
+struct fp8_grid {
+    int32_t mantissa, offset, top;
+};
+
+/* The float32 grid spacing of the magnitude codes `magnitude` (as bits). Codes are consecutive
+ * grid values, so the step to the next magnitude is the spacing of the code itself and the step
+ * to the previous one the spacing of code - 1 (of code 1 for code 0: the same, the subnormals'). */
+static inline ints spacing(ints magnitude, struct fp8_grid grid) {
+    ints field = magnitude >> grid.mantissa;
+    field = pick(field < 1, splat(1), field);
+    return (field + grid.offset) << 23;
+}
+
+/* One vector of weights: their codes move by the step their slope asks for, if it passes a grid
+ * neighbour (see polish_sweep). Non-finite codes count as zero and -0 becomes +0, as in the torch
+ * sweep's tables and its `+ 0`. Returns the steps. */
+static inline floats step_codes(bytes *codes, floats slope, struct fp8_grid grid) {
+    ints magnitude = __builtin_convertvector(*codes, ints) & 0x7F;
+    ints negative = __builtin_convertvector(*codes, ints) & 0x80;
+    ints zero = (magnitude == 0) | (magnitude > grid.top);
+    magnitude = pick(zero, splat(0), magnitude);
+    negative = pick(zero, splat(0), negative);
+    ints grow = pick(magnitude == grid.top, splat(0), spacing(magnitude, grid)); /* away from zero */
+    ints shrink = spacing(magnitude - 1, grid);                                       /* towards zero */
+    ints is_negative = negative != 0;
+    floats up = (floats)pick(is_negative, shrink, grow);
+    floats down = 0.0f - (floats)pick(is_negative, grow, shrink);
+    floats step = (floats)(((slope > up) & (ints)up) | ((slope < down) & (ints)down));
+    ints rises = step > 0.0f, falls = step < 0.0f; /* a clamp at either end of the grid is no step */
+    ints away = (rises & ~is_negative) | (falls & (is_negative | (magnitude == 0)));
+    ints towards = (rises | falls) & ~away;
+    ints moved = magnitude - away + towards; /* masks are -1 */
+    ints sign = pick(falls & (magnitude == 0), splat(0x80), negative);
+    sign = pick(moved == 0, splat(0), sign);
+    *codes = __builtin_convertvector(moved | sign, bytes);
+    return step;
+}
+
+/* A block of the polish (gptq._Descent.sweep), `rows` weight columns of `width` outputs each: the
+ * columns' gradients (H D)_J are `base` (float32, or bfloat16 if `base_is_bfloat16`) plus, where
+ * `residual` is given, residual[i] * error[i]. */
+struct sweep {
+    uint8_t *codes;
+    const void *base;
+    const float *residual;
+    float *error;
+    void *steps;
+    int64_t rows, width;
+    const float *local, *inverse;
+    int32_t base_is_bfloat16, steps_are_bfloat16;
+    struct fp8_grid grid;
+};
+
+static inline floats load_gradient(const struct sweep *b, int64_t at, int count, floats error, float residual) {
+    floats base = b->base_is_bfloat16 ? from_bfloat16(LOAD(halves, (const uint16_t *)b->base + at, count))
+                                      : LOAD(floats, (const float *)b->base + at, count);
+    return b->residual ? base + residual * error : base;
+}
+
+/* A tile's part of a row, fetched ahead: rows are `width` apart, so each tile reads `rows` short
+ * pieces of every array, which the CPU's own prefetching does not foresee (a bfloat16 base read
+ * from memory doubled the sweep's time). The next tile's row goes to the outer caches (`level` 1)
+ * and the row AHEAD rows on to the first (3): fetched a tile ahead into the first, the rows, all
+ * mapping to a few of its sets, were evicted again before their turn. Prefetches never fault. */
+#define AHEAD 8
+static inline __attribute__((always_inline)) void prefetch_row(const struct sweep *b, int64_t at, const int level) {
+    const int64_t base_size = b->base_is_bfloat16 ? 2 : 4, step_size = b->steps_are_bfloat16 ? 2 : 4;
+    for (int64_t line = 0; line < SWEEP_TILE * 4; line += 64) {
+        __builtin_prefetch((const char *)b->error + at * 4 + line, 1, level);
+        if (line < SWEEP_TILE * base_size) __builtin_prefetch((const char *)b->base + at * base_size + line, 0, level);
+        if (line < SWEEP_TILE * step_size) __builtin_prefetch((char *)b->steps + at * step_size + line, 1, level);
+        if (line < SWEEP_TILE) __builtin_prefetch(b->codes + at + line, 1, level);
+    }
+}
+
+/* `n` outputs from `start` through all the block's columns. */
+static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
+    const int64_t rows = b->rows;
+    floats tile[rows][VECTORS]; /* the tile's steps, contiguous: rows `width` apart share cache sets */
     for (int64_t i = 0; i < rows; i++) {
-        float slope[TILE];
-        const float *source = gradient + i * width + start;
-        for (int64_t t = 0; t < n; t++) slope[t] = source[t];
-        for (int64_t k = 0; k < i; k++) {
-            const float weight = local[k * rows + i];
-            for (int64_t t = 0; t < n; t++) slope[t] += weight * tile[k][t];
+        floats slope[VECTORS], error[VECTORS], odd[VECTORS] = {0};
+        const int64_t ahead = i + AHEAD; /* the row AHEAD rows on, in this tile or the next */
+        if (ahead < rows) prefetch_row(b, ahead * b->width + start, 3);
+        prefetch_row(b, i * b->width + start + SWEEP_TILE, 1);
+        for (int v = 0; v < VECTORS; v++) {
+            const int64_t at = i * b->width + start + v * LANES;
+            const int count = lanes(n, v);
+            error[v] = LOAD(floats, b->error + at, count);
+            slope[v] = load_gradient(b, at, count, error[v], b->residual ? b->residual[i] : 0.0f);
         }
-        uint8_t *code = codes + i * width + start;
-        float *step = steps + i * width + start;
-        for (int64_t t = 0; t < n; t++) {
-            const float s = slope[t] * inverse[i];
-            const float high = up[code[t]], low = down[code[t]];
-            const float clamped = s > high ? high : (s < low ? low : s);
-            tile[i][t] = step[t] = s != clamped ? clamped : 0.0f;
-            code[t] = step[t] > 0.0f ? up_code[code[t]] : (step[t] < 0.0f ? down_code[code[t]] : same_code[code[t]]);
+        const float *local = b->local + i * rows; /* H_JJ is symmetric: its row i is its column i */
+        /* two sums over alternate columns: twice the chains of dependent additions, which the
+         * CPU's two FMA units need to stay busy */
+        int64_t k = 0;
+        for (; k + 1 < i; k += 2) {
+            const float even_weight = local[k], odd_weight = local[k + 1];
+            for (int v = 0; v < VECTORS; v++) {
+                slope[v] += even_weight * tile[k][v];
+                odd[v] += odd_weight * tile[k + 1][v];
+            }
+        }
+        if (k < i)
+            for (int v = 0; v < VECTORS; v++) slope[v] += local[k] * tile[k][v];
+        for (int v = 0; v < VECTORS; v++) {
+            const int64_t at = i * b->width + start + v * LANES;
+            const int count = lanes(n, v);
+            bytes codes = LOAD(bytes, b->codes + at, count);
+            const floats step = step_codes(&codes, (slope[v] + odd[v]) * b->inverse[i], b->grid);
+            const floats moved = error[v] + step;
+            tile[i][v] = step;
+            STORE(b->codes + at, codes, count);
+            STORE(b->error + at, moved, count);
+            if (b->steps_are_bfloat16) {
+                const halves half = to_bfloat16(step); /* exact: steps are powers of two */
+                STORE((uint16_t *)b->steps + at, half, count);
+            } else {
+                STORE((float *)b->steps + at, step, count);
+            }
         }
     }
 }
 
 /* One sweep of the polish's coordinate descent over a block (gptq._Descent.sweep): column i's
- * gradient is its (H D)_i plus local[k][i] times the steps of the columns k < i; its slope
- * inverse[i] * gradient (inverse = -2 / H_ii, 0 for a dead input) is clamped to each weight's
- * grid neighbour steps (up >= 0 >= down, by code), and a weight steps where it had to be clamped.
- * Writes the steps and moves `codes` (fp8 bits) to their new grid values through the tables of
- * neighbour codes (same_code maps -0 to +0, as the torch sweep's `+ 0`). */
-void polish_sweep(uint8_t *codes, const float *gradient, int64_t rows, int64_t width, const float *local,
-                  const float *inverse, float *steps, const float *up, const float *down, const uint8_t *up_code,
-                  const uint8_t *down_code, const uint8_t *same_code) {
-    int64_t start = 0;
-    for (; start + TILE <= width; start += TILE)
-        polish_tile(codes, gradient, rows, width, local, inverse, steps, up, down, up_code, down_code, same_code,
-                    start, TILE);
-    if (start < width)
-        polish_tile(codes, gradient, rows, width, local, inverse, steps, up, down, up_code, down_code, same_code,
-                    start, width - start);
+ * gradient (see struct sweep) plus local[k][i] times the steps of the columns k < i, times
+ * inverse[i] (-2 / H_ii, 0 for a dead input), is the slope; a weight takes the step to the grid
+ * neighbour its slope passes (up >= 0 >= down). Moves `codes` (fp8 bits), adds the steps to
+ * `error` and writes them to `steps` (float32, or bfloat16 if `steps_are_bfloat16`). */
+void polish_sweep(uint8_t *codes, int64_t rows, int64_t width, const void *base, int32_t base_is_bfloat16,
+                  const float *residual, float *error, const float *local, const float *inverse, void *steps,
+                  int32_t steps_are_bfloat16, int32_t mantissa, int32_t offset, int32_t top) {
+    const struct sweep block = {codes, base, residual, error, steps, rows, width, local, inverse,
+                                base_is_bfloat16, steps_are_bfloat16, {mantissa, offset, top}};
+    for (int64_t start = 0; start < width; start += SWEEP_TILE)
+        polish_tile(&block, start, width - start < SWEEP_TILE ? width - start : SWEEP_TILE);
+}
+
+/* The float32 values of fp8 codes (non-finite codes count as zero, -0 as +0, as in the torch
+ * polish's tables): a normal code's exponent and mantissa bits move to float32's places and its
+ * exponent is rebased; a subnormal code is its mantissa times the subnormals' spacing. */
+static inline floats code_values(bytes codes, struct fp8_grid grid) {
+    ints magnitude = __builtin_convertvector(codes, ints) & 0x7F;
+    ints sign = (__builtin_convertvector(codes, ints) & 0x80) << 24;
+    ints normal = (magnitude << (23 - grid.mantissa)) + ((grid.offset + grid.mantissa) << 23);
+    floats subnormal = __builtin_convertvector(magnitude, floats) * (floats)splat((grid.offset + 1) << 23);
+    ints value = pick((magnitude >> grid.mantissa) == 0, (ints)subnormal, normal);
+    ints zero = (magnitude == 0) | (magnitude > grid.top);
+    return (floats)pick(zero, splat(0), value | sign);
+}
+
+/* The polish's start (gptq._polish): `scaled` (count floats) becomes the codes' values minus it. */
+void polish_errors(const uint8_t *codes, float *scaled, int64_t count, int32_t mantissa, int32_t offset, int32_t top) {
+    const struct fp8_grid grid = {mantissa, offset, top};
+    for (int64_t at = 0; at < count; at += LANES) {
+        const int n = count - at < LANES ? (int)(count - at) : LANES;
+        const floats error = code_values(LOAD(bytes, codes + at, n), grid) - LOAD(floats, scaled + at, n);
+        STORE(scaled + at, error, n);
+    }
+}
+
+/* state += update (bfloat16), and `rounded` = state as bfloat16: the sketch's state after a block's
+ * steps, and its operand for the next block's product, in one pass (gptq._Coupling.update). */
+void add_and_round(float *state, const uint16_t *update, uint16_t *rounded, int64_t count) {
+    int64_t at = 0;
+    for (; at < count; at += LANES) {
+        const int n = count - at < LANES ? (int)(count - at) : LANES;
+        const floats sum = LOAD(floats, state + at, n) + from_bfloat16(LOAD(halves, update + at, n));
+        const halves half = to_bfloat16(sum);
+        STORE(state + at, sum, n);
+        STORE(rounded + at, half, n);
+    }
+}
+
+/* The held-out check's weight errors (gptq._Deltas): value * scale - weight for `count` weights
+ * (bfloat16, or float32 if not `weight_is_bfloat16`), into bfloat16 or float32 `out`; the value is
+ * the fp8 code's where `codes` are given, else the weight's round-to-nearest (grid_round of
+ * weight / scale, as fp8.quantize_nearest), so round-to-nearest needs no pass of its own. By
+ * chunks that stay in the first-level cache: grid_round vectorises in a plain loop over an array. */
+#define CHUNK 1024
+void heldout_deltas(const void *weight, int32_t weight_is_bfloat16, int64_t count, float scale, const uint8_t *codes,
+                    void *out, int32_t out_is_bfloat16, int32_t mantissa, int32_t offset, int32_t top, float limit,
+                    uint32_t shift, int32_t lowest) {
+    const struct fp8_grid grid = {mantissa, offset, top};
+    float weights[CHUNK] __attribute__((aligned(64))), values[CHUNK] __attribute__((aligned(64)));
+    for (int64_t start = 0; start < count; start += CHUNK) {
+        const int64_t size = count - start < CHUNK ? count - start : CHUNK;
+        for (int64_t at = 0; at < size; at += LANES) {
+            const int n = size - at < LANES ? (int)(size - at) : LANES;
+            const floats w = weight_is_bfloat16 ? from_bfloat16(LOAD(halves, (const uint16_t *)weight + start + at, n))
+                                                : LOAD(floats, (const float *)weight + start + at, n);
+            memcpy(weights + at, &w, sizeof w);
+            if (codes) {
+                const floats value = code_values(LOAD(bytes, codes + start + at, n), grid);
+                memcpy(values + at, &value, sizeof value);
+            }
+        }
+        if (!codes)
+            for (int64_t t = 0; t < size; t++) values[t] = grid_round(weights[t] / scale, limit, shift, lowest);
+        for (int64_t at = 0; at < size; at += LANES) {
+            const int n = size - at < LANES ? (int)(size - at) : LANES;
+            floats value, w;
+            memcpy(&value, values + at, sizeof value);
+            memcpy(&w, weights + at, sizeof w);
+            const floats delta = value * scale - w;
+            if (out_is_bfloat16) {
+                const halves half = to_bfloat16(delta);
+                STORE((uint16_t *)out + start + at, half, n);
+            } else {
+                STORE((float *)out + start + at, delta, n);
+            }
+        }
+    }
 }
 
 /* ---- Layout: a weight's columns as rows, in GPTQ's order, and back. */

@@ -20,6 +20,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -126,7 +127,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gptq_block.argtypes = [pointer, pointer, whole, size, size, pointer, pointer, pointer, pointer, real]
     lib.gptq_block.argtypes += [ctypes.c_uint32, whole, whole, whole]
     lib.gptq_block.restype = None
-    lib.polish_sweep.argtypes = [pointer, pointer, size, size, *[pointer] * 8]
+    flag = ctypes.c_int32
+    lib.polish_sweep.argtypes = [pointer, size, size, pointer, flag, *[pointer] * 5, *[flag] * 4]
     lib.polish_sweep.restype = None
     lib.scaled_columns.argtypes = [pointer, whole, size, size, pointer, real, pointer]
     lib.scaled_columns.restype = None
@@ -137,6 +139,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.learned_step.argtypes = [size, pointer, ctypes.c_int32, *[pointer] * 7, ctypes.c_int32, ctypes.c_int32]
     lib.learned_step.argtypes += [real] * 6
     lib.learned_step.restype = ctypes.c_double
+    lib.polish_errors.argtypes = [pointer, pointer, size, flag, flag, flag]
+    lib.polish_errors.restype = None
+    lib.heldout_deltas.argtypes = [pointer, flag, size, real, pointer, pointer, flag, flag, flag, flag, real]
+    lib.heldout_deltas.argtypes += [ctypes.c_uint32, flag]
+    lib.heldout_deltas.restype = None
+    lib.add_and_round.argtypes = [pointer, pointer, pointer, size]
+    lib.add_and_round.restype = None
     return lib
 
 
@@ -191,27 +200,32 @@ def gptq_block(
 
 def polish_sweep(
     codes: torch.Tensor,
-    gradient: torch.Tensor,
+    base: torch.Tensor,
+    residual: torch.Tensor | None,
+    error: torch.Tensor,
     local: torch.Tensor,
     inverse: torch.Tensor,
     steps: torch.Tensor,
-    tables: NeighbourTables,
 ) -> None:
-    """``gptq._Descent.sweep`` in C: ``steps`` for a block, ``codes`` moved by them."""
+    """``gptq._Descent.sweep`` in C: ``codes`` moved, ``error`` and ``steps`` (float32 or bfloat16) written."""
     rows, width = codes.shape
-    _require(rows <= _MAX_BLOCK and gradient.shape == codes.shape and steps.shape == codes.shape, "mismatched blocks")
+    _require(rows <= _MAX_BLOCK and all(t.shape == codes.shape for t in (base, error, steps)), "mismatched blocks")
     _require(local.shape == (rows, rows) and inverse.shape == (rows,), "a local H of another size")
-    f32 = torch.float32
+    _require(residual is None or residual.numel() == rows, "a residual of another size")
+    f32, bf16 = torch.float32, torch.bfloat16
     library().polish_sweep(
         _address(codes.view(torch.uint8), torch.uint8),
-        _address(gradient, f32),
         rows,
         width,
+        _address(base, base.dtype if base.dtype == bf16 else f32),
+        base.dtype == bf16,
+        None if residual is None else _address(residual, f32),
+        _address(error, f32),
         _address(local, f32),
         _address(inverse, f32),
-        _address(steps, f32),
-        *(_address(table, f32) for table in (tables.up, tables.down)),
-        *(_address(table, torch.uint8) for table in (tables.up_code, tables.down_code, tables.same_code)),
+        _address(steps, steps.dtype if steps.dtype == bf16 else f32),
+        steps.dtype == bf16,
+        *_grid(codes.dtype),
     )
 
 
@@ -303,11 +317,63 @@ class NeighbourTables:
     """Per fp8 code: the steps to its grid neighbours above and below, and the codes of the values
     one step up, one step down and no step (``-0`` becomes ``+0``, as ``x + 0`` makes it)."""
 
-    def __init__(self, value: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> None:
-        self.up, self.down = up.float().cpu().contiguous(), down.float().cpu().contiguous()
-        value = value.float().cpu()
 
-        def codes(values: torch.Tensor) -> torch.Tensor:
-            return values.add(0.0).to(dtype).view(torch.uint8).contiguous()
+def polish_errors(codes: torch.Tensor, scaled: torch.Tensor) -> None:
+    """``scaled`` becomes the values of the fp8 ``codes`` minus it (``gptq._polish``'s start)."""
+    if codes.shape != scaled.shape:
+        raise ValueError(f"shapes differ: {codes.shape}, {scaled.shape}")
+    library().polish_errors(
+        _address(codes.view(torch.uint8), torch.uint8),
+        _address(scaled, torch.float32),
+        scaled.numel(),
+        *_grid(codes.dtype),
+    )
 
-        self.up_code, self.down_code, self.same_code = codes(value + self.up), codes(value + self.down), codes(value)
+
+def add_and_round(state: torch.Tensor, update: torch.Tensor, rounded: torch.Tensor) -> None:
+    """``state += update; rounded.copy_(state)`` in one pass: float32 ``state``, bfloat16 ``update`` and ``rounded``."""
+    bf16 = torch.bfloat16
+    if update.shape != state.shape or rounded.shape != state.shape:
+        raise ValueError(f"shapes differ: {state.shape}, {update.shape}, {rounded.shape}")
+    library().add_and_round(
+        _address(state, torch.float32), _address(update, bf16), _address(rounded, bf16), state.numel()
+    )
+
+
+def heldout_deltas(
+    weight: torch.Tensor,
+    scale: float,
+    codes: torch.Tensor | None,
+    out: torch.Tensor,
+    dtype: torch.dtype,
+    grid: fp8.GridRounding,
+) -> None:
+    """``gptq._Deltas`` in C: ``out`` = the ``dtype`` values (of ``codes``, else of ``weight``'s
+    round-to-nearest by ``grid``) times ``scale`` minus ``weight``; bfloat16 or float32 each."""
+    if (codes is not None and codes.shape != weight.shape) or out.shape != weight.shape:
+        raise ValueError(f"shapes differ: {weight.shape}, {out.shape}")
+    bf16, f32 = torch.bfloat16, torch.float32
+    library().heldout_deltas(
+        _address(weight, bf16 if weight.dtype == bf16 else f32),
+        weight.dtype == bf16,
+        weight.numel(),
+        scale,
+        None if codes is None else _address(codes.view(torch.uint8), torch.uint8),
+        _address(out, bf16 if out.dtype == bf16 else f32),
+        out.dtype == bf16,
+        *_grid(dtype),
+        grid.limit,
+        grid.shift,
+        grid.lowest,
+    )
+
+
+@functools.cache
+def _grid(dtype: torch.dtype) -> tuple[int, int, int]:
+    """What the C code needs of an fp8 format's grid (``struct fp8_grid``): its mantissa bits,
+    ``127 - bias - mantissa`` (float32's exponent bias folded in), and its largest finite magnitude code."""
+    info = torch.finfo(dtype)
+    mantissa = round(-math.log2(info.eps))
+    bias = 1 - round(math.log2(info.smallest_normal))
+    top = int(torch.tensor(info.max).to(dtype).view(torch.uint8))
+    return mantissa, 127 - bias - mantissa, top

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = "import quant_core.cli, quant_core.convert, quant_core.decode, quant_core.inspection, quant_core.shards"
 
@@ -38,3 +40,13 @@ def test_the_torch_floor_is_declared_once_per_file_and_agrees():
     pyproject = re.findall(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text())
     requirements = re.findall(r"^torch>=([\d.]+)$", (REPO / "requirements.txt").read_text(), re.MULTILINE)
     assert pyproject == requirements == ["2.3"]
+
+
+def test_the_compiled_loops_build_wherever_there_is_a_compiler():
+    """Here, not in test_native.py (skipped without a library): a native.c that no longer compiles
+    would otherwise pass as "no compiler here", every compiled test skipped."""
+    from quant_core import native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    assert native.library() is not None, "quant_core/native.c did not build; the quant_core log says why"
