@@ -64,7 +64,7 @@ typedef uint16_t halves __attribute__((vector_size(2 * LANES)));
 /* One tile of `n` <= TILE outputs through a GPTQ block; the tile is padded with zeros to TILE.
  * Inlined twice: with n = TILE for whole tiles (every loop a constant count), and for the last. */
 static inline __attribute__((always_inline)) void gptq_tile(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
-                      const float *relative, const float *diagonal, uint8_t *codes, float *errors, float limit,
+                      const float *spread, const float *diagonal, uint8_t *codes, float *errors, float limit,
                       uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent, int64_t start,
                       int64_t n) {
     floats tile[rows][GPTQ_VECTORS]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
@@ -83,12 +83,21 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
         } else if (product) {
             for (int64_t t = 0; t < n; t++) column[t] -= ((const float *)product)[at + t];
         }
-        floats sum[GPTQ_VECTORS];
+        /* the corrections of the earlier columns, in registers: two sums over alternate columns,
+         * twice the chains of dependent additions, which the CPU's two FMA units need to stay busy */
+        floats sum[GPTQ_VECTORS], odd[GPTQ_VECTORS] = {0};
         memcpy(sum, column, sizeof sum);
-        for (int64_t i = 0; i < j; i++) { /* the corrections of the earlier columns, in registers */
-            const float weight = relative[i * rows + j];
-            for (int v = 0; v < GPTQ_VECTORS; v++) sum[v] -= weight * tile[i][v];
-        }
+        const float *reaching = spread + j * rows; /* what reaches column j from each earlier column */
+        int64_t i = 0;
+        for (; i + 1 < j; i += 2)
+            for (int v = 0; v < GPTQ_VECTORS; v++) {
+                sum[v] -= reaching[i] * tile[i][v];
+                odd[v] -= reaching[i + 1] * tile[i + 1][v];
+            }
+        if (i < j)
+            for (int v = 0; v < GPTQ_VECTORS; v++) sum[v] -= reaching[i] * tile[i][v];
+        if (j > 1) /* only then has `odd` a term: + 0 would turn a -0 into +0 */
+            for (int v = 0; v < GPTQ_VECTORS; v++) sum[v] += odd[v];
         memcpy(column, sum, sizeof sum);
         float error[TILE] __attribute__((aligned(64)));
         for (int64_t t = 0; t < TILE; t++) {
@@ -106,18 +115,18 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
 
 /* GPTQ's rounding of a block (gptq._BlockRounding): column j, its `work` row minus its `product` row
  * (the compensation from earlier blocks: bfloat16, float32 or none), is rounded after the errors
- * of the columns i < j reached it through relative[i][j] (the block's part of the Cholesky factor
- * of H^-1, rows divided by their diagonal). Writes the fp8 codes and the errors divided by
- * `diagonal`; `work` and `product` are not changed. */
+ * of the columns i < j reached it through spread[j][i] (the transpose of the block's part of the
+ * Cholesky factor of H^-1, rows divided by their diagonal: what reaches column j, contiguous).
+ * Writes the fp8 codes and the errors divided by `diagonal`; `work` and `product` are not changed. */
 void gptq_block(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
-                const float *relative, const float *diagonal, uint8_t *codes, float *errors, float limit,
+                const float *spread, const float *diagonal, uint8_t *codes, float *errors, float limit,
                 uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent) {
     int64_t start = 0;
     for (; start + TILE <= width; start += TILE)
-        gptq_tile(work, product, product_is_bf16, rows, width, relative, diagonal, codes, errors, limit, shift,
+        gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, limit, shift,
                   lowest, mantissa, lowest_exponent, start, TILE);
     if (start < width)
-        gptq_tile(work, product, product_is_bf16, rows, width, relative, diagonal, codes, errors, limit, shift,
+        gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, limit, shift,
                   lowest, mantissa, lowest_exponent, start, width - start);
 }
 

@@ -174,10 +174,12 @@ def gptq_block(
     grid: fp8.GridRounding,
 ) -> None:
     """``gptq._BlockRounding`` in C: the fp8 ``codes`` of ``work - minus`` (``minus`` float32,
-    bfloat16 or None) and its ``errors`` divided by ``diagonal``."""
+    bfloat16 or None) and its ``errors`` divided by ``diagonal``; ``relative[i, j]`` is what of
+    column ``i``'s error reaches column ``j``."""
     rows, width = work.shape
     _require(rows <= _MAX_BLOCK and (minus is None or minus.shape == work.shape), "a block of another shape")
     _require(relative.shape == (rows, rows) and diagonal.shape == (rows,), "a factor of another size")
+    spread = relative.T.contiguous()  # held: the library reads it; by columns, as the loop goes
     _require(codes.shape == work.shape and errors.shape == work.shape, "outputs of another shape")
     f32 = torch.float32
     library().gptq_block(
@@ -186,7 +188,7 @@ def gptq_block(
         minus is not None and minus.dtype == torch.bfloat16,
         rows,
         width,
-        _address(relative, f32),
+        _address(spread, f32),
         _address(diagonal, f32),
         _address(codes.view(torch.uint8), torch.uint8),
         _address(errors, f32),

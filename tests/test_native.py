@@ -34,31 +34,51 @@ def test_compiled_rounding_gives_the_bits_of_the_fp8_cast(dtype):
 
 
 def block_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight columns (in units of the scale) and an upper Cholesky factor of a random ``H^-1``."""
+    """Weight columns (in units of the scale) and an upper Cholesky factor of a random ``H^-1`` of
+    correlated inputs (conditioned as GPTQ's damping keeps it: an error that a float32 tie decides
+    otherwise then stays local instead of moving every later column)."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(3 * rows, rows, generator=generator) @ torch.randn(rows, rows, generator=generator)
+    mixing = torch.eye(rows) + torch.randn(rows, rows, generator=generator) / rows**0.5
+    inputs = torch.randn(3 * rows, rows, generator=generator) @ mixing
     inverse = torch.linalg.inv((inputs.T @ inputs).double() + torch.eye(rows, dtype=torch.float64))
     upper = torch.linalg.cholesky(inverse, upper=True).float()
     return 60 * torch.randn(rows, width, generator=generator), upper
 
 
+def gptq_by_the_book(work: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's block as its definition reads, in float64: column j, corrected by the errors of the
+    columns before it through ``upper`` (rows divided by its diagonal), rounded to nearest; the
+    codes and the errors divided by the diagonal."""
+    diagonal = upper.diagonal().double()
+    relative = upper.double() / diagonal[:, None]
+    work, errors = work.double(), torch.zeros(work.shape, dtype=torch.float64)
+    codes = torch.empty(work.shape, dtype=torch.float8_e4m3fn)
+    for j in range(work.shape[0]):
+        column = work[j] - (relative[:j, j, None] * errors[:j]).sum(0)
+        codes[j] = column.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+        errors[j] = column - codes[j].double()
+    return codes.view(torch.uint8), errors / diagonal[:, None]
+
+
 @pytest.mark.parametrize("minus", [None, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [3, 64, 200])  # under, at and past a tile of outputs
-def test_compiled_block_rounding_is_the_torch_loop(monkeypatch, width, minus):
+def test_compiled_block_rounding_is_gptq_and_the_torch_loop(monkeypatch, width, minus):
+    """Both against GPTQ by the book: codes up to float32 ties (the torch loop sums its corrections
+    in another order, so its ties fall otherwise more often), the compiled errors to float32's precision."""
     block, upper = block_case(gptq.BLOCK, width, seed=width)
     generator = torch.Generator().manual_seed(1)
     compensation = None if minus is None else (10 * torch.randn(block.shape, generator=generator)).to(minus)
-    results = {}
+    codes, errors = gptq_by_the_book(block - (0 if compensation is None else compensation.float()), upper)
     for loops in ("compiled", "torch"):
         if loops == "torch":
             torch_loops(monkeypatch)
         rounding = gptq._BlockRounding(width, torch.float8_e4m3fn, block.device)
         out = torch.empty(block.shape, dtype=torch.float8_e4m3fn)
-        errors = rounding(block.clone(), upper, out, minus=compensation).clone()
-        results[loops] = out.view(torch.uint8), errors
-    (codes, errors), (torch_codes, torch_errors) = results["compiled"], results["torch"]
-    assert float((codes == torch_codes).double().mean()) > 0.999, "the same codes up to float32 ties"
-    assert float((errors - torch_errors).norm() / torch_errors.norm()) < 1e-2  # a tie decided otherwise moves the rest
+        found = rounding(block.clone(), upper, out, minus=compensation).double()
+        agreement = 0.999 if loops == "compiled" else 0.995
+        assert float((out.view(torch.uint8) == codes).double().mean()) > agreement, loops
+        if loops == "compiled":
+            assert float((found - errors).norm() / errors.norm()) < 1e-4
 
 
 def sweep_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
