@@ -91,13 +91,13 @@ def _round_and_check(
     columns = _scaled_columns(weight, order, scale, pool)
     rows = _buffer((weight.shape[1], weight.shape[0]), dtype, weight.device, pool)
     if isinstance(fit, Gram):
-        _gptq_dense(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes))
+        _gptq_dense(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes), pool)
         del columns  # compensated in place
         columns = _scaled_columns(weight, order, scale, pool) if passes > 0 else None
     else:
-        _gptq_low_rank(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes))
+        _gptq_low_rank(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes), pool)
     if passes > 0:
-        _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes))
+        _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes), pool)
     del columns
     if passes > 0 and metric is not None and isinstance(fit, Gram):
         _polish_coupled(_scaled_columns(weight, order, scale), rows, fit, metric.to(rows.device), COUPLED_PASSES)
@@ -162,8 +162,9 @@ def _phase(step: Step, first: int, columns: int, passes: int) -> Step:
     return lambda done, _total: step(first * columns + done, total)
 
 
-def _buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pool: BufferPool | None) -> torch.Tensor:
-    """Uninitialised full-size memory, from ``pool`` on the CPU."""
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pool: BufferPool | None) -> torch.Tensor:
+    """Uninitialised memory, from ``pool`` on the CPU: reused from a layer of the same shape, so that
+    no page is faulted in again (a first write to fresh memory costs more than most passes over it)."""
     if pool is None or device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     return pool.tensor(shape, dtype)
@@ -255,7 +256,9 @@ def _damping(diagonal: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     return dead, damp * float(torch.where(dead, 1.0, diagonal).mean())
 
 
-def _gptq_dense(work: torch.Tensor, gram: Gram, quantized: torch.Tensor, damp: float, step: Step) -> None:
+def _gptq_dense(
+    work: torch.Tensor, gram: Gram, quantized: torch.Tensor, damp: float, step: Step, pool: BufferPool | None = None
+) -> None:
     """Rounds ``work`` (one row per weight column, changed in place) into ``quantized`` with the exact ``H``."""
     columns = work.shape[0]
     matrix = gram.matrix.double()
@@ -264,7 +267,7 @@ def _gptq_dense(work: torch.Tensor, gram: Gram, quantized: torch.Tensor, damp: f
     matrix += damping * torch.eye(columns, dtype=matrix.dtype, device=matrix.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     upper = torch.linalg.cholesky(inverse, upper=True).float()  # rows: how column i's error spreads onwards
-    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device)
+    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device, pool)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -272,7 +275,14 @@ def _gptq_dense(work: torch.Tensor, gram: Gram, quantized: torch.Tensor, damp: f
         work[end:] -= upper[start:end, end:].T @ errors
 
 
-def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, quantized: torch.Tensor, damp: float, step: Step) -> None:
+def _gptq_low_rank(
+    work: torch.Tensor,
+    gram: LowRankGram,
+    quantized: torch.Tensor,
+    damp: float,
+    step: Step,
+    pool: BufferPool | None = None,
+) -> None:
     """GPTQ for ``H = F F^T + diag(d)`` into ``quantized``, block by block, with a Schur-complement state of ``r x r``.
 
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
@@ -288,10 +298,10 @@ def _gptq_low_rank(work: torch.Tensor, gram: LowRankGram, quantized: torch.Tenso
     residual = torch.where(dead, 1.0, gram.residual().double()) + damping
     pushed = factor / residual[:, None]  # V
     state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
-    spread = torch.zeros(factor.shape[1], work.shape[1], dtype=torch.float32, device=work.device)
-    products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device)
+    spread = _buffer((factor.shape[1], work.shape[1]), torch.float32, work.device, pool).zero_()
+    products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device, pool)
     pushed_product = pushed.to(products.dtype)
-    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device)
+    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device, pool)
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -311,10 +321,12 @@ class _Products:
     per layer: fresh block-sized results and conversions cost a page fault per 4 KB, which in a
     wide layer took longer than the products themselves. Products of up to ``rows x width``."""
 
-    def __init__(self, dtype: torch.dtype, rows: int, width: int, device: torch.device) -> None:
+    def __init__(
+        self, dtype: torch.dtype, rows: int, width: int, device: torch.device, pool: BufferPool | None = None
+    ) -> None:
         self.dtype = dtype
-        self._operand = torch.empty(rows * width, dtype=dtype, device=device)
-        self._result = torch.empty(rows * width, dtype=dtype, device=device)
+        self._operand = _buffer((rows * width,), dtype, device, pool)
+        self._result = _buffer((rows * width,), dtype, device, pool)
 
     def mm(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``left @ right`` in ``dtype``; the result is valid until the next call."""
@@ -328,11 +340,11 @@ class _BlockRounding:
     """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
     per layer: fresh block-sized temporaries cost a page fault per 4 KB."""
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, pool: BufferPool | None = None) -> None:
         self.grid = fp8.GridRounding(dtype, width, device)
-        self.values = torch.empty(BLOCK, width, device=device)
-        self.errors = torch.empty(BLOCK, width, device=device)
-        self.compensated = torch.empty(BLOCK, width, device=device)
+        self.values, self.errors, self.compensated = (
+            _buffer((BLOCK, width), torch.float32, device, pool) for _ in range(3)
+        )
 
     def __call__(
         self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
@@ -373,7 +385,12 @@ class _BlockRounding:
 
 
 def _polish(
-    scaled: torch.Tensor, quantized: torch.Tensor, moments: Gram | LowRankGram, passes: int, step: Step = no_step
+    scaled: torch.Tensor,
+    quantized: torch.Tensor,
+    moments: Gram | LowRankGram,
+    passes: int,
+    step: Step = no_step,
+    pool: BufferPool | None = None,
 ) -> None:
     """Coordinate descent on ``tr(D H D^T)`` from GPTQ's rounding (``quantized``, changed in place),
     with the scale fixed.
@@ -387,8 +404,8 @@ def _polish(
     """
     columns, width = quantized.shape
     error = _errors(quantized, scaled)
-    coupling = _Coupling(moments, error)
-    descent = _Descent(quantized.dtype, width, quantized.device, coupling.step_dtype)
+    coupling = _Coupling(moments, error, pool)
+    descent = _Descent(quantized.dtype, width, quantized.device, coupling.step_dtype, pool)
     for done in range(passes):
         for start in range(0, columns, BLOCK):
             step(done * columns + start, passes * columns)
@@ -433,12 +450,19 @@ class _Descent:
     per layer (fresh block-sized temporaries cost a page fault per 4 KB). Steps come out in
     ``step_dtype``: the dtype of the product that takes them on (``_Coupling``)."""
 
-    def __init__(self, dtype: torch.dtype, width: int, device: torch.device, step_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        width: int,
+        device: torch.device,
+        step_dtype: torch.dtype,
+        pool: BufferPool | None = None,
+    ) -> None:
         # each code's value and the steps to its next grid values above (>= 0) and below (<= 0)
         self._lookup = _Lookup(_fp8_neighbour_steps(dtype, device), BLOCK * width, device)
-        self._steps = torch.empty(BLOCK, width, device=device)
-        self._out = self._steps if step_dtype == torch.float32 else torch.empty_like(self._steps, dtype=step_dtype)
-        self._gradient = torch.empty(BLOCK, width, device=device)
+        self._steps = _buffer((BLOCK, width), torch.float32, device, pool)
+        self._out = self._steps if step_dtype == torch.float32 else _buffer((BLOCK, width), step_dtype, device, pool)
+        self._gradient = _buffer((BLOCK, width), torch.float32, device, pool)
         self._slope, self._beyond = torch.empty(width, device=device), torch.empty(width, device=device)
 
     def sweep(
@@ -514,19 +538,21 @@ class _Coupling:
     each pass would round no less than keeping it up to date.
     """
 
-    def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor):
+    def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor, pool: BufferPool | None = None):
         if isinstance(moments, Gram):
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
             self.step_dtype = error.dtype
         else:
             self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
             rows = max(BLOCK, self.factor.shape[1])
-            self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device)
+            self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device, pool)
             self.factor_product = self.factor.to(self.products.dtype)
             self.step_dtype = self.products.dtype
         rows = error.shape[0] if self.factor is None else self.factor.shape[1]
-        self.state = torch.zeros(rows, error.shape[1], dtype=error.dtype, device=error.device)
-        self.operand = self.state if self.step_dtype == self.state.dtype else self.state.to(self.step_dtype)
+        self.state = _buffer((rows, error.shape[1]), error.dtype, error.device, pool).zero_()
+        self.operand = self.state
+        if self.step_dtype != self.state.dtype:
+            self.operand = _buffer(self.state.shape, self.step_dtype, error.device, pool).copy_(self.state)
         for start in range(0, error.shape[0], BLOCK):
             self.update(start, start + BLOCK, error[start : start + BLOCK])
 
