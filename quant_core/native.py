@@ -274,6 +274,7 @@ def learned_soften(
     logits: torch.Tensor, step: torch.Tensor, middle: torch.Tensor, sigmoid: torch.Tensor, delta: torch.Tensor
 ) -> None:
     """``rounding._Workspace.soften`` in C: ``sigmoid(logits)`` and the delta ``middle - u step / 2`` it gives."""
+    _require(all(t.numel() == logits.numel() for t in (step, middle, sigmoid, delta)), "blocks of other sizes")
     f32 = torch.float32
     library().learned_soften(
         logits.numel(), *(_address(tensor, f32) for tensor in (logits, step, middle, sigmoid)), *_either(delta)
@@ -295,6 +296,7 @@ def learned_step(
     sum of ``power * u``, from which the caller adds its loss."""
     if product.dtype == torch.bfloat16 and delta.dtype != torch.bfloat16:
         raise ValueError("a bfloat16 product comes with a bfloat16 delta (the C step has no loop for the mix)")
+    _require(all(t.numel() == product.numel() for t in (*state, delta)), "blocks of other sizes")
     log_coefficient, exponent = regulariser or (0.0, 0.0)
     return library().learned_step(
         product.numel(),
@@ -313,11 +315,6 @@ def _either(tensor: torch.Tensor) -> tuple[int, bool]:
     """The address of a bfloat16 or float32 tensor and whether it is bfloat16: the C loops take either."""
     sixteen = tensor.dtype == torch.bfloat16
     return _address(tensor, torch.bfloat16 if sixteen else torch.float32), sixteen
-
-
-class NeighbourTables:
-    """Per fp8 code: the steps to its grid neighbours above and below, and the codes of the values
-    one step up, one step down and no step (``-0`` becomes ``+0``, as ``x + 0`` makes it)."""
 
 
 def polish_errors(codes: torch.Tensor, scaled: torch.Tensor) -> None:
