@@ -422,13 +422,15 @@ def helper_gptq_phases(source: str, calibration: str) -> dict:
     """Where calibrated rounding's time goes: for each weight shape the conversion rounds with GPTQ,
     one weight rounded in process (one thread, as in the conversion), its phases timed through the
     progress callback, times the number of weights of that shape. CPU seconds of that thread: on a
-    shared machine they count the work, not the waits for a core."""
+    shared machine they count the work, not the waits for a core. As in the conversion, a buffer
+    pool lends the rounding its memory, and each shape is rounded once untimed first: a model
+    repeats its shapes, so the pool's buffers are already faulted in for all but the first."""
     import torch
 
     from quant_core import fp8
     from quant_core.convert import ConvertOptions, plan_conversion
     from quant_core.gptq import round_gptq
-    from quant_core.io import SafetensorsReader
+    from quant_core.io import BufferPool, SafetensorsReader
 
     totals = {"gptq": 0.0, "polish": 0.0, "check": 0.0}
     shapes: dict[tuple[int, ...], list[str]] = {}
@@ -449,8 +451,10 @@ def helper_gptq_phases(source: str, calibration: str) -> dict:
                 if done >= total:
                     marks.setdefault("check", time.thread_time())
 
+            pool = BufferPool()
+            round_gptq(weight, scale, plan.dtype, stats, pool=pool)
             started = time.thread_time()
-            round_gptq(weight, scale, plan.dtype, stats, step=step)
+            round_gptq(weight, scale, plan.dtype, stats, step=step, pool=pool)
             ended = time.thread_time()
             phases = {
                 "gptq": marks["polish"] - started,
