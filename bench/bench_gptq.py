@@ -41,8 +41,8 @@ from quant_core.calibration import Gram, LayerStatistics  # noqa: E402
 FLUX_SHAPES = "3072x3072,3072x15360,21504x3072,12288x3072,3072x12288"
 
 
-def load_baseline(root: Path) -> ModuleType:
-    """``quant_core.gptq`` of another checkout, imported as the package ``baseline_quant_core``."""
+def load_baseline(root: Path, module: str = "gptq") -> ModuleType:
+    """``quant_core.<module>`` of another checkout, imported as the package ``baseline_quant_core``."""
     package = root / "quant_core"
     spec = importlib.util.spec_from_file_location(
         "baseline_quant_core", package / "__init__.py", submodule_search_locations=[str(package)]
@@ -50,7 +50,7 @@ def load_baseline(root: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules["baseline_quant_core"] = module
     spec.loader.exec_module(module)
-    return importlib.import_module("baseline_quant_core.gptq")
+    return importlib.import_module(f"baseline_quant_core.{module}")
 
 
 def exact_statistics(in_features: int, seed: int) -> LayerStatistics:

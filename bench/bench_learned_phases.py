@@ -25,19 +25,18 @@ second against one-thread float32 ``torch.matmul`` at its own block's shapes (as
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_gptq import load_baseline  # noqa: E402  (bench/ is the script's own folder)
 
 from quant_core import fp8, native, rounding  # noqa: E402
 from quant_core.calibration import RandomCalibration  # noqa: E402
@@ -123,18 +122,6 @@ def print_phases(args: argparse.Namespace) -> None:
     print(f"load after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
-def load_baseline(root: Path) -> ModuleType:
-    """``quant_core.rounding`` of another checkout, imported as the package ``baseline_quant_core``."""
-    package = root / "quant_core"
-    spec = importlib.util.spec_from_file_location(
-        "baseline_quant_core", package / "__init__.py", submodule_search_locations=[str(package)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_quant_core"] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module("baseline_quant_core.rounding")
-
-
 def one_thread_matmul_rate(rows: int, columns: int, samples: int) -> float:
     """FLOP per CPU-second of one-thread float32 ``torch.matmul`` at a block's two products' shapes
     (the fastest call; as ``bench_convert.py``'s reference)."""
@@ -159,7 +146,7 @@ def _product_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare_whole(args: argparse.Namespace) -> None:
-    baseline = load_baseline(args.baseline)
+    baseline = load_baseline(args.baseline, "rounding")
     rows, columns = map(int, args.weight.split("x"))
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(rows, columns, generator=generator) * 0.02).bfloat16()
