@@ -9,6 +9,9 @@
  * pass over memory plus its dispatch.
  *
  * Arrays are row-major float32: a block holds one weight column per row, `width` outputs long.
+ *
+ * Also here, each in a section of its own below: the held-out check's weight errors, the layout
+ * of a weight's columns in GPTQ's order and back, and learned rounding's element-wise step.
  */
 #include <stdint.h>
 #include <string.h>

@@ -9,7 +9,9 @@ machine; no ninja, no Python headers) and the library is cached by a hash of its
 compiler and this CPU (it is built for the CPU it runs on).
 
 Learned rounding's optimiser (``rounding._Workspace``) runs the element-wise part of each
-iteration here too: one pass over a block instead of a dozen ATen passes (``learned_step``).
+iteration here too: one pass over a block instead of a dozen ATen passes (``learned_step``); so do
+the held-out check's weight errors and the layout of a weight's columns in GPTQ's order and back.
+Every wrapper checks shapes before the C code indexes memory by them.
 
 ``QUANT_CORE_NATIVE=0`` turns it off; CUDA tensors always take the torch path.
 """
