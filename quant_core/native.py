@@ -39,6 +39,9 @@ SWITCH = "QUANT_CORE_NATIVE"
 _FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 # For this CPU's vector units where the compiler knows the option, else for its architecture's baseline.
 _TUNINGS = (["-march=native"], [])
+# A build takes about a second; one that hangs (a broken compiler wrapper) must not stall a
+# conversion for long: past this, the torch loops run.
+_WAIT = 60
 _log = logging.getLogger("quant_core")
 
 
@@ -78,7 +81,7 @@ def _build(compiler: str, tuning: list[str]) -> Path:
     Compiled to a temporary name and renamed, so that a concurrent or interrupted build never
     leaves a half-written library under the final name.
     """
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=_WAIT).stdout
     identity = [SOURCE.read_text(), compiler, version, *_FLAGS, *tuning, _cpu()]
     key = hashlib.sha256("\0".join(identity).encode()).hexdigest()
     folder = _cache_folder()
@@ -89,7 +92,7 @@ def _build(compiler: str, tuning: list[str]) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *_FLAGS, *tuning, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
+            [compiler, *_FLAGS, *tuning, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=_WAIT
         )
         if result.returncode != 0:
             raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
