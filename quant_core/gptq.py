@@ -272,7 +272,7 @@ def _gptq_dense(
         step(start, columns)
         end = min(start + BLOCK, columns)
         errors = rounding(work[start:end], upper[start:end, start:end], quantized[start:end])
-        work[end:] -= upper[start:end, end:].T @ errors
+        work[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)  # in place: no full-size temporary
 
 
 def _gptq_low_rank(
