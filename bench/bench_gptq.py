@@ -47,9 +47,9 @@ def load_baseline(root: Path, module: str = "gptq") -> ModuleType:
     spec = importlib.util.spec_from_file_location(
         "baseline_quant_core", package / "__init__.py", submodule_search_locations=[str(package)]
     )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_quant_core"] = module
-    spec.loader.exec_module(module)
+    baseline = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_quant_core"] = baseline
+    spec.loader.exec_module(baseline)
     return importlib.import_module(f"baseline_quant_core.{module}")
 
 

@@ -338,13 +338,18 @@ class _Products:
 
 class _BlockRounding:
     """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
-    per layer: fresh block-sized temporaries cost a page fault per 4 KB."""
+    per layer: fresh block-sized temporaries cost a page fault per 4 KB. The torch loop's own
+    scratch is made only if it runs (``_torch_scratch``): the compiled loop needs none."""
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device, pool: BufferPool | None = None) -> None:
         self.grid = fp8.GridRounding(dtype, width, device)
-        self.values, self.errors, self.compensated = (
-            _buffer((BLOCK, width), torch.float32, device, pool) for _ in range(3)
-        )
+        self.width, self.device, self.pool = width, device, pool
+        self.errors = _buffer((BLOCK, width), torch.float32, device, pool)
+
+    @functools.cached_property
+    def _torch_scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch loop's rounded values and compensated columns."""
+        return tuple(_buffer((BLOCK, self.width), torch.float32, self.device, self.pool) for _ in range(2))
 
     def __call__(
         self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
@@ -364,14 +369,15 @@ class _BlockRounding:
         the block is cast to fp8 once at the end.
         """
         rows = block.shape[0]
-        values, errors = self.values[:rows], self.errors[:rows]
+        errors = self.errors[:rows]
         diagonal = upper.diagonal()
         relative = upper / diagonal[:, None]
         if native.usable(block):
-            native.gptq_block(block, minus, relative.contiguous(), diagonal.contiguous(), out, errors, self.grid)
+            native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid)
             return errors
+        values, compensated = (scratch[:rows] for scratch in self._torch_scratch)
         if minus is not None:
-            block = torch.sub(block, minus, out=self.compensated[:rows])
+            block = torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
@@ -458,12 +464,17 @@ class _Descent:
         step_dtype: torch.dtype,
         pool: BufferPool | None = None,
     ) -> None:
-        # each code's value and the steps to its next grid values above (>= 0) and below (<= 0)
-        self._lookup = _Lookup(_fp8_neighbour_steps(dtype, device), BLOCK * width, device)
-        self._steps = _buffer((BLOCK, width), torch.float32, device, pool)
-        self._out = self._steps if step_dtype == torch.float32 else _buffer((BLOCK, width), step_dtype, device, pool)
-        self._gradient = _buffer((BLOCK, width), torch.float32, device, pool)
-        self._slope, self._beyond = torch.empty(width, device=device), torch.empty(width, device=device)
+        self.dtype, self.width, self.device, self.pool = dtype, width, device, pool
+        self._out = _buffer((BLOCK, width), step_dtype, device, pool)
+
+    @functools.cached_property
+    def _torch_scratch(self) -> tuple[_Lookup, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The torch sweep's memory, made only if it runs (the compiled sweep needs none): each
+        code's value and steps to its grid neighbours above (>= 0) and below (<= 0), the steps,
+        the gradient, a row's slope and where it passes its step."""
+        lookup = _Lookup(_fp8_neighbour_steps(self.dtype, self.device), BLOCK * self.width, self.device)
+        steps, gradient = (_buffer((BLOCK, self.width), torch.float32, self.device, self.pool) for _ in range(2))
+        return lookup, steps, gradient, torch.empty(self.width, device=self.device), torch.empty_like(steps[0])
 
     def sweep(
         self,
@@ -495,12 +506,13 @@ class _Descent:
             residual = None if residual is None else residual.contiguous()
             native.polish_sweep(codes, base, residual, error, local.contiguous(), inverse, out)
             return out
-        steps, gradient, slope, beyond = self._steps[:rows], self._gradient[:rows], self._slope, self._beyond
+        lookup, steps, gradient, slope, beyond = self._torch_scratch
+        steps, gradient = steps[:rows], gradient[:rows]
         if residual is None:
             gradient.copy_(base)
         else:
             torch.addcmul(base, residual[:, None], error, out=gradient)
-        values, up, down = self._lookup(codes)
+        values, up, down = lookup(codes)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
             for i in range(start, end):

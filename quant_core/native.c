@@ -18,37 +18,42 @@
 
 #define TILE 64
 
+static inline float bits_float(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint32_t float_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* bfloat16 is the top half of a float32. */
+static inline float bf16_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
+
 /* Round-to-nearest-even onto an fp8 grid, saturating at +-limit, as fp8.GridRounding does: a value
  * with 2^e <= |v| < 2^(e+1) lies on a grid of spacing s = 2^(e - mantissa) (at least the
  * subnormals'), and (v + m) - m with m = 1.5 * 2^23 * s rounds it there in two exact additions.
  * `shift` and `lowest` are GridRounding's constants for m's bits. */
 static inline float grid_round(float v, float limit, uint32_t shift, int32_t lowest) {
-    float clamped = v > limit ? limit : (v < -limit ? -limit : v);
-    uint32_t bits;
-    memcpy(&bits, &clamped, sizeof bits);
-    int32_t magic = (int32_t)((bits & 0x7F800000u) + shift);
+    const float clamped = v > limit ? limit : (v < -limit ? -limit : v);
+    int32_t magic = (int32_t)((float_bits(clamped) & 0x7F800000u) + shift);
     magic = magic < lowest ? lowest : magic;
-    float m;
-    memcpy(&m, &magic, sizeof m);
-    float rounded = (clamped + m) - m;
-    uint32_t sign, out;
-    memcpy(&sign, &v, sizeof sign);
-    memcpy(&out, &rounded, sizeof out);
-    out = (out & 0x7FFFFFFFu) | (sign & 0x80000000u); /* a value that rounds to zero keeps its sign */
-    memcpy(&rounded, &out, sizeof rounded);
-    return rounded;
+    const float m = bits_float((uint32_t)magic);
+    const float rounded = (clamped + m) - m;
+    /* a value that rounds to zero keeps its sign */
+    return bits_float((float_bits(rounded) & 0x7FFFFFFFu) | (float_bits(v) & 0x80000000u));
 }
 
 /* The fp8 code (bits) of a value on the grid of a format with `mantissa` bits and smallest normal
  * exponent `lowest_exponent` (its bias is 1 - lowest_exponent): the exponent and mantissa bits of a
  * normal value are float32's, moved; a subnormal one is an integer multiple of the spacing. */
 static inline uint8_t fp8_code(float value, int32_t mantissa, int32_t lowest_exponent) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    const uint32_t sign = (bits >> 24) & 0x80u, magnitude = bits & 0x7FFFFFFFu;
+    const uint32_t bits = float_bits(value), sign = (bits >> 24) & 0x80u, magnitude = bits & 0x7FFFFFFFu;
     const int32_t exponent = (int32_t)(magnitude >> 23) - 127;
-    float multiple;
-    memcpy(&multiple, &magnitude, sizeof multiple);
+    const float multiple = bits_float(magnitude);
     const uint32_t normal = (uint32_t)(exponent + 1 - lowest_exponent) << mantissa | (magnitude & 0x7FFFFFu) >> (23 - mantissa);
     const uint32_t subnormal = (uint32_t)(multiple * (float)(1u << (mantissa - lowest_exponent)));
     const uint32_t code = exponent >= lowest_exponent ? normal : subnormal; /* both made: no branch, so it vectorises */
@@ -76,13 +81,7 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
         const int64_t at = j * width + start;
         for (int64_t t = 0; t < n; t++) column[t] = work[at + t];
         if (product_is_bf16) {
-            const uint16_t *p = (const uint16_t *)product + at;
-            for (int64_t t = 0; t < n; t++) {
-                const uint32_t bits = (uint32_t)p[t] << 16;
-                float value;
-                memcpy(&value, &bits, sizeof value);
-                column[t] -= value;
-            }
+            for (int64_t t = 0; t < n; t++) column[t] -= bf16_float(((const uint16_t *)product)[at + t]);
         } else if (product) {
             for (int64_t t = 0; t < n; t++) column[t] -= ((const float *)product)[at + t];
         }
@@ -403,12 +402,7 @@ void scaled_columns(const void *weight, int32_t is_bf16, int64_t outputs, int64_
             float *row = dst + position[c] * outputs + start;
             if (is_bf16) {
                 const uint16_t *source = (const uint16_t *)weight + start * inputs + c;
-                for (int64_t t = 0; t < n; t++) {
-                    const uint32_t bits = (uint32_t)source[t * inputs] << 16;
-                    float value;
-                    memcpy(&value, &bits, sizeof value);
-                    row[t] = value / scale;
-                }
+                for (int64_t t = 0; t < n; t++) row[t] = bf16_float(source[t * inputs]) / scale;
             } else {
                 const float *source = (const float *)weight + start * inputs + c;
                 for (int64_t t = 0; t < n; t++) row[t] = source[t * inputs] / scale;
@@ -457,18 +451,6 @@ void unpermute_rows(const uint8_t *rows, int64_t count, int64_t width, const int
 #define RECTIFIED_SLOPE -2.4f
 #define TINY 1e-30f /* rounding._TINY: floor of |u| under the logarithm */
 #define LOWEST_EXPONENT -80.0f /* rounding._LOWEST_EXPONENT: exp() of less is float32-subnormal */
-
-static inline float bits_float(uint32_t bits) {
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline uint32_t float_bits(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    return bits;
-}
 
 /* e^x for x in [-87, 88] (callers clamp), within ~1 ulp: Cephes' expf, x = n ln2 + r with
  * |r| <= ln2 / 2, a degree-6 polynomial for e^r and 2^n through the exponent bits. */
@@ -524,7 +506,6 @@ static inline float centred_of(float s) {
     return bits_float((magnitude < one ? magnitude : one) | (bits & 0x80000000u));
 }
 
-static inline float bf16_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
 
 /* round to nearest even, as torch's float -> bfloat16 (NaN stays a quiet NaN) */
 static inline uint16_t float_bf16(float value) {
