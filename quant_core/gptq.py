@@ -328,12 +328,16 @@ class _Products:
         self._operand = _buffer((rows * width,), dtype, device, pool)
         self._result = _buffer((rows * width,), dtype, device, pool)
 
+    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in ``dtype``: itself, or a copy valid until the next call (of up to ``rows x width``)."""
+        if tensor.dtype == self.dtype:
+            return tensor
+        return self._operand[: tensor.numel()].view(tensor.shape).copy_(tensor)
+
     def mm(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``left @ right`` in ``dtype``; the result is valid until the next call."""
-        if right.dtype != self.dtype:
-            right = self._operand[: right.numel()].view(right.shape).copy_(right)
         out = self._result[: left.shape[0] * right.shape[1]].view(left.shape[0], right.shape[1])
-        return torch.mm(left.to(self.dtype), right, out=out)
+        return torch.mm(left.to(self.dtype), self.cast(right), out=out)
 
 
 class _BlockRounding:
@@ -417,8 +421,10 @@ def _polish(
             step(done * columns + start, passes * columns)
             end = min(start + BLOCK, columns)
             local, base, residual = coupling.block(start, end)
-            steps = descent.sweep(quantized[start:end], local, base, residual, error[start:end])
-            coupling.update(start, end, steps)
+            onward = coupling.onward(start, end)
+            steps = descent.sweep(quantized[start:end], local, base, residual, error[start:end], onward)
+            if onward is None:
+                coupling.update(start, end, steps)
 
 
 def _errors(codes: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
@@ -483,11 +489,14 @@ class _Descent:
         base: torch.Tensor,
         residual: torch.Tensor | None,
         error: torch.Tensor,
-    ) -> torch.Tensor:
+        onward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor | None:
         """One sweep over a block of columns (``codes``, fp8, changed in place) with ``H_JJ``
         (``local``, symmetric: the compiled sweep reads its rows for its columns) and the gradient
         ``(H D)_J = base + residual * error`` (``residual`` per column, or none); adds the steps to
-        ``error`` (``D_J``) and returns them (in units of the scale; valid until the next call).
+        ``error`` (``D_J``) and returns them (in units of the scale; valid until the next call), or,
+        given ``onward`` (``_Coupling.onward``: only where the compiled loops run), adds them to
+        the sketch's state itself and returns None.
 
         A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
         the slope ``-2 g / H_ii > u``, a step down ``l < 0`` when the slope ``< l``, never both. So a
@@ -504,8 +513,11 @@ class _Descent:
         if native.usable(codes):
             inverse = torch.tensor(inverse, dtype=torch.float32)
             residual = None if residual is None else residual.contiguous()
-            native.polish_sweep(codes, base, residual, error, local.contiguous(), inverse, out)
-            return out
+            steps = None if onward is not None else out
+            native.polish_sweep(codes, base, residual, error, local.contiguous(), inverse, steps, onward)
+            return steps
+        if onward is not None:
+            raise ValueError("only the compiled sweep adds its steps to the state itself")
         lookup, steps, gradient, slope, beyond = self._torch_scratch
         steps, gradient = steps[:rows], gradient[:rows]
         if residual is None:
@@ -543,28 +555,30 @@ class _Coupling:
     """``H D`` for the polish, one block of columns at a time.
 
     With an exact ``H`` the whole ``G = H D`` is kept (narrow layers: ``in x out`` floats) and a
-    block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D``
-    (``r x out``) is kept, and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass, those
-    products in ``_product_dtype`` (``P`` is kept in float32 and as that dtype, its operand). Made
-    from ``D`` once: the steps that update it are exact grid differences, so making it again at
-    each pass would round no less than keeping it up to date.
+    block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D`` is
+    kept, as its transpose (``out x r``: one row per output, which is where a moved weight's step
+    lands, see ``onward``), and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass,
+    that product in ``_product_dtype`` (``P`` is kept in float32 and as that dtype, its operand).
+    Made from ``D`` once: the steps that update it are exact grid differences, so making it again
+    at each pass would round no less than keeping it up to date.
     """
 
     def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor, pool: BufferPool | None = None):
         if isinstance(moments, Gram):
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
             self.step_dtype = error.dtype
+            shape = error.shape
         else:
             self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
             rows = max(BLOCK, self.factor.shape[1])
             self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device, pool)
             self.factor_product = self.factor.to(self.products.dtype)
             self.step_dtype = self.products.dtype
-        rows = error.shape[0] if self.factor is None else self.factor.shape[1]
-        self.state = _buffer((rows, error.shape[1]), error.dtype, error.device, pool).zero_()
+            shape = (error.shape[1], self.factor.shape[1])
+        self.state = _buffer(shape, error.dtype, error.device, pool).zero_()
         self.operand = self.state
         if self.step_dtype != self.state.dtype:
-            self.operand = _buffer(self.state.shape, self.step_dtype, error.device, pool).copy_(self.state)
+            self.operand = _buffer(shape, self.step_dtype, error.device, pool).zero_()
         for start in range(0, error.shape[0], BLOCK):
             self.update(start, start + BLOCK, error[start : start + BLOCK])
 
@@ -575,13 +589,23 @@ class _Coupling:
             return self.matrix[start:end, start:end], self.state[start:end], None
         factor = self.factor[start:end]
         local = factor @ factor.T + torch.diag(self.residual[start:end])
-        return local, self.products.mm(self.factor_product[start:end], self.operand), self.residual[start:end]
+        return local, self.products.mm(self.factor_product[start:end], self.operand.T), self.residual[start:end]
+
+    def onward(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """What the compiled sweep needs to add a block's steps to a sketch's state itself (see
+        ``native.polish_sweep``), or None: exact statistics, or no compiled loops. A sweep moves a
+        tenth of the weights or fewer, so the update ``P += F_J^T steps`` as a product cost as much
+        as the block's gradient product plus a pass over the state; the sweep adds each moved
+        weight's step to its output's row while the rows are in cache."""
+        if self.factor is None or not native.usable(self.state):
+            return None
+        return self.factor[start:end], self.state, None if self.operand is self.state else self.operand
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:
             self.state.addmm_(self.matrix[:, start:end], steps)
             return
-        product = self.products.mm(self.factor_product[start:end].T, steps)
+        product = self.products.mm(self.products.cast(steps).T, self.factor_product[start:end])
         if self.operand is self.state:
             self.state += product
         elif native.usable(self.state):

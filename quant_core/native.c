@@ -15,6 +15,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define TILE 64
 
@@ -215,7 +218,10 @@ static inline floats step_codes(bytes *codes, floats slope, struct fp8_grid grid
 
 /* A block of the polish (gptq._Descent.sweep), `rows` weight columns of `width` outputs each: the
  * columns' gradients (H D)_J are `base` (float32, or bfloat16 if `base_is_bfloat16`) plus, where
- * `residual` is given, residual[i] * error[i]. */
+ * `residual` is given, residual[i] * error[i]. The steps go to `steps` where it is given, and
+ * where `factor` is given (the block's rows of a sketch's F, rows x rank) straight into the
+ * sketch's state F^T D, kept as `state` (width x rank: one row per output) and, where given, its
+ * bfloat16 copy `operand` (see onward). */
 struct sweep {
     uint8_t *codes;
     const void *base;
@@ -226,6 +232,10 @@ struct sweep {
     const float *local, *inverse;
     int32_t base_is_bfloat16, steps_are_bfloat16;
     struct fp8_grid grid;
+    const float *factor;
+    float *state;
+    uint16_t *operand;
+    int64_t rank;
 };
 
 static inline floats load_gradient(const struct sweep *b, int64_t at, int count, floats error, float residual) {
@@ -245,8 +255,78 @@ static inline __attribute__((always_inline)) void prefetch_row(const struct swee
     for (int64_t line = 0; line < SWEEP_TILE * 4; line += 64) {
         __builtin_prefetch((const char *)b->error + at * 4 + line, 1, level);
         if (line < SWEEP_TILE * base_size) __builtin_prefetch((const char *)b->base + at * base_size + line, 0, level);
-        if (line < SWEEP_TILE * step_size) __builtin_prefetch((char *)b->steps + at * step_size + line, 1, level);
+        if (b->steps && line < SWEEP_TILE * step_size) __builtin_prefetch((char *)b->steps + at * step_size + line, 1, level);
         if (line < SWEEP_TILE) __builtin_prefetch(b->codes + at + line, 1, level);
+    }
+}
+
+/* Which of a vector's lanes are not zero, as bits: one instruction with AVX-512. */
+static inline uint32_t nonzero_lanes(ints v) {
+#if defined(__AVX512F__) && LANES == 16
+    return _mm512_test_epi32_mask((__m512i)v, (__m512i)v);
+#else
+    uint32_t bits = 0;
+    for (int l = 0; l < LANES; l++) bits |= (uint32_t)(v[l] != 0) << l;
+    return bits;
+#endif
+}
+
+/* A tile's steps into the sketch's state: state[o] += step[j][o] * factor[j] for every step taken
+ * (a tenth of the weights or fewer move in a sweep), then the tile's rows of the bfloat16 operand.
+ * As a product F_J^T (steps) this was as long as the block's gradient product and took a pass over
+ * the whole state besides; here only the moved weights cost work. Output by output: its row of
+ * the state is summed in registers over the columns it moved in, found as set bits (a loop that
+ * tested each weight's step cost as much as the product it replaces). */
+#define RANK_CHUNK (8 * LANES)
+static inline __attribute__((always_inline)) void onward_chunk(float *state, uint16_t *operand, const float *factor,
+                                                                int64_t rank, const uint64_t *moved, int64_t words,
+                                                                const float *steps, int64_t left) {
+    floats sum[8];
+    for (int u = 0; u < 8; u++) sum[u] = LOAD(floats, state + u * LANES, lanes(left, u));
+    for (int64_t w = 0; w < words; w++)
+        for (uint64_t bits = moved[w]; bits; bits &= bits - 1) {
+            const int64_t j = w * 64 + __builtin_ctzll(bits);
+            const float step = steps[j * SWEEP_TILE];
+            for (int u = 0; u < 8; u++) sum[u] += step * LOAD(floats, factor + j * rank + u * LANES, lanes(left, u));
+        }
+    for (int u = 0; u < 8; u++) {
+        STORE(state + u * LANES, sum[u], lanes(left, u));
+        if (operand) {
+            const halves half = to_bfloat16(sum[u]);
+            STORE(operand + u * LANES, half, lanes(left, u));
+        }
+    }
+}
+
+static void onward(const struct sweep *b, floats tile[][VECTORS], int64_t start, int64_t n) {
+    const int64_t rank = b->rank, rows = b->rows, words = (rows + 63) / 64;
+    /* Which columns each output moved in, as bits: first each vector's moved lanes (a step is
+     * nonzero where its bits are: +-0 never comes out of the sweep), then, LANES columns at a
+     * time, an output's lane of them; with no branch that depends on the steps, which cost more
+     * than the sums when they mispredicted. */
+    uint32_t lanes_moved[VECTORS][words * 64];
+    memset(lanes_moved, 0, sizeof lanes_moved);
+    for (int64_t j = 0; j < rows; j++)
+        for (int v = 0; v < VECTORS; v++) lanes_moved[v][j] = nonzero_lanes((ints)tile[j][v]);
+    uint64_t moved[SWEEP_TILE][words];
+    for (int64_t o = 0; o < n; o++) {
+        const ints lane = splat(1 << (o % LANES));
+        for (int64_t w = 0; w < words; w++) {
+            uint64_t bits = 0;
+            for (int k = 0; k < 64; k += LANES)
+                bits |= (uint64_t)nonzero_lanes(LOAD(ints, &lanes_moved[o / LANES][w * 64 + k], LANES) & lane) << k;
+            moved[o][w] = bits;
+        }
+    }
+    for (int64_t o = 0; o < n; o++) {
+        float *state = b->state + (start + o) * rank;
+        uint16_t *operand = b->operand ? b->operand + (start + o) * rank : NULL;
+        const float *steps = (const float *)tile + o;
+        int64_t c = 0;
+        for (; c + RANK_CHUNK <= rank; c += RANK_CHUNK) /* whole vectors */
+            onward_chunk(state + c, operand ? operand + c : NULL, b->factor + c, rank, moved[o], words, steps, RANK_CHUNK);
+        if (c < rank)
+            onward_chunk(state + c, operand ? operand + c : NULL, b->factor + c, rank, moved[o], words, steps, rank - c);
     }
 }
 
@@ -287,26 +367,30 @@ static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
             tile[i][v] = step;
             STORE(b->codes + at, codes, count);
             STORE(b->error + at, moved, count);
-            if (b->steps_are_bfloat16) {
+            if (b->steps && b->steps_are_bfloat16) {
                 const halves half = to_bfloat16(step); /* exact: steps are powers of two */
                 STORE((uint16_t *)b->steps + at, half, count);
-            } else {
+            } else if (b->steps) {
                 STORE((float *)b->steps + at, step, count);
             }
         }
     }
+    if (b->factor) onward(b, tile, start, n);
 }
 
 /* One sweep of the polish's coordinate descent over a block (gptq._Descent.sweep): column i's
  * gradient (see struct sweep) plus local[k][i] times the steps of the columns k < i, times
  * inverse[i] (-2 / H_ii, 0 for a dead input), is the slope; a weight takes the step to the grid
  * neighbour its slope passes (up >= 0 >= down). Moves `codes` (fp8 bits), adds the steps to
- * `error` and writes them to `steps` (float32, or bfloat16 if `steps_are_bfloat16`). */
+ * `error` and writes them to `steps` (float32, or bfloat16 if `steps_are_bfloat16`; or nowhere if
+ * NULL) and, where `factor` is given, adds them to a sketch's state (struct sweep, onward). */
 void polish_sweep(uint8_t *codes, int64_t rows, int64_t width, const void *base, int32_t base_is_bfloat16,
                   const float *residual, float *error, const float *local, const float *inverse, void *steps,
-                  int32_t steps_are_bfloat16, int32_t mantissa, int32_t offset, int32_t top) {
+                  int32_t steps_are_bfloat16, int32_t mantissa, int32_t offset, int32_t top, const float *factor,
+                  float *state, uint16_t *operand, int64_t rank) {
     const struct sweep block = {codes, base, residual, error, steps, rows, width, local, inverse,
-                                base_is_bfloat16, steps_are_bfloat16, {mantissa, offset, top}};
+                                base_is_bfloat16, steps_are_bfloat16, {mantissa, offset, top},
+                                factor, state, operand, rank};
     for (int64_t start = 0; start < width; start += SWEEP_TILE)
         polish_tile(&block, start, width - start < SWEEP_TILE ? width - start : SWEEP_TILE);
 }

@@ -133,7 +133,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gptq_block.argtypes += [ctypes.c_uint32, whole, whole, whole]
     lib.gptq_block.restype = None
     flag = ctypes.c_int32
-    lib.polish_sweep.argtypes = [pointer, size, size, pointer, flag, *[pointer] * 5, *[flag] * 4]
+    lib.polish_sweep.argtypes = [pointer, size, size, pointer, flag, *[pointer] * 5, *[flag] * 4, *[pointer] * 3, size]
     lib.polish_sweep.restype = None
     lib.scaled_columns.argtypes = [pointer, whole, size, size, pointer, real, pointer]
     lib.scaled_columns.restype = None
@@ -212,14 +212,24 @@ def polish_sweep(
     error: torch.Tensor,
     local: torch.Tensor,
     inverse: torch.Tensor,
-    steps: torch.Tensor,
+    steps: torch.Tensor | None,
+    onward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> None:
-    """``gptq._Descent.sweep`` in C: ``codes`` moved, ``error`` and ``steps`` (float32 or bfloat16) written."""
+    """``gptq._Descent.sweep`` in C: ``codes`` moved, ``error`` and ``steps`` (float32 or bfloat16;
+    or none) written. ``onward``: ``(factor, state, operand)`` of a sketch (``gptq._Coupling``): the
+    steps are added to ``state += steps^T factor`` (float32, one row per output) and ``operand``
+    (its bfloat16 copy, or None) follows it."""
     rows, width = codes.shape
-    _require(rows <= _MAX_BLOCK and all(t.shape == codes.shape for t in (base, error, steps)), "mismatched blocks")
+    blocks = (base, error) if steps is None else (base, error, steps)
+    _require(rows <= _MAX_BLOCK and all(t.shape == codes.shape for t in blocks), "mismatched blocks")
     _require(local.shape == (rows, rows) and inverse.shape == (rows,), "a local H of another size")
     _require(residual is None or residual.numel() == rows, "a residual of another size")
     f32, bf16 = torch.float32, torch.bfloat16
+    factor, state, operand = onward or (None, None, None)
+    rank = 0 if factor is None else factor.shape[1]
+    sizes = factor is None or (factor.shape == (rows, rank) and state.shape == (width, rank))
+    _require(sizes, "a state of another size")
+    _require(operand is None or (state is not None and operand.shape == state.shape), "an operand of another size")
     library().polish_sweep(
         _address(codes.view(torch.uint8), torch.uint8),
         rows,
@@ -230,9 +240,13 @@ def polish_sweep(
         _address(error, f32),
         _address(local, f32),
         _address(inverse, f32),
-        _address(steps, steps.dtype if steps.dtype == bf16 else f32),
-        steps.dtype == bf16,
+        None if steps is None else _address(steps, steps.dtype if steps.dtype == bf16 else f32),
+        steps is not None and steps.dtype == bf16,
         *_grid(codes.dtype),
+        None if factor is None else _address(factor, f32),
+        None if state is None else _address(state, f32),
+        None if operand is None else _address(operand, bf16),
+        rank,
     )
 
 

@@ -126,6 +126,32 @@ def test_compiled_polish_sweep_is_the_torch_sweep(monkeypatch, width, sketched):
     assert steps_c.abs().sum() > 0 and not steps_c[5].any(), "weights move, except those of the dead input"
 
 
+@pytest.mark.parametrize("rows", [gptq.BLOCK, 70])  # a whole block, and one of a word and a bit of columns
+@pytest.mark.parametrize("rank", [128, 40, 200])  # whole vectors of the state's row, a tail, past one chunk
+@pytest.mark.parametrize("width", [3, 64, 200])
+def test_compiled_sweep_adds_its_steps_to_the_sketch_state(rows, rank, width):
+    """The sweep that takes its steps into a sketch's state itself moves the same codes as the one
+    that writes them, and leaves ``state + steps^T factor`` (float64 reference) and its bfloat16 copy."""
+    codes, base, local, error = sweep_case(rows, width, seed=rank + width)
+    generator = torch.Generator().manual_seed(rows)
+    factor, state = torch.randn(rows, rank, generator=generator), torch.randn(width, rank, generator=generator)
+    base, residual, inverse = base.bfloat16(), torch.rand(rows, generator=generator), -2 / local.diagonal()
+    inverse[5] = 0.0  # the dead input
+    written_codes, written_error, steps = codes.clone(), error.clone(), torch.empty(rows, width, dtype=torch.bfloat16)
+    native.polish_sweep(written_codes, base, residual, written_error, local, inverse, steps)
+    moved, moved_error, operand = codes.clone(), error.clone(), torch.empty(width, rank, dtype=torch.bfloat16)
+    added = state.clone()
+    native.polish_sweep(moved, base, residual, moved_error, local, inverse, None, (factor, added, operand))
+    assert torch.equal(moved.view(torch.uint8), written_codes.view(torch.uint8))
+    assert torch.equal(moved_error, written_error)
+    assert 0 < int(steps.count_nonzero()) < steps.numel(), "some weights move, not all"
+    expected = state.double() + steps.double().T @ factor.double()
+    assert torch.allclose(added.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(operand, added.bfloat16())
+    native.polish_sweep(codes.clone(), base, residual, error.clone(), local, inverse, None, (factor, state, None))
+    assert torch.allclose(state.double(), expected, rtol=1e-5, atol=1e-4), "without an operand too"
+
+
 def learned_case(rows: int, width: int, seed: int) -> rounding._Choices:
     """A block's choices whose logits reach every part of the rectified sigmoid: soft held at 0 and
     1 (|logits| up to 100), ``u = 0`` exactly (logit 0), and ordinary values."""
@@ -315,6 +341,12 @@ def test_the_compiled_loops_refuse_shapes_that_would_index_out_of_bounds():
         native.scaled_columns(block, torch.tensor([0, 1, 1, 3, 4, 5, 6, 7, 8, 9]), 1.0, torch.empty(10, 8))
     with pytest.raises(ValueError, match="output of another shape"):
         native.unpermute_rows(codes, torch.arange(8), torch.empty(8, 10, dtype=torch.float8_e4m3fn))
+    local, inverse, factor = torch.eye(8), torch.ones(8), torch.ones(8, 4)
+    with pytest.raises(ValueError, match="state of another size"):
+        native.polish_sweep(codes, block, None, errors, local, inverse, None, (factor, torch.empty(9, 4), None))
+    with pytest.raises(ValueError, match="operand of another size"):
+        operand = torch.empty(10, 3, dtype=torch.bfloat16)
+        native.polish_sweep(codes, block, None, errors, local, inverse, None, (factor, torch.empty(10, 4), operand))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
