@@ -555,26 +555,27 @@ class _Coupling:
     """``H D`` for the polish, one block of columns at a time.
 
     With an exact ``H`` the whole ``G = H D`` is kept (narrow layers: ``in x out`` floats) and a
-    block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D`` is
-    kept, as its transpose (``out x r``: one row per output, which is where a moved weight's step
-    lands, see ``onward``), and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass,
-    that product in ``_product_dtype`` (``P`` is kept in float32 and as that dtype, its operand).
-    Made from ``D`` once: the steps that update it are exact grid differences, so making it again
-    at each pass would round no less than keeping it up to date.
+    block's steps reach it through ``H[:, J]``; with ``H = F F^T + diag(r)`` only ``P = F^T D``
+    (``r x out``) is kept, and a block's ``G`` is ``F_J P + r_J D_J``: ``O(out in r)`` a pass, that
+    product in ``_product_dtype`` (``P`` is kept in float32 and as that dtype, its operand). Both
+    are kept transposed, one row per output, which is where a moved weight's step lands (see
+    ``onward``). Made from ``D`` once: the steps that update it are exact grid differences, so
+    making it again at each pass would round no less than keeping it up to date.
     """
 
     def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor, pool: BufferPool | None = None):
         if isinstance(moments, Gram):
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
             self.step_dtype = error.dtype
-            shape = error.shape
-        else:
-            self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
-            rows = max(BLOCK, self.factor.shape[1])
-            self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device, pool)
-            self.factor_product = self.factor.to(self.products.dtype)
-            self.step_dtype = self.products.dtype
-            shape = (error.shape[1], self.factor.shape[1])
+            self.state = self.operand = _buffer((error.shape[1], error.shape[0]), error.dtype, error.device, pool)
+            torch.mm(error.T, self.matrix, out=self.state)  # (H D)^T, H being symmetric
+            return
+        self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
+        rows = max(BLOCK, self.factor.shape[1])
+        self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device, pool)
+        self.factor_product = self.factor.to(self.products.dtype)
+        self.step_dtype = self.products.dtype
+        shape = (error.shape[1], self.factor.shape[1])
         self.state = _buffer(shape, error.dtype, error.device, pool).zero_()
         self.operand = self.state
         if self.step_dtype != self.state.dtype:
@@ -586,24 +587,25 @@ class _Coupling:
         """For the columns ``J = start:end``: ``H_JJ``, and ``(H D)_J`` as a base and the residual
         that multiplies ``D_J`` on top of it (see ``_Descent.sweep``; valid until the next call)."""
         if self.factor is None:
-            return self.matrix[start:end, start:end], self.state[start:end], None
+            return self.matrix[start:end, start:end], self.state[:, start:end].T, None
         factor = self.factor[start:end]
         local = factor @ factor.T + torch.diag(self.residual[start:end])
         return local, self.products.mm(self.factor_product[start:end], self.operand.T), self.residual[start:end]
 
     def onward(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """What the compiled sweep needs to add a block's steps to a sketch's state itself (see
-        ``native.polish_sweep``), or None: exact statistics, or no compiled loops. A sweep moves a
-        tenth of the weights or fewer, so the update ``P += F_J^T steps`` as a product cost as much
-        as the block's gradient product plus a pass over the state; the sweep adds each moved
-        weight's step to its output's row while the rows are in cache."""
-        if self.factor is None or not native.usable(self.state):
+        """What the compiled sweep needs to add a block's steps to the state itself (see
+        ``native.polish_sweep``), or None where there are no compiled loops. A sweep moves a tenth
+        of the weights or fewer, so the update ``P += F_J^T steps`` (or ``G += H_J^T steps``) as a
+        product costs as much as the block's gradient product (with an exact ``H``, most of the
+        layer's time); the sweep adds each moved weight's step to its output's row instead."""
+        if not native.usable(self.state):
             return None
-        return self.factor[start:end], self.state, None if self.operand is self.state else self.operand
+        rows = self.matrix[start:end] if self.factor is None else self.factor[start:end]
+        return rows, self.state, None if self.operand is self.state else self.operand
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:
-            self.state.addmm_(self.matrix[:, start:end], steps)
+            self.state.addmm_(steps.T, self.matrix[start:end])
             return
         product = self.products.mm(self.products.cast(steps).T, self.factor_product[start:end])
         if self.operand is self.state:

@@ -218,10 +218,12 @@ static inline floats step_codes(bytes *codes, floats slope, struct fp8_grid grid
 
 /* A block of the polish (gptq._Descent.sweep), `rows` weight columns of `width` outputs each: the
  * columns' gradients (H D)_J are `base` (float32, or bfloat16 if `base_is_bfloat16`) plus, where
- * `residual` is given, residual[i] * error[i]. The steps go to `steps` where it is given, and
- * where `factor` is given (the block's rows of a sketch's F, rows x rank) straight into the
- * sketch's state F^T D, kept as `state` (width x rank: one row per output) and, where given, its
- * bfloat16 copy `operand` (see onward). */
+ * `residual` is given, residual[i] * error[i]; or, where `base_stride` is not 0, `base` holds them by
+ * outputs (float32, element (i, o) at base[o * base_stride + i]: an exact layer's (H D)^T, see
+ * gptq._Coupling). The steps go to `steps` where it is given, and where `factor` is given (rows x
+ * rank: the block's rows of a sketch's F, or of an exact H) straight into the state, `state`
+ * (width x rank, one row per output: F^T D transposed, or (H D)^T) and, where given, its bfloat16
+ * copy `operand` (see onward). */
 struct sweep {
     uint8_t *codes;
     const void *base;
@@ -235,7 +237,7 @@ struct sweep {
     const float *factor;
     float *state;
     uint16_t *operand;
-    int64_t rank;
+    int64_t rank, base_stride;
 };
 
 static inline floats load_gradient(const struct sweep *b, int64_t at, int count, floats error, float residual) {
@@ -254,7 +256,7 @@ static inline __attribute__((always_inline)) void prefetch_row(const struct swee
     const int64_t base_size = b->base_is_bfloat16 ? 2 : 4, step_size = b->steps_are_bfloat16 ? 2 : 4;
     for (int64_t line = 0; line < SWEEP_TILE * 4; line += 64) {
         __builtin_prefetch((const char *)b->error + at * 4 + line, 1, level);
-        if (line < SWEEP_TILE * base_size) __builtin_prefetch((const char *)b->base + at * base_size + line, 0, level);
+        if (!b->base_stride && line < SWEEP_TILE * base_size) __builtin_prefetch((const char *)b->base + at * base_size + line, 0, level);
         if (b->steps && line < SWEEP_TILE * step_size) __builtin_prefetch((char *)b->steps + at * step_size + line, 1, level);
         if (line < SWEEP_TILE) __builtin_prefetch(b->codes + at + line, 1, level);
     }
@@ -274,7 +276,7 @@ static inline uint32_t nonzero_lanes(ints v) {
 /* A tile's steps into the sketch's state: state[o] += step[j][o] * factor[j] for every step taken
  * (a tenth of the weights or fewer move in a sweep), then the tile's rows of the bfloat16 operand.
  * As a product F_J^T (steps) this was as long as the block's gradient product and took a pass over
- * the whole state besides; here only the moved weights cost work. Output by output: its row of
+ * the whole state besides (with an exact H, H_J^T (steps) was most of an exact layer's time); here only the moved weights cost work. Output by output: its row of
  * the state is summed in registers over the columns it moved in, found as set bits (a loop that
  * tested each weight's step cost as much as the product it replaces). */
 #define RANK_CHUNK (8 * LANES)
@@ -334,6 +336,12 @@ static void onward(const struct sweep *b, floats tile[][VECTORS], int64_t start,
 static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
     const int64_t rows = b->rows;
     floats tile[rows][VECTORS]; /* the tile's steps, contiguous: rows `width` apart share cache sets */
+    float by_columns[b->base_stride ? rows : 1][SWEEP_TILE]; /* a base by outputs, turned to columns */
+    if (b->base_stride)
+        for (int64_t o = 0; o < n; o++) {
+            const float *row = (const float *)b->base + (start + o) * b->base_stride;
+            for (int64_t i = 0; i < rows; i++) by_columns[i][o] = row[i];
+        }
     for (int64_t i = 0; i < rows; i++) {
         floats slope[VECTORS], error[VECTORS], odd[VECTORS] = {0};
         const int64_t ahead = i + AHEAD; /* the row AHEAD rows on, in this tile or the next */
@@ -343,7 +351,8 @@ static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
             const int64_t at = i * b->width + start + v * LANES;
             const int count = lanes(n, v);
             error[v] = LOAD(floats, b->error + at, count);
-            slope[v] = load_gradient(b, at, count, error[v], b->residual ? b->residual[i] : 0.0f);
+            slope[v] = b->base_stride ? LOAD(floats, by_columns[i] + v * LANES, count)
+                                      : load_gradient(b, at, count, error[v], b->residual ? b->residual[i] : 0.0f);
         }
         const float *local = b->local + i * rows; /* H_JJ is symmetric: its row i is its column i */
         /* two sums over alternate columns: twice the chains of dependent additions, which the
@@ -387,10 +396,10 @@ static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
 void polish_sweep(uint8_t *codes, int64_t rows, int64_t width, const void *base, int32_t base_is_bfloat16,
                   const float *residual, float *error, const float *local, const float *inverse, void *steps,
                   int32_t steps_are_bfloat16, int32_t mantissa, int32_t offset, int32_t top, const float *factor,
-                  float *state, uint16_t *operand, int64_t rank) {
+                  float *state, uint16_t *operand, int64_t rank, int64_t base_stride) {
     const struct sweep block = {codes, base, residual, error, steps, rows, width, local, inverse,
                                 base_is_bfloat16, steps_are_bfloat16, {mantissa, offset, top},
-                                factor, state, operand, rank};
+                                factor, state, operand, rank, base_stride};
     for (int64_t start = 0; start < width; start += SWEEP_TILE)
         polish_tile(&block, start, width - start < SWEEP_TILE ? width - start : SWEEP_TILE);
 }

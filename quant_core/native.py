@@ -133,7 +133,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gptq_block.argtypes += [ctypes.c_uint32, whole, whole, whole]
     lib.gptq_block.restype = None
     flag = ctypes.c_int32
-    lib.polish_sweep.argtypes = [pointer, size, size, pointer, flag, *[pointer] * 5, *[flag] * 4, *[pointer] * 3, size]
+    lib.polish_sweep.argtypes = [pointer, size, size, pointer, flag, *[pointer] * 5, *[flag] * 4, *[pointer] * 3]
+    lib.polish_sweep.argtypes += [size, size]
     lib.polish_sweep.restype = None
     lib.scaled_columns.argtypes = [pointer, whole, size, size, pointer, real, pointer]
     lib.scaled_columns.restype = None
@@ -216,12 +217,17 @@ def polish_sweep(
     onward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> None:
     """``gptq._Descent.sweep`` in C: ``codes`` moved, ``error`` and ``steps`` (float32 or bfloat16;
-    or none) written. ``onward``: ``(factor, state, operand)`` of a sketch (``gptq._Coupling``): the
-    steps are added to ``state += steps^T factor`` (float32, one row per output) and ``operand``
-    (its bfloat16 copy, or None) follows it."""
+    or none) written. ``base``: contiguous, or a float32 view of a matrix by outputs (strides
+    ``(1, n)``: an exact layer's ``(H D)^T``, see ``gptq._Coupling``), without ``residual`` then.
+    ``onward``: ``(factor, state, operand)`` (``gptq._Coupling.onward``): the steps are added to
+    ``state += steps^T factor`` (float32, one row per output) and ``operand`` (its bfloat16 copy,
+    or None) follows it."""
     rows, width = codes.shape
     blocks = (base, error) if steps is None else (base, error, steps)
     _require(rows <= _MAX_BLOCK and all(t.shape == codes.shape for t in blocks), "mismatched blocks")
+    by_outputs = not base.is_contiguous() and base.dtype == torch.float32 and base.stride(0) == 1
+    kind = base.stride(1) >= rows and residual is None and base.device.type == "cpu"
+    _require(not by_outputs or kind, "a base by outputs of another kind")
     _require(local.shape == (rows, rows) and inverse.shape == (rows,), "a local H of another size")
     _require(residual is None or residual.numel() == rows, "a residual of another size")
     f32, bf16 = torch.float32, torch.bfloat16
@@ -234,7 +240,7 @@ def polish_sweep(
         _address(codes.view(torch.uint8), torch.uint8),
         rows,
         width,
-        _address(base, base.dtype if base.dtype == bf16 else f32),
+        base.data_ptr() if by_outputs else _address(base, base.dtype if base.dtype == bf16 else f32),
         base.dtype == bf16,
         None if residual is None else _address(residual, f32),
         _address(error, f32),
@@ -247,6 +253,7 @@ def polish_sweep(
         None if state is None else _address(state, f32),
         None if operand is None else _address(operand, bf16),
         rank,
+        base.stride(1) if by_outputs else 0,
     )
 
 

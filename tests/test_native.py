@@ -152,6 +152,31 @@ def test_compiled_sweep_adds_its_steps_to_the_sketch_state(rows, rank, width):
     assert torch.allclose(state.double(), expected, rtol=1e-5, atol=1e-4), "without an operand too"
 
 
+@pytest.mark.parametrize("rows", [gptq.BLOCK, 70])
+@pytest.mark.parametrize("width", [3, 64, 200])
+def test_compiled_sweep_reads_an_exact_base_by_outputs_and_adds_its_steps_to_it(rows, width):
+    """An exact layer's state is ``(H D)^T``: the block's base is a view of its columns, and the
+    steps come back into all of each output's row through the block's rows of ``H``."""
+    codes, _, _, error = sweep_case(rows, width, seed=width)
+    generator = torch.Generator().manual_seed(rows)
+    inputs, first = rows + 30, 10
+    factor = torch.randn(inputs, inputs, generator=generator)
+    gram = factor @ factor.T / inputs + torch.eye(inputs)
+    block = slice(first, first + rows)
+    local, rows_of_h = gram[block, block].contiguous(), gram[block].contiguous()
+    state = 40 * torch.randn(width, inputs, generator=generator)
+    inverse = -2 / local.diagonal()
+    written_codes, written_error, steps = codes.clone(), error.clone(), torch.empty(rows, width)
+    native.polish_sweep(written_codes, state[:, block].T.contiguous(), None, written_error, local, inverse, steps)
+    moved, moved_error, updated = codes.clone(), error.clone(), state.clone()
+    native.polish_sweep(moved, updated[:, block].T, None, moved_error, local, inverse, None, (rows_of_h, updated, None))
+    assert torch.equal(moved.view(torch.uint8), written_codes.view(torch.uint8))
+    assert torch.equal(moved_error, written_error)
+    assert 0 < int(steps.count_nonzero()) < steps.numel(), "some weights move, not all"
+    expected = state.double() + steps.double().T @ rows_of_h.double()
+    assert torch.allclose(updated.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def learned_case(rows: int, width: int, seed: int) -> rounding._Choices:
     """A block's choices whose logits reach every part of the rectified sigmoid: soft held at 0 and
     1 (|logits| up to 100), ``u = 0`` exactly (logit 0), and ordinary values."""
@@ -344,6 +369,8 @@ def test_the_compiled_loops_refuse_shapes_that_would_index_out_of_bounds():
     local, inverse, factor = torch.eye(8), torch.ones(8), torch.ones(8, 4)
     with pytest.raises(ValueError, match="state of another size"):
         native.polish_sweep(codes, block, None, errors, local, inverse, None, (factor, torch.empty(9, 4), None))
+    with pytest.raises(ValueError, match="base by outputs of another kind"):
+        native.polish_sweep(codes, torch.empty(10, 8).T, torch.ones(8), errors, local, inverse, None)
     with pytest.raises(ValueError, match="operand of another size"):
         operand = torch.empty(10, 3, dtype=torch.bfloat16)
         native.polish_sweep(codes, block, None, errors, local, inverse, None, (factor, torch.empty(10, 4), operand))
