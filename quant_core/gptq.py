@@ -35,6 +35,7 @@ EXACT_POLISH_PASSES = 4  # with exact statistics (narrow layers, where a pass co
 COUPLED_PASSES = 2  # then passes on the output-side metric, where a layer has one (_polish_coupled)
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
+_OUTPUT_ROWS = 1024  # outputs at a time where a product takes a copy of their weights' errors
 
 
 def round_gptq(
@@ -568,7 +569,7 @@ class _Coupling:
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
             self.step_dtype = error.dtype
             self.state = self.operand = _buffer((error.shape[1], error.shape[0]), error.dtype, error.device, pool)
-            torch.mm(error.T, self.matrix, out=self.state)  # (H D)^T, H being symmetric
+            self._start_exact(error)
             return
         self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
         rows = max(BLOCK, self.factor.shape[1])
@@ -582,6 +583,16 @@ class _Coupling:
             self.operand = _buffer(shape, self.step_dtype, error.device, pool).zero_()
         for start in range(0, error.shape[0], BLOCK):
             self.update(start, start + BLOCK, error[start : start + BLOCK])
+
+    def _start_exact(self, error: torch.Tensor) -> None:
+        """``(H D)^T`` (``H`` is symmetric) in ``_product_dtype``, by blocks of outputs so that the
+        copies in that dtype stay small: ``O(out in^2)``, in float32 the longest step of an exact
+        layer's polish."""
+        dtype = _product_dtype(error.device)
+        matrix = self.matrix.to(dtype)
+        for start in range(0, error.shape[1], _OUTPUT_ROWS):
+            outputs = slice(start, start + _OUTPUT_ROWS)
+            self.state[outputs] = error[:, outputs].T.to(dtype) @ matrix
 
     def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For the columns ``J = start:end``: ``H_JJ``, and ``(H D)_J`` as a base and the residual
