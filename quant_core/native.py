@@ -138,7 +138,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.polish_sweep.restype = None
     lib.scaled_columns.argtypes = [pointer, whole, size, size, pointer, real, pointer]
     lib.scaled_columns.restype = None
-    lib.unpermute_rows.argtypes = [pointer, size, size, pointer, pointer, pointer]
+    lib.unpermute_rows.argtypes = [pointer, size, size, pointer, pointer]
     lib.unpermute_rows.restype = None
     lib.learned_soften.argtypes = [size, *[pointer] * 5, ctypes.c_int32]
     lib.learned_soften.restype = None
@@ -275,13 +275,12 @@ def scaled_columns(weight: torch.Tensor, order: torch.Tensor, scale: float, out:
 def unpermute_rows(rows: torch.Tensor, order: torch.Tensor, out: torch.Tensor) -> None:
     """``out[:, order[r]] = rows[r]`` for fp8 ``rows``: GPTQ's rows back to the weight's layout."""
     _require(out.shape == (rows.shape[1], rows.shape[0]), "an output of another shape")
-    scratch, position = torch.empty(16 * rows.shape[0], dtype=torch.uint8), _positions(order, rows.shape[0])
+    position = _positions(order, rows.shape[0])  # held: the library reads it
     library().unpermute_rows(
         _address(rows.view(torch.uint8), torch.uint8),
         rows.shape[0],
         rows.shape[1],
         _address(position, torch.int64),
-        scratch.data_ptr(),
         _address(out.view(torch.uint8), torch.uint8),
     )
 

@@ -302,7 +302,9 @@ def test_a_failing_build_falls_back_to_torch_and_says_so(monkeypatch, tmp_path, 
         native.library.cache_clear()
 
 
-def test_a_compiler_without_march_native_still_builds(monkeypatch, tmp_path):
+def without_march_native(monkeypatch, tmp_path) -> None:
+    """The library built by a compiler that refuses ``-march=native``: for the baseline of this
+    CPU's architecture, so the loops that have no AVX-512 version of their own run in plain C."""
     compiler = native._compiler()
     wrapper = tmp_path / "cc-without-native"
     wrapper.write_text(
@@ -314,10 +316,24 @@ def test_a_compiler_without_march_native_still_builds(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.library.cache_clear()
+
+
+def test_a_compiler_without_march_native_still_builds(monkeypatch, tmp_path):
+    without_march_native(monkeypatch, tmp_path)
     try:
         assert native.library() is not None
     finally:
         native.library.cache_clear()
+
+
+@pytest.fixture(params=["native", "baseline"])
+def tuning(request, monkeypatch, tmp_path):
+    """The layout loops as built for this CPU (AVX-512 where it has it) and for its architecture's baseline."""
+    library = native.library  # a test may put the torch loops in its place
+    if request.param == "baseline":
+        without_march_native(monkeypatch, tmp_path)
+    yield request.param
+    library.cache_clear()
 
 
 def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
@@ -335,9 +351,11 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
         native.library.cache_clear()
 
 
+# Tiles are 16 x 16 values (64 x 64 codes), blocks 512 outputs (2048 codes of a row), whole aligned
+# lines are written by streaming stores: shapes under, at and past each, single rows and columns.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(5, 7), (64, 3), (130, 67)])  # under, at and past a tile of outputs
-def test_compiled_scaled_columns_are_the_torch_ones(monkeypatch, dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (37, 1), (5, 7), (64, 3), (48, 40), (130, 67), (600, 70)])
+def test_compiled_scaled_columns_are_the_torch_ones(monkeypatch, tuning, dtype, shape):
     generator = torch.Generator().manual_seed(shape[0])
     weight = torch.randn(shape, generator=generator).to(dtype)
     order = torch.randperm(shape[1], generator=generator)
@@ -346,8 +364,16 @@ def test_compiled_scaled_columns_are_the_torch_ones(monkeypatch, dtype, shape):
     assert torch.equal(compiled, gptq._scaled_columns(weight, order, 0.013))
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 64), (67, 130)])
-def test_compiled_unpermuting_is_the_torch_one(monkeypatch, shape):
+def test_compiled_scaled_columns_write_an_unaligned_output(tuning):
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    out = torch.empty(32 * 48 + 1)[1:].view(32, 48)  # 4 bytes past a cache line's start
+    native.scaled_columns(weight, order, 0.5, out)
+    assert torch.equal(out, weight.T[order].float() / 0.5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 65), (65, 1), (5, 7), (3, 64), (128, 100), (67, 130), (130, 2100)])
+def test_compiled_unpermuting_is_the_torch_one(monkeypatch, tuning, shape):
     generator = torch.Generator().manual_seed(shape[1])
     rows = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).view(torch.float8_e4m3fn)
     order = torch.randperm(shape[0], generator=generator)
