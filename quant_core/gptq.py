@@ -288,32 +288,63 @@ def _gptq_low_rank(
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
     columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
-    upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``.
-    ``work`` (one row per weight column) is left as it was: the polish starts from it, and making
-    it again would cost more than a block's copy of it here.
+    upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``
+    (``_SketchFactors``: all of this depends on ``H`` only). ``work`` (one row per weight column)
+    is left as it was: the polish starts from it, and making it again would cost more than a
+    block's copy of it here.
     """
     columns = work.shape[0]
-    factor = gram.factor.double()
-    dead, damping = _damping(gram.exact_diagonal.double(), damp)
-    residual = torch.where(dead, 1.0, gram.residual().double()) + damping
-    pushed = factor / residual[:, None]  # V
-    state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
-    spread = _buffer((factor.shape[1], work.shape[1]), torch.float32, work.device, pool).zero_()
-    products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device, pool)
-    pushed_product = pushed.to(products.dtype)
+    factors = _SketchFactors(gram, damp, _product_dtype(work.device), pool)
+    rank = factors.pushed.shape[1]
+    products = _Products(factors.pushed.dtype, max(BLOCK, rank), work.shape[1], work.device, pool)
+    spread = _Sum((rank, work.shape[1]), products.dtype, work.device, pool)  # sum of P^T errors
     rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device, pool)
-    for start in range(0, columns, BLOCK):
+    for block, start in enumerate(range(0, columns, BLOCK)):
         step(start, columns)
         end = min(start + BLOCK, columns)
-        pushed_block = pushed[start:end]
-        coupled = pushed_block @ state  # V_J S
-        inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
-        lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        compensation = products.mm(pushed_product[start:end], spread)
-        errors = rounding(work[start:end], lower.T.float(), quantized[start:end], minus=compensation)
-        onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
-        spread += products.mm(onward.T, errors)
-        state -= onward.T @ onward
+        compensation = products.mm(factors.pushed[start:end], spread.operand) if start > 0 else None
+        errors = rounding(work[start:end], factors.uppers[block], quantized[start:end], minus=compensation)
+        if end < columns:  # the last block's errors reach no column
+            spread.add(products.mm(factors.onwards[block], errors))
+
+
+class _SketchFactors:
+    """For each block of columns of a sketched ``H`` (see ``_gptq_low_rank``): its part of GPTQ's
+    upper Cholesky factor (``uppers``, float32) and ``P^T`` (``onwards``, ``r x block``), with
+    ``V`` (``pushed``) in the sketch's product dtype.
+
+    They depend on ``H`` only, so they are all made before the rounding: a block's small float64
+    algebra is about as long as its products in a narrow layer, and between the products of a wide
+    one it found the ``r x r`` state evicted from the cache. A handful of ``r x r`` products, a
+    Cholesky and a triangular solve per block, in float64: ``diag(1/d_J)`` can be orders of
+    magnitude above the Schur complement it is cancelled down to, and ``S`` is downdated once per
+    block.
+    """
+
+    def __init__(self, gram: LowRankGram, damp: float, dtype: torch.dtype, pool: BufferPool | None = None) -> None:
+        float64, device = torch.float64, gram.factor.device
+        factor = _buffer(gram.factor.shape, float64, device, pool).copy_(gram.factor)
+        dead, damping = _damping(gram.exact_diagonal.double(), damp)
+        residual = torch.where(dead, 1.0, gram.residual().double()) + damping
+        pushed = torch.div(factor, residual[:, None], out=_buffer(factor.shape, float64, device, pool))  # V
+        identity = torch.eye(factor.shape[1], dtype=float64, device=device)
+        state = -torch.linalg.inv(identity + factor.T @ pushed)
+        inverse = residual.reciprocal()
+        columns = factor.shape[0]
+        self.pushed = _buffer(pushed.shape, dtype, device, pool).copy_(pushed)
+        self.uppers: list[torch.Tensor] = []
+        self.onwards: list[torch.Tensor] = []
+        for start in range(0, columns, BLOCK):
+            end = min(start + BLOCK, columns)
+            coupled = pushed[start:end] @ state  # V_J S
+            inner = coupled @ pushed[start:end].T
+            inner.diagonal().add_(inverse[start:end])
+            lower = torch.linalg.cholesky(inner)  # reads the lower triangle only: no need to symmetrise
+            self.uppers.append(lower.T.float())
+            if end < columns:
+                onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
+                state.addmm_(onward.T, onward, alpha=-1)
+                self.onwards.append(onward.T.to(dtype))
 
 
 class _Products:
@@ -336,6 +367,27 @@ class _Products:
         return torch.mm(left.to(self.dtype), right, out=out)
 
 
+class _Sum:
+    """A float32 sum of products (``add``), kept also in the products' dtype (``operand``) as the
+    right operand of the next ``_Products.mm``: updated in the same pass over it as the sum, where
+    converting it at each product was a pass of its own (per block, over ``r x out``)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pool: BufferPool | None):
+        self.state = _buffer(shape, torch.float32, device, pool).zero_()
+        self.operand = self.state
+        if dtype != torch.float32:
+            self.operand = _buffer(shape, dtype, device, pool).zero_()
+
+    def add(self, product: torch.Tensor) -> None:
+        if self.operand is self.state:
+            self.state += product
+        elif native.usable(self.state):
+            native.add_and_round(self.state, product, self.operand)
+        else:
+            self.state += product
+            self.operand.copy_(self.state)
+
+
 class _BlockRounding:
     """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
     per layer: fresh block-sized temporaries cost a page fault per 4 KB. The torch loop's own
@@ -354,8 +406,8 @@ class _BlockRounding:
     def __call__(
         self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` may
-        be changed) into ``out`` (fp8), each error compensated on the block's later columns through
+        """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` is
+        not changed) into ``out`` (fp8), each error compensated on the block's later columns through
         ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the errors divided by
         ``upper``'s diagonal (valid until the next call).
 
@@ -376,8 +428,7 @@ class _BlockRounding:
             native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid)
             return errors
         values, compensated = (scratch[:rows] for scratch in self._torch_scratch)
-        if minus is not None:
-            block = torch.sub(block, minus, out=compensated)
+        block = compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
