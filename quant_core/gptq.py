@@ -34,6 +34,7 @@ POLISH_PASSES = 2  # coordinate-descent passes after GPTQ (see _polish; docs/cal
 EXACT_POLISH_PASSES = 4  # with exact statistics (narrow layers, where a pass costs least)
 COUPLED_PASSES = 2  # then passes on the output-side metric, where a layer has one (_polish_coupled)
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
+_ELIMINATED = 64  # columns of a sketched H eliminated at a time (see _eliminate)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 _OUTPUT_ROWS = 1024  # outputs at a time where a product takes a copy of their weights' errors
 
@@ -289,32 +290,92 @@ def _gptq_low_rank(
     ``H^-1 = diag(1/d) + V S V^T`` (Woodbury, ``V = diag(1/d) F``). Eliminating a block ``J`` of
     columns from it leaves the same form with ``S -= P^T P``, ``P = C^-1 V_J S``, where ``C C^T``
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
-    upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``.
-    ``work`` (one row per weight column) is left as it was: the polish starts from it, and making
-    it again would cost more than a block's copy of it here.
+    upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``
+    (``_SketchFactors``: all of this depends on ``H`` only). ``work`` (one row per weight column)
+    is left as it was: the polish starts from it, and making it again would cost more than a
+    block's copy of it here.
     """
     columns = work.shape[0]
-    factor = gram.factor.double()
-    dead, damping = _damping(gram.exact_diagonal.double(), damp)
-    residual = torch.where(dead, 1.0, gram.residual().double()) + damping
-    pushed = factor / residual[:, None]  # V
-    state = -torch.linalg.inv(torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device) + factor.T @ pushed)
-    spread = _buffer((factor.shape[1], work.shape[1]), torch.float32, work.device, pool).zero_()
-    products = _Products(_product_dtype(work.device), max(BLOCK, factor.shape[1]), work.shape[1], work.device, pool)
-    pushed_product = pushed.to(products.dtype)
+    factors = _SketchFactors(gram, damp, _product_dtype(work.device), pool)
+    rank = factors.pushed.shape[1]
+    products = _Products(factors.pushed.dtype, max(BLOCK, rank), work.shape[1], work.device, pool)
+    spread = _Sum((rank, work.shape[1]), products.dtype, work.device, pool)  # sum of P^T errors
     rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device, pool)
-    for start in range(0, columns, BLOCK):
+    for block, start in enumerate(range(0, columns, BLOCK)):
         step(start, columns)
         end = min(start + BLOCK, columns)
-        pushed_block = pushed[start:end]
-        coupled = pushed_block @ state  # V_J S
-        inner = torch.diag(1 / residual[start:end]) + coupled @ pushed_block.T
-        lower = torch.linalg.cholesky((inner + inner.T) / 2)
-        compensation = products.mm(pushed_product[start:end], spread)
-        errors = rounding(work[start:end], lower.T.float(), quantized[start:end], minus=compensation)
-        onward = torch.linalg.solve_triangular(lower, coupled, upper=False)  # P
-        spread += products.mm(onward.T, errors)
-        state -= onward.T @ onward
+        compensation = products.mm(factors.pushed[start:end], spread.operand) if start > 0 else None
+        errors = rounding(work[start:end], factors.uppers[block], quantized[start:end], minus=compensation)
+        if end < columns:  # the last block's errors reach no column
+            spread.add(products.mm(factors.onwards[block], errors))
+
+
+class _SketchFactors:
+    """For each block of columns of a sketched ``H`` (see ``_gptq_low_rank``): its part of GPTQ's
+    upper Cholesky factor (``uppers``, float32) and ``P^T`` (``onwards``, ``r x block``), with
+    ``V`` (``pushed``) in the sketch's product dtype.
+
+    They depend on ``H`` only, so they are all made before the rounding: a block's small float64
+    algebra is about as long as its products in a narrow layer, and between the products of a wide
+    one it found the ``r x r`` state evicted from the cache. In float64: ``diag(1/d_J)`` can be
+    orders of magnitude above the Schur complement it is cancelled down to (float32 factors were
+    off by a tenth, or not positive definite, where a few inputs carry most of the energy), and
+    ``S`` is downdated once per block.
+    """
+
+    def __init__(self, gram: LowRankGram, damp: float, dtype: torch.dtype, pool: BufferPool | None = None) -> None:
+        float64, device = torch.float64, gram.factor.device
+        factor = _buffer(gram.factor.shape, float64, device, pool).copy_(gram.factor)
+        dead, damping = _damping(gram.exact_diagonal.double(), damp)
+        residual = torch.where(dead, 1.0, gram.residual().double()) + damping
+        pushed = torch.div(factor, residual[:, None], out=_buffer(factor.shape, float64, device, pool))  # V
+        identity = torch.eye(factor.shape[1], dtype=float64, device=device)
+        state = -torch.linalg.inv(identity + factor.T @ pushed)
+        inverse = residual.reciprocal()
+        columns = factor.shape[0]
+        self.pushed = _buffer(pushed.shape, dtype, device, pool).copy_(pushed)
+        self.uppers: list[torch.Tensor] = []
+        self.onwards: list[torch.Tensor] = []
+        lower = torch.zeros(BLOCK, BLOCK, dtype=float64, device=device)  # never written above its diagonal blocks
+        onward = torch.empty(BLOCK, factor.shape[1], dtype=float64, device=device)
+        for start in range(0, columns, BLOCK):
+            end = min(start + BLOCK, columns)
+            block = slice(0, end - start)
+            _eliminate(pushed, state, inverse, start, end, lower[block, block], onward[block])
+            self.uppers.append(lower[block, block].T.float())
+            if end < columns:
+                self.onwards.append(onward[block].T.to(dtype))
+
+
+def _eliminate(
+    pushed: torch.Tensor,
+    state: torch.Tensor,
+    inverse: torch.Tensor,
+    start: int,
+    end: int,
+    lower: torch.Tensor,
+    onward: torch.Tensor,
+) -> None:
+    """Eliminates the columns ``J = start:end`` from ``H^-1 = diag(inverse) + V S V^T`` (``pushed``
+    is ``V``; ``state``, ``S``, downdated in place): writes their ``C`` (``lower``) and ``P``
+    (``onward``, except where no column is left after ``J``).
+
+    By ``_ELIMINATED`` columns at a time (``J = J1 J2``): ``C`` is then ``[[C1, 0], [V_J2 P1^T,
+    C2]]`` and ``P`` is ``[P1; P2]``, and two Choleskys and solves of half the size, with their
+    smaller products, cost less than one of the whole block (MKL's, at these sizes).
+    """
+    for first in range(start, end, _ELIMINATED):
+        last = min(first + _ELIMINATED, end)
+        here = slice(first - start, last - start)
+        coupled = pushed[first:last] @ state  # V_J S
+        inner = coupled @ pushed[first:last].T
+        inner.diagonal().add_(inverse[first:last])
+        lower[here, here] = torch.linalg.cholesky(inner)  # reads the lower triangle only: no need to symmetrise
+        if first > start:
+            lower[here, : here.start] = pushed[first:last] @ onward[: here.start].T
+        if last < pushed.shape[0]:
+            onward[here] = torch.linalg.solve_triangular(lower[here, here], coupled, upper=False)
+            state.addmm_(onward[here].T, onward[here], alpha=-1)
 
 
 class _Products:
@@ -341,6 +402,27 @@ class _Products:
         return torch.mm(left.to(self.dtype), self.cast(right), out=out)
 
 
+class _Sum:
+    """A float32 sum of products (``add``), kept also in the products' dtype (``operand``) as the
+    right operand of the next ``_Products.mm``: updated in the same pass over it as the sum, where
+    converting it at each product was a pass of its own (per block, over ``r x out``)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pool: BufferPool | None):
+        self.state = _buffer(shape, torch.float32, device, pool).zero_()
+        self.operand = self.state
+        if dtype != torch.float32:
+            self.operand = _buffer(shape, dtype, device, pool).zero_()
+
+    def add(self, product: torch.Tensor) -> None:
+        if self.operand is self.state:
+            self.state += product
+        elif native.usable(self.state):
+            native.add_and_round(self.state, product, self.operand)
+        else:
+            self.state += product
+            self.operand.copy_(self.state)
+
+
 class _BlockRounding:
     """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
     per layer: fresh block-sized temporaries cost a page fault per 4 KB. The torch loop's own
@@ -359,8 +441,8 @@ class _BlockRounding:
     def __call__(
         self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` may
-        be changed) into ``out`` (fp8), each error compensated on the block's later columns through
+        """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` is
+        not changed) into ``out`` (fp8), each error compensated on the block's later columns through
         ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the errors divided by
         ``upper``'s diagonal (valid until the next call).
 
@@ -381,8 +463,7 @@ class _BlockRounding:
             native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid)
             return errors
         values, compensated = (scratch[:rows] for scratch in self._torch_scratch)
-        if minus is not None:
-            block = torch.sub(block, minus, out=compensated)
+        block = compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)

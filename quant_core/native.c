@@ -503,7 +503,6 @@ void heldout_deltas(const void *weight, int32_t weight_is_bfloat16, int64_t coun
 static inline int64_t upto(int64_t n, int64_t most) { return n < most ? n : most; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
 
 static inline __mmask16 first16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 static inline __mmask64 first64(int64_t n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }

@@ -329,6 +329,37 @@ def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact(monkeypatch, produ
     assert b.error < 0.5 * b.error_rtn
 
 
+@pytest.mark.parametrize("product", [torch.float32, torch.bfloat16])
+def test_sketched_gptq_is_dense_gptq_over_several_blocks(monkeypatch, product):
+    """Over whole blocks and a partial last one, with a dead input and a residual of mixed size, the
+    sketched GPTQ rounds as GPTQ on the same ``H`` held exactly (up to ties; bfloat16 products
+    move more of them, not the error), and the weight it rounds is left as it was (the polish
+    starts from it)."""
+    monkeypatch.setattr(gptq, "_product_dtype", lambda device: product)
+    generator = torch.Generator().manual_seed(5)
+    columns = 2 * gptq.BLOCK + 44
+    factor = torch.randn(columns, 40, generator=generator) * torch.rand(columns, 1, generator=generator)
+    residual = torch.rand(columns, generator=generator) ** 4  # some far below what the factor explains
+    factor[7], residual[7] = 0.0, 0.0  # an input never seen
+    sketch = LowRankGram(factor, factor.square().sum(1) + residual)
+    exact = Gram(factor.double() @ factor.double().T + torch.diag(residual.double()))
+    work = torch.randn(columns, 96, generator=generator) * 40
+    dense, low_rank = (torch.empty(work.shape, dtype=E4M3) for _ in range(2))
+    gptq._gptq_dense(work.clone(), exact, dense, 0.01, lambda *_: None)
+    kept = work.clone()
+    gptq._gptq_low_rank(work, sketch, low_rank, 0.01, lambda *_: None)
+    assert torch.equal(work, kept)
+    same = (dense.view(torch.uint8) == low_rank.view(torch.uint8)).float().mean()
+    assert float(same) > (0.995 if product == torch.float32 else 0.9)
+
+    def error(codes: torch.Tensor) -> float:
+        delta = (codes.float() - work).double()
+        return float(torch.einsum("io,ij,jo->", delta, exact.matrix, delta))
+
+    assert error(low_rank) == pytest.approx(error(dense), rel=1e-3 if product == torch.float32 else 0.05)
+    assert error(low_rank) < 0.2 * error(work.to(E4M3))
+
+
 def test_polishing_never_raises_the_fitted_error_and_agrees_on_exact_and_factored_statistics():
     weight, scale, dense, low_rank = exact_and_factored_statistics()
     fitted = dense.fit
