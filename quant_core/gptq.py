@@ -36,7 +36,6 @@ COUPLED_PASSES = 2  # then passes on the output-side metric, where a layer has o
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _ELIMINATED = 64  # columns of a sketched H eliminated at a time (see _eliminate)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
-_OUTPUT_ROWS = 1024  # outputs at a time where a product takes a copy of their weights' errors
 
 
 def round_gptq(
@@ -650,30 +649,17 @@ class _Coupling:
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
             self.step_dtype = error.dtype
             self.state = self.operand = _buffer((error.shape[1], error.shape[0]), error.dtype, error.device, pool)
-            self._start_exact(error)
+            torch.mm(error.T, self.matrix, out=self.state)  # (H D)^T, H being symmetric
             return
         self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
         rows = max(BLOCK, self.factor.shape[1])
         self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device, pool)
         self.factor_product = self.factor.to(self.products.dtype)
         self.step_dtype = self.products.dtype
-        shape = (error.shape[1], self.factor.shape[1])
-        self.state = _buffer(shape, error.dtype, error.device, pool).zero_()
-        self.operand = self.state
-        if self.step_dtype != self.state.dtype:
-            self.operand = _buffer(shape, self.step_dtype, error.device, pool).zero_()
+        self.sum = _Sum((error.shape[1], self.factor.shape[1]), self.step_dtype, error.device, pool)
+        self.state, self.operand = self.sum.state, self.sum.operand
         for start in range(0, error.shape[0], BLOCK):
             self.update(start, start + BLOCK, error[start : start + BLOCK])
-
-    def _start_exact(self, error: torch.Tensor) -> None:
-        """``(H D)^T`` (``H`` is symmetric) in ``_product_dtype``, by blocks of outputs so that the
-        copies in that dtype stay small: ``O(out in^2)``, in float32 the longest step of an exact
-        layer's polish."""
-        dtype = _product_dtype(error.device)
-        matrix = self.matrix.to(dtype)
-        for start in range(0, error.shape[1], _OUTPUT_ROWS):
-            outputs = slice(start, start + _OUTPUT_ROWS)
-            self.state[outputs] = error[:, outputs].T.to(dtype) @ matrix
 
     def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For the columns ``J = start:end``: ``H_JJ``, and ``(H D)_J`` as a base and the residual
@@ -699,14 +685,7 @@ class _Coupling:
         if self.factor is None:
             self.state.addmm_(steps.T, self.matrix[start:end])
             return
-        product = self.products.mm(self.products.cast(steps).T, self.factor_product[start:end])
-        if self.operand is self.state:
-            self.state += product
-        elif native.usable(self.state):
-            native.add_and_round(self.state, product, self.operand)
-        else:
-            self.state += product
-            self.operand.copy_(self.state)
+        self.sum.add(self.products.mm(self.products.cast(steps).T, self.factor_product[start:end]))
 
 
 def _polish_coupled(
