@@ -106,15 +106,20 @@ class BufferPool:
 
     Why: a fresh buffer of many MB is mapped anew, and the kernel then faults in and zeroes
     each of its 4 KB pages on first write (a fifth of a large conversion's time; ``docs/benchmarks.md``).
-    A buffer is reused only for a request of exactly its size: models repeat their shapes block
-    after block, and an exact fit wastes no resident memory. The pool keeps at most as many
-    bytes as were ever in use at once (its high-water mark). Buffers are anonymous memory maps
+    A free buffer is reused for a request of at least ``1 / FIT`` of its size, the smallest such
+    one: models repeat a handful of shapes block after block, but two workers and the reader hold
+    buffers of different shapes at once, and with exact sizes a calibrated conversion kept
+    mapping (and zeroing) anew over three times the size of its file. The pool keeps at most
+    ``SLACK`` times the bytes that were ever in use at once (its high-water mark), so its memory
+    stays bounded by what a conversion needs at its peak. Buffers are anonymous memory maps
     of their own, so a dropped buffer goes back to the system at once rather than staying in
     the allocator's heap, which otherwise grows over a long conversion.
     Requests under 1 MiB go to the allocator, whose heap reuses them well.
     """
 
     SMALL = 1 << 20
+    FIT = 2  # a buffer serves requests down to half its size
+    SLACK = 1.5  # bytes kept, free or in use, per byte of the high-water mark
 
     def __init__(self) -> None:
         self._buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when alone)
@@ -127,7 +132,8 @@ class BufferPool:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
             free = [entry for entry in self._buffers if _storage_users(entry[0]) == entry[1]]
-            chosen = next((entry for entry in free if entry[0].numel() == nbytes), None)
+            fits = [entry for entry in free if nbytes <= entry[0].numel() <= self.FIT * nbytes]
+            chosen = min(fits, key=lambda entry: entry[0].numel(), default=None)
             if chosen is None:
                 buffer = torch.frombuffer(_anonymous_map(nbytes), dtype=torch.uint8)  # no page touched yet
                 chosen = (buffer, _storage_users(buffer))
@@ -137,7 +143,7 @@ class BufferPool:
             held = self.nbytes
             self._high_water = max(self._high_water, held - sum(entry[0].numel() for entry in free))
             for spare in sorted(free, key=lambda entry: entry[0].numel(), reverse=True):
-                if held <= self._high_water:  # keep at most the high-water mark
+                if held <= self.SLACK * self._high_water:
                     break
                 self._buffers = [entry for entry in self._buffers if entry is not spare]
                 held -= spare[0].numel()

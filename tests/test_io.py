@@ -454,16 +454,30 @@ def test_pool_never_hands_out_memory_that_is_still_viewed():
     assert bool((as_words == 0x0707).all())
 
 
-def test_pool_keeps_no_more_than_it_ever_used_at_once():
+def test_pool_keeps_no_more_than_its_slack_over_what_it_ever_used_at_once():
     pool = BufferPool()
-    for size in (3 * MIB, 5 * MIB, 2 * MIB, 4 * MIB, 3 * MIB):
+    for size in (3 * MIB, 5 * MIB, 2 * MIB, 4 * MIB, 3 * MIB, 7 * MIB, 1 * MIB):
         tensor = pool.empty(size)
         assert tensor.numel() == size
         del tensor
-    assert pool.nbytes <= 5 * MIB
+        assert pool.nbytes <= BufferPool.SLACK * 7 * MIB
     held = [pool.empty(2 * MIB), pool.empty(2 * MIB)]
     assert held[0].data_ptr() != held[1].data_ptr()
-    assert pool.nbytes <= 5 * MIB + 2 * MIB
+    assert pool.nbytes <= BufferPool.SLACK * 7 * MIB + 2 * MIB
+
+
+def test_pool_serves_a_request_from_the_smallest_free_buffer_at_most_twice_its_size():
+    pool = BufferPool()
+    large, small = pool.empty(8 * MIB), pool.empty(5 * MIB)
+    addresses = large.data_ptr(), small.data_ptr()
+    del large, small
+    first = pool.empty(4 * MIB)
+    assert first.data_ptr() == addresses[1] and first.numel() == 4 * MIB, "the smallest buffer that fits"
+    second = pool.empty(4 * MIB)
+    assert second.data_ptr() == addresses[0], "then the next one"
+    assert pool.empty(3 * MIB).data_ptr() not in addresses, "both in use: a fresh one"
+    del first, second
+    assert pool.empty(2 * MIB).data_ptr() not in addresses, "more than twice its size: not used"
 
 
 def test_pool_leaves_small_requests_to_the_allocator():
