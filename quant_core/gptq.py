@@ -679,7 +679,7 @@ class _Coupling:
         if not native.usable(self.state):
             return None
         rows = self.matrix[start:end] if self.factor is None else self.factor[start:end]
-        return rows, self.state, None if self.operand is self.state else self.operand
+        return rows.contiguous(), self.state, None if self.operand is self.state else self.operand
 
     def update(self, start: int, end: int, steps: torch.Tensor) -> None:
         if self.factor is None:

@@ -126,7 +126,7 @@ def test_compiled_polish_sweep_is_the_torch_sweep(monkeypatch, width, sketched):
     assert steps_c.abs().sum() > 0 and not steps_c[5].any(), "weights move, except those of the dead input"
 
 
-@pytest.mark.parametrize("rows", [gptq.BLOCK, 70])  # a whole block, and one of a word and a bit of columns
+@pytest.mark.parametrize("rows", [gptq.BLOCK, 70, 30])  # a whole block, a word and a bit of columns, under a word
 @pytest.mark.parametrize("rank", [128, 40, 200])  # whole vectors of the state's row, a tail, past one chunk
 @pytest.mark.parametrize("width", [3, 64, 200])
 def test_compiled_sweep_adds_its_steps_to_the_sketch_state(rows, rank, width):
@@ -152,7 +152,7 @@ def test_compiled_sweep_adds_its_steps_to_the_sketch_state(rows, rank, width):
     assert torch.allclose(state.double(), expected, rtol=1e-5, atol=1e-4), "without an operand too"
 
 
-@pytest.mark.parametrize("rows", [gptq.BLOCK, 70])
+@pytest.mark.parametrize("rows", [gptq.BLOCK, 70, 30])
 @pytest.mark.parametrize("width", [3, 64, 200])
 def test_compiled_sweep_reads_an_exact_base_by_outputs_and_adds_its_steps_to_it(rows, width):
     """An exact layer's state is ``(H D)^T``: the block's base is a view of its columns, and the
