@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,12 +327,19 @@ def test_a_compiler_without_march_native_still_builds(monkeypatch, tmp_path):
         native.library.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def baseline_folder(tmp_path_factory) -> Path:
+    """One folder for every test of the baseline build: its compiler wrapper and cache stay the same,
+    so the library is built once (a build takes seconds, a test of the loops milliseconds)."""
+    return tmp_path_factory.mktemp("baseline-build")
+
+
 @pytest.fixture(params=["native", "baseline"])
-def tuning(request, monkeypatch, tmp_path):
+def tuning(request, monkeypatch, baseline_folder):
     """The layout loops as built for this CPU (AVX-512 where it has it) and for its architecture's baseline."""
     library = native.library  # a test may put the torch loops in its place
     if request.param == "baseline":
-        without_march_native(monkeypatch, tmp_path)
+        without_march_native(monkeypatch, baseline_folder)
     yield request.param
     library.cache_clear()
 
