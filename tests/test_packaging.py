@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -49,4 +50,6 @@ def test_the_compiled_loops_build_wherever_there_is_a_compiler():
 
     if native._compiler() is None:
         pytest.skip("no C compiler here")
+    if os.environ.get(native.SWITCH) == "0":
+        pytest.skip(f"{native.SWITCH}=0: the compiled loops are switched off")
     assert native.library() is not None, "quant_core/native.c did not build; the quant_core log says why"
