@@ -227,10 +227,14 @@ class _Deltas:
     """
 
     def __init__(self, dtype: torch.dtype, product: torch.dtype, size: int, device: torch.device) -> None:
-        self._dtype = dtype
+        self._dtype, self._size, self._device = dtype, size, device
         self._out = torch.empty(size, dtype=product, device=device)
-        self._values = _Lookup((_fp8_values(dtype, device),), size, device)
         self._grid = fp8.GridRounding(dtype, 1)
+
+    @functools.cached_property
+    def _values(self) -> _Lookup:
+        """The torch path's values by code, made only if it runs."""
+        return _Lookup((_fp8_values(self._dtype, self._device),), self._size, self._device)
 
     def __call__(self, block: torch.Tensor, scale: float, codes: torch.Tensor | None) -> torch.Tensor:
         """The errors of ``codes`` (or round-to-nearest) for ``block`` (valid until the next call)."""
@@ -551,8 +555,12 @@ class _Descent:
         step_dtype: torch.dtype,
         pool: BufferPool | None = None,
     ) -> None:
-        self.dtype, self.width, self.device, self.pool = dtype, width, device, pool
-        self._out = _buffer((BLOCK, width), step_dtype, device, pool)
+        self.dtype, self.width, self.device, self.step_dtype, self.pool = dtype, width, device, step_dtype, pool
+
+    @functools.cached_property
+    def _out(self) -> torch.Tensor:
+        """The steps handed back, made only if any are (a sweep with ``onward`` hands back none)."""
+        return _buffer((BLOCK, self.width), self.step_dtype, self.device, self.pool)
 
     @functools.cached_property
     def _torch_scratch(self) -> tuple[_Lookup, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -590,11 +598,10 @@ class _Descent:
         # a dead input (H_ii = 0) has g = 0: it stays
         inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
         rows = codes.shape[0]
-        out = self._out[:rows]
         if native.usable(codes):
             inverse = torch.tensor(inverse, dtype=torch.float32)
             residual = None if residual is None else residual.contiguous()
-            steps = None if onward is not None else out
+            steps = None if onward is not None else self._out[:rows]
             native.polish_sweep(codes, base, residual, error, local.contiguous(), inverse, steps, onward)
             return steps
         if onward is not None:
@@ -618,7 +625,7 @@ class _Descent:
         # grid values plus grid differences: exact, the cast changes nothing; + 0 turns a -0 into 0
         codes.copy_(values.add_(steps).add_(0.0))
         error += steps
-        return out.copy_(steps)  # exact in bfloat16 too: steps are powers of two
+        return self._out[:rows].copy_(steps)  # exact in bfloat16 too: steps are powers of two
 
 
 @functools.cache

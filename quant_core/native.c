@@ -273,12 +273,13 @@ static inline uint32_t nonzero_lanes(ints v) {
 #endif
 }
 
-/* A tile's steps into the sketch's state: state[o] += step[j][o] * factor[j] for every step taken
- * (a tenth of the weights or fewer move in a sweep), then the tile's rows of the bfloat16 operand.
- * As a product F_J^T (steps) this was as long as the block's gradient product and took a pass over
- * the whole state besides (with an exact H, H_J^T (steps) was most of an exact layer's time); here only the moved weights cost work. Output by output: its row of
- * the state is summed in registers over the columns it moved in, found as set bits (a loop that
- * tested each weight's step cost as much as the product it replaces). */
+/* A tile's steps into the state: state[o] += step[j][o] * factor[j] for every step taken (a tenth
+ * of the weights or fewer move in a sketched layer's sweep), then the tile's rows of the bfloat16
+ * operand. As a product F_J^T (steps) this was as long as the block's gradient product and took a
+ * pass over the whole state besides (with an exact H, H_J^T (steps) was most of an exact layer's
+ * time); here only the moved weights cost work. Output by output: its row of the state is summed
+ * in registers over the columns it moved in, found as set bits (a loop that tested each weight's
+ * step cost as much as the product it replaces). */
 #define RANK_CHUNK (8 * LANES)
 static inline __attribute__((always_inline)) void onward_chunk(float *state, uint16_t *operand, const float *factor,
                                                                 int64_t rank, const uint64_t *moved, int64_t words,
@@ -427,8 +428,8 @@ void polish_errors(const uint8_t *codes, float *scaled, int64_t count, int32_t m
     }
 }
 
-/* state += update (bfloat16), and `rounded` = state as bfloat16: the sketch's state after a block's
- * steps, and its operand for the next block's product, in one pass (gptq._Coupling.update). */
+/* state += update (bfloat16), and `rounded` = state as bfloat16: a float32 sum of products and its
+ * operand for the next product, in one pass (gptq._Sum.add). */
 void add_and_round(float *state, const uint16_t *update, uint16_t *rounded, int64_t count) {
     int64_t at = 0;
     for (; at < count; at += LANES) {

@@ -190,8 +190,7 @@ def gptq_block(
     f32 = torch.float32
     library().gptq_block(
         _address(work, f32),
-        None if minus is None else _address(minus, minus.dtype if minus.dtype == torch.bfloat16 else f32),
-        minus is not None and minus.dtype == torch.bfloat16,
+        *_either(minus),
         rows,
         width,
         _address(spread, f32),
@@ -240,14 +239,12 @@ def polish_sweep(
         _address(codes.view(torch.uint8), torch.uint8),
         rows,
         width,
-        base.data_ptr() if by_outputs else _address(base, base.dtype if base.dtype == bf16 else f32),
-        base.dtype == bf16,
+        *((base.data_ptr(), False) if by_outputs else _either(base)),
         None if residual is None else _address(residual, f32),
         _address(error, f32),
         _address(local, f32),
         _address(inverse, f32),
-        None if steps is None else _address(steps, steps.dtype if steps.dtype == bf16 else f32),
-        steps is not None and steps.dtype == bf16,
+        *_either(steps),
         *_grid(codes.dtype),
         None if factor is None else _address(factor, f32),
         None if state is None else _address(state, f32),
@@ -336,8 +333,11 @@ def learned_step(
     )
 
 
-def _either(tensor: torch.Tensor) -> tuple[int, bool]:
-    """The address of a bfloat16 or float32 tensor and whether it is bfloat16: the C loops take either."""
+def _either(tensor: torch.Tensor | None) -> tuple[int | None, bool]:
+    """The address of a bfloat16 or float32 tensor and whether it is bfloat16: the C loops take
+    either (None: no tensor, NULL)."""
+    if tensor is None:
+        return None, False
     sixteen = tensor.dtype == torch.bfloat16
     return _address(tensor, torch.bfloat16 if sixteen else torch.float32), sixteen
 
@@ -376,15 +376,12 @@ def heldout_deltas(
     round-to-nearest by ``grid``) times ``scale`` minus ``weight``; bfloat16 or float32 each."""
     if (codes is not None and codes.shape != weight.shape) or out.shape != weight.shape:
         raise ValueError(f"shapes differ: {weight.shape}, {out.shape}")
-    bf16, f32 = torch.bfloat16, torch.float32
     library().heldout_deltas(
-        _address(weight, bf16 if weight.dtype == bf16 else f32),
-        weight.dtype == bf16,
+        *_either(weight),
         weight.numel(),
         scale,
         None if codes is None else _address(codes.view(torch.uint8), torch.uint8),
-        _address(out, bf16 if out.dtype == bf16 else f32),
-        out.dtype == bf16,
+        *_either(out),
         *_grid(dtype),
         grid.limit,
         grid.shift,
