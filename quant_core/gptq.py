@@ -303,7 +303,7 @@ def _gptq_low_rank(
     rank = factors.pushed.shape[1]
     products = _Products(factors.pushed.dtype, max(BLOCK, rank), work.shape[1], work.device, pool)
     spread = _Sum((rank, work.shape[1]), products.dtype, work.device, pool)  # sum of P^T errors
-    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device, pool)
+    rounding = _BlockRounding(work.shape[1], quantized.dtype, work.device, pool, errors=products.dtype)
     for block, start in enumerate(range(0, columns, BLOCK)):
         step(start, columns)
         end = min(start + BLOCK, columns)
@@ -429,17 +429,32 @@ class _Sum:
 class _BlockRounding:
     """GPTQ's rounding of a block of weight columns (``__call__``), with its memory allocated once
     per layer: fresh block-sized temporaries cost a page fault per 4 KB. The torch loop's own
-    scratch is made only if it runs (``_torch_scratch``): the compiled loop needs none."""
+    scratch is made only if it runs (``_torch_scratch``): the compiled loop needs none.
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, pool: BufferPool | None = None) -> None:
+    The errors it hands back are in ``errors``, the dtype of the product that takes them on: the
+    compiled loop writes them so, where a cast of its own was one more pass over the block.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pool: BufferPool | None = None,
+        errors: torch.dtype = torch.float32,
+    ) -> None:
         self.grid = fp8.GridRounding(dtype, width, device)
         self.width, self.device, self.pool = width, device, pool
-        self.errors = _buffer((BLOCK, width), torch.float32, device, pool)
+        self.errors = _buffer((BLOCK, width), errors, device, pool)
 
     @functools.cached_property
-    def _torch_scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The torch loop's rounded values and compensated columns."""
-        return tuple(_buffer((BLOCK, self.width), torch.float32, self.device, self.pool) for _ in range(2))
+    def _torch_scratch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The torch loop's rounded values, compensated columns and float32 errors (``errors``
+        itself where it is float32)."""
+        values, compensated = (_buffer((BLOCK, self.width), torch.float32, self.device, self.pool) for _ in range(2))
+        if self.errors.dtype == torch.float32:
+            return values, compensated, self.errors
+        return values, compensated, _buffer((BLOCK, self.width), torch.float32, self.device, self.pool)
 
     def __call__(
         self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
@@ -447,7 +462,7 @@ class _BlockRounding:
         """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` is
         not changed) into ``out`` (fp8), each error compensated on the block's later columns through
         ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the errors divided by
-        ``upper``'s diagonal (valid until the next call).
+        ``upper``'s diagonal (valid until the next call), rounded once to their dtype.
 
         Compiled (``native.gptq_block``) where it can be, else the torch loop below.
 
@@ -465,18 +480,18 @@ class _BlockRounding:
         if native.usable(block):
             native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid)
             return errors
-        values, compensated = (scratch[:rows] for scratch in self._torch_scratch)
+        values, compensated, within = (scratch[:rows] for scratch in self._torch_scratch)
         block = compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
-        columns, rounded, column_errors = block.unbind(0), values.unbind(0), errors.unbind(0)
+        columns, rounded, column_errors = block.unbind(0), values.unbind(0), within.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
             for i in range(start, end):
                 self.grid(columns[i], rounded[i])  # saturates and rounds to nearest, as quantize_nearest does
                 torch.sub(columns[i], rounded[i], out=column_errors[i])
                 block[i + 1 : end].addr_(relative[i, i + 1 : end], column_errors[i], alpha=-1)
-            block[end:].addmm_(relative[start:end, end:].T, errors[start:end], alpha=-1)
+            block[end:].addmm_(relative[start:end, end:].T, within[start:end], alpha=-1)
         out.copy_(values)  # exact: the values are on the grid
-        return errors.div_(diagonal[:, None])
+        return torch.div(within, diagonal[:, None], out=errors)  # in float32, then rounded once
 
 
 def _polish(

@@ -33,8 +33,13 @@ static inline uint32_t float_bits(float value) {
     return bits;
 }
 
-/* bfloat16 is the top half of a float32. */
+/* bfloat16 is the top half of a float32; a float32 becomes the nearest one, ties to even, as
+ * torch's conversion makes it (for finite values: the loops here have no others). */
 static inline float bf16_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
+static inline uint16_t bf16_bits(float value) {
+    const uint32_t bits = float_bits(value);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
 
 /* Round-to-nearest-even onto an fp8 grid, saturating at +-limit, as fp8.GridRounding does: a value
  * with 2^e <= |v| < 2^(e+1) lies on a grid of spacing s = 2^(e - mantissa) (at least the
@@ -75,9 +80,9 @@ typedef uint16_t halves __attribute__((vector_size(2 * LANES)));
 /* One tile of `n` <= TILE outputs through a GPTQ block; the tile is padded with zeros to TILE.
  * Inlined twice: with n = TILE for whole tiles (every loop a constant count), and for the last. */
 static inline __attribute__((always_inline)) void gptq_tile(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
-                      const float *spread, const float *diagonal, uint8_t *codes, float *errors, float limit,
-                      uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent, int64_t start,
-                      int64_t n) {
+                      const float *spread, const float *diagonal, uint8_t *codes, void *errors,
+                      int32_t errors_is_bf16, float limit, uint32_t shift, int32_t lowest, int32_t mantissa,
+                      int32_t lowest_exponent, int64_t start, int64_t n) {
     floats tile[rows][GPTQ_VECTORS]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
     for (int64_t j = 0; j < rows; j++) {
         float column[TILE] __attribute__((aligned(64))) = {0};
@@ -111,10 +116,11 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
             column[t] = value;
         }
         memcpy(tile[j], error, sizeof error);
-        for (int64_t t = 0; t < n; t++) {
-            codes[at + t] = fp8_code(column[t], mantissa, lowest_exponent);
-            errors[at + t] = error[t] / diagonal[j];
-        }
+        for (int64_t t = 0; t < n; t++) codes[at + t] = fp8_code(column[t], mantissa, lowest_exponent);
+        if (errors_is_bf16) /* the operand of the next product: written in its dtype, no cast of its own */
+            for (int64_t t = 0; t < n; t++) ((uint16_t *)errors)[at + t] = bf16_bits(error[t] / diagonal[j]);
+        else
+            for (int64_t t = 0; t < n; t++) ((float *)errors)[at + t] = error[t] / diagonal[j];
     }
 }
 
@@ -122,17 +128,18 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
  * (the compensation from earlier blocks: bfloat16, float32 or none), is rounded after the errors
  * of the columns i < j reached it through spread[j][i] (the transpose of the block's part of the
  * Cholesky factor of H^-1, rows divided by their diagonal: what reaches column j, contiguous).
- * Writes the fp8 codes and the errors divided by `diagonal`; `work` and `product` are not changed. */
+ * Writes the fp8 codes and the errors divided by `diagonal` (float32, or rounded once to bfloat16:
+ * within the block they stay float32); `work` and `product` are not changed. */
 void gptq_block(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
-                const float *spread, const float *diagonal, uint8_t *codes, float *errors, float limit,
-                uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent) {
+                const float *spread, const float *diagonal, uint8_t *codes, void *errors, int32_t errors_is_bf16,
+                float limit, uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent) {
     int64_t start = 0;
     for (; start + TILE <= width; start += TILE)
-        gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, limit, shift,
-                  lowest, mantissa, lowest_exponent, start, TILE);
+        gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, errors_is_bf16,
+                  limit, shift, lowest, mantissa, lowest_exponent, start, TILE);
     if (start < width)
-        gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, limit, shift,
-                  lowest, mantissa, lowest_exponent, start, width - start);
+        gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, errors_is_bf16,
+                  limit, shift, lowest, mantissa, lowest_exponent, start, width - start);
 }
 
 /* The polish works on whole vectors of outputs (GCC/Clang vector extensions: 16 floats, split into

@@ -129,7 +129,7 @@ def _cpu() -> str:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     whole = ctypes.c_int32
-    lib.gptq_block.argtypes = [pointer, pointer, whole, size, size, pointer, pointer, pointer, pointer, real]
+    lib.gptq_block.argtypes = [pointer, pointer, whole, size, size, pointer, pointer, pointer, pointer, whole, real]
     lib.gptq_block.argtypes += [ctypes.c_uint32, whole, whole, whole]
     lib.gptq_block.restype = None
     flag = ctypes.c_int32
@@ -180,8 +180,8 @@ def gptq_block(
     grid: fp8.GridRounding,
 ) -> None:
     """``gptq._BlockRounding`` in C: the fp8 ``codes`` of ``work - minus`` (``minus`` float32,
-    bfloat16 or None) and its ``errors`` divided by ``diagonal``; ``relative[i, j]`` is what of
-    column ``i``'s error reaches column ``j``."""
+    bfloat16 or None) and its ``errors`` divided by ``diagonal`` (float32 or bfloat16);
+    ``relative[i, j]`` is what of column ``i``'s error reaches column ``j``."""
     rows, width = work.shape
     _require(rows <= _MAX_BLOCK and (minus is None or minus.shape == work.shape), "a block of another shape")
     _require(relative.shape == (rows, rows) and diagonal.shape == (rows,), "a factor of another size")
@@ -196,7 +196,7 @@ def gptq_block(
         _address(spread, f32),
         _address(diagonal, f32),
         _address(codes.view(torch.uint8), torch.uint8),
-        _address(errors, f32),
+        *_either(errors),
         grid.limit,
         grid.shift,
         grid.lowest,

@@ -82,6 +82,27 @@ def test_compiled_block_rounding_is_gptq_and_the_torch_loop(monkeypatch, width, 
             assert float((found - errors).norm() / errors.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("width", [3, 200])
+def test_block_errors_in_bfloat16_are_the_float32_errors_rounded_once(monkeypatch, width):
+    """Errors asked for in bfloat16 (a bfloat16 product takes them on) are the float32 errors of the
+    same rounding, rounded once: inside the block they stay float32, so the codes do not change."""
+    block, upper = block_case(gptq.BLOCK, width, seed=width)
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        found = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            rounding = gptq._BlockRounding(width, E4M3, block.device, errors=dtype)
+            out = torch.empty(block.shape, dtype=E4M3)
+            errors = rounding(block, upper, out)
+            assert errors.dtype == dtype, loops
+            found[dtype] = out.view(torch.uint8), errors.clone()
+        (codes, errors), (codes_16, errors_16) = found[torch.float32], found[torch.bfloat16]
+        assert torch.equal(codes, codes_16), loops
+        assert errors.abs().max() > 0.1, loops  # errors worth rounding
+        assert torch.equal(errors_16.view(torch.int16), errors.bfloat16().view(torch.int16)), loops
+
+
 def sweep_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (with +-0 and +-max), a gradient's base, a block's ``H_JJ`` with a dead input, and errors."""
     generator = torch.Generator().manual_seed(seed)
