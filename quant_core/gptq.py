@@ -35,6 +35,7 @@ EXACT_POLISH_PASSES = 4  # with exact statistics (narrow layers, where a pass co
 COUPLED_PASSES = 2  # then passes on the output-side metric, where a layer has one (_polish_coupled)
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _ELIMINATED = 64  # columns of a sketched H eliminated at a time (see _eliminate)
+_START_COLUMNS = 512  # columns of D per product where the polish's sketch state is made (see _Coupling)
 _CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
 
 
@@ -384,13 +385,20 @@ def _eliminate(
 class _Products:
     """Matrix products of the sketch in ``dtype`` (see ``_product_dtype``) into memory allocated once
     per layer: fresh block-sized results and conversions cost a page fault per 4 KB, which in a
-    wide layer took longer than the products themselves. Products of up to ``rows x width``."""
+    wide layer took longer than the products themselves. Products of up to ``rows x width``, of
+    operands cast from up to ``cast_rows x width`` (``rows`` unless given)."""
 
     def __init__(
-        self, dtype: torch.dtype, rows: int, width: int, device: torch.device, pool: BufferPool | None = None
+        self,
+        dtype: torch.dtype,
+        rows: int,
+        width: int,
+        device: torch.device,
+        pool: BufferPool | None = None,
+        cast_rows: int | None = None,
     ) -> None:
         self.dtype = dtype
-        self._operand = _buffer((rows * width,), dtype, device, pool)
+        self._operand = _buffer(((cast_rows or rows) * width,), dtype, device, pool)
         self._result = _buffer((rows * width,), dtype, device, pool)
 
     def cast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -663,7 +671,9 @@ class _Coupling:
     product in ``_product_dtype`` (``P`` is kept in float32 and as that dtype, its operand). Both
     are kept transposed, one row per output, which is where a moved weight's step lands (see
     ``onward``). Made from ``D`` once: the steps that update it are exact grid differences, so
-    making it again at each pass would round no less than keeping it up to date.
+    making it again at each pass would round no less than keeping it up to date. ``P`` is made
+    ``_START_COLUMNS`` of ``D``'s columns per product: each product is rounded once to its dtype,
+    as a block's is, and every product added is one more pass over the ``out x r`` state.
     """
 
     def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor, pool: BufferPool | None = None):
@@ -674,14 +684,14 @@ class _Coupling:
             torch.mm(error.T, self.matrix, out=self.state)  # (H D)^T, H being symmetric
             return
         self.matrix, self.factor, self.residual = None, moments.factor.to(error), moments.residual().to(error)
-        rows = max(BLOCK, self.factor.shape[1])
-        self.products = _Products(_product_dtype(error.device), rows, error.shape[1], error.device, pool)
+        rows, dtype = max(BLOCK, self.factor.shape[1]), _product_dtype(error.device)
+        self.products = _Products(dtype, rows, error.shape[1], error.device, pool, cast_rows=_START_COLUMNS)
         self.factor_product = self.factor.to(self.products.dtype)
         self.step_dtype = self.products.dtype
         self.sum = _Sum((error.shape[1], self.factor.shape[1]), self.step_dtype, error.device, pool)
         self.state, self.operand = self.sum.state, self.sum.operand
-        for start in range(0, error.shape[0], BLOCK):
-            self.update(start, start + BLOCK, error[start : start + BLOCK])
+        for start in range(0, error.shape[0], _START_COLUMNS):
+            self.update(start, start + _START_COLUMNS, error[start : start + _START_COLUMNS])
 
     def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For the columns ``J = start:end``: ``H_JJ``, and ``(H D)_J`` as a base and the residual

@@ -330,6 +330,23 @@ def test_low_rank_gptq_is_dense_gptq_when_the_factor_is_exact(monkeypatch, produ
 
 
 @pytest.mark.parametrize("product", [torch.float32, torch.bfloat16])
+def test_sketched_polish_starts_from_the_errors_times_the_factor(monkeypatch, product):
+    """The polish's sketch state ``D^T F``, made over several products and a partial last one, is
+    the exact product of its operands in the product dtype up to rounding each product's sum to it
+    (none in float32), and its operand is that state in the product dtype."""
+    monkeypatch.setattr(gptq, "_product_dtype", lambda device: product)
+    generator = torch.Generator().manual_seed(6)
+    columns = 2 * gptq._START_COLUMNS + 3 * gptq.BLOCK + 5
+    factor = torch.randn(columns, 24, generator=generator)
+    error = torch.rand(columns, 50, generator=generator) - 0.5
+    coupling = gptq._Coupling(LowRankGram(factor, factor.square().sum(1) + 1), error)
+    exact = error.to(product).double().T @ factor.to(product).double()
+    found = float((coupling.state.double() - exact).norm() / exact.norm())
+    assert found < (2**-8 if product == torch.bfloat16 else 1e-6)  # 2^-9 per rounding
+    assert torch.equal(coupling.operand, coupling.state.to(product))
+
+
+@pytest.mark.parametrize("product", [torch.float32, torch.bfloat16])
 def test_sketched_gptq_is_dense_gptq_over_several_blocks(monkeypatch, product):
     """Over whole blocks and a partial last one, with a dead input and a residual of mixed size, the
     sketched GPTQ rounds as GPTQ on the same ``H`` held exactly (up to ties; bfloat16 products
