@@ -203,33 +203,49 @@ def _heldout_errors(
     """Relative held-out output error of each fp8 candidate (``dtype`` codes; ``None`` stands for
     round-to-nearest) for ``weight``, summed over blocks of output rows (each output row only sees
     its own weight row), so nothing full-size is made."""
-    rows_per_block = max(1, _CHECK_ELEMENTS // max(1, weight.shape[1]))
+    rows_per_block = _check_rows(weight.shape[1])
     product = heldout.rows.dtype if isinstance(heldout, RowSample) else heldout.matrix.dtype
-    deltas = _Deltas(dtype, product, rows_per_block * weight.shape[1], weight.device)
-    reference, errors = 0.0, [0.0] * len(candidates)
+    operand = _Operand(dtype, product, rows_per_block * weight.shape[1], len(candidates), weight.device)
+    sums = [0.0] * (1 + len(candidates))  # the reference, then each candidate's error
     for start in range(0, weight.shape[0], rows_per_block):
         step(start, weight.shape[0])
         rows = slice(start, start + rows_per_block)
-        block = weight[rows]  # the quadratic forms convert it themselves
-        reference += heldout.quadratic(block)
-        for k, candidate in enumerate(candidates):
-            errors[k] += heldout.quadratic(deltas(block, scale, None if candidate is None else candidate[rows]))
-    return [relative_error(error, reference) for error in errors]
+        stacked = operand(weight[rows], scale, [None if codes is None else codes[rows] for codes in candidates])
+        sums = [total + part for total, part in zip(sums, _squared_sums(heldout, stacked), strict=True)]
+    return [relative_error(error, sums[0]) for error in sums[1:]]
 
 
-class _Deltas:
-    """The held-out check's weight errors ``value * scale - weight`` for a block of rows, in the
-    dtype of the check's products, into memory allocated once per layer; the values are a
-    candidate's fp8 codes or (codes ``None``) the weight's round-to-nearest.
+def _check_rows(width: int) -> int:
+    """Output rows per block of the held-out check: ``_CHECK_ELEMENTS`` weights, in a multiple of 16
+    rows where more fit: the bfloat16 product's kernel goes by such tiles, and a ragged last one cost
+    more than its share."""
+    rows = max(1, _CHECK_ELEMENTS // max(1, width))
+    return rows - rows % 16 if rows > 16 else rows
+
+
+def _squared_sums(heldout: Moments, stacked: torch.Tensor) -> list[float]:
+    """``heldout.quadratic`` of each of the ``stacked`` blocks of rows; for a row sample in one
+    product: three small ones, each with its own conversions and dispatch, took longer."""
+    if not isinstance(heldout, RowSample):
+        return [heldout.quadratic(part) for part in stacked]
+    outputs = stacked.view(-1, stacked.shape[-1]) @ heldout.rows.to(stacked.device).T
+    return outputs.double().square_().view(len(stacked), -1).sum(1).tolist()
+
+
+class _Operand:
+    """The held-out check's operand for a block of rows, in the dtype of the check's products, into
+    memory allocated once per layer: the weight's rows, then each candidate's errors
+    ``value * scale - weight``, where the values are its fp8 codes or (codes ``None``) the weight's
+    round-to-nearest.
 
     Compiled, this is one pass over the block's weights and codes. In torch it was a table gather
     by int32 index, a multiplication, a subtraction and a conversion per candidate, and
     round-to-nearest a pass over the whole weight of its own, together as long as the products.
     """
 
-    def __init__(self, dtype: torch.dtype, product: torch.dtype, size: int, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, product: torch.dtype, size: int, candidates: int, device: torch.device):
         self._dtype, self._size, self._device = dtype, size, device
-        self._out = torch.empty(size, dtype=product, device=device)
+        self._out = torch.empty((1 + candidates) * size, dtype=product, device=device)
         self._grid = fp8.GridRounding(dtype, 1)
 
     @functools.cached_property
@@ -237,16 +253,20 @@ class _Deltas:
         """The torch path's values by code, made only if it runs."""
         return _Lookup((_fp8_values(self._dtype, self._device),), self._size, self._device)
 
-    def __call__(self, block: torch.Tensor, scale: float, codes: torch.Tensor | None) -> torch.Tensor:
-        """The errors of ``codes`` (or round-to-nearest) for ``block`` (valid until the next call)."""
-        out = self._out[: block.numel()].view(block.shape)
+    def __call__(self, block: torch.Tensor, scale: float, candidates: list[torch.Tensor | None]) -> torch.Tensor:
+        """``[block; errors of candidates[0]; ...]`` (``1 + len(candidates)`` blocks; valid until the next call)."""
+        out = self._out[: (1 + len(candidates)) * block.numel()].view(1 + len(candidates), *block.shape)
         floats = (torch.bfloat16, torch.float32)
         if native.usable(block) and block.is_contiguous() and block.dtype in floats and out.dtype in floats:
-            native.heldout_deltas(block, scale, codes, out, self._dtype, self._grid)
+            native.heldout_operand(block, scale, candidates, out, self._dtype, self._grid)
             return out
-        if codes is None:
-            codes = fp8.quantize_nearest(block, scale, self._dtype)
-        return out.copy_(self._values(codes)[0].mul_(scale).sub_(block))
+        out[0].copy_(block)
+        nearest = None
+        for errors, codes in zip(out[1:], candidates, strict=True):
+            if codes is None:
+                nearest = codes = fp8.quantize_nearest(block, scale, self._dtype) if nearest is None else nearest
+            errors.copy_(self._values(codes)[0].mul_(scale).sub_(block))
+        return out
 
 
 def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:

@@ -448,45 +448,77 @@ void add_and_round(float *state, const uint16_t *update, uint16_t *rounded, int6
     }
 }
 
-/* The held-out check's weight errors (gptq._Deltas): value * scale - weight for `count` weights
- * (bfloat16, or float32 if not `weight_is_bfloat16`), into bfloat16 or float32 `out`; the value is
- * the fp8 code's where `codes` are given, else the weight's round-to-nearest (grid_round of
- * weight / scale, as fp8.quantize_nearest), so round-to-nearest needs no pass of its own. By
- * chunks that stay in the first-level cache: grid_round vectorises in a plain loop over an array. */
+/* The held-out check's operand for a block of `count` weights (gptq._Operand), into bfloat16 or
+ * float32 `out`: the weights themselves (bfloat16, or float32 if not `weight_is_bfloat16`), then for
+ * each of the `candidates` its errors value * scale - weight, `count` values each, one after the
+ * other, so that one product takes them all. A candidate's value is its fp8 code's where `codes[c]`
+ * is given, else the weight's round-to-nearest (grid_round of weight / scale, as
+ * fp8.quantize_nearest), made once for all such candidates, so round-to-nearest needs no pass of its
+ * own; the weights and codes are read once. By chunks that stay in the first-level cache:
+ * grid_round vectorises in a plain loop over an array. */
 #define CHUNK 1024
-void heldout_deltas(const void *weight, int32_t weight_is_bfloat16, int64_t count, float scale, const uint8_t *codes,
-                    void *out, int32_t out_is_bfloat16, int32_t mantissa, int32_t offset, int32_t top, float limit,
-                    uint32_t shift, int32_t lowest) {
-    const struct fp8_grid grid = {mantissa, offset, top};
-    float weights[CHUNK] __attribute__((aligned(64))), values[CHUNK] __attribute__((aligned(64)));
-    for (int64_t start = 0; start < count; start += CHUNK) {
-        const int64_t size = count - start < CHUNK ? count - start : CHUNK;
-        for (int64_t at = 0; at < size; at += LANES) {
-            const int n = size - at < LANES ? (int)(size - at) : LANES;
-            const floats w = weight_is_bfloat16 ? from_bfloat16(LOAD(halves, (const uint16_t *)weight + start + at, n))
-                                                : LOAD(floats, (const float *)weight + start + at, n);
-            memcpy(weights + at, &w, sizeof w);
-            if (codes) {
-                const floats value = code_values(LOAD(bytes, codes + start + at, n), grid);
-                memcpy(values + at, &value, sizeof value);
-            }
-        }
-        if (!codes)
-            for (int64_t t = 0; t < size; t++) values[t] = grid_round(weights[t] / scale, limit, shift, lowest);
+struct operand {
+    const void *weight;
+    int32_t weight_is_bfloat16;
+    int64_t count;
+    float scale;
+    const uint8_t *const *codes;
+    int32_t candidates, nearest;
+    void *out;
+    int32_t out_is_bfloat16;
+    struct fp8_grid grid;
+    float limit;
+    uint32_t shift;
+    int32_t lowest;
+};
+
+static inline void store_either(void *out, int32_t out_is_bfloat16, int64_t at, floats value, int n) {
+    if (out_is_bfloat16) {
+        const halves half = to_bfloat16(value);
+        STORE((uint16_t *)out + at, half, n);
+    } else {
+        STORE((float *)out + at, value, n);
+    }
+}
+
+/* Inlined for whole chunks, so that every vector's loads and stores are whole (LOAD and STORE lose
+ * their branch and their memcpy call); the tail takes a copy of its own. A quarter less time. */
+static inline __attribute__((always_inline)) void operand_chunk(const struct operand *o, int64_t start, int64_t size) {
+    float weights[CHUNK] __attribute__((aligned(64))), rounded[CHUNK] __attribute__((aligned(64)));
+    for (int64_t at = 0; at < size; at += LANES) {
+        const int n = size - at < LANES ? (int)(size - at) : LANES;
+        const floats w = o->weight_is_bfloat16 ? from_bfloat16(LOAD(halves, (const uint16_t *)o->weight + start + at, n))
+                                               : LOAD(floats, (const float *)o->weight + start + at, n);
+        memcpy(weights + at, &w, sizeof w);
+        store_either(o->out, o->out_is_bfloat16, start + at, w, n);
+    }
+    if (o->nearest)
+        for (int64_t t = 0; t < size; t++) rounded[t] = grid_round(weights[t] / o->scale, o->limit, o->shift, o->lowest);
+    for (int32_t c = 0; c < o->candidates; c++) {
+        const uint8_t *const code = o->codes[c] ? o->codes[c] + start : NULL;
+        const int64_t part = (1 + (int64_t)c) * o->count + start;
         for (int64_t at = 0; at < size; at += LANES) {
             const int n = size - at < LANES ? (int)(size - at) : LANES;
             floats value, w;
-            memcpy(&value, values + at, sizeof value);
+            if (code)
+                value = code_values(LOAD(bytes, code + at, n), o->grid);
+            else
+                memcpy(&value, rounded + at, sizeof value);
             memcpy(&w, weights + at, sizeof w);
-            const floats delta = value * scale - w;
-            if (out_is_bfloat16) {
-                const halves half = to_bfloat16(delta);
-                STORE((uint16_t *)out + start + at, half, n);
-            } else {
-                STORE((float *)out + start + at, delta, n);
-            }
+            store_either(o->out, o->out_is_bfloat16, part + at, value * o->scale - w, n);
         }
     }
+}
+
+void heldout_operand(const void *weight, int32_t weight_is_bfloat16, int64_t count, float scale,
+                     const uint8_t *const *codes, int32_t candidates, void *out, int32_t out_is_bfloat16,
+                     int32_t mantissa, int32_t offset, int32_t top, float limit, uint32_t shift, int32_t lowest) {
+    struct operand o = {weight, weight_is_bfloat16, count, scale, codes, candidates, 0, out, out_is_bfloat16,
+                        {mantissa, offset, top}, limit, shift, lowest};
+    for (int32_t c = 0; c < candidates; c++) o.nearest |= codes[c] == NULL;
+    int64_t start = 0;
+    for (; start + CHUNK <= count; start += CHUNK) operand_chunk(&o, start, CHUNK);
+    if (start < count) operand_chunk(&o, start, count - start);
 }
 
 /* ---- Layout: a weight's columns as rows, in GPTQ's order, and back.

@@ -10,7 +10,7 @@ compiler and this CPU (it is built for the CPU it runs on).
 
 Learned rounding's optimiser (``rounding._Workspace``) runs the element-wise part of each
 iteration here too: one pass over a block instead of a dozen ATen passes (``learned_step``); so do
-the held-out check's weight errors and the layout of a weight's columns in GPTQ's order and back.
+the held-out check's operand (weights and errors) and the layout of a weight's columns in GPTQ's order and back.
 Every wrapper checks shapes before the C code indexes memory by them.
 
 ``QUANT_CORE_NATIVE=0`` turns it off; CUDA tensors always take the torch path.
@@ -147,9 +147,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.learned_step.restype = ctypes.c_double
     lib.polish_errors.argtypes = [pointer, pointer, size, flag, flag, flag]
     lib.polish_errors.restype = None
-    lib.heldout_deltas.argtypes = [pointer, flag, size, real, pointer, pointer, flag, flag, flag, flag, real]
-    lib.heldout_deltas.argtypes += [ctypes.c_uint32, flag]
-    lib.heldout_deltas.restype = None
+    lib.heldout_operand.argtypes = [pointer, flag, size, real, pointer, flag, pointer, flag, flag, flag, flag, real]
+    lib.heldout_operand.argtypes += [ctypes.c_uint32, flag]
+    lib.heldout_operand.restype = None
     lib.add_and_round.argtypes = [pointer, pointer, pointer, size]
     lib.add_and_round.restype = None
     return lib
@@ -364,23 +364,28 @@ def add_and_round(state: torch.Tensor, update: torch.Tensor, rounded: torch.Tens
     )
 
 
-def heldout_deltas(
+def heldout_operand(
     weight: torch.Tensor,
     scale: float,
-    codes: torch.Tensor | None,
+    candidates: list[torch.Tensor | None],
     out: torch.Tensor,
     dtype: torch.dtype,
     grid: fp8.GridRounding,
 ) -> None:
-    """``gptq._Deltas`` in C: ``out`` = the ``dtype`` values (of ``codes``, else of ``weight``'s
-    round-to-nearest by ``grid``) times ``scale`` minus ``weight``; bfloat16 or float32 each."""
-    if (codes is not None and codes.shape != weight.shape) or out.shape != weight.shape:
-        raise ValueError(f"shapes differ: {weight.shape}, {out.shape}")
-    library().heldout_deltas(
+    """``gptq._Operand`` in C: ``out[0]`` = ``weight``, ``out[1 + c]`` = the ``dtype`` values (of the
+    codes ``candidates[c]``, else of ``weight``'s round-to-nearest by ``grid``) times ``scale`` minus
+    ``weight``; bfloat16 or float32 each."""
+    if out.shape != (1 + len(candidates), *weight.shape):
+        raise ValueError(f"an operand of shape {tuple(out.shape)} for {len(candidates)} candidates of {weight.shape}")
+    if any(codes is not None and codes.shape != weight.shape for codes in candidates):
+        raise ValueError(f"codes of another shape than the weight's {weight.shape}")
+    codes = [None if codes is None else _address(codes.view(torch.uint8), torch.uint8) for codes in candidates]
+    library().heldout_operand(
         *_either(weight),
         weight.numel(),
         scale,
-        None if codes is None else _address(codes.view(torch.uint8), torch.uint8),
+        (ctypes.c_void_p * max(1, len(codes)))(*codes),
+        len(codes),
         *_either(out),
         *_grid(dtype),
         grid.limit,

@@ -220,6 +220,64 @@ def test_the_held_out_check_of_exact_statistics_agrees_with_the_float64_quadrati
     assert checked == pytest.approx(exact, rel=1e-5 if product == torch.float32 else 1e-2)
 
 
+def float64_errors(weight, scale, candidates, inputs) -> list[float]:
+    """Each candidate's held-out error relative to the weight's, all in float64 (the reference)."""
+    outputs = inputs.double() @ weight.double().T
+    reference = float(outputs.square().sum())
+    values = [fp8.quantize_nearest(weight, scale, E4M3) if c is None else c for c in candidates]
+    return [
+        float((inputs.double() @ (v.double() * scale - weight.double()).T).square().sum() / reference) ** 0.5
+        for v in values
+    ]
+
+
+@pytest.mark.parametrize("shape", [(37, 100), (5, 33)])
+@pytest.mark.parametrize("product", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("held", ["sample", "exact"])
+def test_the_held_out_check_gives_each_candidates_float64_error(monkeypatch, shape, product, held):
+    """Every candidate of a list with round-to-nearest twice, by blocks of rows with a ragged last one
+    (16 and 5 rows), the weight in bfloat16 as in a conversion: the errors of the fused product are
+    each candidate's own, and the same as the per-candidate quadratic forms."""
+    monkeypatch.setattr(gptq, "_CHECK_ELEMENTS", 20 * shape[1])  # 20 rows: blocks of 16
+    generator = torch.Generator().manual_seed(12)
+    weight = torch.randn(shape, generator=generator).bfloat16()
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    inputs = (torch.randn(64, shape[1], generator=generator) * torch.linspace(0.1, 3, shape[1])).to(product)
+    heldout = (
+        RowSample(inputs) if held == "sample" else gptq._ProductGram((inputs.T.float() @ inputs.float()).to(product))
+    )
+    candidates = (
+        None,
+        fp8.quantize_nearest(weight * 1.05, scale, E4M3),
+        None,
+        fp8.quantize_nearest(weight, scale / 2, E4M3),
+    )
+    errors = gptq._heldout_errors(weight, scale, E4M3, candidates, heldout)
+    assert errors[0] == errors[2]
+    expected = float64_errors(weight, scale, candidates, inputs)
+    assert errors == pytest.approx(expected, rel=1e-5 if product == torch.float32 else 2e-3)
+    # the per-candidate computation (one quadratic form per candidate over the whole weight)
+    values = [fp8.quantize_nearest(weight, scale, E4M3) if c is None else c for c in candidates]
+    deltas = [(v.float() * scale - weight.float()).to(product) for v in values]
+    reference = heldout.quadratic(weight)
+    separate = [(heldout.quadratic(delta) / reference) ** 0.5 for delta in deltas]
+    assert errors == pytest.approx(separate, rel=1e-5)
+
+
+def test_gptq_falls_back_when_the_held_out_row_sample_disagrees():
+    """A sketched layer's check (a row sample) keeps round-to-nearest where GPTQ does worse on it."""
+    model = small_model()
+    stats = recorded(model, "0.weight")
+    stats.heldout = RowSample(torch.randn(400, 32, generator=torch.Generator().manual_seed(4)))  # isotropic
+    weight = model[0].weight.detach()
+    scale = fp8.scale_for(fp8.absmax(weight), E4M3)
+    result = round_gptq(weight, scale, E4M3, stats)
+    rtn = fp8.quantize_nearest(weight, scale, E4M3)
+    assert result.fell_back and torch.equal(result.quantized.view(torch.uint8), rtn.view(torch.uint8))
+    assert result.error == result.error_rtn
+    assert result.error_rtn == pytest.approx(float64_errors(weight, scale, (None,), stats.heldout.rows)[0], rel=2e-3)
+
+
 def test_gptq_fits_exact_statistics_on_both_halves():
     """With few fitting rows, the held-out half's rows make the fit: GPTQ on exact halves does better on
     fresh inputs than on the fitting half alone (what a sketched layer, whose held-out half is a row

@@ -446,9 +446,10 @@ def test_compiled_polish_errors_are_the_table_values_minus_the_weights(monkeypat
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("source", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("product", [torch.bfloat16, torch.float32])
-def test_compiled_heldout_deltas_are_the_torch_ones(monkeypatch, dtype, source, product):
-    """A candidate's codes and round-to-nearest (from the weight itself), past a vector and a chunk
-    with an odd tail, weights beyond the format's range included (they saturate)."""
+def test_compiled_heldout_operand_is_the_torch_one(monkeypatch, dtype, source, product):
+    """The weight, then round-to-nearest (from the weight itself), a candidate's codes and
+    round-to-nearest again, past a vector and a chunk with an odd tail, weights beyond the format's
+    range included (they saturate)."""
     generator = torch.Generator().manual_seed(1)
     weight = (torch.randn(3, 1111, generator=generator) * torch.logspace(-6, 1, 1111)).to(source)
     scale = float(weight.float().abs().max()) / fp8.fp8_max(dtype) / 2  # the largest weights saturate
@@ -457,14 +458,26 @@ def test_compiled_heldout_deltas_are_the_torch_ones(monkeypatch, dtype, source, 
     for loops in ("compiled", "torch"):
         if loops == "torch":
             torch_loops(monkeypatch)
-        deltas = gptq._Deltas(dtype, product, weight.numel(), weight.device)
-        results[loops] = [deltas(weight, scale, candidate).clone() for candidate in (None, codes)]
+        operand = gptq._Operand(dtype, product, weight.numel(), 3, weight.device)
+        results[loops] = operand(weight, scale, [None, codes, None]).clone()
+    compiled, fallback = results["compiled"], results["torch"]
+    assert compiled.dtype == product and compiled.shape == (4, *weight.shape)
+    assert torch.equal(compiled[0], weight.to(product)) and torch.equal(fallback[0], weight.to(product))
     # the same up to a float32 rounding of the weight's size (the C code fuses value * scale - weight
     # into one operation), and then the rounding of the difference to the product dtype
     rounding = 2**-7 if product == torch.bfloat16 else 0.0  # a unit in the last place
-    for compiled, fallback in zip(results["compiled"], results["torch"], strict=True):
-        assert compiled.dtype == product
-        bound = rounding * fallback.float().abs() + 2**-22 * weight.float().abs()
-        assert ((compiled.float() - fallback.float()).abs() <= bound).all()
+    bound = rounding * fallback[1:].float().abs() + 2**-22 * weight.float().abs()
+    assert ((compiled[1:].float() - fallback[1:].float()).abs() <= bound).all()
     rtn = fp8.quantize_nearest(weight, scale, dtype)
-    assert torch.equal(results["torch"][0], (rtn.float() * scale - weight.float()).to(product))
+    assert torch.equal(fallback[1], (rtn.float() * scale - weight.float()).to(product))
+    assert torch.equal(fallback[2], (codes.float() * scale - weight.float()).to(product))
+    assert torch.equal(compiled[3], compiled[1]) and torch.equal(fallback[3], fallback[1])
+
+
+def test_the_compiled_heldout_operand_refuses_shapes_that_would_index_out_of_bounds():
+    weight, grid = torch.zeros(4, 20), fp8.GridRounding(torch.float8_e4m3fn, 1)
+    codes = torch.zeros(4, 20, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="operand of shape"):
+        native.heldout_operand(weight, 1.0, [None, codes], torch.empty(2, 4, 20), torch.float8_e4m3fn, grid)
+    with pytest.raises(ValueError, match="codes of another shape"):
+        native.heldout_operand(weight, 1.0, [codes[:2]], torch.empty(2, 4, 20), torch.float8_e4m3fn, grid)
