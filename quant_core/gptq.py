@@ -36,7 +36,7 @@ COUPLED_PASSES = 2  # then passes on the output-side metric, where a layer has o
 _GROUP = 16  # columns whose errors reach the rest of their block together (see _BlockRounding)
 _ELIMINATED = 64  # columns of a sketched H eliminated at a time (see _eliminate)
 _START_COLUMNS = 512  # columns of D per product where the polish's sketch state is made (see _Coupling)
-_CHECK_ELEMENTS = 1 << 20  # weights per block of rows in the held-out check
+_CHECK_ELEMENTS = 1 << 19  # weights per block of rows in the held-out check (3 MB stacked in bfloat16)
 
 
 def round_gptq(
@@ -129,9 +129,11 @@ class _ProductGram:
     def __init__(self, matrix: torch.Tensor) -> None:
         self.matrix = matrix
 
-    def quadratic(self, delta: torch.Tensor) -> float:
-        product = (delta.to(self.matrix.dtype) @ self.matrix).float().mul_(delta)
-        return float(product.sum(dtype=torch.float64))
+    def quadratics(self, stacked: torch.Tensor) -> list[float]:
+        """``tr(D H D^T)`` of each of the ``stacked`` blocks ``D``, in one product."""
+        flat = stacked.view(-1, stacked.shape[-1])
+        product = (flat.to(self.matrix.dtype) @ self.matrix).float().mul_(flat)
+        return product.view(len(stacked), -1).sum(1, dtype=torch.float64).tolist()
 
 
 def _fitting(stats: LayerStatistics) -> Gram | LowRankGram:
@@ -197,7 +199,7 @@ def _heldout_errors(
     scale: float,
     dtype: torch.dtype,
     candidates: tuple[torch.Tensor | None, ...],
-    heldout: Moments,
+    heldout: Moments | _ProductGram,
     step: Step = no_step,
 ) -> list[float]:
     """Relative held-out output error of each fp8 candidate (``dtype`` codes; ``None`` stands for
@@ -223,13 +225,16 @@ def _check_rows(width: int) -> int:
     return rows - rows % 16 if rows > 16 else rows
 
 
-def _squared_sums(heldout: Moments, stacked: torch.Tensor) -> list[float]:
-    """``heldout.quadratic`` of each of the ``stacked`` blocks of rows; for a row sample in one
-    product: three small ones, each with its own conversions and dispatch, took longer."""
+def _squared_sums(heldout: Moments | _ProductGram, stacked: torch.Tensor) -> list[float]:
+    """``heldout.quadratic`` of each of the ``stacked`` blocks of rows, in one product for the check's
+    own kinds: one small product per block, each with its own conversions and dispatch, took longer."""
+    if isinstance(heldout, _ProductGram):
+        return heldout.quadratics(stacked)
     if not isinstance(heldout, RowSample):
         return [heldout.quadratic(part) for part in stacked]
     outputs = stacked.view(-1, stacked.shape[-1]) @ heldout.rows.to(stacked.device).T
-    return outputs.double().square_().view(len(stacked), -1).sum(1).tolist()
+    # squares of bfloat16 or float32 outputs: exact (bfloat16) or nearly so in float32, summed in float64
+    return outputs.float().square_().view(len(stacked), -1).sum(1, dtype=torch.float64).tolist()
 
 
 class _Operand:

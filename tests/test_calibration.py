@@ -216,7 +216,7 @@ def test_the_held_out_check_of_exact_statistics_agrees_with_the_float64_quadrati
     gram = inputs.T @ inputs
     delta = torch.randn(20, 64, generator=generator)
     exact = Gram(gram).quadratic(delta)
-    checked = gptq._ProductGram(gram.to(product)).quadratic(delta)
+    checked = gptq._ProductGram(gram.to(product)).quadratics(delta[None])[0]
     assert checked == pytest.approx(exact, rel=1e-5 if product == torch.float32 else 1e-2)
 
 
@@ -259,8 +259,9 @@ def test_the_held_out_check_gives_each_candidates_float64_error(monkeypatch, sha
     # the per-candidate computation (one quadratic form per candidate over the whole weight)
     values = [fp8.quantize_nearest(weight, scale, E4M3) if c is None else c for c in candidates]
     deltas = [(v.float() * scale - weight.float()).to(product) for v in values]
-    reference = heldout.quadratic(weight)
-    separate = [(heldout.quadratic(delta) / reference) ** 0.5 for delta in deltas]
+    quadratic = (lambda d: heldout.quadratics(d[None])[0]) if held == "exact" else heldout.quadratic
+    reference = quadratic(weight.to(product))
+    separate = [(quadratic(delta) / reference) ** 0.5 for delta in deltas]
     assert errors == pytest.approx(separate, rel=1e-5)
 
 
