@@ -219,8 +219,7 @@ def _heldout_errors(
 
 def _check_rows(width: int) -> int:
     """Output rows per block of the held-out check: ``_CHECK_ELEMENTS`` weights, in a multiple of 16
-    rows where more fit: the bfloat16 product's kernel goes by such tiles, and a ragged last one cost
-    more than its share."""
+    rows where more fit (oneDNN's bfloat16 product took a few % longer on other counts of rows)."""
     rows = max(1, _CHECK_ELEMENTS // max(1, width))
     return rows - rows % 16 if rows > 16 else rows
 
@@ -248,7 +247,9 @@ class _Operand:
     round-to-nearest a pass over the whole weight of its own, together as long as the products.
     """
 
-    def __init__(self, dtype: torch.dtype, product: torch.dtype, size: int, candidates: int, device: torch.device):
+    def __init__(
+        self, dtype: torch.dtype, product: torch.dtype, size: int, candidates: int, device: torch.device
+    ) -> None:
         self._dtype, self._size, self._device = dtype, size, device
         self._out = torch.empty((1 + candidates) * size, dtype=product, device=device)
         self._grid = fp8.GridRounding(dtype, 1)
