@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from .io import BufferPool, SafetensorsReader, write_file
 from .job import Step, no_step
 
 
@@ -377,8 +378,6 @@ def statistics_tensors(name: str, stats: LayerStatistics) -> dict[str, torch.Ten
 
 def save_statistics(path: str | os.PathLike, statistics: dict[str, LayerStatistics]) -> None:
     """Write per-weight statistics (``statistics_tensors``) as a calibration file, atomically."""
-    from .io import write_file
-
     tensors = {key: t for name, stats in statistics.items() for key, t in statistics_tensors(name, stats).items()}
     write_file(path, tensors, STATISTICS_METADATA)
 
@@ -391,8 +390,6 @@ class RecordedStatistics:
     """
 
     def __init__(self, path: str | os.PathLike, prefix: str = ""):
-        from .io import SafetensorsReader
-
         self._reader = SafetensorsReader(path)
         metadata = self._reader.metadata
         if metadata.get("format") != STATISTICS_FORMAT:
@@ -418,13 +415,15 @@ class RecordedStatistics:
         """The recorded inputs' absolute maximum (read alone: the statistics are not loaded)."""
         return float(self._reader.read(f"{self.key(name)}.input_absmax"))
 
-    def get(self, name: str, in_features: int | None = None) -> LayerStatistics | None:
+    def get(self, name: str, in_features: int | None = None, pool: BufferPool | None = None) -> LayerStatistics | None:
         """Statistics for the weight ``name``, or None when it was not recorded; a ``ValueError``
-        when they were recorded for another number of inputs than the weight's ``in_features``."""
+        when they were recorded for another number of inputs than the weight's ``in_features``.
+        ``pool``: memory for them (a conversion's ``io.BufferPool``): each layer's are several MB,
+        fresh pages the kernel would otherwise fault in and zero for every weight."""
         key = self.key(name)
         if key is None:
             return None
-        stats = self._read(key)
+        stats = self._read(key, pool)
         if in_features is not None and stats.in_features != in_features:
             raise ValueError(
                 f"{name}: the calibration file has statistics for {stats.in_features} inputs, "
@@ -432,9 +431,13 @@ class RecordedStatistics:
             )
         return stats
 
-    def _read(self, name: str) -> LayerStatistics:
-        """One weight's statistics; each read is a fresh tensor of its own."""
-        read, stored = self._reader.read, self._reader.tensors
+    def _read(self, name: str, pool: BufferPool | None = None) -> LayerStatistics:
+        """One weight's statistics, each tensor in memory of its own (from ``pool`` where given)."""
+        stored = self._reader.tensors
+
+        def read(key: str) -> torch.Tensor:
+            return self._reader.read(key, pool=pool)
+
         count, count_heldout = (int(n) for n in read(f"{name}.count"))
         if f"{name}.gram" in stored:
             fit = Gram(read(f"{name}.gram"))

@@ -257,7 +257,7 @@ class Rounder:
         dtype, options, method = self.plan.dtype, self.plan.options, self.method(name)
         with job.tensor(name, method) as step:
             if method == "gptq":
-                stats = self.plan.gptq_statistics().get(name, weight.shape[1])
+                stats = self.plan.gptq_statistics().get(name, weight.shape[1], self.pool)
                 metric = self.output_metric(name, weight, stats)
                 return round_gptq(weight, scale, dtype, stats, step=step, metric=metric, pool=self.pool), method
             if method == "learned":

@@ -86,7 +86,7 @@ def _round_and_check(
     if passes is None:
         passes = EXACT_POLISH_PASSES if isinstance(fitting, Gram) else POLISH_PASSES
     order = torch.argsort(fitting.diagonal().to(weight.device), descending=True)
-    fit = _permuted(fitting, order)
+    fit = _permuted(fitting, order, pool)
     del fitting
     # One row per weight column, in act order and in units of the scale: every step below then
     # reads and writes contiguous rows, and rounding is a plain cast.
@@ -275,11 +275,15 @@ class _Operand:
         return out
 
 
-def _permuted(moments: Gram | LowRankGram, order: torch.Tensor) -> Gram | LowRankGram:
+def _permuted(moments: Gram | LowRankGram, order: torch.Tensor, pool: BufferPool | None = None) -> Gram | LowRankGram:
+    """``moments`` with their inputs in ``order``; a sketch's factor into ``pool``'s memory (fresh,
+    its several MB would be faulted in for every weight)."""
     if isinstance(moments, Gram):
         matrix = moments.matrix.to(order.device)
         return Gram(matrix[order][:, order])
-    return LowRankGram(moments.factor.to(order.device)[order], moments.exact_diagonal.to(order.device)[order])
+    factor = moments.factor.to(order.device)
+    permuted = torch.index_select(factor, 0, order, out=_buffer(factor.shape, factor.dtype, factor.device, pool))
+    return LowRankGram(permuted, moments.exact_diagonal.to(order.device)[order])
 
 
 def _damping(diagonal: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:

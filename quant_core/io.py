@@ -219,20 +219,24 @@ class SafetensorsReader:
             raise SafetensorsFormatError(f"tensor {name!r} has inconsistent shape or offsets in {self.path}")
         return info
 
-    def read(self, name: str, visit: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, visit: Callable[[torch.Tensor], None] | None = None, pool: BufferPool | None = None
+    ) -> torch.Tensor:
         """One tensor, in its stored dtype, in memory of its own (not memory-mapped, and never
         shared with a tensor that is still alive).
 
         ``visit`` is called with each piece of the tensor (flat, in its dtype, in order) as soon as
         that piece is read: a pass over a piece still in the CPU's cache costs a fraction of a
         pass over the whole tensor from memory later. Threads may read concurrently (see ``_read_at``).
+        ``pool``: where its memory comes from, if not from the reader's own.
         """
         info = self.tensors[name]
         direct = self._reads_directly(info)
         skip = info.start % DIRECT_BLOCK if direct else 0  # a direct read starts at the tensor's first block
         # uninitialised: the read fills it; room for whole blocks on both sides when read directly
         size = -(-info.nbytes // DIRECT_BLOCK) * DIRECT_BLOCK + DIRECT_BLOCK if direct else info.nbytes
-        buffer = self.pool.empty(size) if self.pool else torch.empty(size, dtype=torch.uint8)
+        pool = pool or self.pool
+        buffer = pool.empty(size) if pool else torch.empty(size, dtype=torch.uint8)
         view, stop, base = _tensor_bytes(buffer), skip + info.nbytes, info.start - skip
         piece = VISIT_BYTES if visit or direct else max(stop, 1)
         pieces = [(done, min(done + piece, stop)) for done in range(0, stop, piece)]

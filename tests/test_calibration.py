@@ -154,6 +154,35 @@ def test_sketched_statistics_file_round_trip(tmp_path):
     assert read.in_features == 64
 
 
+def test_statistics_read_into_a_pool_reuse_its_memory_once_dropped(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    inputs, rank = 4096, 128  # a factor of 2 MiB: the pool's size
+    stats = LayerStatistics(
+        LowRankGram(torch.randn(inputs, rank, generator=generator), torch.rand(inputs, generator=generator)),
+        RowSample(torch.randn(rank, inputs, generator=generator)),
+        100,
+        50,
+        3.0,
+    )
+    save_statistics(tmp_path / "calibration.safetensors", {"w": stats})
+    pool = io.BufferPool()
+    with RecordedStatistics(tmp_path / "calibration.safetensors") as loaded:
+        first = loaded.get("w", inputs, pool)
+        assert torch.equal(first.fit.factor, stats.fit.factor)
+        assert torch.equal(first.heldout.rows, stats.heldout.rows)
+        assert pool.nbytes >= 2 * inputs * rank * 4  # the factor and the held-out rows came from the pool
+        second = loaded.get("w", inputs, pool)  # while the first is alive: memory of its own
+        both = {t.data_ptr() for s in (first, second) for t in (s.fit.factor, s.heldout.rows)}
+        assert len(both) == 4
+        assert torch.equal(first.fit.factor, stats.fit.factor)
+        held = pool.nbytes
+        del first, second
+        third = loaded.get("w", inputs, pool)
+        assert {third.fit.factor.data_ptr(), third.heldout.rows.data_ptr()} <= both
+        assert pool.nbytes == held
+        assert torch.equal(third.fit.factor, stats.fit.factor)
+
+
 def test_a_checkpoint_is_not_a_calibration_file(tmp_path):
     io.write_file(tmp_path / "model.safetensors", {"a.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="not a calibration file"):
@@ -550,3 +579,14 @@ def test_statistics_of_a_diffusion_model_apply_to_its_full_checkpoint(tmp_path):
     options.exclude = [r"\.3\."]
     summary = convert_file(tmp_path / "full.safetensors", tmp_path / "out.safetensors", options)
     assert summary.methods == {"gptq": 2}
+
+
+def test_a_sketch_permuted_into_a_pool_is_the_same_sketch():
+    generator = torch.Generator().manual_seed(1)
+    sketch = LowRankGram(torch.randn(4096, 128, generator=generator), torch.rand(4096, generator=generator))
+    order = torch.randperm(4096, generator=generator)
+    pool = io.BufferPool()
+    permuted = gptq._permuted(sketch, order, pool)
+    assert torch.equal(permuted.factor, sketch.factor[order])
+    assert torch.equal(permuted.exact_diagonal, sketch.exact_diagonal[order])
+    assert pool.nbytes == sketch.factor.numel() * 4  # the factor's memory is the pool's
