@@ -95,12 +95,14 @@ def _round_and_check(
     if isinstance(fit, Gram):
         _gptq_dense(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes), pool)
         del columns  # compensated in place
-        columns = _scaled_columns(weight, order, scale, pool) if passes > 0 else None
+        start = _errors(rows, _scaled_columns(weight, order, scale, pool)) if passes > 0 else None
     else:
         _gptq_low_rank(columns, fit, rows, damp, _phase(step, 0, weight.shape[1], passes), pool)
+        start = columns  # GPTQ left D there
+        del columns
     if passes > 0:
-        _polish(columns, rows, fit, passes, _phase(step, 1, weight.shape[1], passes), pool)
-    del columns
+        _descend(start, rows, fit, passes, _phase(step, 1, weight.shape[1], passes), pool)
+    del start
     if passes > 0 and metric is not None and isinstance(fit, Gram):
         _polish_coupled(_scaled_columns(weight, order, scale), rows, fit, metric.to(rows.device), COUPLED_PASSES)
     quantized = _unpermuted(rows, order, pool)
@@ -326,8 +328,8 @@ def _gptq_low_rank(
     is the block's own ``diag(1/d_J) + V_J S V_J^T``; ``C^T`` is the within-block part of GPTQ's
     upper Cholesky factor, and the errors reach later columns ``k`` as ``V_k P^T errors``
     (``_SketchFactors``: all of this depends on ``H`` only). ``work`` (one row per weight column)
-    is left as it was: the polish starts from it, and making it again would cost more than a
-    block's copy of it here.
+    becomes the rounding's ``D`` (each weight's value minus it; see ``_errors``), the polish's
+    start: made as each block is rounded, it costs no pass of its own over the whole weight.
     """
     columns = work.shape[0]
     factors = _SketchFactors(gram, damp, _product_dtype(work.device), pool)
@@ -339,7 +341,7 @@ def _gptq_low_rank(
         step(start, columns)
         end = min(start + BLOCK, columns)
         compensation = products.mm(factors.pushed[start:end], spread.operand) if start > 0 else None
-        errors = rounding(work[start:end], factors.uppers[block], quantized[start:end], minus=compensation)
+        errors = rounding(work[start:end], factors.uppers[block], quantized[start:end], compensation, polish_start=True)
         if end < columns:  # the last block's errors reach no column
             spread.add(products.mm(factors.onwards[block], errors))
 
@@ -495,12 +497,18 @@ class _BlockRounding:
         return values, compensated, _buffer((BLOCK, self.width), torch.float32, self.device, self.pool)
 
     def __call__(
-        self, block: torch.Tensor, upper: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None
+        self,
+        block: torch.Tensor,
+        upper: torch.Tensor,
+        out: torch.Tensor,
+        minus: torch.Tensor | None = None,
+        polish_start: bool = False,
     ) -> torch.Tensor:
         """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` is
-        not changed) into ``out`` (fp8), each error compensated on the block's later columns through
-        ``upper`` (its part of the Cholesky factor of ``H^-1``); returns the errors divided by
-        ``upper``'s diagonal (valid until the next call), rounded once to their dtype.
+        not changed, unless ``polish_start``: then it becomes the values minus it, see ``_errors``) into
+        ``out`` (fp8), each error compensated on the block's later columns through ``upper`` (its
+        part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s
+        diagonal (valid until the next call), rounded once to their dtype.
 
         Compiled (``native.gptq_block``) where it can be, else the torch loop below.
 
@@ -516,10 +524,10 @@ class _BlockRounding:
         diagonal = upper.diagonal()
         relative = upper / diagonal[:, None]
         if native.usable(block):
-            native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid)
+            native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid, polish_start)
             return errors
         values, compensated, within = (scratch[:rows] for scratch in self._torch_scratch)
-        block = compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
+        weights, block = block, compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), within.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)
@@ -529,6 +537,8 @@ class _BlockRounding:
                 block[i + 1 : end].addr_(relative[i, i + 1 : end], column_errors[i], alpha=-1)
             block[end:].addmm_(relative[start:end, end:].T, within[start:end], alpha=-1)
         out.copy_(values)  # exact: the values are on the grid
+        if polish_start:
+            torch.sub(values, weights, out=weights)
         return torch.div(within, diagonal[:, None], out=errors)  # in float32, then rounded once
 
 
@@ -550,8 +560,19 @@ def _polish(
     the block's steps reach the rest afterwards (``_Coupling``). ``scaled`` (the weight's columns
     in units of the scale) becomes ``D`` in place.
     """
+    _descend(_errors(quantized, scaled), quantized, moments, passes, step, pool)
+
+
+def _descend(
+    error: torch.Tensor,
+    quantized: torch.Tensor,
+    moments: Gram | LowRankGram,
+    passes: int,
+    step: Step = no_step,
+    pool: BufferPool | None = None,
+) -> None:
+    """``_polish`` from its start, ``D`` (``error``, kept up to date as weights move)."""
     columns, width = quantized.shape
-    error = _errors(quantized, scaled)
     coupling = _Coupling(moments, error, pool)
     descent = _Descent(quantized.dtype, width, quantized.device, coupling.step_dtype, pool)
     for done in range(passes):

@@ -79,10 +79,10 @@ typedef uint16_t halves __attribute__((vector_size(2 * LANES)));
 
 /* One tile of `n` <= TILE outputs through a GPTQ block; the tile is padded with zeros to TILE.
  * Inlined twice: with n = TILE for whole tiles (every loop a constant count), and for the last. */
-static inline __attribute__((always_inline)) void gptq_tile(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
+static inline __attribute__((always_inline)) void gptq_tile(float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
                       const float *spread, const float *diagonal, uint8_t *codes, void *errors,
-                      int32_t errors_is_bf16, float limit, uint32_t shift, int32_t lowest, int32_t mantissa,
-                      int32_t lowest_exponent, int64_t start, int64_t n) {
+                      int32_t errors_is_bf16, int32_t polish_start, float limit, uint32_t shift, int32_t lowest,
+                      int32_t mantissa, int32_t lowest_exponent, int64_t start, int64_t n) {
     floats tile[rows][GPTQ_VECTORS]; /* the tile's errors, contiguous: rows `width` apart share cache sets */
     for (int64_t j = 0; j < rows; j++) {
         float column[TILE] __attribute__((aligned(64))) = {0};
@@ -117,6 +117,8 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
         }
         memcpy(tile[j], error, sizeof error);
         for (int64_t t = 0; t < n; t++) codes[at + t] = fp8_code(column[t], mantissa, lowest_exponent);
+        if (polish_start) /* D = value - weight, while the row is in the cache */
+            for (int64_t t = 0; t < n; t++) work[at + t] = column[t] - work[at + t];
         if (errors_is_bf16) /* the operand of the next product: written in its dtype, no cast of its own */
             for (int64_t t = 0; t < n; t++) ((uint16_t *)errors)[at + t] = bf16_bits(error[t] / diagonal[j]);
         else
@@ -129,17 +131,19 @@ static inline __attribute__((always_inline)) void gptq_tile(const float *work, c
  * of the columns i < j reached it through spread[j][i] (the transpose of the block's part of the
  * Cholesky factor of H^-1, rows divided by their diagonal: what reaches column j, contiguous).
  * Writes the fp8 codes and the errors divided by `diagonal` (float32, or rounded once to bfloat16:
- * within the block they stay float32); `work` and `product` are not changed. */
-void gptq_block(const float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
+ * within the block they stay float32); `product` is not changed, nor `work` unless `polish_start`:
+ * then each of its weights becomes its value minus it (as polish_errors makes it). */
+void gptq_block(float *work, const void *product, int32_t product_is_bf16, int64_t rows, int64_t width,
                 const float *spread, const float *diagonal, uint8_t *codes, void *errors, int32_t errors_is_bf16,
-                float limit, uint32_t shift, int32_t lowest, int32_t mantissa, int32_t lowest_exponent) {
+                int32_t polish_start, float limit, uint32_t shift, int32_t lowest, int32_t mantissa,
+                int32_t lowest_exponent) {
     int64_t start = 0;
     for (; start + TILE <= width; start += TILE)
         gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, errors_is_bf16,
-                  limit, shift, lowest, mantissa, lowest_exponent, start, TILE);
+                  polish_start, limit, shift, lowest, mantissa, lowest_exponent, start, TILE);
     if (start < width)
         gptq_tile(work, product, product_is_bf16, rows, width, spread, diagonal, codes, errors, errors_is_bf16,
-                  limit, shift, lowest, mantissa, lowest_exponent, start, width - start);
+                  polish_start, limit, shift, lowest, mantissa, lowest_exponent, start, width - start);
 }
 
 /* The polish works on whole vectors of outputs (GCC/Clang vector extensions: 16 floats, split into

@@ -438,8 +438,8 @@ def test_sketched_polish_starts_from_the_errors_times_the_factor(monkeypatch, pr
 def test_sketched_gptq_is_dense_gptq_over_several_blocks(monkeypatch, product):
     """Over whole blocks and a partial last one, with a dead input and a residual of mixed size, the
     sketched GPTQ rounds as GPTQ on the same ``H`` held exactly (up to ties; bfloat16 products
-    move more of them, not the error), and the weight it rounds is left as it was (the polish
-    starts from it)."""
+    move more of them, not the error), and the weight it rounds becomes the polish's start: each
+    value minus the weight, as ``_errors`` makes it."""
     monkeypatch.setattr(gptq, "_product_dtype", lambda device: product)
     generator = torch.Generator().manual_seed(5)
     columns = 2 * gptq.BLOCK + 44
@@ -453,7 +453,8 @@ def test_sketched_gptq_is_dense_gptq_over_several_blocks(monkeypatch, product):
     gptq._gptq_dense(work.clone(), exact, dense, 0.01, lambda *_: None)
     kept = work.clone()
     gptq._gptq_low_rank(work, sketch, low_rank, 0.01, lambda *_: None)
-    assert torch.equal(work, kept)
+    assert torch.equal(work, gptq._errors(low_rank, kept.clone()))
+    work = kept
     same = (dense.view(torch.uint8) == low_rank.view(torch.uint8)).float().mean()
     assert float(same) > (0.995 if product == torch.float32 else 0.9)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,25 @@ def test_block_errors_in_bfloat16_are_the_float32_errors_rounded_once(monkeypatc
         assert torch.equal(codes, codes_16), loops
         assert errors.abs().max() > 0.1, loops  # errors worth rounding
         assert torch.equal(errors_16.view(torch.int16), errors.bfloat16().view(torch.int16)), loops
+
+
+@pytest.mark.parametrize("width", [3, 200])
+def test_a_block_rounded_as_the_polish_start_becomes_its_values_minus_it(monkeypatch, width):
+    """With ``polish_start`` the block's weights become the rounded values minus them (what
+    ``gptq._errors`` makes of them), with the same codes and errors as without; both loops."""
+    block, upper = block_case(gptq.BLOCK, width, seed=width + 1)
+    minus = torch.randn(block.shape, generator=torch.Generator().manual_seed(width)).bfloat16()
+    for loops in ("compiled", "torch"):
+        if loops == "torch":
+            torch_loops(monkeypatch)
+        rounding = gptq._BlockRounding(width, E4M3, block.device)
+        plain, started = (torch.empty(block.shape, dtype=E4M3) for _ in range(2))
+        errors = rounding(block, upper, plain, minus).clone()
+        work = block.clone()
+        assert torch.equal(rounding(work, upper, started, minus, polish_start=True), errors), loops
+        assert torch.equal(started.view(torch.uint8), plain.view(torch.uint8)), loops
+        assert torch.equal(work, gptq._errors(plain, block.clone())), loops
+        assert work.abs().max() > 0.1, loops  # not the weights left as they were
 
 
 def sweep_case(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -324,20 +344,35 @@ def test_a_failing_build_falls_back_to_torch_and_says_so(monkeypatch, tmp_path, 
         native.library.cache_clear()
 
 
-def without_march_native(monkeypatch, tmp_path) -> None:
-    """The library built by a compiler that refuses ``-march=native``: for the baseline of this
-    CPU's architecture, so the loops that have no AVX-512 version of their own run in plain C."""
+def compiler_refusing(monkeypatch, tmp_path, option: str) -> None:
+    """Builds by a compiler that refuses ``option`` (into a cache of their own)."""
     compiler = native._compiler()
-    wrapper = tmp_path / "cc-without-native"
+    wrapper = tmp_path / "cc-refusing"
     wrapper.write_text(
         "#!/bin/sh\n"
-        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+        f'for a in "$@"; do [ "$a" = "{option}" ] && {{ echo "unsupported option" >&2; exit 1; }}; done\n'
         f'exec "{compiler}" "$@"\n'
     )
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.library.cache_clear()
+
+
+def without_march_native(monkeypatch, tmp_path) -> None:
+    """The library built by a compiler that refuses ``-march=native``: for the baseline of this
+    CPU's architecture, so the loops that have no AVX-512 version of their own run in plain C."""
+    compiler_refusing(monkeypatch, tmp_path, "-march=native")
+
+
+def test_a_compiler_without_loop_alignment_still_builds_for_this_cpu(monkeypatch, tmp_path):
+    compiler_refusing(monkeypatch, tmp_path, "-falign-loops=64")
+    try:
+        assert native.library() is not None
+        (built,) = (tmp_path / "fp8-scaled-learned").glob("native-*.so")
+        assert native._build(os.environ["CC"], ["-march=native"]) == built  # the second choice
+    finally:
+        native.library.cache_clear()
 
 
 def test_a_compiler_without_march_native_still_builds(monkeypatch, tmp_path):
