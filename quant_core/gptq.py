@@ -101,7 +101,7 @@ def _round_and_check(
         start = columns  # GPTQ left D there
         del columns
     if passes > 0:
-        _descend(start, rows, fit, passes, _phase(step, 1, weight.shape[1], passes), pool)
+        _polish(start, rows, fit, passes, _phase(step, 1, weight.shape[1], passes), pool)
     del start
     if passes > 0 and metric is not None and isinstance(fit, Gram):
         _polish_coupled(_scaled_columns(weight, order, scale), rows, fit, metric.to(rows.device), COUPLED_PASSES)
@@ -543,27 +543,6 @@ class _BlockRounding:
 
 
 def _polish(
-    scaled: torch.Tensor,
-    quantized: torch.Tensor,
-    moments: Gram | LowRankGram,
-    passes: int,
-    step: Step = no_step,
-    pool: BufferPool | None = None,
-) -> None:
-    """Coordinate descent on ``tr(D H D^T)`` from GPTQ's rounding (``quantized``, changed in place),
-    with the scale fixed.
-
-    GPTQ decides each column once, knowing only the columns before it; here every weight may then
-    move to a grid neighbour (one fp8 step up or down) whenever that lowers its row's error,
-    column by column, all rows at once (``_Descent``). Blocks of columns keep the products
-    BLAS-3: ``g = (H D)_J`` is formed for a block, updated through the block's own ``H_JJ``, and
-    the block's steps reach the rest afterwards (``_Coupling``). ``scaled`` (the weight's columns
-    in units of the scale) becomes ``D`` in place.
-    """
-    _descend(_errors(quantized, scaled), quantized, moments, passes, step, pool)
-
-
-def _descend(
     error: torch.Tensor,
     quantized: torch.Tensor,
     moments: Gram | LowRankGram,
@@ -571,7 +550,15 @@ def _descend(
     step: Step = no_step,
     pool: BufferPool | None = None,
 ) -> None:
-    """``_polish`` from its start, ``D`` (``error``, kept up to date as weights move)."""
+    """Coordinate descent on ``tr(D H D^T)`` from GPTQ's rounding (``quantized``, changed in place),
+    with the scale fixed, from its ``D`` (``error``: ``_errors``, kept up to date as weights move).
+
+    GPTQ decides each column once, knowing only the columns before it; here every weight may then
+    move to a grid neighbour (one fp8 step up or down) whenever that lowers its row's error,
+    column by column, all rows at once (``_Descent``). Blocks of columns keep the products
+    BLAS-3: ``g = (H D)_J`` is formed for a block, updated through the block's own ``H_JJ``, and
+    the block's steps reach the rest afterwards (``_Coupling``).
+    """
     columns, width = quantized.shape
     coupling = _Coupling(moments, error, pool)
     descent = _Descent(quantized.dtype, width, quantized.device, coupling.step_dtype, pool)

@@ -498,7 +498,7 @@ def test_polishing_moves_only_to_grid_neighbours_that_help():
     scale = fp8.scale_for(fp8.absmax(weight), E4M3)
     rtn = fp8.quantize_nearest(weight, scale, E4M3)
     quantized = rtn.T.contiguous()
-    _polish((weight / scale).T.contiguous(), quantized, Gram(torch.eye(32)), passes=2)
+    _polish(gptq._errors(quantized, (weight / scale).T.contiguous()), quantized, Gram(torch.eye(32)), passes=2)
     assert torch.equal(quantized.T.view(torch.uint8), rtn.view(torch.uint8))
 
 
@@ -521,7 +521,7 @@ def test_a_polishing_pass_takes_the_best_neighbour_of_each_weight_in_turn():
     scaled = 40 * torch.randn(columns, rows, generator=generator, dtype=torch.float64)  # one row per weight column
     codes = (scaled + 3 * torch.randn(columns, rows, generator=generator, dtype=torch.float64)).to(E4M3)
     polished = codes.clone()
-    _polish(scaled.float(), polished, Gram(gram.float()), passes=1)
+    _polish(gptq._errors(polished, scaled.float()), polished, Gram(gram.float()), passes=1)
 
     values = codes.double()
     for column in range(columns):

@@ -66,7 +66,7 @@ def test_coupled_polish_with_the_identity_is_the_plain_polish():
     scaled = 30 * torch.randn(48, 24, generator=generator)  # one row per weight column
     codes = (scaled + 2 * torch.randn(48, 24, generator=generator)).to(E4M3)
     plain, coupled = codes.clone(), codes.clone()
-    gptq._polish(scaled.clone(), plain, Gram(x.T @ x), passes=1)
+    gptq._polish(gptq._errors(plain, scaled.clone()), plain, Gram(x.T @ x), passes=1)
     gptq._polish_coupled(scaled.clone(), coupled, Gram(x.T @ x), torch.eye(24), passes=1)
     assert float((plain.view(torch.uint8) == coupled.view(torch.uint8)).float().mean()) > 0.99
 
