@@ -75,7 +75,7 @@ def test_compiled_block_rounding_is_gptq_and_the_torch_loop(monkeypatch, width, 
             torch_loops(monkeypatch)
         rounding = gptq._BlockRounding(width, torch.float8_e4m3fn, block.device)
         out = torch.empty(block.shape, dtype=torch.float8_e4m3fn)
-        found = rounding(block.clone(), upper, out, minus=compensation).double()
+        found = rounding(block.clone(), gptq._Triangle.of(upper), out, minus=compensation).double()
         agreement = 0.999 if loops == "compiled" else 0.995
         assert float((out.view(torch.uint8) == codes).double().mean()) > agreement, loops
         if loops == "compiled":
@@ -94,7 +94,7 @@ def test_block_errors_in_bfloat16_are_the_float32_errors_rounded_once(monkeypatc
         for dtype in (torch.float32, torch.bfloat16):
             rounding = gptq._BlockRounding(width, E4M3, block.device, errors=dtype)
             out = torch.empty(block.shape, dtype=E4M3)
-            errors = rounding(block, upper, out)
+            errors = rounding(block, gptq._Triangle.of(upper), out)
             assert errors.dtype == dtype, loops
             found[dtype] = out.view(torch.uint8), errors.clone()
         (codes, errors), (codes_16, errors_16) = found[torch.float32], found[torch.bfloat16]
@@ -124,7 +124,7 @@ def both_sweeps(monkeypatch, codes, local, base, residual, error, step_dtype) ->
             torch_loops(monkeypatch)
         descent = gptq._Descent(codes.dtype, codes.shape[1], codes.device, step_dtype)
         moved, moved_error = codes.clone(), error.clone()
-        steps = descent.sweep(moved, local, base, residual, moved_error).clone()
+        steps = descent.sweep(moved, gptq._Local.of(local), base, residual, moved_error).clone()
         assert steps.dtype == step_dtype
         results[loops] = moved.view(torch.uint8), steps.float(), moved_error
     return results
