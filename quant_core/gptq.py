@@ -504,7 +504,7 @@ class _BlockRounding:
         if native.usable(block):
             native.gptq_block(block, minus, triangle.spread, triangle.diagonal, out, errors, self.grid)
             return errors
-        relative, diagonal = triangle.spread.T.contiguous(), triangle.diagonal  # rows: read as the loop goes
+        relative, diagonal = triangle.spread.T.contiguous(), triangle.diagonal  # the torch loop reads rows
         values, compensated, within = (scratch[:rows] for scratch in self._torch_scratch)
         block = compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), within.unbind(0)
