@@ -19,6 +19,7 @@ and a layer costs ``O(out in r)``, never an ``in x in`` matrix (a 15360-wide lay
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -309,7 +310,7 @@ def _gptq_dense(
     for start in range(0, columns, BLOCK):
         step(start, columns)
         end = min(start + BLOCK, columns)
-        errors = rounding(work[start:end], upper[start:end, start:end], quantized[start:end])
+        errors = rounding(work[start:end], _Triangle.of(upper[start:end, start:end]), quantized[start:end])
         work[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)  # in place: no full-size temporary
 
 
@@ -341,15 +342,32 @@ def _gptq_low_rank(
         step(start, columns)
         end = min(start + BLOCK, columns)
         compensation = products.mm(factors.pushed[start:end], spread.operand) if start > 0 else None
-        errors = rounding(work[start:end], factors.uppers[block], quantized[start:end], compensation, polish_start=True)
+        errors = rounding(work[start:end], factors.triangles[block], quantized[start:end], compensation, True)
         if end < columns:  # the last block's errors reach no column
             spread.add(products.mm(factors.onwards[block], errors))
 
 
+class _Triangle(NamedTuple):
+    """A block's part of GPTQ's upper Cholesky factor of ``H^-1`` as the block's rounding reads it
+    (``_BlockRounding``): ``spread[j, i]`` is what of column ``i``'s error reaches column ``j``
+    (the factor's rows divided by its ``diagonal``, transposed: the compiled loop reads them by
+    columns), both contiguous float32. A sketched layer makes them all before its rounding
+    (``_SketchFactors``), so that its blocks do no small operations of their own."""
+
+    spread: torch.Tensor
+    diagonal: torch.Tensor
+
+    @classmethod
+    def of(cls, upper: torch.Tensor) -> _Triangle:
+        """From the block's part of the upper factor (float32)."""
+        diagonal = upper.diagonal().contiguous()
+        return cls((upper.T / diagonal).contiguous(), diagonal)
+
+
 class _SketchFactors:
     """For each block of columns of a sketched ``H`` (see ``_gptq_low_rank``): its part of GPTQ's
-    upper Cholesky factor (``uppers``, float32) and ``P^T`` (``onwards``, ``r x block``), with
-    ``V`` (``pushed``) in the sketch's product dtype.
+    upper Cholesky factor (``triangles``) and ``P^T`` (``onwards``, ``r x block``), with ``V``
+    (``pushed``) in the sketch's product dtype.
 
     They depend on ``H`` only, so they are all made before the rounding: a block's small float64
     algebra is about as long as its products in a narrow layer, and between the products of a wide
@@ -370,7 +388,7 @@ class _SketchFactors:
         inverse = residual.reciprocal()
         columns = factor.shape[0]
         self.pushed = _buffer(pushed.shape, dtype, device, pool).copy_(pushed)
-        self.uppers: list[torch.Tensor] = []
+        self.triangles: list[_Triangle] = []
         self.onwards: list[torch.Tensor] = []
         lower = torch.zeros(BLOCK, BLOCK, dtype=float64, device=device)  # never written above its diagonal blocks
         onward = torch.empty(BLOCK, factor.shape[1], dtype=float64, device=device)
@@ -378,7 +396,7 @@ class _SketchFactors:
             end = min(start + BLOCK, columns)
             block = slice(0, end - start)
             _eliminate(pushed, state, inverse, start, end, lower[block, block], onward[block])
-            self.uppers.append(lower[block, block].T.float())
+            self.triangles.append(_Triangle.of(lower[block, block].float().T))
             if end < columns:
                 self.onwards.append(onward[block].T.to(dtype))
 
@@ -499,33 +517,32 @@ class _BlockRounding:
     def __call__(
         self,
         block: torch.Tensor,
-        upper: torch.Tensor,
+        triangle: _Triangle,
         out: torch.Tensor,
         minus: torch.Tensor | None = None,
         polish_start: bool = False,
     ) -> torch.Tensor:
         """Round ``block - minus`` (one weight column per row, in units of the scale; ``block`` is
-        not changed, unless ``polish_start``: then it becomes the values minus it, see ``_errors``) into
-        ``out`` (fp8), each error compensated on the block's later columns through ``upper`` (its
-        part of the Cholesky factor of ``H^-1``); returns the errors divided by ``upper``'s
-        diagonal (valid until the next call), rounded once to their dtype.
+        not changed, unless ``polish_start``: then it becomes the values minus it, see ``_errors``)
+        into ``out`` (fp8), each error compensated on the block's later columns through
+        ``triangle`` (its part of the Cholesky factor of ``H^-1``); returns the errors divided by
+        the factor's diagonal (valid until the next call), rounded once to their dtype.
 
         Compiled (``native.gptq_block``) where it can be, else the torch loop below.
 
         Column by column, but the errors reach the rows beyond a group of ``_GROUP`` in one product
         per group rather than one rank-1 update per column: each pass over the block's rows then
-        does 16x the work. ``upper``'s rows are divided by its diagonal once, so that a column costs
+        does 16x the work. The factor's rows come divided by its diagonal, so that a column costs
         no division. A column is a handful of whole-row operations, and their count is what a
         narrow layer's time is made of: the rounding stays in float32 (``fp8.GridRounding``), and
         the block is cast to fp8 once at the end.
         """
         rows = block.shape[0]
         errors = self.errors[:rows]
-        diagonal = upper.diagonal()
-        relative = upper / diagonal[:, None]
         if native.usable(block):
-            native.gptq_block(block, minus, relative, diagonal.contiguous(), out, errors, self.grid, polish_start)
+            native.gptq_block(block, minus, triangle.spread, triangle.diagonal, out, errors, self.grid, polish_start)
             return errors
+        relative, diagonal = triangle.spread.T.contiguous(), triangle.diagonal  # the torch loop reads rows
         values, compensated, within = (scratch[:rows] for scratch in self._torch_scratch)
         weights, block = block, compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), within.unbind(0)
@@ -635,18 +652,17 @@ class _Descent:
     def sweep(
         self,
         codes: torch.Tensor,
-        local: torch.Tensor,
+        local: _Local,
         base: torch.Tensor,
         residual: torch.Tensor | None,
         error: torch.Tensor,
         onward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor | None:
         """One sweep over a block of columns (``codes``, fp8, changed in place) with ``H_JJ``
-        (``local``, symmetric: the compiled sweep reads its rows for its columns) and the gradient
-        ``(H D)_J = base + residual * error`` (``residual`` per column, or none); adds the steps to
-        ``error`` (``D_J``) and returns them (in units of the scale; valid until the next call), or,
-        given ``onward`` (``_Coupling.onward``: only where the compiled loops run), adds them to
-        the sketch's state itself and returns None.
+        (``local``) and the gradient ``(H D)_J = base + residual * error`` (``residual`` per
+        column, or none); adds the steps to ``error`` (``D_J``) and returns them (in units of the
+        scale; valid until the next call), or, given ``onward`` (``_Coupling.onward``: only where
+        the compiled loops run), adds them to the sketch's state itself and returns None.
 
         A step ``d`` changes a row's error by ``d (2 g + d H_ii)``: a step up ``u > 0`` helps when
         the slope ``-2 g / H_ii > u``, a step down ``l < 0`` when the slope ``< l``, never both. So a
@@ -656,17 +672,15 @@ class _Descent:
         group at once and the rest of the block in one product per group; the columns already
         passed need no update in this sweep.
         """
-        # a dead input (H_ii = 0) has g = 0: it stays
-        inverse = [-2 / h if h > 0 else 0.0 for h in local.diagonal().tolist()]
         rows = codes.shape[0]
         if native.usable(codes):
-            inverse = torch.tensor(inverse, dtype=torch.float32)
             residual = None if residual is None else residual.contiguous()
             steps = None if onward is not None else self._out[:rows]
-            native.polish_sweep(codes, base, residual, error, local.contiguous(), inverse, steps, onward)
+            native.polish_sweep(codes, base, residual, error, local.matrix, local.inverse, steps, onward)
             return steps
         if onward is not None:
             raise ValueError("only the compiled sweep adds its steps to the state itself")
+        local, inverse = local.matrix, local.inverse.tolist()
         lookup, steps, gradient, slope, beyond = self._torch_scratch
         steps, gradient = steps[:rows], gradient[:rows]
         if residual is None:
@@ -687,6 +701,21 @@ class _Descent:
         codes.copy_(values.add_(steps).add_(0.0))
         error += steps
         return self._out[:rows].copy_(steps)  # exact in bfloat16 too: steps are powers of two
+
+
+class _Local(NamedTuple):
+    """A block's ``H_JJ`` as the polish's sweeps read it (``_Descent.sweep``): the same at every pass,
+    so made once per block (``_Coupling.block``). ``matrix``: contiguous float32 (symmetric: the
+    compiled sweep reads its rows for its columns); ``inverse``: ``-2 / H_ii`` per column, float32."""
+
+    matrix: torch.Tensor
+    inverse: torch.Tensor
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor) -> _Local:
+        # a dead input (H_ii = 0) has g = 0: it stays
+        inverse = [-2 / h if h > 0 else 0.0 for h in matrix.diagonal().tolist()]
+        return cls(matrix.contiguous(), torch.tensor(inverse, dtype=torch.float32))
 
 
 @functools.cache
@@ -712,9 +741,11 @@ class _Coupling:
     making it again at each pass would round no less than keeping it up to date. ``P`` is made
     ``_START_COLUMNS`` of ``D``'s columns per product: each product is rounded once to its dtype,
     as a block's is, and every product added is one more pass over the ``out x r`` state.
+    A block's ``H_JJ`` is made at its first pass and kept (``locals``: 64 KB a block).
     """
 
     def __init__(self, moments: Gram | LowRankGram, error: torch.Tensor, pool: BufferPool | None = None):
+        self.locals: dict[int, _Local] = {}
         if isinstance(moments, Gram):
             self.matrix, self.factor, self.residual = moments.matrix.to(error), None, None
             self.step_dtype = error.dtype
@@ -731,14 +762,21 @@ class _Coupling:
         for start in range(0, error.shape[0], _START_COLUMNS):
             self.update(start, start + _START_COLUMNS, error[start : start + _START_COLUMNS])
 
-    def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def block(self, start: int, end: int) -> tuple[_Local, torch.Tensor, torch.Tensor | None]:
         """For the columns ``J = start:end``: ``H_JJ``, and ``(H D)_J`` as a base and the residual
         that multiplies ``D_J`` on top of it (see ``_Descent.sweep``; valid until the next call)."""
+        if start not in self.locals:
+            self.locals[start] = _Local.of(self._local(start, end))
         if self.factor is None:
-            return self.matrix[start:end, start:end], self.state[:, start:end].T, None
+            return self.locals[start], self.state[:, start:end].T, None
+        base = self.products.mm(self.factor_product[start:end], self.operand.T)
+        return self.locals[start], base, self.residual[start:end]
+
+    def _local(self, start: int, end: int) -> torch.Tensor:
+        if self.factor is None:
+            return self.matrix[start:end, start:end]
         factor = self.factor[start:end]
-        local = factor @ factor.T + torch.diag(self.residual[start:end])
-        return local, self.products.mm(self.factor_product[start:end], self.operand.T), self.residual[start:end]
+        return factor @ factor.T + torch.diag(self.residual[start:end])
 
     def onward(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """What the compiled sweep needs to add a block's steps to the state itself (see

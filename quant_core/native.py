@@ -175,7 +175,7 @@ def _address(tensor: torch.Tensor, dtype: torch.dtype) -> int:
 def gptq_block(
     work: torch.Tensor,
     minus: torch.Tensor | None,
-    relative: torch.Tensor,
+    spread: torch.Tensor,
     diagonal: torch.Tensor,
     codes: torch.Tensor,
     errors: torch.Tensor,
@@ -184,12 +184,12 @@ def gptq_block(
 ) -> None:
     """``gptq._BlockRounding`` in C: the fp8 ``codes`` of ``work - minus`` (``minus`` float32,
     bfloat16 or None) and its ``errors`` divided by ``diagonal`` (float32 or bfloat16);
-    ``relative[i, j]`` is what of column ``i``'s error reaches column ``j``. ``polish_start``:
-    ``work`` becomes the codes' values minus it (as ``polish_errors`` makes it), else it is not changed."""
+    ``spread[j, i]`` is what of column ``i``'s error reaches column ``j`` (``gptq._Triangle``).
+    ``polish_start``: ``work`` becomes the codes' values minus it (as ``polish_errors`` makes it),
+    else it is not changed."""
     rows, width = work.shape
     _require(rows <= _MAX_BLOCK and (minus is None or minus.shape == work.shape), "a block of another shape")
-    _require(relative.shape == (rows, rows) and diagonal.shape == (rows,), "a factor of another size")
-    spread = relative.T.contiguous()  # held: the library reads it; by columns, as the loop goes
+    _require(spread.shape == (rows, rows) and diagonal.shape == (rows,), "a factor of another size")
     _require(codes.shape == work.shape and errors.shape == work.shape, "outputs of another shape")
     f32 = torch.float32
     library().gptq_block(

@@ -76,7 +76,7 @@ def test_compiled_block_rounding_is_gptq_and_the_torch_loop(monkeypatch, width, 
             torch_loops(monkeypatch)
         rounding = gptq._BlockRounding(width, torch.float8_e4m3fn, block.device)
         out = torch.empty(block.shape, dtype=torch.float8_e4m3fn)
-        found = rounding(block.clone(), upper, out, minus=compensation).double()
+        found = rounding(block.clone(), gptq._Triangle.of(upper), out, minus=compensation).double()
         agreement = 0.999 if loops == "compiled" else 0.995
         assert float((out.view(torch.uint8) == codes).double().mean()) > agreement, loops
         if loops == "compiled":
@@ -95,7 +95,7 @@ def test_block_errors_in_bfloat16_are_the_float32_errors_rounded_once(monkeypatc
         for dtype in (torch.float32, torch.bfloat16):
             rounding = gptq._BlockRounding(width, E4M3, block.device, errors=dtype)
             out = torch.empty(block.shape, dtype=E4M3)
-            errors = rounding(block, upper, out)
+            errors = rounding(block, gptq._Triangle.of(upper), out)
             assert errors.dtype == dtype, loops
             found[dtype] = out.view(torch.uint8), errors.clone()
         (codes, errors), (codes_16, errors_16) = found[torch.float32], found[torch.bfloat16]
@@ -109,6 +109,7 @@ def test_a_block_rounded_as_the_polish_start_becomes_its_values_minus_it(monkeyp
     """With ``polish_start`` the block's weights become the rounded values minus them (what
     ``gptq._errors`` makes of them), with the same codes and errors as without; both loops."""
     block, upper = block_case(gptq.BLOCK, width, seed=width + 1)
+    upper = gptq._Triangle.of(upper)
     minus = torch.randn(block.shape, generator=torch.Generator().manual_seed(width)).bfloat16()
     for loops in ("compiled", "torch"):
         if loops == "torch":
@@ -144,7 +145,7 @@ def both_sweeps(monkeypatch, codes, local, base, residual, error, step_dtype) ->
             torch_loops(monkeypatch)
         descent = gptq._Descent(codes.dtype, codes.shape[1], codes.device, step_dtype)
         moved, moved_error = codes.clone(), error.clone()
-        steps = descent.sweep(moved, local, base, residual, moved_error).clone()
+        steps = descent.sweep(moved, gptq._Local.of(local), base, residual, moved_error).clone()
         assert steps.dtype == step_dtype
         results[loops] = moved.view(torch.uint8), steps.float(), moved_error
     return results
