@@ -270,11 +270,11 @@ class _Operand:
             native.heldout_operand(block, scale, candidates, out, self._dtype, self._grid)
             return out
         out[0].copy_(block)
-        nearest = None
+        nearest = None  # made once, however many candidates are round-to-nearest
         for errors, codes in zip(out[1:], candidates, strict=True):
-            if codes is None:
-                nearest = codes = fp8.quantize_nearest(block, scale, self._dtype) if nearest is None else nearest
-            errors.copy_(self._values(codes)[0].mul_(scale).sub_(block))
+            if codes is None and nearest is None:
+                nearest = fp8.quantize_nearest(block, scale, self._dtype)
+            errors.copy_(self._values(nearest if codes is None else codes)[0].mul_(scale).sub_(block))
         return out
 
 
@@ -342,7 +342,8 @@ def _gptq_low_rank(
         step(start, columns)
         end = min(start + BLOCK, columns)
         compensation = products.mm(factors.pushed[start:end], spread.operand) if start > 0 else None
-        errors = rounding(work[start:end], factors.triangles[block], quantized[start:end], compensation, True)
+        triangle, codes = factors.triangles[block], quantized[start:end]
+        errors = rounding(work[start:end], triangle, codes, minus=compensation, polish_start=True)
         if end < columns:  # the last block's errors reach no column
             spread.add(products.mm(factors.onwards[block], errors))
 
@@ -544,7 +545,8 @@ class _BlockRounding:
             return errors
         relative, diagonal = triangle.spread.T.contiguous(), triangle.diagonal  # the torch loop reads rows
         values, compensated, within = (scratch[:rows] for scratch in self._torch_scratch)
-        weights, block = block, compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
+        weights = block
+        block = compensated.copy_(block) if minus is None else torch.sub(block, minus, out=compensated)
         columns, rounded, column_errors = block.unbind(0), values.unbind(0), within.unbind(0)
         for start in range(0, rows, _GROUP):
             end = min(start + _GROUP, rows)

@@ -33,12 +33,13 @@ static inline uint32_t float_bits(float value) {
     return bits;
 }
 
-/* bfloat16 is the top half of a float32; a float32 becomes the nearest one, ties to even, as
- * torch's conversion makes it (for finite values: the loops here have no others). */
+/* bfloat16 is the top half of a float32; a float32 becomes the nearest one, ties to even, and a
+ * NaN stays a quiet NaN, as torch's conversion makes them. */
 static inline float bf16_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
 static inline uint16_t bf16_bits(float value) {
     const uint32_t bits = float_bits(value);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    const uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return value != value ? (uint16_t)((bits >> 16) | 0x40u) : rounded;
 }
 
 /* Round-to-nearest-even onto an fp8 grid, saturating at +-limit, as fp8.GridRounding does: a value
@@ -821,18 +822,10 @@ static inline float centred_of(float s) {
     return bits_float((magnitude < one ? magnitude : one) | (bits & 0x80000000u));
 }
 
-
-/* round to nearest even, as torch's float -> bfloat16 (NaN stays a quiet NaN) */
-static inline uint16_t float_bf16(float value) {
-    const uint32_t bits = float_bits(value);
-    const uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-    return value != value ? (uint16_t)((bits >> 16) | 0x40u) : rounded;
-}
-
 /* delta = middle - u step / 2, the soft rounding error in fp8 units (rounding._Workspace.soften) */
 static inline void store_delta(void *delta, int delta_bf16, int64_t i, float value) {
     if (delta_bf16)
-        ((uint16_t *)delta)[i] = float_bf16(value);
+        ((uint16_t *)delta)[i] = bf16_bits(value);
     else
         ((float *)delta)[i] = value;
 }

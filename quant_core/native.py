@@ -38,8 +38,8 @@ SOURCE = Path(__file__).with_name("native.c")
 SWITCH = "QUANT_CORE_NATIVE"
 _FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 # For this CPU's vector units, loops aligned to cache lines, where the compiler knows the options (the
-# column loops' speed otherwise depended on where the compiler placed them: 2.5x apart for gptq_block
-# after an unrelated change); else without the alignment; else for the architecture's baseline.
+# column loops' speed otherwise depended on where the compiler placed them: gptq_block took 2.5x as
+# long after one more argument); else without the alignment; else for the architecture's baseline.
 _TUNINGS = (["-march=native", "-falign-loops=64"], ["-march=native"], [])
 # A build takes about a second; one that hangs (a broken compiler wrapper) must not stall a
 # conversion for long: past this, the torch loops run.
