@@ -73,13 +73,18 @@ class LowRankGram:
     def __init__(self, factor: torch.Tensor, diagonal: torch.Tensor):
         self.factor = factor  # [in, r] float32
         self.exact_diagonal = diagonal  # [in] float32
+        self._residual: torch.Tensor | None = None
 
     def diagonal(self) -> torch.Tensor:
         return self.exact_diagonal
 
     def residual(self) -> torch.Tensor:
-        """The diagonal part: exact diagonal minus what the factor explains (never negative)."""
-        return (self.exact_diagonal - self.factor.square().sum(1)).clamp_min(0)
+        """The diagonal part: exact diagonal minus what the factor explains (never negative). Made
+        once (GPTQ and its polish both read it; each time was a pass over the factor and a
+        temporary of its size); not to be changed in place."""
+        if self._residual is None:
+            self._residual = (self.exact_diagonal - self.factor.square().sum(1)).clamp_min(0)
+        return self._residual
 
     def quadratic(self, delta: torch.Tensor) -> float:
         delta = delta.double()

@@ -187,6 +187,16 @@ static inline halves to_bfloat16(floats f) {
             memcpy((pointer), &(value), (count) * sizeof((value)[0]));          \
     } while (0)
 
+/* `n` lanes of `value` to out[at], as bfloat16 (rounded) or float32. */
+static inline __attribute__((always_inline)) void store_either(void *out, int32_t out_is_bfloat16, int64_t at, floats value, int n) {
+    if (out_is_bfloat16) {
+        const halves half = to_bfloat16(value);
+        STORE((uint16_t *)out + at, half, n);
+    } else {
+        STORE((float *)out + at, value, n);
+    }
+}
+
 /* An fp8 format's grid: a magnitude code c (the low 7 bits) has exponent field c >> mantissa and
  * lies on a grid of spacing 2^(max(field, 1) - bias - mantissa); `offset` is 127 - bias - mantissa
  * (float32's exponent bias folded in) and `top` the largest finite magnitude code. */
@@ -401,12 +411,7 @@ static void polish_tile(const struct sweep *b, int64_t start, int64_t n) {
             tile[i][v] = step;
             STORE(b->codes + at, codes, count);
             STORE(b->error + at, moved, count);
-            if (b->steps && b->steps_are_bfloat16) {
-                const halves half = to_bfloat16(step); /* exact: steps are powers of two */
-                STORE((uint16_t *)b->steps + at, half, count);
-            } else if (b->steps) {
-                STORE((float *)b->steps + at, step, count);
-            }
+            if (b->steps) store_either(b->steps, b->steps_are_bfloat16, at, step, count); /* exact: powers of two */
         }
     }
     if (b->factor) onward(b, tile, start, n);
@@ -488,15 +493,6 @@ struct operand {
     uint32_t shift;
     int32_t lowest;
 };
-
-static inline void store_either(void *out, int32_t out_is_bfloat16, int64_t at, floats value, int n) {
-    if (out_is_bfloat16) {
-        const halves half = to_bfloat16(value);
-        STORE((uint16_t *)out + at, half, n);
-    } else {
-        STORE((float *)out + at, value, n);
-    }
-}
 
 /* Inlined for whole chunks, so that every vector's loads and stores are whole (LOAD and STORE lose
  * their branch and their memcpy call); the tail takes a copy of its own. A quarter less time. */
